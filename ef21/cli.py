@@ -1,0 +1,124 @@
+"""The ``ef21`` command. Subcommands that need gRPC import it only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from .errors import UserError
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+def write_outputs(ns: argparse.Namespace, x: np.ndarray) -> None:
+    if ns.out is not None:
+        try:
+            np.save(ns.out, x)
+        except OSError as exc:
+            raise UserError(f"--out {ns.out}: cannot write ({exc.strerror})") from None
+    if ns.plot is not None and ns.log is not None:
+        from .plotting import plot_logs
+
+        plot_logs([ns.log], ns.plot)
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from .progress import Progress
+    from .runlog import JsonlWriter
+    from .simulate import constants_for, resolve_method, simulate
+    from .problem import build_problem
+
+    cfg = config_from_args(ns)
+    problem = build_problem(cfg)
+    method, comp = resolve_method(cfg, problem.d)
+    consts = constants_for(cfg, method, comp, problem.L, problem.L_tilde, problem.d)
+    print(f"{cfg.method} / {comp.name}{'' if comp.name in ('identity', 'sign', 'natural', 'cnatural') else f' k={cfg.k}'} "
+          f"on {cfg.data} ({cfg.problem}), n={problem.n}, d={problem.d}")
+    print(consts.describe())
+    log_path = ns.log
+    if ns.plot is not None and log_path is None:
+        log_path = ns.plot.with_suffix(".jsonl")
+        ns.log = log_path
+    log = JsonlWriter(log_path)
+    bar = Progress(cfg.rounds, enabled=not ns.quiet, desc=cfg.method)
+
+    def on_round(rec):  # type: ignore[no-untyped-def]
+        log.write(rec.to_dict())
+        bar.update(rec.round, rec.grad_norm_sq)
+
+    try:
+        result = simulate(cfg, problem, on_round=on_round)
+    finally:
+        bar.close()
+        log.close()
+    last = result.records[-1]
+    print(f"round {last.round}: f={last.f:.10g} |grad f|^2={last.grad_norm_sq:.6e} G={last.G:.3e} "
+          f"bits/worker={last.bits_per_worker:.0f}" + (f" ({result.message})" if result.message else ""))
+    write_outputs(ns, result.x)
+    if result.stop_reason == "diverged":
+        print(f"error: {result.message}; try a smaller --stepsize-mult", file=sys.stderr)
+        return EXIT_DIVERGED
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plotting import plot_logs
+
+    plot_logs(ns.logs, ns.output, x_axis=ns.x, labels=ns.labels, title=ns.title)
+    print(f"wrote {ns.output}")
+    return 0
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="ef21", description="EF21 error-feedback training: simulator, master, workers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    sim = sub.add_parser("simulate", help="run a method in one process (no network)")
+    add_config_args(sim)
+    add_output_args(sim)
+    sim.set_defaults(func=cmd_simulate)
+
+    pl = sub.add_parser("plot", help="plot |grad f|^2 of one or more JSONL logs on one figure")
+    pl.add_argument("logs", nargs="+", type=Path)
+    pl.add_argument("-o", "--output", type=Path, required=True)
+    pl.add_argument("--x", default="bits", choices=["bits", "payload", "rounds", "time", "wire"])
+    pl.add_argument("--labels", nargs="*", default=None)
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=cmd_plot)
+
+    for register in _service_commands():
+        register(sub)
+    return p
+
+
+def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands of the networked service, registered when its packages are installed."""
+    try:
+        from ef21_server.cli import register as register_server
+        from ef21_worker.cli import register as register_worker
+    except ImportError:
+        return []
+    return [register_server, register_worker]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except UserError as exc:
+        print(f"ef21 {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ef21 {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

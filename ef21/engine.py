@@ -1,0 +1,95 @@
+"""The two roles of a round, with their state, independent of any transport.
+
+``WorkerNode`` and ``MasterNode`` are what the simulator drives in one process and what the gRPC worker and
+master drive over the network, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .compressors import Compressor
+from .methods import Downlink, InitMode, Message, Method, Replica, WorkerContext
+from .objectives import Objective
+
+
+def round_rng(seed: int, rank: int, round_: int) -> np.random.Generator:
+    """The generator of one worker in one round: a pure function of (seed, rank, round), so runs replay exactly."""
+    return np.random.default_rng([seed, rank, round_])
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerReport:
+    """One worker's output for a round: the uplink message and what the log needs."""
+
+    round: int
+    message: Message
+    f: float
+    grad: np.ndarray
+    distortion: float
+
+
+class WorkerNode:
+    """A worker's state across rounds: its method state and its replica of (x, g)."""
+
+    def __init__(
+        self,
+        method: Method,
+        compressor: Compressor,
+        objective: Objective,
+        rank: int,
+        *,
+        gamma: float,
+        x0: np.ndarray,
+        init: InitMode = "full",
+        seed: int = 0,
+    ) -> None:
+        self.method = method
+        self.compressor = compressor
+        self.objective = objective
+        self.rank = rank
+        self.gamma = gamma
+        self.init = init
+        self.seed = seed
+        self.state: Any = method.worker_init(objective.d)
+        self.replica = Replica.start(x0, 1.0 if method.gamma_in_message else gamma)
+        self.round = 0
+
+    def step(self) -> WorkerReport:
+        """Evaluate ∇f_i at the replica's x and produce this round's message (round 0: the initialization)."""
+        f, grad = self.objective.value_and_grad(self.replica.x)
+        rng = round_rng(self.seed, self.rank, self.round) if self.compressor.randomized else None
+        ctx = WorkerContext(self.compressor, self.gamma, self.init, rng)
+        msg, self.state, dist = self.method.worker_step(self.state, grad, ctx)
+        return WorkerReport(self.round, msg, f, grad, dist)
+
+    def apply(self, down: Downlink) -> None:
+        self.replica.apply(down)
+        self.round += 1
+
+
+class MasterNode:
+    """The master's state: its replica of (x, g) and the method's master state (e.g. EF21+'s g_i)."""
+
+    def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float) -> None:
+        self.method = method
+        self.n = n
+        self.state: Any = method.master_init(n, x0.shape[0])
+        self.replica = Replica.start(x0, 1.0 if method.gamma_in_message else gamma)
+        self.round = 0
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.replica.x
+
+    def aggregate(self, messages: Sequence[Message]) -> Downlink:
+        """Fold one round's messages, given in rank order, and move (x, g); returns what workers must apply."""
+        if len(messages) != self.n:
+            raise ValueError(f"expected {self.n} messages, got {len(messages)}")
+        down, self.state = self.method.master_aggregate(self.state, messages)
+        self.replica.apply(down)
+        self.round += 1
+        return down

@@ -1,0 +1,40 @@
+"""EF (error feedback of Seide et al. 2014 / Stich–Karimireddy), in the form of the official code.
+
+Worker: u = e + γ∇f_i(x), w = C(u), e ← u − w, send w. Master: x ← x − mean(w). γ lives inside the compressed
+vector, so the master applies no γ of its own (the posters' "x − γw" would apply it twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
+
+
+@dataclass(frozen=True)
+class EF:
+    name: str = "ef"
+    needs_contractive: bool = True
+    uncompressed: bool = False
+    gamma_in_message: bool = True
+
+    def worker_init(self, d: int) -> np.ndarray:
+        return np.zeros(d)
+
+    def worker_step(self, e: np.ndarray, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, np.ndarray, float]:
+        u = e + ctx.gamma * grad
+        w = ctx.compressor(u, ctx.rng)
+        e_new = u.copy()
+        w.add_to(e_new, -1.0)
+        # The worker's contribution to the direction, in gradient units, is w/γ.
+        return Message(w), e_new, sq_dist(w.to_dense() / ctx.gamma, grad)
+
+    def master_init(self, n: int, d: int) -> tuple[int, int]:
+        return (n, d)
+
+    def master_aggregate(self, state: tuple[int, int], messages: Sequence[Message]) -> tuple[Downlink, tuple]:
+        n, d = state
+        return Downlink(sum_messages(messages, d), "replace", 1.0 / n), state

@@ -1,0 +1,178 @@
+"""Local objectives f_i with value, gradient and smoothness constant.
+
+Each worker holds one objective over its shard. Conventions are stated per class; the theory stepsize is only
+right when L_i is consistent with the gradient actually computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+# Above this dimension λ_max(AᵀA) is found by power iteration on A instead of an eigensolver on the d×d Gram.
+_GRAM_MAX_D = 2048
+
+
+class Objective(Protocol):
+    d: int
+
+    def value(self, x: np.ndarray) -> float: ...
+
+    def grad(self, x: np.ndarray) -> np.ndarray: ...
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]: ...
+
+    def smoothness(self) -> float: ...
+
+    def gram(self) -> np.ndarray | None:
+        """AᵀA of the local rows (d×d) when the objective has a design matrix and d is small, else None."""
+
+
+def lambda_max_gram(A: np.ndarray, iters: int = 500, tol: float = 1e-12, seed: int = 0) -> float:
+    """Largest eigenvalue of AᵀA (= ‖A‖₂²)."""
+    d = A.shape[1]
+    if d <= _GRAM_MAX_D:
+        return float(np.linalg.eigvalsh(A.T @ A)[-1])
+    v = np.random.default_rng(seed).standard_normal(d)
+    v /= np.linalg.norm(v)
+    lam = 0.0
+    for _ in range(iters):
+        w = A.T @ (A @ v)
+        new = float(np.linalg.norm(w))
+        if new == 0.0:
+            return 0.0
+        v = w / new
+        if abs(new - lam) <= tol * new:
+            return new
+        lam = new
+    return lam
+
+
+def logistic_loss_and_slope(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log(1 + e^−m) and σ(−m) = 1/(1 + e^m), elementwise, from e^−|m| only: no overflow for any margin."""
+    e = np.exp(-np.abs(m))
+    loss = np.maximum(-m, 0.0) + np.log1p(e)
+    slope = np.where(m >= 0, e, 1.0) / (1.0 + e)
+    return loss, slope
+
+
+@dataclass
+class LogisticRegression:
+    """f_i(x) = mean_j log(1 + exp(−y_j a_jᵀx)) + λ Σ_l x_l²/(1 + x_l²), the paper's nonconvex-regularized loss.
+
+    L_i = λ_max(A_iᵀA_i/(4N_i)) + 2λ: the logistic part's Hessian is AᵀDA/N with D ≤ 1/4, and the regularizer's
+    second derivative λ(2 − 6x²)/(1 + x²)³ lies in [−λ/2, 2λ].
+    """
+
+    A: np.ndarray
+    y: np.ndarray
+    lam: float = 0.1
+    _L: float | None = field(default=None, repr=False)
+
+    @property
+    def d(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.A.shape[0]
+
+    def value(self, x: np.ndarray) -> float:
+        return self.value_and_grad(x)[0]
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        return self.value_and_grad(x)[1]
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        m = self.y * (self.A @ x)
+        loss, slope = logistic_loss_and_slope(m)
+        # d/dm log(1 + e^−m) = −σ(−m)
+        coef = (-1.0 / self.n_rows) * (self.y * slope)
+        x2 = x * x
+        q = 1.0 + x2
+        g = coef @ self.A + (2.0 * self.lam) * x / (q * q)
+        f = float(loss.sum()) / self.n_rows + self.lam * float((x2 / q).sum())
+        return f, g
+
+    def smoothness(self) -> float:
+        if self._L is None:
+            self._L = lambda_max_gram(self.A) / (4.0 * self.n_rows) + 2.0 * self.lam
+        return self._L
+
+    def gram(self) -> np.ndarray | None:
+        return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
+
+
+@dataclass
+class LeastSquares:
+    """f_i(x) = (1/N_i)‖A_i x − b_i‖², gradient (2/N_i)A_iᵀ(A_i x − b_i), L_i = λ_max(2A_iᵀA_i/N_i).
+
+    This is the loss as the official code writes it, with its true gradient and smoothness (the B&W repository's
+    L_i). The EF21 repository instead codes the gradient (1/N_i)Aᵀ(Ax − b), i.e. the gradient of half this loss.
+    """
+
+    A: np.ndarray
+    b: np.ndarray
+    _L: float | None = field(default=None, repr=False)
+
+    @property
+    def d(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.A.shape[0]
+
+    def value(self, x: np.ndarray) -> float:
+        r = self.A @ x - self.b
+        return float(r @ r) / self.n_rows
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        return self.value_and_grad(x)[1]
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        r = self.A @ x - self.b
+        return float(r @ r) / self.n_rows, (2.0 / self.n_rows) * (self.A.T @ r)
+
+    def smoothness(self) -> float:
+        if self._L is None:
+            self._L = 2.0 * lambda_max_gram(self.A) / self.n_rows
+        return self._L
+
+    def gram(self) -> np.ndarray | None:
+        return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
+
+
+@dataclass
+class SeparableQuadratic:
+    """f_i(x) = ½ Σ_j h_j (x_j − c_j)², a diagonal quadratic: O(d) value and gradient for any d (10⁶ and more).
+
+    It exists so that benchmarks can measure the system rather than the gradient. L_i = max h_j, μ_i = min h_j.
+    """
+
+    h: np.ndarray
+    c: np.ndarray
+
+    @property
+    def d(self) -> int:
+        return self.h.shape[0]
+
+    def value(self, x: np.ndarray) -> float:
+        r = x - self.c
+        return 0.5 * float(np.dot(self.h * r, r))
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        return self.h * (x - self.c)
+
+    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        r = x - self.c
+        hr = self.h * r
+        return 0.5 * float(np.dot(hr, r)), hr
+
+    def smoothness(self) -> float:
+        return float(self.h.max())
+
+    def gram(self) -> None:
+        return None

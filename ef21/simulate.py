@@ -1,0 +1,150 @@
+"""The single-process simulator: n ``WorkerNode``s and one ``MasterNode`` in a loop, no network."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .accounting import CommLedger
+from .compressors import Compressor, make_compressor, theory_alpha
+from .config import RunConfig, make_x0
+from .engine import MasterNode, WorkerNode, WorkerReport
+from .errors import UserError
+from .methods import Method, make_method
+from .problem import Problem, build_problem
+from .stepsize import TheoryConstants, theory_stepsize
+
+# Beyond this the run is declared divergent: nothing converging on these problems gets near it.
+DIVERGENCE_LIMIT = 1e100
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One line of the JSONL log: the state x^t and the communication spent to reach it."""
+
+    round: int
+    f: float
+    grad_norm_sq: float
+    G: float
+    bits_per_worker: float
+    payload_bits_per_worker: float
+    elapsed_s: float
+    wire_bytes_up: int | None = None
+    wire_bytes_down: int | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class RunResult:
+    x: np.ndarray
+    records: list[RoundRecord]
+    constants: TheoryConstants
+    stop_reason: str  # "rounds", "tol" or "diverged"
+    message: str = ""
+    xs: list[np.ndarray] = field(default_factory=list)
+
+
+def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
+    """The method and compressor of a config, checked against each other and against d."""
+    method = make_method(cfg.method)
+    comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
+    if method.needs_contractive and comp.alpha(d) is None:
+        raise UserError(
+            f"{cfg.method} needs a contractive compressor; {comp.name} is only unbiased "
+            f"(use its contractive version, e.g. crandk for urandk)"
+        )
+    return method, comp
+
+
+def constants_for(cfg: RunConfig, method: Method, comp: Compressor, L: float, L_tilde: float, d: int) -> TheoryConstants:
+    return theory_stepsize(
+        L,
+        L_tilde,
+        theory_alpha(comp, d),
+        mu=cfg.mu,
+        uncompressed=method.uncompressed,
+        multiplier=cfg.stepsize_mult,
+        override=cfg.stepsize,
+    )
+
+
+def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float) -> RoundRecord:
+    """Log figures from the worker reports, summed in rank order."""
+    n = len(reports)
+    grad = np.zeros_like(reports[0].grad)
+    for r in reports:
+        grad += r.grad
+    grad /= n
+    return RoundRecord(
+        round=t,
+        f=math.fsum(r.f for r in reports) / n,
+        grad_norm_sq=float(grad @ grad),
+        G=math.fsum(r.distortion for r in reports) / n,
+        bits_per_worker=ledger.bits_per_worker,
+        payload_bits_per_worker=ledger.payload_bits_per_worker,
+        elapsed_s=time.perf_counter() - t0,
+    )
+
+
+def divergence(rec: RoundRecord, x: np.ndarray) -> str | None:
+    vals = (rec.f, rec.grad_norm_sq)
+    if not all(math.isfinite(v) for v in vals) or not np.all(np.isfinite(x)):
+        return f"diverged at round {rec.round}: non-finite values (f={rec.f}, |grad f|^2={rec.grad_norm_sq})"
+    if rec.grad_norm_sq > DIVERGENCE_LIMIT or abs(rec.f) > DIVERGENCE_LIMIT:
+        return f"diverged at round {rec.round}: |grad f|^2 = {rec.grad_norm_sq:.3g}, f = {rec.f:.3g}"
+    return None
+
+
+def simulate(
+    cfg: RunConfig,
+    problem: Problem | None = None,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    keep_iterates: bool = False,
+) -> RunResult:
+    """Run ``cfg`` in one process. ``keep_iterates`` keeps x^t of every round (for tests and comparisons)."""
+    problem = problem or build_problem(cfg)
+    d, n = problem.d, problem.n
+    method, comp = resolve_method(cfg, d)
+    consts = constants_for(cfg, method, comp, problem.L, problem.L_tilde, d)
+    x0 = make_x0(cfg.x0, d)
+    init = "full" if cfg.init == "full" else "compressed"
+    workers = [
+        WorkerNode(method, comp, obj, i, gamma=consts.gamma, x0=x0, init=init, seed=cfg.seed)
+        for i, obj in enumerate(problem.objectives)
+    ]
+    master = MasterNode(method, n, x0, gamma=consts.gamma)
+    ledger = CommLedger(n)
+    records: list[RoundRecord] = []
+    xs: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    stop, message = "rounds", ""
+    for t in range(cfg.rounds + 1):
+        if keep_iterates:
+            xs.append(master.x.copy())
+        reports = [w.step() for w in workers]
+        messages = [r.message for r in reports]
+        ledger.record(t, messages)
+        rec = summarize_round(t, reports, ledger, t0)
+        records.append(rec)
+        if on_round is not None:
+            on_round(rec)
+        bad = divergence(rec, master.x)
+        if bad is not None:
+            stop, message = "diverged", bad
+            break
+        if rec.grad_norm_sq < cfg.tol:
+            stop, message = "tol", f"|grad f|^2 = {rec.grad_norm_sq:.3g} < tol {cfg.tol:g} at round {t}"
+            break
+        if t == cfg.rounds:
+            break
+        down = master.aggregate(messages)
+        for w in workers:
+            w.apply(down)
+    return RunResult(master.x.copy(), records, consts, stop, message, xs)

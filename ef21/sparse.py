@@ -1,0 +1,81 @@
+"""The sparse vector that travels between workers and the master, and the arithmetic on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INDEX_DTYPE = np.dtype("<u4")
+VALUE_DTYPE = np.dtype("<f8")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseVector:
+    """A vector of length ``dim``: ``values`` at ``indices`` and zero elsewhere.
+
+    ``indices is None`` means the vector is dense (``values`` has length ``dim``): identity, sign and natural
+    compressors produce dense vectors, and sending indices for them would only cost bytes.
+    Indices, when present, are sorted, unique, uint32.
+    """
+
+    dim: int
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    @staticmethod
+    def dense(values: np.ndarray) -> SparseVector:
+        v = np.asarray(values, dtype=np.float64)
+        return SparseVector(v.shape[0], None, v)
+
+    @staticmethod
+    def zeros(dim: int) -> SparseVector:
+        return SparseVector(dim, np.zeros(0, dtype=INDEX_DTYPE), np.zeros(0, dtype=np.float64))
+
+    @property
+    def is_dense(self) -> bool:
+        return self.indices is None
+
+    @property
+    def nnz(self) -> int:
+        """Number of values carried (d for a dense vector): what the paper's bit count is based on."""
+        return int(self.values.shape[0])
+
+    def to_dense(self) -> np.ndarray:
+        if self.indices is None:
+            return self.values.copy()
+        out = np.zeros(self.dim, dtype=np.float64)
+        out[self.indices] = self.values
+        return out
+
+    def add_to(self, target: np.ndarray, scale: float = 1.0) -> None:
+        """target += scale * self, in place. Indices are unique, so plain fancy indexing adds each once."""
+        if self.indices is None:
+            if scale == 1.0:
+                target += self.values
+            else:
+                target += scale * self.values
+        elif scale == 1.0:
+            target[self.indices] += self.values
+        else:
+            target[self.indices] += scale * self.values
+
+
+def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
+    """Sum of vectors, added in the order given; sparse over the union of the supports unless one is dense.
+
+    The order is part of the contract: float addition is not associative, and the master and every replica must
+    get the same bits, so callers pass messages in rank order.
+    """
+    if any(v.indices is None for v in vectors):
+        acc = np.zeros(dim, dtype=np.float64)
+        for v in vectors:
+            v.add_to(acc)
+        return SparseVector(dim, None, acc)
+    if not vectors:
+        return SparseVector.zeros(dim)
+    support = np.unique(np.concatenate([v.indices for v in vectors]))
+    acc = np.zeros(dim, dtype=np.float64)
+    for v in vectors:
+        v.add_to(acc)
+    return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), acc[support])

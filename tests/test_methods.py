@@ -1,0 +1,176 @@
+"""The methods against the paper's theorems, on real problems, through the simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from ef21.config import RunConfig
+from ef21.data import synthetic_dataset
+from ef21.objectives import LeastSquares
+from ef21.problem import Problem, build_problem
+from ef21.simulate import simulate
+from ef21.stepsize import theta_beta, theory_stepsize
+
+
+def test_theta_beta_and_stepsizes():
+    theta, beta = theta_beta(0.19)
+    assert theta == pytest.approx(0.1) and beta == pytest.approx(0.81 / 0.1)
+    assert theta_beta(1.0) == (1.0, 0.0)
+    c = theory_stepsize(2.0, 3.0, 0.19)
+    assert c.gamma == pytest.approx(1 / (2 + 3 * math.sqrt(8.1 / 0.1)))
+    pl = theory_stepsize(2.0, 3.0, 0.19, mu=1e-3, multiplier=4)
+    assert pl.gamma_base == pytest.approx(min(1 / (2 + 3 * math.sqrt(2 * 8.1 / 0.1)), 0.1 / 2e-3))
+    assert pl.gamma == pytest.approx(4 * pl.gamma_base)
+    assert theory_stepsize(2.0, 3.0, 1.0).gamma == 0.5
+    assert theory_stepsize(2.0, 3.0, 0.1, uncompressed=True).gamma == 0.5
+
+
+def test_mushrooms_theory_stepsize_matches_doc():
+    # Method doc §5: γ_EF21 for k = 1 on mushrooms is 0.001282.
+    r = simulate(RunConfig(k=1, rounds=0))
+    assert r.constants.gamma == pytest.approx(0.001282, rel=1e-3)
+
+
+def iterates(cfg: RunConfig, problem: Problem | None = None) -> np.ndarray:
+    return np.array(simulate(cfg, problem, keep_iterates=True).xs)
+
+
+def test_theorem1_ef_equals_ef21_for_identity_and_differs_for_topk():
+    base = dict(workers=5, rounds=60, x0="normal:1", stepsize_mult=1.0)
+    ef = iterates(RunConfig(method="ef", compressor="identity", **base))
+    ef21 = iterates(RunConfig(method="ef21", compressor="identity", **base))
+    np.testing.assert_allclose(ef, ef21, rtol=1e-10, atol=1e-12)
+    ef_t = iterates(RunConfig(method="ef", compressor="topk", k=2, **base | {"stepsize_mult": 64}))
+    ef21_t = iterates(RunConfig(method="ef21", compressor="topk", k=2, **base | {"stepsize_mult": 64}))
+    assert np.abs(ef_t[-1] - ef21_t[-1]).max() > 1e-3
+
+
+def lsq_problem(n: int = 4) -> tuple[RunConfig, Problem, float, float]:
+    ds = synthetic_dataset(200, 10, seed=5, problem="lsq")
+    cfg = RunConfig(data="synthetic:200:10:5", problem="lsq", workers=n, method="ef21", compressor="topk", k=1)
+    p = build_problem(cfg, ds)
+    H = sum(2 * o.A.T @ o.A / o.n_rows for o in p.objectives) / n  # Hessian of f = mean f_i
+    mu = float(np.linalg.eigvalsh(H)[0])
+    x_star = np.linalg.solve(H, sum(2 * o.A.T @ o.b / o.n_rows for o in p.objectives) / n)
+    f_star = float(np.mean([o.value(x_star) for o in p.objectives]))
+    return cfg, p, mu, f_star
+
+
+@pytest.mark.parametrize("init", ["full", "compressed"])
+def test_theorem3_lyapunov_decreases_linearly_on_least_squares(init):
+    cfg0, p, mu, f_star = lsq_problem()
+    assert mu > 0
+    cfg = RunConfig(**(cfg0.to_dict() | {"mu": mu, "rounds": 3000, "x0": "normal:2", "init": init}))
+    r = simulate(cfg, p)
+    gamma, theta = r.constants.gamma, r.constants.theta
+    assert r.constants.rule == "Theorem 3"
+    psi = np.array([rec.f - f_star + gamma / theta * rec.G for rec in r.records])
+    t = np.arange(len(psi))
+    bound = (1 - gamma * mu) ** t * psi[0]
+    assert psi[0] > 0
+    assert np.all(psi <= bound * (1 + 1e-9) + 1e-14)
+    assert psi[-1] < 0.5 * psi[0]  # the rate actually bites over 3000 rounds
+
+
+def test_theorem2_bound_on_logistic_regression():
+    cfg = RunConfig(workers=20, k=1, rounds=400, x0="normal:0", init="compressed")
+    r = simulate(cfg)
+    T = cfg.rounds
+    gamma, theta = r.constants.gamma, r.constants.theta
+    mean_sq = np.mean([rec.grad_norm_sq for rec in r.records[:T]])
+    bound = 2 * (r.records[0].f - 0.0) / (gamma * T) + r.records[0].G / (theta * T)
+    assert r.records[0].G > 0
+    assert mean_sq <= bound
+
+
+@dataclass
+class CounterexampleObjective:
+    """f_i(x) = ⟨a_i, x⟩² + ¼‖x‖², the n = d = 3 counterexample of Beznosikov et al. (method doc §3.2)."""
+
+    a: np.ndarray
+
+    @property
+    def d(self) -> int:
+        return 3
+
+    def value(self, x):
+        return float(self.a @ x) ** 2 + 0.25 * float(x @ x)
+
+    def grad(self, x):
+        return 2 * float(self.a @ x) * self.a + 0.5 * x
+
+    def value_and_grad(self, x):
+        return self.value(x), self.grad(x)
+
+    def smoothness(self):
+        return 2 * float(self.a @ self.a) + 0.5
+
+    def gram(self):
+        return None
+
+
+def test_dcgd_diverges_on_counterexample_where_ef21_converges(tmp_path):
+    objs = [CounterexampleObjective(np.array(a, dtype=float)) for a in ([-3, 2, 2], [2, -3, 2], [2, 2, -3])]
+    H = sum(2 * np.outer(o.a, o.a) + 0.5 * np.eye(3) for o in objs) / 3
+    problem = Problem(objs, float(np.linalg.eigvalsh(H)[-1]), [o.smoothness() for o in objs], f_lower=0.0)
+    np.save(tmp_path / "x0.npy", np.ones(3))
+    base = dict(workers=3, compressor="topk", k=1, x0=str(tmp_path / "x0.npy"), rounds=20000, stepsize=0.01)
+    dcgd = simulate(RunConfig(method="dcgd", **base), problem)
+    assert dcgd.stop_reason == "diverged"
+    assert "diverged at round" in dcgd.message
+    ef21 = simulate(RunConfig(method="ef21", **base | {"tol": 1e-20}), problem)
+    assert ef21.stop_reason == "tol"
+    assert np.linalg.norm(ef21.x) < 1e-9
+
+
+def test_bits_accounting_topk():
+    r = simulate(RunConfig(workers=20, k=2, rounds=10))
+    for rec in r.records:
+        assert rec.bits_per_worker == 32 * 2 * rec.round  # paper: 32 bits per value, round 0 excluded
+        assert rec.payload_bits_per_worker == 32 * 112 + rec.round * 2 * (32 + 7)
+
+
+def test_ef21plus_master_g_is_mean_of_worker_estimates():
+    from ef21.engine import MasterNode, WorkerNode
+    from ef21.methods import EF21Plus
+    from ef21.compressors import TopK
+
+    p = build_problem(RunConfig(workers=5))
+    x0 = np.random.default_rng(0).standard_normal(p.d)
+    workers = [WorkerNode(EF21Plus(), TopK(3), o, i, gamma=2.0, x0=x0, init="compressed") for i, o in enumerate(p.objectives)]
+    master = MasterNode(EF21Plus(), 5, x0, gamma=2.0)
+    replaced = 0
+    for _ in range(50):
+        msgs = [w.step().message for w in workers]
+        replaced += sum(m.replace for m in msgs)
+        down = master.aggregate(msgs)
+        for w in workers:
+            w.apply(down)
+        np.testing.assert_allclose(master.replica.g, np.mean([w.state for w in workers], axis=0), atol=1e-12)
+        np.testing.assert_array_equal(master.state.g_i, np.array([w.state for w in workers]))
+        for w in workers:
+            np.testing.assert_array_equal(w.replica.x, master.x)
+    assert replaced > 5  # replacements happen after round 0 too (5 are the initialization)
+
+
+def test_randomized_runs_replay_from_seed():
+    cfg = RunConfig(workers=4, compressor="randk", k=5, rounds=30, stepsize_mult=8)
+    a, b = simulate(cfg).x, simulate(cfg).x
+    c = simulate(RunConfig(**(cfg.to_dict() | {"seed": 1}))).x
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.slow
+def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
+    common = dict(workers=20, compressor="topk", k=2, x0="normal:0", rounds=7000)
+    ef21 = simulate(RunConfig(method="ef21", stepsize_mult=1024, tol=1e-7, **common))
+    assert ef21.stop_reason == "tol"
+    assert ef21.records[-1].round < 7000
+    ef = simulate(RunConfig(method="ef", stepsize_mult=64, **common))
+    assert ef.stop_reason == "rounds"
+    assert min(rec.grad_norm_sq for rec in ef.records) > 1e-4
