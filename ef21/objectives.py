@@ -29,6 +29,9 @@ class Objective(Protocol):
     def gram(self) -> np.ndarray | None:
         """AᵀA of the local rows (d×d) when the objective has a design matrix and d is small, else None."""
 
+    def diagonal(self) -> np.ndarray | None:
+        """The curvature diagonal of a separable objective, else None."""
+
 
 def lambda_max_gram(A: np.ndarray, iters: int = 500, tol: float = 1e-12, seed: int = 0) -> float:
     """Largest eigenvalue of AᵀA (= ‖A‖₂²)."""
@@ -104,6 +107,9 @@ class LogisticRegression:
     def gram(self) -> np.ndarray | None:
         return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
 
+    def diagonal(self) -> None:
+        return None
+
 
 @dataclass
 class LeastSquares:
@@ -144,6 +150,9 @@ class LeastSquares:
     def gram(self) -> np.ndarray | None:
         return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
 
+    def diagonal(self) -> None:
+        return None
+
 
 @dataclass
 class SeparableQuadratic:
@@ -176,3 +185,6 @@ class SeparableQuadratic:
 
     def gram(self) -> None:
         return None
+
+    def diagonal(self) -> np.ndarray:
+        return self.h

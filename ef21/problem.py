@@ -33,8 +33,12 @@ class Problem:
 
     @property
     def L_tilde(self) -> float:
-        """L̃ = sqrt(mean L_i²)."""
-        return math.sqrt(sum(v * v for v in self.L_i) / len(self.L_i))
+        return quadratic_mean(self.L_i)
+
+
+def quadratic_mean(L_i: list[float]) -> float:
+    """L̃ = sqrt(mean L_i²), summed in rank order."""
+    return math.sqrt(sum(v * v for v in L_i) / len(L_i))
 
 
 def quadratic_worker(cfg: RunConfig, rank: int) -> SeparableQuadratic:
@@ -57,6 +61,14 @@ def local_objective(cfg: RunConfig, rank: int, ds: Dataset | None) -> Objective:
     return LeastSquares(shard.A, shard.y)
 
 
+def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
+    """Σ parts, added in the order given: the master and the simulator must get the same bits."""
+    acc = np.zeros_like(parts[0])
+    for p in parts:
+        acc += p
+    return acc
+
+
 def global_smoothness_from_grams(cfg: RunConfig, gram_sum: np.ndarray, n_rows: int) -> float:
     """L of the whole problem from Σ_i A_iᵀA_i = AᵀA (what workers can compute without pooling data)."""
     lam_max = float(np.linalg.eigvalsh(gram_sum)[-1])
@@ -65,18 +77,36 @@ def global_smoothness_from_grams(cfg: RunConfig, gram_sum: np.ndarray, n_rows: i
     return 2.0 * lam_max / n_rows
 
 
+def global_smoothness_from_diagonals(diag_sum: np.ndarray, n_workers: int) -> float:
+    """L of f = (1/n) Σ f_i for separable f_i: the largest entry of the mean curvature diagonal."""
+    return float((diag_sum / n_workers).max())
+
+
+def global_smoothness(cfg: RunConfig, objectives: list[Objective], n_rows: int) -> float | None:
+    """L from the workers' curvature summaries, or None when they have none (large d: computed on full data)."""
+    diags = [o.diagonal() for o in objectives]
+    if all(v is not None for v in diags):
+        return global_smoothness_from_diagonals(sum_in_rank_order(diags), len(objectives))
+    grams = [o.gram() for o in objectives]
+    if all(v is not None for v in grams):
+        return global_smoothness_from_grams(cfg, sum_in_rank_order(grams), n_rows)
+    return None
+
+
 def build_problem(cfg: RunConfig, ds: Dataset | None = None) -> Problem:
     if cfg.problem == "quadratic":
         objs = [quadratic_worker(cfg, i) for i in range(cfg.workers)]
-        L = float(np.mean([o.h for o in objs], axis=0).max())
+        L = global_smoothness(cfg, objs, 0)
+        assert L is not None
         return Problem(objs, L, [o.smoothness() for o in objs], f_lower=0.0)
     if ds is None:
         ds = load_dataset(cfg.data, problem=cfg.problem)
     shard_bounds(ds.n_rows, cfg.workers)  # raises a clear error when there are fewer rows than workers
     objs = [local_objective(cfg, i, ds) for i in range(cfg.workers)]
-    lam_max = lambda_max_gram(ds.A)
-    if cfg.problem == "logreg":
-        L = lam_max / (4.0 * ds.n_rows) + 2.0 * cfg.lam
-    else:
-        L = 2.0 * lam_max / ds.n_rows
+    # The same computation as the networked master (sum of the shards' AᵀA in rank order), so both runs get
+    # the same γ to the last bit; it equals λ_max of the whole data's AᵀA.
+    L = global_smoothness(cfg, objs, ds.n_rows)
+    if L is None:
+        lam_max = lambda_max_gram(ds.A)
+        L = lam_max / (4.0 * ds.n_rows) + 2.0 * cfg.lam if cfg.problem == "logreg" else 2.0 * lam_max / ds.n_rows
     return Problem(objs, L, [o.smoothness() for o in objs], f_lower=0.0)

@@ -34,7 +34,13 @@ class RoundRecord:
     payload_bits_per_worker: float
     elapsed_s: float
     wire_bytes_up: int | None = None
+    """Cumulative bytes of all uplink Update messages as received (networked runs only)."""
     wire_bytes_down: int | None = None
+    """Cumulative bytes of all downlink RoundResult messages as sent, over all workers."""
+    uplink_msg_bytes: float | None = None
+    """Mean size of this round's Update messages."""
+    eval_bytes: int | None = None
+    """Cumulative bytes of the exact-gradient evaluations (not compressed communication)."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -74,30 +80,54 @@ def constants_for(cfg: RunConfig, method: Method, comp: Compressor, L: float, L_
     )
 
 
-def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float) -> RoundRecord:
-    """Log figures from the worker reports, summed in rank order."""
-    n = len(reports)
-    grad = np.zeros_like(reports[0].grad)
-    for r in reports:
-        grad += r.grad
-    grad /= n
+def make_record(
+    t: int, fs: list[float], distortions: list[float], grads: list[np.ndarray] | None, ledger: CommLedger,
+    elapsed_s: float, **wire: int | float | None,
+) -> RoundRecord:
+    """A log line from the workers' figures, given in rank order. Without gradients ‖∇f‖² is not known (null)."""
+    n = len(fs)
+    grad_norm_sq = None
+    if grads is not None:
+        grad = np.zeros_like(grads[0])
+        for g in grads:
+            grad += g
+        grad /= n
+        grad_norm_sq = float(grad @ grad)
     return RoundRecord(
         round=t,
-        f=math.fsum(r.f for r in reports) / n,
-        grad_norm_sq=float(grad @ grad),
-        G=math.fsum(r.distortion for r in reports) / n,
+        f=math.fsum(fs) / n,
+        grad_norm_sq=grad_norm_sq,  # type: ignore[arg-type]
+        G=math.fsum(distortions) / n,
         bits_per_worker=ledger.bits_per_worker,
         payload_bits_per_worker=ledger.payload_bits_per_worker,
-        elapsed_s=time.perf_counter() - t0,
+        elapsed_s=elapsed_s,
+        **wire,  # type: ignore[arg-type]
     )
 
 
+def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float) -> RoundRecord:
+    return make_record(t, [r.f for r in reports], [r.distortion for r in reports], [r.grad for r in reports],
+                       ledger, time.perf_counter() - t0)
+
+
 def divergence(rec: RoundRecord, x: np.ndarray) -> str | None:
-    vals = (rec.f, rec.grad_norm_sq)
+    vals = (rec.f, 0.0 if rec.grad_norm_sq is None else rec.grad_norm_sq)
     if not all(math.isfinite(v) for v in vals) or not np.all(np.isfinite(x)):
         return f"diverged at round {rec.round}: non-finite values (f={rec.f}, |grad f|^2={rec.grad_norm_sq})"
-    if rec.grad_norm_sq > DIVERGENCE_LIMIT or abs(rec.f) > DIVERGENCE_LIMIT:
+    if (rec.grad_norm_sq or 0.0) > DIVERGENCE_LIMIT or abs(rec.f) > DIVERGENCE_LIMIT:
         return f"diverged at round {rec.round}: |grad f|^2 = {rec.grad_norm_sq:.3g}, f = {rec.f:.3g}"
+    return None
+
+
+def stop_check(rec: RoundRecord, x: np.ndarray, cfg: RunConfig) -> tuple[str, str] | None:
+    """Whether the run ends after this round: ("diverged" | "tol" | "rounds", message), else None."""
+    bad = divergence(rec, x)
+    if bad is not None:
+        return "diverged", bad
+    if rec.grad_norm_sq is not None and rec.grad_norm_sq < cfg.tol:
+        return "tol", f"|grad f|^2 = {rec.grad_norm_sq:.3g} < tol {cfg.tol:g} at round {rec.round}"
+    if rec.round >= cfg.rounds:
+        return "rounds", f"{cfg.rounds} rounds done"
     return None
 
 
@@ -135,14 +165,9 @@ def simulate(
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-        bad = divergence(rec, master.x)
-        if bad is not None:
-            stop, message = "diverged", bad
-            break
-        if rec.grad_norm_sq < cfg.tol:
-            stop, message = "tol", f"|grad f|^2 = {rec.grad_norm_sq:.3g} < tol {cfg.tol:g} at round {t}"
-            break
-        if t == cfg.rounds:
+        ended = stop_check(rec, master.x, cfg)
+        if ended is not None:
+            stop, message = ended
             break
         down = master.aggregate(messages)
         for w in workers:

@@ -1,0 +1,37 @@
+"""Paired conversions between protobuf messages and the core's types."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ef21.codec import EncodedVector, decode, encode
+from ef21.sparse import SparseVector
+
+from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
+from .v1 import ef21_pb2 as pb
+
+
+def vector_to_proto(v: SparseVector, *, float32: bool = False) -> pb.SparseVector:
+    e = encode(v, float32=float32)
+    return pb.SparseVector(dim=e.dim, indices=e.indices, values=e.values, dense=e.dense,
+                           value_type=pb.FLOAT32 if float32 else pb.FLOAT64)
+
+
+def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
+    """Decode and validate (raises ef21.codec.CodecError)."""
+    e = EncodedVector(int(m.dim), m.indices, m.values, m.dense, m.value_type == pb.FLOAT32)
+    return decode(e, expected_dim=expected_dim, max_nnz=max_nnz)
+
+
+def dense_to_proto(x: np.ndarray) -> pb.SparseVector:
+    return vector_to_proto(SparseVector.dense(x))
+
+
+def state_checksum(x: np.ndarray, g: np.ndarray) -> bytes:
+    """Digest of the exact bits of a replica, to detect a worker that fell out of sync."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(x).tobytes())
+    h.update(np.ascontiguousarray(g).tobytes())
+    return h.digest()

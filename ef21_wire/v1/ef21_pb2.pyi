@@ -1,0 +1,198 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ValueType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLOAT64: _ClassVar[ValueType]
+    FLOAT32: _ClassVar[ValueType]
+FLOAT64: ValueType
+FLOAT32: ValueType
+
+class SparseVector(_message.Message):
+    __slots__ = ("dim", "indices", "values", "dense", "value_type")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    indices: bytes
+    values: bytes
+    dense: bool
+    value_type: ValueType
+    def __init__(self, dim: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dense: _Optional[bool] = ..., value_type: _Optional[_Union[ValueType, str]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("hostname", "protocol_version")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    protocol_version: int
+    def __init__(self, hostname: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("run_id", "config_json", "workers")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config_json: str
+    workers: int
+    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("run_id", "requested_rank", "hostname", "data_fingerprint", "dim", "n_rows")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_RANK_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    N_ROWS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    requested_rank: int
+    hostname: str
+    data_fingerprint: str
+    dim: int
+    n_rows: int
+    def __init__(self, run_id: _Optional[str] = ..., requested_rank: _Optional[int] = ..., hostname: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., dim: _Optional[int] = ..., n_rows: _Optional[int] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("rank", "workers")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    workers: int
+    def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class Setup(_message.Message):
+    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GRAM_FIELD_NUMBER: _ClassVar[int]
+    DIAGONAL_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    smoothness: float
+    shard_rows: int
+    gram: bytes
+    diagonal: bytes
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ...) -> None: ...
+
+class Start(_message.Message):
+    __slots__ = ("gamma", "x_step", "x0", "constants_json", "checksum_every", "eval_every")
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    X_STEP_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    CONSTANTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_EVERY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    gamma: float
+    x_step: float
+    x0: SparseVector
+    constants_json: str
+    checksum_every: int
+    eval_every: int
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ...) -> None: ...
+
+class Update(_message.Message):
+    __slots__ = ("round", "message", "replace", "f", "distortion")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    F_FIELD_NUMBER: _ClassVar[int]
+    DISTORTION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    message: SparseVector
+    replace: bool
+    f: float
+    distortion: float
+    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., f: _Optional[float] = ..., distortion: _Optional[float] = ...) -> None: ...
+
+class Eval(_message.Message):
+    __slots__ = ("round", "grad")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    grad: SparseVector
+    def __init__(self, round: _Optional[int] = ..., grad: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+
+class RoundResult(_message.Message):
+    __slots__ = ("round", "aggregate", "replace", "scale", "checksum")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    aggregate: SparseVector
+    replace: bool
+    scale: float
+    checksum: bytes
+    def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+
+class Resync(_message.Message):
+    __slots__ = ("round", "x", "g")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    G_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    x: SparseVector
+    g: SparseVector
+    def __init__(self, round: _Optional[int] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+
+class Stop(_message.Message):
+    __slots__ = ("reason", "failed")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    failed: bool
+    def __init__(self, reason: _Optional[str] = ..., failed: _Optional[bool] = ...) -> None: ...
+
+class ResyncRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "setup", "update", "eval", "resync_request")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    setup: Setup
+    update: Update
+    eval: Eval
+    resync_request: ResyncRequest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., eval: _Optional[_Union[Eval, _Mapping]] = ..., resync_request: _Optional[_Union[ResyncRequest, _Mapping]] = ...) -> None: ...
+
+class MasterMessage(_message.Message):
+    __slots__ = ("welcome", "start", "round_result", "stop", "resync")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    ROUND_RESULT_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    start: Start
+    round_result: RoundResult
+    stop: Stop
+    resync: Resync
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,154 @@
+"""``ef21 master``, ``ef21 status`` and ``ef21 run`` (a local cluster), and the ``ef21-master`` script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ef21.cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from ef21.errors import UserError
+
+from .coordinator import MasterOptions
+from .master import ListenOptions, Master
+
+
+def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
+    add_config_args(p)
+    add_output_args(p)
+    g = p.add_argument_group("master")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for all interfaces; default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=0 if local else 50051,
+                   help="gRPC port (default %s)" % ("any free port" if local else "50051"))
+    g.add_argument("--status-host", default=None, help="address of the HTTP status endpoint (default: --host)")
+    g.add_argument("--status-port", type=int, default=0 if local else 8080,
+                   help="HTTP status port, -1 for none (default %s)" % ("any free port" if local else "8080"))
+    g.add_argument("--eval-every", type=int, default=1, metavar="R",
+                   help="exact |grad f|^2 every R rounds (dense gradients, counted apart; default 1)")
+    g.add_argument("--checksum-every", type=int, default=10, metavar="R",
+                   help="check every replica against the master's every R rounds (default 10)")
+    g.add_argument("--save-iterates", type=Path, default=None, help="write x^t of every round to this .npy")
+    g.add_argument("--verbose", "-v", action="store_true", help="log joins, starts and stops")
+
+
+def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions]:
+    cfg = config_from_args(ns)
+    if ns.plot is not None and ns.log is None:
+        ns.log = ns.plot.with_suffix(".jsonl")
+    mo = MasterOptions(cfg, eval_every=ns.eval_every, checksum_every=ns.checksum_every, log=ns.log, out=ns.out,
+                       plot=ns.plot, save_iterates=ns.save_iterates)
+    lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
+                       status_port=None if ns.status_port < 0 else ns.status_port)
+    return mo, lo
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def print_summary(master: Master) -> None:
+    c = master.coord
+    rec = c.latest
+    if rec is None:
+        print(f"run {c.state}: {c.stop_message}")
+        return
+    g = "n/a" if c.last_grad_norm_sq is None else f"{c.last_grad_norm_sq:.6e}"
+    print(f"round {rec.round}: f={rec.f:.10g} |grad f|^2={g} G={rec.G:.3e} bits/worker={rec.bits_per_worker:.0f} "
+          f"wire up={rec.wire_bytes_up} B down={rec.wire_bytes_down} B ({c.stop_message})")
+
+
+def cmd_master(ns: argparse.Namespace) -> int:
+    setup_logging(ns.verbose)
+    mo, lo = master_options(ns)
+
+    async def main() -> int:
+        master = Master(mo, lo)
+        print(f"ef21 master: run {master.coord.run_id}, listening on {master.address}; "
+              f"waiting for {mo.config.workers} workers", flush=True)
+        rc = await master.serve()
+        print_summary(master)
+        return rc
+
+    return asyncio.run(main())
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    import grpc
+
+    from ef21_wire.v1 import ef21_pb2 as pb
+    from ef21_wire.v1.ef21_pb2_grpc import MasterStub
+
+    async def fetch() -> dict:
+        async with grpc.aio.insecure_channel(ns.master) as ch:
+            reply = await MasterStub(ch).Status(pb.StatusRequest(), timeout=ns.timeout)
+            return json.loads(reply.json)
+
+    try:
+        doc = asyncio.run(fetch())
+    except grpc.aio.AioRpcError as exc:
+        raise UserError(f"cannot reach master {ns.master}: {exc.code().name}: {exc.details()}") from None
+    if ns.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_status(doc))
+    return 0
+
+
+def _fmt(v: object, spec: str = ".4g") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def format_status(doc: dict) -> str:
+    lat = doc.get("latest") or {}
+    lines = [
+        f"run {doc['run_id']}: {doc['state']}" + (f" ({doc['detail']})" if doc.get("detail") else ""),
+        f"  {doc['method']} / {doc['compressor']} k={doc['k']}  gamma={_fmt(doc['gamma'])}  on {doc['data']} "
+        f"({doc['problem']})",
+        f"  round {doc['round']} of {doc['rounds_planned']}  {_fmt(doc['rounds_per_second'], '.1f')} rounds/s  "
+        f"elapsed {_fmt(doc['elapsed_s'], '.1f')} s",
+        f"  f={_fmt(lat.get('f'), '.8g')}  |grad f|^2={_fmt(lat.get('last_grad_norm_sq'), '.3e')}  "
+        f"G={_fmt(lat.get('G'), '.3e')}  bits/worker={_fmt(lat.get('bits_per_worker'), '.0f')}",
+        f"  workers {doc['workers_connected']}/{doc['workers_expected']} connected",
+    ]
+    for w in doc["workers"]:
+        lines.append(f"    rank {w['rank']:>3}  {w['state']:<8} {w['hostname']:<20} {w['address']:<24} "
+                     f"rounds {w['rounds_done']:>6}  up {w['bytes_up']:>10} B  down {w['bytes_down']:>10} B  "
+                     f"seen {w['last_seen_ago_s']:.1f} s ago")
+    return "\n".join(lines)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .cluster import run_local_cluster
+
+    setup_logging(ns.verbose)
+    mo, lo = master_options(ns)
+    return asyncio.run(run_local_cluster(mo, lo, quiet=ns.quiet))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("master", help="run the gRPC master (parameter server)")
+    add_master_args(m)
+    m.set_defaults(func=cmd_master)
+
+    s = sub.add_parser("status", help="print a running master's status")
+    s.add_argument("--master", default="127.0.0.1:50051", help="HOST:PORT of the master's gRPC port")
+    s.add_argument("--json", action="store_true", help="the raw status document")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("run", help="a master and N worker processes on loopback (a local cluster)")
+    add_master_args(r, local=True)
+    r.set_defaults(func=cmd_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ef21-master``: the same as ``ef21 master``."""
+    from ef21.cli import main as ef21_main
+
+    return ef21_main(["master", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,111 @@
+"""The master process: gRPC service + status endpoint + round engine, with a two-phase shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+from ef21.simulate import RoundRecord
+
+from .coordinator import Coordinator, MasterOptions
+from .grpc_server import build_server
+from .service import MasterService
+from .status_http import StatusHTTPServer
+
+log = logging.getLogger("ef21.master")
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    status_host: str | None = None
+    """Defaults to ``host``."""
+    status_port: int | None = 8080
+    """None: no HTTP status endpoint."""
+    drain_s: float = 5.0
+    """Grace period for streams to deliver Stop before the server is cancelled."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Master:
+    def __init__(self, opts: MasterOptions, listen: ListenOptions, *,
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        self.listen = listen
+        self.coord = Coordinator(opts, on_round=on_round)
+        self.service = MasterService(self.coord)
+        self.server, self.port = build_server(self.service.handler(), f"{listen.host}:{listen.port}")
+        self.http: StatusHTTPServer | None = None
+        if listen.status_port is not None:
+            self.http = StatusHTTPServer(self.coord.status, listen.status_host or listen.host, listen.status_port)
+        self._engine: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.host}:{self.port}"
+
+    async def start(self) -> None:
+        if not is_loopback(self.listen.host):
+            log.warning("listening on %s without TLS: anyone who can reach this port can join the run", self.address)
+        await self.server.start()
+        if self.http is not None:
+            await self.http.start()
+        self._engine = asyncio.create_task(self.coord.run(), name="round-engine")
+        log.info("master listening on %s%s", self.address,
+                 "" if self.http is None else f", status on http://{self.listen.status_host or self.listen.host}:"
+                 f"{self.http.port}/status")
+
+    async def wait(self) -> None:
+        """Until the run ends (done or failed)."""
+        await self.coord.done.wait()
+
+    async def shutdown(self) -> None:
+        """Idempotent: end the run if it is still going, let streams deliver Stop, then stop serving."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._engine is not None and not self._engine.done():
+            self._engine.cancel()
+            try:
+                await self._engine
+            except asyncio.CancelledError:
+                pass
+        await self.server.stop(self.listen.drain_s)
+        if self.http is not None:
+            await self.http.stop()
+
+    async def serve(self) -> int:
+        """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self.start()
+        done = asyncio.create_task(self.wait())
+        signalled = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            signalled.cancel()
+            await self.shutdown()
+        if stop.is_set() and self.coord.stop_reason in ("", "failed"):
+            log.info("master stopped by signal")
+            return 0
+        return 0 if self.coord.state == "done" else 1

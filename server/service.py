@@ -1,0 +1,138 @@
+"""The gRPC face of the master: Join, Train (one task per worker stream) and Status.
+
+Train is registered with raw-bytes (de)serializers: the master measures every message's size exactly as it
+crossed the wire and checks it against the bound that d implies before parsing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
+from ef21_wire.v1 import ef21_pb2 as pb
+
+from .coordinator import Coordinator
+from .session import Refusal, WorkerSession
+
+log = logging.getLogger("ef21.master")
+
+
+def max_worker_message_bytes(d: int) -> int:
+    """The largest WorkerMessage a worker may send for dimension d: a d×d Gram in Setup, or a dense vector."""
+    return 8 * d * d + 16 * d + 64 * 1024
+
+
+class MasterService:
+    def __init__(self, coord: Coordinator, *, handshake_timeout: float = 120.0) -> None:
+        self.coord = coord
+        self.handshake_timeout = handshake_timeout
+        self._streams: set[asyncio.Task] = set()
+
+    async def join(self, req: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        if req.protocol_version != PROTOCOL_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"protocol version {req.protocol_version} != master's {PROTOCOL_VERSION}")
+        return self.coord.join_reply()
+
+    async def status(self, req: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return pb.StatusReply(json=json.dumps(self.coord.status()))
+
+    def _parse(self, raw: bytes) -> pb.WorkerMessage:
+        d = self.coord.d
+        if d is not None and len(raw) > max_worker_message_bytes(d):
+            raise Refusal("RESOURCE_EXHAUSTED", f"message of {len(raw)} bytes exceeds the bound for d = {d}")
+        msg = pb.WorkerMessage()
+        try:
+            msg.ParseFromString(raw)
+        except DecodeError as exc:
+            raise Refusal("INVALID_ARGUMENT", f"malformed WorkerMessage: {exc}") from None
+        return msg
+
+    async def train(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """One worker's stream: handshake, then a reader task feeding the coordinator while this task writes."""
+        session: WorkerSession | None = None
+        self._streams.add(asyncio.current_task())  # type: ignore[arg-type]
+        reader: asyncio.Task | None = None
+        try:
+            it = requests.__aiter__()
+            try:
+                raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
+            except (asyncio.TimeoutError, StopAsyncIteration):
+                raise Refusal("DEADLINE_EXCEEDED", "no Hello") from None
+            msg = self._parse(raw)
+            if msg.WhichOneof("kind") != "hello":
+                raise Refusal("FAILED_PRECONDITION", f"first message must be Hello, got {msg.WhichOneof('kind')}")
+            session = self.coord.hello(msg.hello, context.peer())
+            session.bytes_up += len(raw)
+            session.send(pb.MasterMessage(welcome=pb.Welcome(rank=session.rank, workers=self.coord.n))
+                         .SerializeToString())
+            reader = asyncio.create_task(self._read(it, session), name=f"read-rank-{session.rank}")
+            while True:
+                out = await session.outbox.get()
+                if out is None:
+                    break
+                await context.write(out)
+            if not reader.done():
+                reader.cancel()
+            error = None if reader.cancelled() else reader.exception() if reader.done() else None
+            if isinstance(error, Refusal):
+                raise error
+        except Refusal as r:
+            log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
+                        r.message)
+            if session is not None:
+                self.coord.lost(session, r.message)
+            await context.abort(getattr(grpc.StatusCode, r.code), r.message)
+        finally:
+            if reader is not None and not reader.done():
+                reader.cancel()
+            if session is not None:
+                self.coord.lost(session, "stream closed")
+            self._streams.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _read(self, it: AsyncIterator[bytes], s: WorkerSession) -> None:
+        """Feed one stream's messages to the coordinator; on a refusal, end the stream with its status."""
+        try:
+            async for raw in it:
+                s.seen()
+                s.bytes_up += len(raw)
+                msg = self._parse(raw)
+                kind = msg.WhichOneof("kind")
+                if kind == "setup":
+                    self.coord.setup(s, msg.setup)
+                elif kind == "update":
+                    self.coord.update(s, msg.update, len(raw) + GRPC_FRAME_BYTES)
+                elif kind == "eval":
+                    self.coord.eval(s, msg.eval, len(raw) + GRPC_FRAME_BYTES)
+                elif kind == "resync_request":
+                    self.coord.resync(s, msg.resync_request)
+                else:
+                    raise Refusal("INVALID_ARGUMENT", f"unexpected {kind} after the handshake")
+            self.coord.lost(s, "worker closed its stream")
+            s.close()
+        except Refusal:
+            s.close()
+            raise
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self.coord.lost(s, f"stream error {exc.code().name}")
+            s.close()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Join": grpc.unary_unary_rpc_method_handler(
+                self.join, request_deserializer=pb.JoinRequest.FromString,
+                response_serializer=pb.JoinReply.SerializeToString),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.status, request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusReply.SerializeToString),
+            # Raw bytes both ways: sizes are measured, and parsing happens after the size check.
+            "Train": grpc.stream_stream_rpc_method_handler(self.train),
+        })

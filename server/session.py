@@ -1,0 +1,68 @@
+"""One worker's connection as the master sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SetupInfo:
+    smoothness: float
+    shard_rows: int
+    gram: np.ndarray | None
+    diagonal: np.ndarray | None
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """A stream that owns a rank. ``outbox`` carries serialized MasterMessages to the stream's writer;
+    None closes the stream."""
+
+    rank: int
+    peer: str
+    hostname: str
+    state: str = "joining"  # joining → ready → running → done | lost
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    rounds_done: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    setup: SetupInfo | None = None
+    outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+
+    def send(self, raw: bytes) -> None:
+        self.bytes_down += len(raw)
+        self.outbox.put_nowait(raw)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    def seen(self) -> None:
+        self.last_seen = time.time()
+
+    def describe(self) -> dict:
+        now = time.time()
+        return {
+            "rank": self.rank,
+            "address": self.peer,
+            "hostname": self.hostname,
+            "state": self.state,
+            "last_seen": self.last_seen,
+            "last_seen_ago_s": round(now - self.last_seen, 3),
+            "rounds_done": self.rounds_done,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+        }
+
+
+class Refusal(Exception):
+    """A peer's request is refused; the stream ends with this gRPC status code name and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

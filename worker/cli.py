@@ -1,0 +1,46 @@
+"""``ef21 worker`` and the ``ef21-worker`` script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+from .client import WorkerFailure, WorkerOptions, run_worker
+
+
+def cmd_worker(ns: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, connect_timeout=ns.connect_timeout,
+                         delay=ns.delay)
+    try:
+        reason = asyncio.run(run_worker(opts))
+    except WorkerFailure as exc:
+        print(f"ef21 worker: {exc}", file=sys.stderr)
+        return 1
+    if ns.verbose:
+        print(f"ef21 worker: run ended ({reason})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("worker", help="join a master and train on this machine's shard")
+    w.add_argument("--master", required=True, help="HOST:PORT of the master")
+    w.add_argument("--rank", type=int, default=-1, help="ask for this rank (default: any free rank)")
+    w.add_argument("--data", default=None, help="path of the dataset on this machine (overrides the master's)")
+    w.add_argument("--connect-timeout", type=float, default=120.0,
+                   help="keep retrying this many seconds while the master is not up (default 120)")
+    w.add_argument("--delay", type=float, default=0.0, metavar="S",
+                   help="testing aid: sleep a random 0..S seconds before each update (simulates a straggler)")
+    w.add_argument("--verbose", "-v", action="store_true")
+    w.set_defaults(func=cmd_worker)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ef21-worker``: the same as ``ef21 worker``."""
+    from ef21.cli import main as ef21_main
+
+    return ef21_main(["worker", *(sys.argv[1:] if argv is None else argv)])
