@@ -1,0 +1,17 @@
+# One image for both roles: `ef21 master ...` or `ef21 worker ...` (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY ef21 ./ef21
+COPY ef21_wire ./ef21_wire
+COPY server ./server
+COPY worker ./worker
+RUN pip install . && useradd --create-home --uid 10001 ef21
+USER ef21
+WORKDIR /home/ef21
+# gRPC and the HTTP status endpoint of the master.
+EXPOSE 50051 8080
+ENTRYPOINT ["ef21"]
+CMD ["--help"]

@@ -1,0 +1,141 @@
+"""Deployment files checked statically (no Docker engine here), and the service across network namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+from ef21.cli import build_parser
+from ef21.config import RunConfig
+from ef21.simulate import simulate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def parse_command(cmd: list[str]):
+    assert cmd[0] == "ef21"
+    return build_parser().parse_args(cmd[1:])
+
+
+def test_compose_commands_are_accepted_by_our_cli():
+    services = compose()["services"]
+    assert set(services) == {"master", "worker"}
+    m = parse_command(services["master"]["command"])
+    w = parse_command(services["worker"]["command"])
+    assert m.command == "master" and w.command == "worker"
+    assert m.host == "0.0.0.0"  # reachable from the worker containers
+    # Ports: published ports are the ones the master listens on; workers dial the master's gRPC port.
+    published = {int(p.split(":")[1].split()[0]) for p in services["master"]["ports"]}
+    assert published == {m.port, m.status_port}
+    host, port = w.master.rsplit(":", 1)
+    assert host == "master" and int(port) == m.port
+    # The run waits for exactly as many workers as compose starts.
+    assert services["worker"]["deploy"]["replicas"] == m.workers
+    health = " ".join(services["master"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{m.status_port}/healthz" in health
+    assert services["worker"]["depends_on"]["master"]["condition"] == "service_healthy"
+
+
+def test_dockerfile_installs_the_package_and_exposes_the_ports():
+    text = (ROOT / "Dockerfile").read_text()
+    m = parse_command(compose()["services"]["master"]["command"])
+    assert "RUN pip install ." in text
+    assert f"EXPOSE {m.port} {m.status_port}" in text
+    for folder in ("ef21", "ef21_wire", "server", "worker"):
+        assert f"COPY {folder} ./{folder}" in text
+    assert 'ENTRYPOINT ["ef21"]' in text
+
+
+def _can_use_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    probe = f"ef21p{uuid.uuid4().hex[:6]}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create network namespaces here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def namespaces():
+    """A master host and two worker hosts, each in its own namespace, joined to the master by veth links.
+
+    Addresses are in 10.221.N.0/24 inside namespaces this test creates and deletes; nothing leaves the machine.
+    """
+    reason = _can_use_netns()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = uuid.uuid4().hex[:5]
+    master, workers = f"ef21m{tag}", [f"ef21w{i}{tag}" for i in (1, 2)]
+    created = []
+    try:
+        for ns in (master, *workers):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for i, ns in enumerate(workers, start=1):
+            a, b = f"em{i}{tag}", f"ew{i}{tag}"
+            sh("ip", "link", "add", a, "netns", master, "type", "veth", "peer", "name", b, "netns", ns)
+            sh("ip", "-n", master, "addr", "add", f"10.221.{i}.1/24", "dev", a)
+            sh("ip", "-n", ns, "addr", "add", f"10.221.{i}.2/24", "dev", b)
+            sh("ip", "-n", master, "link", "set", a, "up")
+            sh("ip", "-n", ns, "link", "set", b, "up")
+        yield master, workers
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
+    master_ns, worker_ns = namespaces
+    cfg = RunConfig(workers=2, method="ef21", compressor="topk", k=2, stepsize_mult=64, rounds=100, x0="normal:0")
+    py = [sys.executable, "-m", "ef21.cli"]
+    master = subprocess.Popen(
+        ["ip", "netns", "exec", master_ns, *py, "master", "--host", "0.0.0.0", "--port", "50051",
+         "--status-port", "-1", "--workers", "2", "--k", "2", "--stepsize-mult", "64", "--rounds", "100",
+         "--x0", "normal:0", "--save-iterates", str(tmp_path / "xs.npy"), "--log", str(tmp_path / "l.jsonl"),
+         "--verbose"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = [
+            subprocess.Popen(["ip", "netns", "exec", ns, *py, "worker", "--master", f"10.221.{i}.1:50051",
+                              "--connect-timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, ns in enumerate(worker_ns, start=1)
+        ]
+        for w in workers:
+            _, err = w.communicate(timeout=90)
+            assert w.returncode == 0, err
+        out, err = master.communicate(timeout=30)
+        assert master.returncode == 0, err
+    finally:
+        if master.poll() is None:
+            master.kill()
+    # Each worker reached the master from its own host address, and the master warned about plaintext.
+    assert "ipv4:10.221.1.2" in err and "ipv4:10.221.2.2" in err
+    assert "without TLS" in err
+    sim = simulate(cfg, keep_iterates=True)
+    xs = np.load(tmp_path / "xs.npy")
+    # Ranks follow join order, so shards may be swapped between hosts, but each rank's math is the same.
+    np.testing.assert_array_equal(xs, np.array(sim.xs))
+    rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert rows[-1]["f"] == sim.records[-1].f

@@ -1,0 +1,122 @@
+"""The Train protocol driven by hand from this process: resync, and refusals of messages out of order."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from ef21.config import RunConfig
+from ef21.data import fingerprint, load_dataset
+from ef21.problem import local_objective
+from ef21.sparse import SparseVector
+from ef21_server.coordinator import MasterOptions
+from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
+from ef21_wire.serde import vector_from_proto, vector_to_proto
+from ef21_wire.v1 import ef21_pb2 as pb
+from ef21_wire.v1.ef21_pb2_grpc import MasterStub
+
+from .helpers import running_master
+
+
+class HandClient:
+    """A worker written out message by message."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.call = channel.stream_stream(TRAIN_METHOD)()
+
+    async def send(self, **kind) -> None:
+        await self.call.write(pb.WorkerMessage(**kind).SerializeToString())
+
+    async def recv(self) -> pb.MasterMessage:
+        raw = await self.call.read()
+        assert raw is not grpc.aio.EOF, (await self.call.code(), await self.call.details())
+        return pb.MasterMessage.FromString(raw)
+
+    async def handshake(self, cfg: RunConfig, rank: int) -> tuple[pb.Start, object]:
+        reply = await MasterStub(self.channel).Join(pb.JoinRequest(hostname="hand", protocol_version=PROTOCOL_VERSION))
+        ds = load_dataset(cfg.data)
+        await self.send(hello=pb.Hello(run_id=reply.run_id, requested_rank=rank, hostname="hand",
+                                       data_fingerprint=fingerprint(ds.A, ds.y), dim=ds.d, n_rows=ds.n_rows))
+        assert (await self.recv()).welcome.rank == rank
+        obj = local_objective(cfg, rank, ds)
+        await self.send(setup=pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows,
+                                       gram=obj.gram().astype("<f8").tobytes()))
+        return (await self.recv()).start, obj
+
+
+async def test_resync_sends_the_masters_dense_state():
+    cfg = RunConfig(workers=1, rounds=10, k=2)
+    async with running_master(MasterOptions(cfg, checksum_every=1)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = HandClient(ch)
+            start, obj = await c.handshake(cfg, 0)
+            x0 = vector_from_proto(start.x0, expected_dim=112).values
+            g0 = obj.grad(x0)
+            await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(g0)), replace=True,
+                                          f=obj.value(x0)))
+            await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(g0))))
+            rr = (await c.recv()).round_result
+            assert rr.round == 0 and len(rr.checksum) == 16
+            await c.send(resync_request=pb.ResyncRequest(round=1))
+            rs = (await c.recv()).resync
+            np.testing.assert_array_equal(vector_from_proto(rs.x, expected_dim=112).values, master.coord.master.x)
+            np.testing.assert_array_equal(vector_from_proto(rs.g, expected_dim=112).values, g0)
+
+
+@pytest.mark.parametrize(
+    "bad,code,match",
+    [
+        (dict(update=pb.Update(round=3)), grpc.StatusCode.FAILED_PRECONDITION, "current round is 0"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=5, dense=True))), grpc.StatusCode.INVALID_ARGUMENT,
+         "dimension 5 != 112"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(
+            dim=112, indices=np.array([3, 3], "<u4").tobytes(), values=np.zeros(2).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "strictly increasing"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(
+            dim=112, indices=np.array([200], "<u4").tobytes(), values=np.zeros(1).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(
+            dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (dict(hello=pb.Hello()), grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
+    ],
+)
+async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, match):
+    cfg = RunConfig(workers=1, rounds=10, k=2)
+    async with running_master(MasterOptions(cfg)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = HandClient(ch)
+            await c.handshake(cfg, 0)
+            await c.send(**bad)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.recv()
+            assert err.value.code() == code
+            assert match in err.value.details()
+        assert master.coord.sessions[0].state == "lost"
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            doc = json.loads((await MasterStub(ch).Status(pb.StatusRequest())).json)
+        assert doc["state"] == "running" and doc["workers"][0]["state"] == "lost"
+
+
+async def test_first_message_must_be_hello():
+    async with running_master(MasterOptions(RunConfig(workers=1))) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = HandClient(ch)
+            await c.send(update=pb.Update(round=0))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.recv()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_garbage_bytes_are_invalid_argument():
+    async with running_master(MasterOptions(RunConfig(workers=1))) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            call = ch.stream_stream(TRAIN_METHOD)()
+            await call.write(b"\xff\xff\xff\xff\x0f")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
