@@ -11,6 +11,7 @@ import numpy as np
 
 from .cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
 from .errors import UserError
+from .runlog import ensure_parent
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -19,13 +20,13 @@ EXIT_DIVERGED = 3
 def write_outputs(ns: argparse.Namespace, x: np.ndarray) -> None:
     if ns.out is not None:
         try:
-            np.save(ns.out, x)
+            np.save(ensure_parent(ns.out, "--out"), x)
         except OSError as exc:
             raise UserError(f"--out {ns.out}: cannot write ({exc.strerror})") from None
     if ns.plot is not None and ns.log is not None:
         from .plotting import plot_logs
 
-        plot_logs([ns.log], ns.plot)
+        plot_logs([ns.log], ensure_parent(ns.plot, "--plot"))
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ def plot_logs(logs: list[Path], out: Path, *, x_axis: str = "bits", labels: list
         ax.set_title(title)
     fig.tight_layout()
     try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot write plot {out}: {exc}") from None

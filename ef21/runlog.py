@@ -17,12 +17,21 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def ensure_parent(path: Path, flag: str) -> Path:
+    """Create the folder an output goes to, so `--log runs/a.jsonl` works in a fresh checkout."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
+    return Path(path)
+
+
 class JsonlWriter:
     def __init__(self, path: Path | None) -> None:
         self._fh: IO[str] | None = None
         if path is not None:
             try:
-                self._fh = open(path, "w", encoding="utf-8")
+                self._fh = open(ensure_parent(path, "--log"), "w", encoding="utf-8")
             except OSError as exc:
                 raise UserError(f"--log {path}: cannot write ({exc.strerror})") from None
 

@@ -29,7 +29,7 @@ from ef21.methods import Message
 from ef21.problem import (
     global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_mean, sum_in_rank_order,
 )
-from ef21.runlog import JsonlWriter
+from ef21.runlog import JsonlWriter, ensure_parent
 from ef21.simulate import RoundRecord, constants_for, make_record, resolve_method, stop_check
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
@@ -358,15 +358,20 @@ class Coordinator:
                 s.state = "done"
             s.send(raw)
             s.close()
-        self._write_outputs()
+        try:
+            self._write_outputs()
+        except (UserError, OSError) as exc:
+            # The run's result is still in memory and in the status; say loudly that a file is missing.
+            log.error("could not write the run's outputs: %s", exc)
+            self.state_detail = f"{message}; outputs not written: {exc}"
         log.info("run %s: %s", self.state, message)
 
     def _write_outputs(self) -> None:
         o = self.opts
         if self.x_final is not None and o.out is not None:
-            np.save(o.out, self.x_final)
+            np.save(ensure_parent(o.out, "--out"), self.x_final)
         if o.save_iterates is not None and self._iterates:
-            np.save(o.save_iterates, np.array(self._iterates))
+            np.save(ensure_parent(o.save_iterates, "--save-iterates"), np.array(self._iterates))
         if o.plot is not None and o.log is not None and self.latest is not None:
             from ef21.plotting import plot_logs
 
