@@ -33,6 +33,8 @@ class RoundRecord:
     bits_per_worker: float
     payload_bits_per_worker: float
     elapsed_s: float
+    g_norm_sq: float | None = None
+    """‖g‖² of the aggregate that moved x^{t−1} to x^t (null at round 0)."""
     wire_bytes_up: int | None = None
     """Cumulative bytes of all uplink Update messages as received (networked runs only)."""
     wire_bytes_down: int | None = None
@@ -105,9 +107,15 @@ def make_record(
     )
 
 
-def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float) -> RoundRecord:
+def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float,
+                    master: MasterNode) -> RoundRecord:
     return make_record(t, [r.f for r in reports], [r.distortion for r in reports], [r.grad for r in reports],
-                       ledger, time.perf_counter() - t0)
+                       ledger, time.perf_counter() - t0, g_norm_sq=g_norm_sq(master))
+
+
+def g_norm_sq(master: MasterNode) -> float | None:
+    g = master.replica.g
+    return None if master.round == 0 else float(g @ g)
 
 
 def divergence(rec: RoundRecord, x: np.ndarray) -> str | None:
@@ -161,7 +169,7 @@ def simulate(
         reports = [w.step() for w in workers]
         messages = [r.message for r in reports]
         ledger.record(t, messages)
-        rec = summarize_round(t, reports, ledger, t0)
+        rec = summarize_round(t, reports, ledger, t0, master)
         records.append(rec)
         if on_round is not None:
             on_round(rec)

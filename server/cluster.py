@@ -44,31 +44,34 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, *, quiet: bool
             print(master.coord.constants.describe(), flush=True)
         bar.update(rec.round, rec.grad_norm_sq)
 
-    master = Master(mo, lo, on_round=on_round)
-    await master.start()
-    host = "127.0.0.1" if lo.host in ("0.0.0.0", "") else lo.host
-    target = f"{host}:{master.port}"
-    status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
-    print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
-
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(i),
-            stdin=subprocess.DEVNULL,
-        )
-        for i in range(cfg.workers)
-    ]
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
-    waiters = {
-        asyncio.create_task(master.wait(), name="run"),
-        asyncio.create_task(interrupted.wait(), name="signal"),
-        *(asyncio.create_task(p.wait(), name=f"worker-{i}") for i, p in enumerate(procs)),
-    }
+    master = Master(mo, lo, on_round=on_round)
+    procs: list[asyncio.subprocess.Process] = []
+    waiters: set[asyncio.Task] = set()
     failure = ""
     try:
+        await master.start()
+        host = "127.0.0.1" if lo.host in ("0.0.0.0", "") else lo.host
+        target = f"{host}:{master.port}"
+        status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
+        print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
+        for i in range(cfg.workers):
+            if interrupted.is_set():
+                break
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(i),
+                stdin=subprocess.DEVNULL,
+                # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
+                start_new_session=True,
+            ))
+        waiters = {
+            asyncio.create_task(master.wait(), name="run"),
+            asyncio.create_task(interrupted.wait(), name="signal"),
+            *(asyncio.create_task(p.wait(), name=f"worker-{i}") for i, p in enumerate(procs)),
+        }
         while not failure:
             done, waiters = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             names = {t.get_name() for t in done}

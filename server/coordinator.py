@@ -30,7 +30,7 @@ from ef21.problem import (
     global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_mean, sum_in_rank_order,
 )
 from ef21.runlog import JsonlWriter, ensure_parent
-from ef21.simulate import RoundRecord, constants_for, make_record, resolve_method, stop_check
+from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, resolve_method, stop_check
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
 from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
@@ -229,6 +229,7 @@ class Coordinator:
             self.round_ready.set()
 
     def _check_stream_round(self, s: WorkerSession, round_: int, what: str) -> None:
+        """A message about a round must come on a running stream, for the current round."""
         if self.state != "running" or s.state != "running":
             raise Refusal("FAILED_PRECONDITION", f"{what} while the run is {self.state} and the worker {s.state}")
         if round_ != self.round:
@@ -288,6 +289,7 @@ class Coordinator:
             t, [self.updates[r][1] for r in ranks], [self.updates[r][2] for r in ranks], grads, self.ledger,
             time.time() - (self.rounds_started_at or self.started_at), wire_bytes_up=self.wire_up,
             wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(up) / self.n, eval_bytes=self.eval_bytes,
+            g_norm_sq=g_norm_sq(self.master),
         )
         return rec
 
@@ -301,7 +303,7 @@ class Coordinator:
         except UserError as exc:
             self._end("failed", str(exc))
         except asyncio.CancelledError:
-            self._end("failed", "master shut down")
+            self._end("stopped", f"master shut down at round {self.round}")
             raise
         except Exception as exc:  # a bug must still end the run visibly, never hang the workers
             log.exception("round engine failed")
@@ -347,7 +349,7 @@ class Coordinator:
 
     def _end(self, reason: str, message: str) -> None:
         failed = reason in ("failed", "diverged")
-        self.state = "failed" if failed else "done"
+        self.state = "failed" if failed else "stopped" if reason == "stopped" else "done"
         self.stop_reason, self.stop_message = reason, message
         self.state_detail = message
         if self.master is not None:

@@ -102,6 +102,8 @@ class MasterService:
             async for raw in it:
                 s.seen()
                 s.bytes_up += len(raw)
+                if self.coord.state in ("done", "failed", "stopped"):
+                    continue  # messages already in flight when the run ended: nothing to do with them
                 msg = self._parse(raw)
                 kind = msg.WhichOneof("kind")
                 if kind == "setup":

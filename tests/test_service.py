@@ -35,6 +35,7 @@ def assert_same_as_simulation(cfg: RunConfig, iterates: np.ndarray, log_rows: li
         assert row["round"] == rec.round
         assert row["f"] == rec.f and row["grad_norm_sq"] == rec.grad_norm_sq and row["G"] == rec.G
         assert row["bits_per_worker"] == rec.bits_per_worker
+        assert row["g_norm_sq"] == rec.g_norm_sq
 
 
 CASES = {
@@ -124,7 +125,7 @@ WORKER_KEYS = {"rank": int, "address": str, "state": str, "last_seen": float, "r
 def check_status_schema(doc: dict) -> None:
     for key, typ in STATUS_KEYS.items():
         assert isinstance(doc[key], typ), (key, doc[key])
-    assert doc["state"] in ("waiting", "running", "done", "failed")
+    assert doc["state"] in ("waiting", "running", "done", "failed", "stopped")
     for key in ("rounds_per_second", "gamma", "latest"):
         assert key in doc
     for w in doc["workers"]:
@@ -203,3 +204,32 @@ def test_generated_protobuf_code_is_up_to_date():
     r = subprocess.run(["bash", str(root / "scripts" / "gen_proto.sh"), "--check"], capture_output=True, text=True,
                        env={"PYTHON": PY, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
+
+
+def test_ef21_run_stops_cleanly_on_ctrl_c(tmp_path):
+    import re
+    import signal
+    import time
+
+    proc = subprocess.Popen([PY, "-m", "ef21.cli", "run", "--workers", "3", "--rounds", "1000000", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"status: (http://\S+)", line).group(1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            code, doc = http_get(url)
+            if doc["state"] == "running" and doc["round"] > 3:
+                break
+            time.sleep(0.1)
+        assert doc["state"] == "running"
+        master_addr = re.search(r"master (\S+),", line).group(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    left = subprocess.run(["pgrep", "-f", f"ef21_worker --master {master_addr}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "worker processes outlived ef21 run"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from typing import Sequence
+
+from ef21.errors import UserError
 
 from .client import WorkerFailure, WorkerOptions, run_worker
 
@@ -17,13 +20,31 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, connect_timeout=ns.connect_timeout,
                          delay=ns.delay)
     try:
-        reason = asyncio.run(run_worker(opts))
+        reason = asyncio.run(_run_until_signal(opts))
     except WorkerFailure as exc:
         print(f"ef21 worker: {exc}", file=sys.stderr)
         return 1
+    except UserError as exc:
+        print(f"ef21 worker: error: {exc}", file=sys.stderr)
+        return 2
+    if reason is None:
+        print("ef21 worker: stopped by signal; left the run", file=sys.stderr)
+        return 143
     if ns.verbose:
         print(f"ef21 worker: run ended ({reason})")
     return 0
+
+
+async def _run_until_signal(opts: WorkerOptions) -> str | None:
+    """Run the worker; SIGTERM/SIGINT cancel it, which closes the stream so the master marks the rank gone at once."""
+    task = asyncio.create_task(run_worker(opts))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -40,6 +40,10 @@ class WorkerFailure(Exception):
     """The worker cannot go on (refused, master gone, protocol broken); the message says why."""
 
 
+class RunStopped(Exception):
+    """The master ended the run; the argument is its reason."""
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     master: str
@@ -91,9 +95,28 @@ class Stream:
 
     async def send(self, msg: pb.WorkerMessage) -> int:
         raw = msg.SerializeToString()
-        await self.call.write(raw)
+        try:
+            await self.call.write(raw)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # The master may have ended the stream (with a Stop waiting to be read) while we were computing.
+            stop = await self._pending_stop()
+            if stop is not None:
+                raise RunStopped(stop) from None
+            raise WorkerFailure(f"cannot send to the master: {exc}") from None
         self.bytes_up += len(raw)
         return len(raw)
+
+    async def _pending_stop(self) -> str | None:
+        try:
+            while True:
+                raw = await asyncio.wait_for(self.call.read(), 5.0)
+                if raw is grpc.aio.EOF:
+                    return None
+                msg = pb.MasterMessage.FromString(raw)
+                if msg.WhichOneof("kind") == "stop":
+                    return msg.stop.reason
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            return None
 
     async def recv(self, timeout: float | None = None) -> pb.MasterMessage:
         try:
@@ -120,6 +143,8 @@ async def run_worker(opts: WorkerOptions) -> str:
         call = channel.stream_stream(TRAIN_METHOD)()
         try:
             return await _train(Stream(call, opts.reply_timeout), cfg, reply.run_id, ds, fp, d, n_rows, opts)
+        except RunStopped as stop:
+            return str(stop)
         except grpc.aio.AioRpcError as exc:
             raise WorkerFailure(f"stream failed: {exc.code().name}: {exc.details()}") from None
         finally:
