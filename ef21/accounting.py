@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .compressors import log2_ceil
 from .methods import Message
@@ -34,11 +35,12 @@ class CommLedger:
     paper_total: int = 0
     payload_total: int = 0
 
-    def record(self, round_: int, messages: list[Message]) -> None:
-        paper = sum(paper_bits(m) for m in messages)
+    def record(self, round_: int, messages: Sequence[Message | None]) -> None:
+        """Count the messages a round used (None: left out, nothing counted)."""
+        sent = [m for m in messages if m is not None]
         if round_ > 0:
-            self.paper_total += paper
-        self.payload_total += sum(payload_bits(m) for m in messages)
+            self.paper_total += sum(paper_bits(m) for m in sent)
+        self.payload_total += sum(payload_bits(m) for m in sent)
 
     @property
     def bits_per_worker(self) -> float:

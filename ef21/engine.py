@@ -46,7 +46,11 @@ class WorkerNode:
         x0: np.ndarray,
         init: InitMode = "full",
         seed: int = 0,
+        g: np.ndarray | None = None,
+        state: Any = None,
+        round_: int = 0,
     ) -> None:
+        """A fresh worker (round 0), or with ``g``, ``state`` and ``round_`` one that takes over a running rank."""
         self.method = method
         self.compressor = compressor
         self.objective = objective
@@ -54,19 +58,29 @@ class WorkerNode:
         self.gamma = gamma
         self.init = init
         self.seed = seed
-        self.state: Any = method.worker_init(objective.d)
+        self.state: Any = method.worker_init(objective.d) if state is None else state
         self.replica = Replica.start(x0, 1.0 if method.gamma_in_message else gamma)
-        self.round = 0
+        if g is not None:
+            self.replica.g[:] = g
+        self.round = round_
+        self._pending: Any = None
 
     def step(self) -> WorkerReport:
-        """Evaluate ∇f_i at the replica's x and produce this round's message (round 0: the initialization)."""
+        """Evaluate ∇f_i at the replica's x and produce this round's message (round 0: the initialization).
+
+        The new method state is held back until ``apply`` says whether the master included the message.
+        """
         f, grad = self.objective.value_and_grad(self.replica.x)
         rng = round_rng(self.seed, self.rank, self.round) if self.compressor.randomized else None
         ctx = WorkerContext(self.compressor, self.gamma, self.init, rng)
-        msg, self.state, dist = self.method.worker_step(self.state, grad, ctx)
+        msg, self._pending, dist = self.method.worker_step(self.state, grad, ctx)
         return WorkerReport(self.round, msg, f, grad, dist)
 
-    def apply(self, down: Downlink) -> None:
+    def apply(self, down: Downlink, included: bool = True) -> None:
+        """Apply the round's downlink; a worker left out of the round keeps its previous state."""
+        if included:
+            self.state = self._pending
+        self._pending = None
         self.replica.apply(down)
         self.round += 1
 
@@ -77,7 +91,8 @@ class MasterNode:
     def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float) -> None:
         self.method = method
         self.n = n
-        self.state: Any = method.master_init(n, x0.shape[0])
+        self.d = x0.shape[0]
+        self.rows: np.ndarray | None = method.master_init(n, self.d)
         self.replica = Replica.start(x0, 1.0 if method.gamma_in_message else gamma)
         self.round = 0
 
@@ -85,11 +100,14 @@ class MasterNode:
     def x(self) -> np.ndarray:
         return self.replica.x
 
-    def aggregate(self, messages: Sequence[Message]) -> Downlink:
-        """Fold one round's messages, given in rank order, and move (x, g); returns what workers must apply."""
+    def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
+        """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
         if len(messages) != self.n:
             raise ValueError(f"expected {self.n} messages, got {len(messages)}")
-        down, self.state = self.method.master_aggregate(self.state, messages)
+        down = self.method.master_aggregate(self.rows, messages, self.d)
         self.replica.apply(down)
         self.round += 1
         return down
+
+    def worker_state(self, rank: int) -> Any:
+        return self.method.master_worker_state(self.rows, rank)

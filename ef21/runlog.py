@@ -27,17 +27,34 @@ def ensure_parent(path: Path, flag: str) -> Path:
 
 
 class JsonlWriter:
-    def __init__(self, path: Path | None) -> None:
-        self._fh: IO[str] | None = None
+    """Writes rounds as they finish. ``offset`` continues a log (a resumed run): the file is cut back to that
+    many bytes, dropping rounds logged after the checkpoint, and appended to."""
+
+    def __init__(self, path: Path | None, *, offset: int | None = None) -> None:
+        self._fh: IO[bytes] | None = None
+        self.offset = 0
         if path is not None:
             try:
-                self._fh = open(ensure_parent(path, "--log"), "w", encoding="utf-8")
+                ensure_parent(path, "--log")
+                if offset is None or not Path(path).exists():
+                    self._fh = open(path, "wb")
+                else:
+                    self._fh = open(path, "r+b")
+                    self._fh.truncate(offset)
+                    self._fh.seek(offset)
+                    self.offset = offset
             except OSError as exc:
                 raise UserError(f"--log {path}: cannot write ({exc.strerror})") from None
 
     def write(self, obj: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n")
+            line = (json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n").encode()
+            self._fh.write(line)
+            self.offset += len(line)
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class RoundRecord:
     """Mean size of this round's Update messages."""
     eval_bytes: int | None = None
     """Cumulative bytes of the exact-gradient evaluations (not compressed communication)."""
+    missing: list[int] | None = None
+    """Ranks whose message this round left out (partial participation, stragglers); null when all took part."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -83,27 +86,27 @@ def constants_for(cfg: RunConfig, method: Method, comp: Compressor, L: float, L_
 
 
 def make_record(
-    t: int, fs: list[float], distortions: list[float], grads: list[np.ndarray] | None, ledger: CommLedger,
-    elapsed_s: float, **wire: int | float | None,
+    t: int, fs: list[float] | None, distortions: list[float] | None, grads: list[np.ndarray] | None,
+    ledger: CommLedger, elapsed_s: float, **extra: object,
 ) -> RoundRecord:
-    """A log line from the workers' figures, given in rank order. Without gradients ‖∇f‖² is not known (null)."""
-    n = len(fs)
+    """A log line from the workers' figures, given in rank order. What is not known is null: ‖∇f‖² without
+    every gradient, f and G in a round that left workers out."""
     grad_norm_sq = None
     if grads is not None:
         grad = np.zeros_like(grads[0])
         for g in grads:
             grad += g
-        grad /= n
+        grad /= len(grads)
         grad_norm_sq = float(grad @ grad)
     return RoundRecord(
         round=t,
-        f=math.fsum(fs) / n,
+        f=None if fs is None else math.fsum(fs) / len(fs),  # type: ignore[arg-type]
         grad_norm_sq=grad_norm_sq,  # type: ignore[arg-type]
-        G=math.fsum(distortions) / n,
+        G=None if distortions is None else math.fsum(distortions) / len(distortions),  # type: ignore[arg-type]
         bits_per_worker=ledger.bits_per_worker,
         payload_bits_per_worker=ledger.payload_bits_per_worker,
         elapsed_s=elapsed_s,
-        **wire,  # type: ignore[arg-type]
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -119,10 +122,10 @@ def g_norm_sq(master: MasterNode) -> float | None:
 
 
 def divergence(rec: RoundRecord, x: np.ndarray) -> str | None:
-    vals = (rec.f, 0.0 if rec.grad_norm_sq is None else rec.grad_norm_sq)
+    vals = (0.0 if rec.f is None else rec.f, 0.0 if rec.grad_norm_sq is None else rec.grad_norm_sq)
     if not all(math.isfinite(v) for v in vals) or not np.all(np.isfinite(x)):
         return f"diverged at round {rec.round}: non-finite values (f={rec.f}, |grad f|^2={rec.grad_norm_sq})"
-    if (rec.grad_norm_sq or 0.0) > DIVERGENCE_LIMIT or abs(rec.f) > DIVERGENCE_LIMIT:
+    if (rec.grad_norm_sq or 0.0) > DIVERGENCE_LIMIT or abs(rec.f or 0.0) > DIVERGENCE_LIMIT:
         return f"diverged at round {rec.round}: |grad f|^2 = {rec.grad_norm_sq:.3g}, f = {rec.f:.3g}"
     return None
 
@@ -145,8 +148,13 @@ def simulate(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     keep_iterates: bool = False,
+    missing: dict[int, list[int]] | None = None,
 ) -> RunResult:
-    """Run ``cfg`` in one process. ``keep_iterates`` keeps x^t of every round (for tests and comparisons)."""
+    """Run ``cfg`` in one process. ``keep_iterates`` keeps x^t of every round (for tests and comparisons).
+
+    ``missing`` replays a participation pattern (round → ranks left out, e.g. read from a networked run's log):
+    those workers still compute, but their messages are dropped and they keep their state (EF21-PP).
+    """
     problem = problem or build_problem(cfg)
     d, n = problem.d, problem.n
     method, comp = resolve_method(cfg, d)
@@ -163,13 +171,19 @@ def simulate(
     xs: list[np.ndarray] = []
     t0 = time.perf_counter()
     stop, message = "rounds", ""
+    missing = missing or {}
+    if missing and not method.tolerates_missing:
+        raise UserError(f"{cfg.method} cannot leave workers out of a round (only ef21 and ef21plus can)")
     for t in range(cfg.rounds + 1):
         if keep_iterates:
             xs.append(master.x.copy())
         reports = [w.step() for w in workers]
-        messages = [r.message for r in reports]
+        left_out = set(missing.get(t, ()))
+        messages = [None if i in left_out else r.message for i, r in enumerate(reports)]
         ledger.record(t, messages)
         rec = summarize_round(t, reports, ledger, t0, master)
+        if left_out:
+            rec = dataclasses.replace(rec, missing=sorted(left_out))
         records.append(rec)
         if on_round is not None:
             on_round(rec)
@@ -178,6 +192,6 @@ def simulate(
             stop, message = ended
             break
         down = master.aggregate(messages)
-        for w in workers:
-            w.apply(down)
+        for i, w in enumerate(workers):
+            w.apply(down, included=i not in left_out)
     return RunResult(master.x.copy(), records, consts, stop, message, xs)

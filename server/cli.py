@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ef21.cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from ef21.config import RunConfig
 from ef21.errors import UserError
+from ef21_wire.auth import resolve_token
+from ef21_worker.channel import add_client_security_args, client_security_from_args, open_channel
 
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
+from .security import ServerSecurity
 
 
 def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
@@ -34,17 +38,55 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
                    help="check every replica against the master's every R rounds (default 10)")
     g.add_argument("--save-iterates", type=Path, default=None, help="write x^t of every round to this .npy")
     g.add_argument("--verbose", "-v", action="store_true", help="log joins, starts and stops")
+    r = p.add_argument_group("reliability")
+    r.add_argument("--round-timeout", type=float, default=None, metavar="S",
+                   help="close a round without the workers that have not delivered after S seconds (ef21, "
+                        "ef21plus: EF21-PP; other methods always wait)")
+    r.add_argument("--min-workers", type=int, default=None, metavar="M",
+                   help="never close a round with fewer than M contributions (default 1 with a timeout, else n)")
+    r.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
+                   help="checkpoint file, written every --checkpoint-every rounds and when the run ends")
+    r.add_argument("--checkpoint-every", type=int, default=100, metavar="R")
+    r.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                   help="continue the run saved in this checkpoint (PATH.prev if PATH is corrupt)")
+    r.add_argument("--max-faults", type=int, default=3,
+                   help="bad messages from one host before it may no longer join (default 3)")
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM): turns TLS on")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument("--tls-ca", type=Path, default=None, help="require client certificates signed by this CA (mTLS)")
+    s.add_argument("--token", default=None, help="run token workers must present (default: $EF21_TOKEN)")
+    s.add_argument("--token-file", type=Path, default=None, help="read the run token from a file (a secret)")
+    s.add_argument("--status-token", action="store_true", help="the HTTP status endpoint requires the token too")
 
 
-def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions]:
-    cfg = config_from_args(ns)
+def resumed_config(ns: argparse.Namespace) -> RunConfig:
+    """With --resume, the run's configuration comes from the checkpoint; flags given on the command line must
+    agree with it (only --rounds and --tol may change), which the coordinator checks."""
+    from ef21.cli import build_parser
+
+    from .checkpoint import load_latest
+
+    saved = RunConfig.from_dict(load_latest(ns.resume)[0].meta["config"]).to_dict()
+    given = config_from_args(ns).to_dict()
+    defaults = config_from_args(build_parser().parse_args([ns.command])).to_dict()
+    merged = {k: (given[k] if given[k] != defaults[k] else saved[k]) for k in saved}
+    return RunConfig.from_dict(merged)
+
+
+def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions, ServerSecurity]:
+    cfg = resumed_config(ns) if ns.resume is not None else config_from_args(ns)
     if ns.plot is not None and ns.log is None:
         ns.log = ns.plot.with_suffix(".jsonl")
     mo = MasterOptions(cfg, eval_every=ns.eval_every, checksum_every=ns.checksum_every, log=ns.log, out=ns.out,
-                       plot=ns.plot, save_iterates=ns.save_iterates)
+                       plot=ns.plot, save_iterates=ns.save_iterates, round_timeout=ns.round_timeout,
+                       min_workers=ns.min_workers, checkpoint=ns.checkpoint, checkpoint_every=ns.checkpoint_every,
+                       resume=ns.resume, max_faults=ns.max_faults)
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
-    return mo, lo
+    sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),
+                         ns.status_token)
+    return mo, lo, sec
 
 
 def setup_logging(verbose: bool) -> None:
@@ -65,10 +107,10 @@ def print_summary(master: Master) -> None:
 
 def cmd_master(ns: argparse.Namespace) -> int:
     setup_logging(ns.verbose)
-    mo, lo = master_options(ns)
+    mo, lo, sec = master_options(ns)
 
     async def main() -> int:
-        master = Master(mo, lo)
+        master = Master(mo, lo, security=sec)
         print(f"ef21 master: run {master.coord.run_id}, listening on {master.address}; "
               f"waiting for {mo.config.workers} workers", flush=True)
         rc = await master.serve()
@@ -84,15 +126,18 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from ef21_wire.v1 import ef21_pb2 as pb
     from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
+    security = client_security_from_args(ns)
+
     async def fetch() -> dict:
-        async with grpc.aio.insecure_channel(ns.master) as ch:
-            reply = await MasterStub(ch).Status(pb.StatusRequest(), timeout=ns.timeout)
+        async with open_channel(ns.master, security) as ch:
+            reply = await MasterStub(ch).Status(pb.StatusRequest(), timeout=ns.timeout,
+                                                metadata=security.metadata())
             return json.loads(reply.json)
 
     try:
         doc = asyncio.run(fetch())
     except grpc.aio.AioRpcError as exc:
-        raise UserError(f"cannot reach master {ns.master}: {exc.code().name}: {exc.details()}") from None
+        raise UserError(f"cannot get the status of {ns.master}: {exc.code().name}: {exc.details()}") from None
     if ns.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -127,8 +172,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .cluster import run_local_cluster
 
     setup_logging(ns.verbose)
-    mo, lo = master_options(ns)
-    return asyncio.run(run_local_cluster(mo, lo, quiet=ns.quiet))
+    mo, lo, sec = master_options(ns)
+    return asyncio.run(run_local_cluster(mo, lo, sec, quiet=ns.quiet, max_restarts=ns.max_restarts))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,10 +185,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--master", default="127.0.0.1:50051", help="HOST:PORT of the master's gRPC port")
     s.add_argument("--json", action="store_true", help="the raw status document")
     s.add_argument("--timeout", type=float, default=5.0)
+    add_client_security_args(s)
     s.set_defaults(func=cmd_status)
 
     r = sub.add_parser("run", help="a master and N worker processes on loopback (a local cluster)")
     add_master_args(r, local=True)
+    r.add_argument("--max-restarts", type=int, default=3,
+                   help="restart a worker process that dies, at most this many times in all (default 3)")
     r.set_defaults(func=cmd_run)
 
 

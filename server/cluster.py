@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+
+from ef21.errors import UserError
+from ef21_wire.auth import TOKEN_ENV
 
 from ef21.progress import Progress
 from ef21.simulate import RoundRecord
@@ -13,6 +17,7 @@ from ef21.simulate import RoundRecord
 from .cli import print_summary
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
+from .security import ServerSecurity
 
 WORKER_EXIT_GRACE_S = 10.0
 
@@ -33,8 +38,17 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
     await asyncio.gather(*(one(p) for p in procs))
 
 
-async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, *, quiet: bool = False) -> int:
+async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSecurity | None = None, *,
+                            quiet: bool = False, max_restarts: int = 3) -> int:
+    """Master here, workers as child processes. A worker that dies is started again (same rank: it continues
+    from the master's copy of its state), up to ``max_restarts`` times in all."""
     cfg = mo.config
+    sec = sec or ServerSecurity()
+    if sec.tls:
+        raise UserError("ef21 run is a loopback cluster without TLS; use ef21 master and ef21 worker for TLS")
+    env = dict(os.environ)
+    if sec.token is not None:
+        env[TOKEN_ENV] = sec.token  # the environment, not the command line, so it does not show in ps
     bar = Progress(cfg.rounds, enabled=not quiet, desc=f"{cfg.method} x{cfg.workers}")
     printed: list[bool] = []
 
@@ -48,7 +62,7 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, *, quiet: bool
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
-    master = Master(mo, lo, on_round=on_round)
+    master = Master(mo, lo, security=sec, on_round=on_round)
     procs: list[asyncio.subprocess.Process] = []
     waiters: set[asyncio.Task] = set()
     failure = ""
@@ -58,20 +72,24 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, *, quiet: bool
         target = f"{host}:{master.port}"
         status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
         print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
+        async def spawn(rank: int) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),
+                stdin=subprocess.DEVNULL, env=env,
+                # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
+                start_new_session=True,
+            )
+
         for i in range(cfg.workers):
             if interrupted.is_set():
                 break
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(i),
-                stdin=subprocess.DEVNULL,
-                # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
-                start_new_session=True,
-            ))
+            procs.append(await spawn(i))
         waiters = {
             asyncio.create_task(master.wait(), name="run"),
             asyncio.create_task(interrupted.wait(), name="signal"),
             *(asyncio.create_task(p.wait(), name=f"worker-{i}") for i, p in enumerate(procs)),
         }
+        restarts = 0
         while not failure:
             done, waiters = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             names = {t.get_name() for t in done}
@@ -82,8 +100,17 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, *, quiet: bool
                 break
             for t in done:
                 code = t.result()
-                if code != 0 and not master.coord.done.is_set():
-                    failure = f"{t.get_name()} exited with status {code}"
+                if code == 0 or master.coord.done.is_set():
+                    continue
+                rank = int(t.get_name().split("-")[1])
+                if restarts >= max_restarts:
+                    failure = f"{t.get_name()} exited with status {code} (after {restarts} restarts)"
+                    break
+                restarts += 1
+                print(f"ef21 run: {t.get_name()} exited with status {code}; restarting it "
+                      f"({restarts}/{max_restarts})", file=sys.stderr, flush=True)
+                procs[rank] = await spawn(rank)
+                waiters.add(asyncio.create_task(procs[rank].wait(), name=f"worker-{rank}"))
     finally:
         for t in waiters:
             t.cancel()

@@ -25,7 +25,7 @@ from ef21.config import RunConfig, make_x0
 from ef21.data import fingerprint, load_dataset
 from ef21.engine import MasterNode
 from ef21.errors import UserError
-from ef21.methods import Message
+from ef21.methods import Message, make_method
 from ef21.problem import (
     global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_mean, sum_in_rank_order,
 )
@@ -36,6 +36,7 @@ from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
 from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
+from . import checkpoint
 from .session import Refusal, SetupInfo, WorkerSession
 
 log = logging.getLogger("ef21.master")
@@ -57,27 +58,45 @@ class MasterOptions:
     plot: Path | None = None
     save_iterates: Path | None = None
     """Write x^t of every round to this .npy (for checking a run against the simulator)."""
+    round_timeout: float | None = None
+    """Close a round without the workers that have not delivered after this many seconds (EF21-PP)."""
+    min_workers: int | None = None
+    """Never close a round with fewer contributions than this (default: 1 with a timeout, else n)."""
+    checkpoint: Path | None = None
+    """Write a checkpoint here every ``checkpoint_every`` rounds and when the run ends."""
+    checkpoint_every: int = 100
+    resume: Path | None = None
+    """Continue the run saved in this checkpoint (or its ``.prev`` if it is corrupt)."""
+    max_faults: int = 3
+    """Refused messages from one host before that host may no longer join."""
 
 
 class Coordinator:
     def __init__(self, opts: MasterOptions, *, on_round: Callable[[RoundRecord], None] | None = None) -> None:
-        if opts.eval_every < 1 or opts.checksum_every < 1:
-            raise UserError("--eval-every and --checksum-every must be >= 1")
+        if opts.eval_every < 1 or opts.checksum_every < 1 or opts.checkpoint_every < 1:
+            raise UserError("--eval-every, --checksum-every and --checkpoint-every must be >= 1")
+        if opts.round_timeout is not None and not opts.round_timeout > 0:
+            raise UserError(f"--round-timeout must be positive, got {opts.round_timeout}")
         self.opts = opts
         self.cfg = opts.config
         self.n = self.cfg.workers
-        self.run_id = uuid.uuid4().hex[:12]
+        if opts.min_workers is not None and not 1 <= opts.min_workers <= self.n:
+            raise UserError(f"--min-workers must lie in 1..{self.n}, got {opts.min_workers}")
         self.on_round = on_round
+        self.run_id = uuid.uuid4().hex[:12]
         self.state = "waiting"
         self.state_detail = f"waiting for {self.n} workers"
         self.sessions: dict[int, WorkerSession] = {}
-        self.reference: tuple[str, int, int] | None = self._reference_data()
-        self.d: int | None = None if self.reference is None else self.reference[1]
+        self.reference: tuple[str, int, int] | None = None
+        self.d: int | None = None
         self.ready = asyncio.Event()
+        self.wake = asyncio.Event()  # anything that may let the current round close
         self.round = 0
         self.updates: dict[int, tuple[Message, float, float, int]] = {}
         self.evals: dict[int, tuple[np.ndarray, int]] = {}
-        self.round_ready = asyncio.Event()
+        self.missing_in: dict[int, list[int]] = {}  # round → ranks left out (for late messages and the log)
+        self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
+        self.faults: dict[str, int] = {}  # host → refused messages
         self.done = asyncio.Event()
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
@@ -87,11 +106,29 @@ class Coordinator:
         self.stop_reason = ""
         self.stop_message = ""
         self.wire_up = self.wire_down = self.eval_bytes = 0
+        self.late_messages = 0
         self.started_at = time.time()
         self.rounds_started_at: float | None = None
+        self.round_started_at = time.monotonic()
+        self.resumed_from: str | None = None
         self.x_final: np.ndarray | None = None
         self._iterates: list[np.ndarray] = []
-        self._writer = JsonlWriter(opts.log)
+        log_offset: int | None = None
+        if opts.resume is not None:
+            log_offset = self._resume(opts.resume)
+        else:
+            self.reference = self._reference_data()
+            self.d = None if self.reference is None else self.reference[1]
+        self._writer = JsonlWriter(opts.log, offset=log_offset)
+        method = make_method(self.cfg.method)
+        self.tolerates_missing = method.tolerates_missing
+        if opts.round_timeout is not None and not method.tolerates_missing:
+            log.warning("%s cannot close a round without every worker: --round-timeout is ignored and rounds "
+                        "wait for all workers", self.cfg.method)
+        self.min_workers = (opts.min_workers if opts.min_workers is not None
+                            else 1 if opts.round_timeout is not None else self.n)
+        if not method.tolerates_missing:
+            self.min_workers = self.n
 
     # -- data reference -------------------------------------------------------------------------------------------
 
@@ -109,15 +146,72 @@ class Coordinator:
             raise UserError(f"{ds.n_rows} rows cannot be split over {self.n} workers")
         return fingerprint(ds.A, ds.y), ds.d, ds.n_rows
 
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _resume(self, path: Path) -> int | None:
+        ckpt, used, warning = checkpoint.load_latest(path)
+        if warning:
+            log.warning("%s", warning)
+        meta = ckpt.meta
+        saved = RunConfig.from_dict(meta["config"])
+        # Only the stopping rule may change on resume; anything else would make a different run.
+        differ = [k for k, v in saved.to_dict().items()
+                  if k not in ("rounds", "tol") and v != self.cfg.to_dict()[k]]
+        if differ:
+            raise UserError(f"checkpoint {used} is of a different run: {', '.join(sorted(differ))} differ "
+                            f"(checkpoint: {', '.join(f'{k}={saved.to_dict()[k]!r}' for k in sorted(differ))})")
+        self.run_id = meta["run_id"]
+        self.reference = tuple(meta["reference"])  # type: ignore[assignment]
+        self.d = int(meta["reference"][1])
+        self.constants = TheoryConstants(**meta["constants"])
+        method, _ = resolve_method(self.cfg, self.d)
+        self.master = MasterNode(method, self.n, ckpt.x, gamma=self.constants.gamma)
+        self.master.replica.g[:] = ckpt.g
+        if ckpt.rows is not None:
+            if self.master.rows is None or self.master.rows.shape != ckpt.rows.shape:
+                raise UserError(f"checkpoint {used}: per-worker state of shape {ckpt.rows.shape} does not fit")
+            self.master.rows[:] = ckpt.rows
+        self.round = self.master.round = int(meta["round"])
+        self.ledger.paper_total = int(meta["ledger"]["paper_total"])
+        self.ledger.payload_total = int(meta["ledger"]["payload_total"])
+        self.wire_up, self.wire_down, self.eval_bytes = (int(v) for v in meta["wire"])
+        self.last_grad_norm_sq = meta.get("last_grad_norm_sq")
+        self.state = "running"
+        self.resumed_from = f"{used} (round {self.round})"
+        self.state_detail = f"resumed from {self.resumed_from}; waiting for workers"
+        self.rounds_started_at = time.time()
+        log.info("resumed run %s at round %d from %s", self.run_id, self.round, used)
+        return meta.get("log_offset")
+
+    def save_checkpoint(self) -> None:
+        if self.opts.checkpoint is None or self.master is None or self.constants is None:
+            return
+        self._writer.flush()
+        meta = {
+            "config": self.cfg.to_dict(), "run_id": self.run_id, "round": self.round,
+            "reference": list(self.reference or ()), "constants": self.constants.__dict__,
+            "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total},
+            "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
+            "log_offset": self._writer.offset,
+        }
+        rep = self.master.replica
+        checkpoint.save(self.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, self.master.rows))
+
     # -- joining -------------------------------------------------------------------------------------------------
 
     def join_reply(self) -> pb.JoinReply:
         return pb.JoinReply(run_id=self.run_id, config_json=json.dumps(self.cfg.to_dict()), workers=self.n)
 
+    def free_ranks(self) -> list[int]:
+        return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].state == "lost"]
+
     def hello(self, msg: pb.Hello, peer: str) -> WorkerSession:
+        host = peer_host(peer)
+        if self.faults.get(host, 0) >= self.opts.max_faults:
+            raise Refusal("PERMISSION_DENIED", f"{host} sent {self.faults[host]} bad messages; it may not rejoin")
         if msg.run_id != self.run_id:
             raise Refusal("FAILED_PRECONDITION", f"run id {msg.run_id!r} is not this run ({self.run_id}); join again")
-        if self.state != "waiting":
+        if self.state not in ("waiting", "running"):
             raise Refusal("FAILED_PRECONDITION", f"the run is {self.state}; it takes no new workers")
         if self.reference is None:
             # No data on the master: the first worker's data becomes the reference.
@@ -130,7 +224,7 @@ class Coordinator:
                 f"data mismatch: this worker's data has fingerprint {msg.data_fingerprint} (d={msg.dim}, "
                 f"{msg.n_rows} rows) but the run's has {ref_fp} (d={ref_d}, {ref_rows} rows)",
             )
-        free = [r for r in range(self.n) if r not in self.sessions]
+        free = self.free_ranks()
         if not free:
             raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         rank = msg.requested_rank
@@ -143,7 +237,8 @@ class Coordinator:
             rank = free[0]
         session = WorkerSession(rank, peer, msg.hostname)
         self.sessions[rank] = session
-        log.info("worker %s (%s) joined as rank %d", msg.hostname, peer, rank)
+        log.info("worker %s (%s) joined as rank %d%s", msg.hostname, peer, rank,
+                 "" if self.state == "waiting" else f" at round {self.round}")
         return session
 
     def setup(self, s: WorkerSession, msg: pb.Setup) -> None:
@@ -167,15 +262,16 @@ class Coordinator:
                 raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
         s.setup = SetupInfo(msg.smoothness, int(msg.shard_rows), gram, diag)
         s.state = "ready"
+        if self.state == "running":
+            self._admit(s)  # a replacement (or a worker of a resumed run) starts from the current state
+            return
         ready = [r for r, x in self.sessions.items() if x.state == "ready"]
         self.state_detail = f"{len(ready)} of {self.n} workers ready"
         if len(ready) == self.n:
             self.ready.set()
 
     def lost(self, s: WorkerSession, why: str) -> None:
-        if self.sessions.get(s.rank) is not s:
-            return
-        if s.state in ("done", "lost"):
+        if self.sessions.get(s.rank) is not s or s.state in ("done", "lost"):
             return
         if self.state == "waiting":
             del self.sessions[s.rank]  # before the start a rank is simply free again
@@ -183,18 +279,23 @@ class Coordinator:
             log.info("rank %d left before the start (%s)", s.rank, why)
             return
         s.state = "lost"
-        if self.state == "running":
-            self.state_detail = f"rank {s.rank} lost ({why}); round {self.round} waits for it"
+        # Its contribution to the open round goes too: a replacement recomputes it from the same state.
+        self.updates.pop(s.rank, None)
+        self.evals.pop(s.rank, None)
         log.warning("rank %d lost: %s", s.rank, why)
+        self.wake.set()
+
+    def fault(self, s: WorkerSession | None, peer: str) -> None:
+        host = peer_host(peer)
+        self.faults[host] = self.faults.get(host, 0) + 1
 
     # -- rounds ----------------------------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        """All n workers are set up: compute the constants from their curvature and start round 0."""
         cfg, d = self.cfg, self.d
         assert d is not None and self.reference is not None
-        ranks = range(self.n)
-        infos = [self.sessions[r].setup for r in ranks]
-        assert all(i is not None for i in infos)
+        infos = [self.sessions[r].setup for r in range(self.n)]
         L_i = [i.smoothness for i in infos]  # type: ignore[union-attr]
         if all(i.diagonal is not None for i in infos):  # type: ignore[union-attr]
             L = global_smoothness_from_diagonals(sum_in_rank_order([i.diagonal for i in infos]), self.n)  # type: ignore
@@ -203,40 +304,50 @@ class Coordinator:
             L = global_smoothness_from_grams(cfg, sum_in_rank_order([i.gram for i in infos]), rows)  # type: ignore
         else:
             raise UserError("workers sent no curvature (d too large for Gram matrices): not supported yet")
-        L_tilde = quadratic_mean(L_i)
         method, comp = resolve_method(cfg, d)
-        self.constants = constants_for(cfg, method, comp, L, L_tilde, d)
-        x0 = make_x0(cfg.x0, d)
-        self.master = MasterNode(method, self.n, x0, gamma=self.constants.gamma)
-        start = pb.MasterMessage(start=pb.Start(
-            gamma=self.constants.gamma, x_step=self.master.replica.x_step, x0=dense_to_proto(x0),
-            constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
-            eval_every=self.opts.eval_every,
-        )).SerializeToString()
-        for s in self.sessions.values():
-            s.state = "running"
-            s.send(start)
+        self.constants = constants_for(cfg, method, comp, L, quadratic_mean(L_i), d)
+        self.master = MasterNode(method, self.n, make_x0(cfg.x0, d), gamma=self.constants.gamma)
         self.state = "running"
         self.state_detail = ""
         self.rounds_started_at = time.time()
         log.info("start: %s", self.constants.describe())
+        for s in self.sessions.values():
+            self._admit(s)
+
+    def _admit(self, s: WorkerSession) -> None:
+        """Send a worker the state to start from: x, g and its rank's g_i at the current round."""
+        assert self.master is not None and self.constants is not None
+        rep = self.master.replica
+        state = self.master.worker_state(s.rank)
+        start = pb.Start(
+            gamma=self.constants.gamma, x_step=rep.x_step, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g),
+            constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
+            eval_every=self.opts.eval_every, round=self.round,
+        )
+        if state is not None:
+            start.worker_state.CopyFrom(dense_to_proto(state))
+        s.state = "running"
+        s.send(pb.MasterMessage(start=start).SerializeToString())
+        self.wake.set()
 
     def is_eval_round(self, t: int) -> bool:
         return is_eval_round(t, self.opts.eval_every, self.cfg.rounds)
 
-    def _check_round_ready(self) -> None:
-        if len(self.updates) == self.n and (not self.is_eval_round(self.round) or len(self.evals) == self.n):
-            self.round_ready.set()
-
-    def _check_stream_round(self, s: WorkerSession, round_: int, what: str) -> None:
-        """A message about a round must come on a running stream, for the current round."""
+    def _check_stream_round(self, s: WorkerSession, round_: int, what: str) -> bool:
+        """Whether a message about a round counts; False for a straggler's message of a round closed without it."""
         if self.state != "running" or s.state != "running":
             raise Refusal("FAILED_PRECONDITION", f"{what} while the run is {self.state} and the worker {s.state}")
+        if round_ < self.round and s.rank in self.missing_in.get(round_, ()):
+            self.late_messages += 1
+            s.late += 1
+            return False
         if round_ != self.round:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {self.round}")
+        return True
 
     def update(self, s: WorkerSession, msg: pb.Update, nbytes: int) -> None:
-        self._check_stream_round(s, msg.round, "Update")
+        if not self._check_stream_round(s, msg.round, "Update"):
+            return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
         assert self.d is not None
@@ -247,11 +358,12 @@ class Coordinator:
         if not (math.isfinite(msg.f) and math.isfinite(msg.distortion)):
             raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite f or distortion")
         self.updates[s.rank] = (Message(vec, msg.replace), msg.f, msg.distortion, nbytes)
-        self._check_round_ready()
+        self.wake.set()
 
     def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int) -> None:
-        self._check_stream_round(s, msg.round, "Eval")
-        if not self.is_eval_round(msg.round) or s.rank in self.evals:
+        if not self._check_stream_round(s, msg.round, "Eval"):
+            return
+        if not self.is_eval_round(msg.round) or s.rank in self.evals or s.rank not in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
         assert self.d is not None
         try:
@@ -261,44 +373,93 @@ class Coordinator:
         if not grad.is_dense:
             raise Refusal("INVALID_ARGUMENT", "Eval carries a dense gradient")
         self.evals[s.rank] = (grad.values, nbytes)
-        self._check_round_ready()
+        self.wake.set()
 
     def resync(self, s: WorkerSession, msg: pb.ResyncRequest) -> None:
-        self._check_stream_round(s, msg.round, "ResyncRequest")
+        if not self._check_stream_round(s, msg.round, "ResyncRequest"):
+            return
         assert self.master is not None
         rep = self.master.replica
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
         s.send(pb.MasterMessage(resync=pb.Resync(
             round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))).SerializeToString())
 
-    def _finish_round(self) -> RoundRecord:
+    def _evals_in(self) -> bool:
+        """Every delivered Update of an evaluation round has its Eval too (a partial round logs no ‖∇f‖²,
+        but closing before a connected worker's Eval arrives would turn it into a late message)."""
+        return not self.is_eval_round(self.round) or all(r in self.evals for r in self.updates)
+
+    def _round_complete(self) -> bool:
+        return len(self.updates) == self.n and (not self.is_eval_round(self.round) or len(self.evals) == self.n)
+
+    def _may_close_partially(self) -> bool:
+        if not self.tolerates_missing or self.opts.round_timeout is None:
+            return False
+        connected_missing = [r for r in range(self.n) if r not in self.updates and r in self.sessions
+                             and self.sessions[r].state == "running"]
+        # No point waiting out the timeout for ranks with no worker at all: they cannot deliver.
+        timed_out = time.monotonic() - self.round_started_at >= self.opts.round_timeout
+        if not timed_out and connected_missing:
+            return False
+        if len(self.updates) >= self.min_workers and (timed_out or self._evals_in()):
+            return True
+        self.state_detail = (f"round {self.round}: {len(self.updates)} of {self.n} contributions after the "
+                             f"{self.opts.round_timeout:g} s timeout; waiting for at least {self.min_workers} "
+                             f"(--min-workers)")
+        return False
+
+    async def _collect_round(self) -> None:
+        """Until the round may close: all updates (and evals) in, or the timeout passed with enough of them."""
+        while not (self._round_complete() or self._may_close_partially()):
+            timeout = None
+            if self.opts.round_timeout is not None and self.tolerates_missing:
+                timeout = max(0.0, self.opts.round_timeout - (time.monotonic() - self.round_started_at)) + 0.001
+                if timeout <= 0.001:
+                    timeout = 0.25  # past the deadline but below --min-workers: re-check as workers come back
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _finish_round(self) -> tuple[RoundRecord, list[Message | None]]:
         assert self.master is not None
         t = self.round
         ranks = range(self.n)
-        messages = [self.updates[r][0] for r in ranks]
-        up = [self.updates[r][3] for r in ranks]
+        messages: list[Message | None] = [self.updates[r][0] if r in self.updates else None for r in ranks]
+        missing = [r for r in ranks if r not in self.updates]
+        up = [self.updates[r][3] for r in self.updates]
         self.wire_up += sum(up)
         grads = None
-        if self.is_eval_round(t):
+        if not missing and self.is_eval_round(t) and len(self.evals) == self.n:
             grads = [self.evals[r][0] for r in ranks]
-            self.eval_bytes += sum(self.evals[r][1] for r in ranks)
+        self.eval_bytes += sum(nbytes for _, nbytes in self.evals.values())
         self.ledger.record(t, messages)
         for r in ranks:
-            self.sessions[r].rounds_done = t + 1
+            if r in self.updates:
+                self.sessions[r].rounds_done += 1
+                self.missed_streak[r] = 0
+            else:
+                self.missed_streak[r] = self.missed_streak.get(r, 0) + 1
+        if missing:
+            self.missing_in[t] = missing
+        f = [self.updates[r][1] for r in ranks] if not missing else None
+        dist = [self.updates[r][2] for r in ranks] if not missing else None
         rec = make_record(
-            t, [self.updates[r][1] for r in ranks], [self.updates[r][2] for r in ranks], grads, self.ledger,
+            t, f, dist, grads, self.ledger,
             time.time() - (self.rounds_started_at or self.started_at), wire_bytes_up=self.wire_up,
-            wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(up) / self.n, eval_bytes=self.eval_bytes,
-            g_norm_sq=g_norm_sq(self.master),
+            wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(up) / max(len(up), 1), eval_bytes=self.eval_bytes,
+            g_norm_sq=g_norm_sq(self.master), missing=missing or None,
         )
-        return rec
+        return rec, messages
 
     async def run(self) -> None:
         """Wait for n workers, then run rounds until the stop rule; always ends with ``done`` set."""
         try:
-            while not self.ready.is_set():
-                await self.ready.wait()
-            self._start()
+            if self.master is None:
+                while not self.ready.is_set():
+                    await self.ready.wait()
+                self._start()
             await self._rounds()
         except UserError as exc:
             self._end("failed", str(exc))
@@ -317,20 +478,20 @@ class Coordinator:
         while True:
             if self.opts.save_iterates is not None:
                 self._iterates.append(self.master.x.copy())
-            await self.round_ready.wait()
-            self.round_ready.clear()
-            rec = self._finish_round()
+            self.round_started_at = time.monotonic()
+            await self._collect_round()
+            rec, messages = self._finish_round()
             self.latest = rec
             if rec.grad_norm_sq is not None:
                 self.last_grad_norm_sq = rec.grad_norm_sq
             self._writer.write(rec.to_dict())
             if self.on_round is not None:
                 self.on_round(rec)
+            self._describe_staleness()
             ended = stop_check(rec, self.master.x, self.cfg)
             if ended is not None:
                 self._end(*ended)
                 return
-            messages = [self.updates[r][0] for r in range(self.n)]
             down = self.master.aggregate(messages)
             self.updates.clear()
             self.evals.clear()
@@ -341,11 +502,33 @@ class Coordinator:
                 checksum = state_checksum(self.master.replica.x, self.master.replica.g)
             raw = pb.MasterMessage(round_result=pb.RoundResult(
                 round=t, aggregate=vector_to_proto(down.vector), replace=down.mode == "replace", scale=down.scale,
-                checksum=checksum,
+                checksum=checksum, missing=rec.missing or [],
             )).SerializeToString()
             for s in self.sessions.values():
-                s.send(raw)
-            self.wire_down += (len(raw) + GRPC_FRAME_BYTES) * self.n
+                if s.state == "running":
+                    s.send(raw)
+                    self.wire_down += len(raw) + GRPC_FRAME_BYTES
+            if self.round % self.opts.checkpoint_every == 0:
+                await self._checkpoint_safely()
+
+    def _describe_staleness(self) -> None:
+        stale = {r: k for r, k in self.missed_streak.items() if k > 0}
+        if not stale:
+            if self.state == "running" and self.latest is not None:
+                self.state_detail = ""
+            return
+        worst = ", ".join(f"rank {r} ({k} rounds)" for r, k in sorted(stale.items()))
+        self.state_detail = (f"left out of recent rounds: {worst}. A rank that does not come back keeps a stale g_i "
+                             f"in the mean, and the run then converges to a point that is not stationary for f")
+        longest = max(stale.values())
+        if longest in (10, 100, 1000):
+            log.warning("%s", self.state_detail)
+
+    async def _checkpoint_safely(self) -> None:
+        try:
+            self.save_checkpoint()
+        except OSError as exc:
+            log.error("checkpoint %s not written: %s", self.opts.checkpoint, exc)
 
     def _end(self, reason: str, message: str) -> None:
         failed = reason in ("failed", "diverged")
@@ -354,11 +537,16 @@ class Coordinator:
         self.state_detail = message
         if self.master is not None:
             self.x_final = self.master.x.copy()
+        if self.master is not None and reason != "failed":
+            try:
+                self.save_checkpoint()
+            except OSError as exc:
+                log.error("final checkpoint not written: %s", exc)
         raw = pb.MasterMessage(stop=pb.Stop(reason=f"{reason}: {message}", failed=failed)).SerializeToString()
         for s in self.sessions.values():
             if s.state != "lost":
                 s.state = "done"
-            s.send(raw)
+                s.send(raw)
             s.close()
         try:
             self._write_outputs()
@@ -407,12 +595,22 @@ class Coordinator:
             "workers_expected": self.n,
             "workers_connected": sum(1 for s in self.sessions.values() if s.state in ("joining", "ready", "running")),
             "workers": [self.sessions[r].describe() for r in sorted(self.sessions)],
+            "round_timeout_s": self.opts.round_timeout,
+            "min_workers": self.min_workers,
+            "stale_ranks": {str(r): k for r, k in sorted(self.missed_streak.items()) if k > 0},
+            "late_messages": self.late_messages,
+            "resumed_from": self.resumed_from,
             "latest": None if rec is None else {
                 "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,
                 "last_grad_norm_sq": self.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,
-                "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down,
+                "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down, "missing": rec.missing,
             },
             "g_norm_sq": None if self.master is None else float(self.master.replica.g @ self.master.replica.g),
             "stop_reason": self.stop_reason or None,
             "elapsed_s": round(now - self.started_at, 3),
         }
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.5:4312' → 'ipv4:10.0.0.5' (the host a fault is charged to)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer

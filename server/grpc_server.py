@@ -20,11 +20,24 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def build_server(handler: grpc.GenericRpcHandler, address: str) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with our handler bound to ``address`` ("host:port", port 0 for any free port)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def build_server(handler: grpc.GenericRpcHandler, address: str, *,
+                 credentials: grpc.ServerCredentials | None = None,
+                 max_message: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with our handler bound to ``address`` ("host:port", port 0 for any free port).
+
+    ``max_message``: the receive limit, when the dimension is known up front (it follows from d).
+    """
+    options = list(SERVER_OPTIONS)
+    if max_message is not None:
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_message))
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(address)
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port

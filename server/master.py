@@ -13,7 +13,8 @@ from ef21.simulate import RoundRecord
 
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
-from .service import MasterService
+from .security import ServerSecurity
+from .service import MasterService, max_worker_message_bytes
 from .status_http import StatusHTTPServer
 
 log = logging.getLogger("ef21.master")
@@ -41,15 +42,22 @@ def is_loopback(host: str) -> bool:
 
 
 class Master:
-    def __init__(self, opts: MasterOptions, listen: ListenOptions, *,
+    def __init__(self, opts: MasterOptions, listen: ListenOptions, *, security: ServerSecurity | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.listen = listen
+        self.security = security or ServerSecurity()
         self.coord = Coordinator(opts, on_round=on_round)
-        self.service = MasterService(self.coord)
-        self.server, self.port = build_server(self.service.handler(), f"{listen.host}:{listen.port}")
+        self.service = MasterService(self.coord, token=self.security.token)
+        d = self.coord.d
+        self.server, self.port = build_server(
+            self.service.handler(), f"{listen.host}:{listen.port}", credentials=self.security.grpc_credentials(),
+            max_message=None if d is None else max_worker_message_bytes(d))
         self.http: StatusHTTPServer | None = None
         if listen.status_port is not None:
-            self.http = StatusHTTPServer(self.coord.status, listen.status_host or listen.host, listen.status_port)
+            self.http = StatusHTTPServer(
+                self.coord.status, listen.status_host or listen.host, listen.status_port,
+                token=self.security.token if self.security.status_token else None,
+                ssl=self.security.http_ssl_context())
         self._engine: asyncio.Task | None = None
         self._stopping = False
 
@@ -58,8 +66,10 @@ class Master:
         return f"{self.listen.host}:{self.port}"
 
     async def start(self) -> None:
-        if not is_loopback(self.listen.host):
-            log.warning("listening on %s without TLS: anyone who can reach this port can join the run", self.address)
+        if not is_loopback(self.listen.host) and not self.security.tls:
+            log.warning("listening on %s without TLS: traffic%s is readable on the network%s", self.address,
+                        " and the run token" if self.security.token else "",
+                        "" if self.security.token else " and anyone who can reach this port can join the run")
         await self.server.start()
         if self.http is not None:
             await self.http.start()

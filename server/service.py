@@ -14,6 +14,7 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from ef21_wire.auth import token_matches
 from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -29,18 +30,28 @@ def max_worker_message_bytes(d: int) -> int:
 
 
 class MasterService:
-    def __init__(self, coord: Coordinator, *, handshake_timeout: float = 120.0) -> None:
+    def __init__(self, coord: Coordinator, *, token: str | None = None, handshake_timeout: float = 120.0) -> None:
         self.coord = coord
+        self.token = token
         self.handshake_timeout = handshake_timeout
         self._streams: set[asyncio.Task] = set()
 
+    async def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        if self.token is None or token_matches(self.token, context.invocation_metadata()):
+            return
+        # Never log the token itself, right or wrong.
+        log.warning("unauthenticated %s from %s: missing or wrong run token", rpc, context.peer())
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
+
     async def join(self, req: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        await self._authorize(context, "Join")
         if req.protocol_version != PROTOCOL_VERSION:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"protocol version {req.protocol_version} != master's {PROTOCOL_VERSION}")
         return self.coord.join_reply()
 
     async def status(self, req: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        await self._authorize(context, "Status")
         return pb.StatusReply(json=json.dumps(self.coord.status()))
 
     def _parse(self, raw: bytes) -> pb.WorkerMessage:
@@ -56,6 +67,7 @@ class MasterService:
 
     async def train(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """One worker's stream: handshake, then a reader task feeding the coordinator while this task writes."""
+        await self._authorize(context, "Train")
         session: WorkerSession | None = None
         self._streams.add(asyncio.current_task())  # type: ignore[arg-type]
         reader: asyncio.Task | None = None
@@ -86,6 +98,8 @@ class MasterService:
         except Refusal as r:
             log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
                         r.message)
+            if session is not None or r.code == "INVALID_ARGUMENT":
+                self.coord.fault(session, context.peer())
             if session is not None:
                 self.coord.lost(session, r.message)
             await context.abort(getattr(grpc.StatusCode, r.code), r.message)

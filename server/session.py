@@ -29,6 +29,8 @@ class WorkerSession:
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     rounds_done: int = 0
+    late: int = 0
+    """Messages that arrived after their round had closed without this worker."""
     bytes_up: int = 0
     bytes_down: int = 0
     setup: SetupInfo | None = None
@@ -54,6 +56,7 @@ class WorkerSession:
             "last_seen": self.last_seen,
             "last_seen_ago_s": round(now - self.last_seen, 3),
             "rounds_done": self.rounds_done,
+            "late_messages": self.late,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
         }

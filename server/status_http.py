@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl as ssl_module
 from typing import Callable
+
+from ef21_wire.auth import token_matches
 
 log = logging.getLogger("ef21.master")
 
@@ -15,9 +18,14 @@ READ_TIMEOUT_S = 5.0
 
 
 class StatusHTTPServer:
-    def __init__(self, status: Callable[[], dict], host: str, port: int) -> None:
+    """``token``: when set, requests must carry ``Authorization: Bearer TOKEN``. ``ssl``: serve HTTPS."""
+
+    def __init__(self, status: Callable[[], dict], host: str, port: int, *, token: str | None = None,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
         self._status = status
         self._host, self._port = host, port
+        self._token = token
+        self._ssl = ssl
         self._server: asyncio.base_events.Server | None = None
 
     @property
@@ -26,7 +34,8 @@ class StatusHTTPServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port, limit=MAX_HEADER_BYTES)
+        self._server = await asyncio.start_server(self._handle, self._host, self._port, limit=MAX_HEADER_BYTES,
+                                                  ssl=self._ssl)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -41,6 +50,9 @@ class StatusHTTPServer:
             parts = line.split()
             if len(parts) != 3:
                 await self._reply(writer, 400, {"error": "bad request line"})
+            elif self._token is not None and not self._authorized(head):
+                log.warning("unauthenticated status request from %s", writer.get_extra_info("peername"))
+                await self._reply(writer, 401, {"error": "missing or wrong run token"})
             elif parts[0] not in ("GET", "HEAD"):
                 await self._reply(writer, 405, {"error": "read-only endpoint: GET only"})
             else:
@@ -61,8 +73,16 @@ class StatusHTTPServer:
         finally:
             writer.close()
 
+    def _authorized(self, head: bytes) -> bool:
+        assert self._token is not None
+        headers = []
+        for raw in head.split(b"\r\n")[1:]:
+            name, _, value = raw.decode("latin-1").partition(":")
+            headers.append((name.strip().lower(), value.strip()))
+        return token_matches(self._token, headers)
+
     async def _reply(self, writer: asyncio.StreamWriter, code: int, doc: dict, head_only: bool = False) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
                   503: "Service Unavailable"}[code]
         body = json.dumps(doc, indent=1).encode()
         writer.write(

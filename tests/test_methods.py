@@ -151,7 +151,7 @@ def test_ef21plus_master_g_is_mean_of_worker_estimates():
         for w in workers:
             w.apply(down)
         np.testing.assert_allclose(master.replica.g, np.mean([w.state for w in workers], axis=0), atol=1e-12)
-        np.testing.assert_array_equal(master.state.g_i, np.array([w.state for w in workers]))
+        np.testing.assert_array_equal(master.rows, np.array([w.state for w in workers]))
         for w in workers:
             np.testing.assert_array_equal(w.replica.x, master.x)
     assert replaced > 5  # replacements happen after round 0 too (5 are the initialization)

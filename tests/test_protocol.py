@@ -54,7 +54,7 @@ async def test_resync_sends_the_masters_dense_state():
         async with grpc.aio.insecure_channel(master.address) as ch:
             c = HandClient(ch)
             start, obj = await c.handshake(cfg, 0)
-            x0 = vector_from_proto(start.x0, expected_dim=112).values
+            x0 = vector_from_proto(start.x, expected_dim=112).values
             g0 = obj.grad(x0)
             await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(g0)), replace=True,
                                           f=obj.value(x0)))

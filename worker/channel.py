@@ -1,10 +1,16 @@
-"""The worker's gRPC channel and its options."""
+"""The worker's gRPC channel: options, TLS / mutual TLS, and the run token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import grpc
 
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+from ef21.errors import UserError
+from ef21_wire.auth import token_metadata
+
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # A worker may wait minutes for a slow round; pings keep NATs from dropping the connection and detect a
     # dead master. 20 s is above the master's min_ping_interval (10 s), so it never answers too_many_pings.
     ("grpc.keepalive_time_ms", 20_000),
@@ -16,5 +22,67 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def _read(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client (worker, ``ef21 status``) reaches the master: plaintext, TLS, or mutual TLS; with a token."""
+
+    tls_ca: Path | None = None
+    """CA that signed the master's certificate; turns TLS on."""
+    tls_cert: Path | None = None
+    """This client's certificate, for mutual TLS (with ``tls_key``)."""
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    """Name to expect in the master's certificate when it differs from the dialled host."""
+    token: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return token_metadata(self.token)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UserError("--tls-cert and --tls-key go together")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "--tls-ca"),
+            private_key=_read(self.tls_key, "--tls-key"),
+            certificate_chain=_read(self.tls_cert, "--tls-cert"),
+        )
+
+
+def open_channel(target: str, security: ClientSecurity | None = None) -> grpc.aio.Channel:
+    security = security or ClientSecurity()
+    if not security.tls:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    options = list(CHANNEL_OPTIONS)
+    if security.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", security.tls_server_name))
+    return grpc.aio.secure_channel(target, security.credentials(), options=options)
+
+
+def add_client_security_args(p) -> None:  # type: ignore[no-untyped-def]
+    g = p.add_argument_group("security")
+    g.add_argument("--tls-ca", type=Path, default=None, help="CA certificate of the master (turns TLS on)")
+    g.add_argument("--tls-cert", type=Path, default=None, help="client certificate, for mutual TLS")
+    g.add_argument("--tls-key", type=Path, default=None, help="client private key, for mutual TLS")
+    g.add_argument("--tls-server-name", default=None, help="name in the master's certificate, if not the host")
+    g.add_argument("--token", default=None, help="run token (default: $EF21_TOKEN)")
+    g.add_argument("--token-file", type=Path, default=None, help="read the run token from a file (a secret)")
+
+
+def client_security_from_args(ns) -> ClientSecurity:  # type: ignore[no-untyped-def]
+    from ef21_wire.auth import resolve_token
+
+    return ClientSecurity(ns.tls_ca, ns.tls_cert, ns.tls_key, ns.tls_server_name,
+                          resolve_token(ns.token, ns.token_file))

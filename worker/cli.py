@@ -11,6 +11,7 @@ from typing import Sequence
 
 from ef21.errors import UserError
 
+from .channel import add_client_security_args, client_security_from_args
 from .client import WorkerFailure, WorkerOptions, run_worker
 
 
@@ -18,7 +19,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, connect_timeout=ns.connect_timeout,
-                         delay=ns.delay)
+                         delay=ns.delay, security=client_security_from_args(ns))
     try:
         reason = asyncio.run(_run_until_signal(opts))
     except WorkerFailure as exc:
@@ -57,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--delay", type=float, default=0.0, metavar="S",
                    help="testing aid: sleep a random 0..S seconds before each update (simulates a straggler)")
     w.add_argument("--verbose", "-v", action="store_true")
+    add_client_security_args(w)
     w.set_defaults(func=cmd_worker)
 
 

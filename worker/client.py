@@ -31,7 +31,7 @@ from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, v
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
-from .channel import open_channel
+from .channel import ClientSecurity, open_channel
 
 log = logging.getLogger("ef21.worker")
 
@@ -58,6 +58,7 @@ class WorkerOptions:
     hostname: str = dataclasses.field(default_factory=socket.gethostname)
     delay: float = 0.0
     """Testing aid: sleep a random time in [0, delay] s before each Update (a straggler, random arrival order)."""
+    security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
 
 
 async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinReply:
@@ -66,7 +67,7 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
     while True:
         try:
             return await stub.Join(pb.JoinRequest(hostname=opts.hostname, protocol_version=PROTOCOL_VERSION),
-                                   timeout=10.0, wait_for_ready=False)
+                                   timeout=10.0, wait_for_ready=False, metadata=opts.security.metadata())
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise WorkerFailure(f"join refused: {exc.code().name}: {exc.details()}") from None
@@ -102,7 +103,9 @@ class Stream:
             stop = await self._pending_stop()
             if stop is not None:
                 raise RunStopped(stop) from None
-            raise WorkerFailure(f"cannot send to the master: {exc}") from None
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
+                raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}") from None
+            raise Reconnect(f"cannot send to the master: {exc}") from None
         self.bytes_up += len(raw)
         return len(raw)
 
@@ -126,39 +129,84 @@ class Stream:
         if raw is grpc.aio.EOF:
             code = await self.call.code()
             details = await self.call.details()
-            raise WorkerFailure(f"master ended the stream: {code.name}: {details}")
+            if code == grpc.StatusCode.OK or code in RETRYABLE:
+                raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
+            raise WorkerFailure(f"refused by the master: {code.name}: {details}")
         msg = pb.MasterMessage()
         msg.ParseFromString(raw)
         return msg
 
 
+# Stream endings after which joining again makes sense: the master went away or restarted, or our rank is still
+# held by our own previous connection. Anything else (refused data, bad token, run over) is final.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+class Reconnect(Exception):
+    """The stream broke in a way that joining again can fix."""
+
+
 async def run_worker(opts: WorkerOptions) -> str:
-    """Take part in one run until the master stops it; returns the master's stop reason."""
-    async with open_channel(opts.master) as channel:
-        reply = await join_with_backoff(MasterStub(channel), opts)
-        cfg = RunConfig.from_dict(json.loads(reply.config_json))
-        if opts.data is not None:
-            cfg = dataclasses.replace(cfg, data=opts.data)
-        ds, fp, d, n_rows = await asyncio.to_thread(load_worker_data, cfg)
-        call = channel.stream_stream(TRAIN_METHOD)()
-        try:
-            return await _train(Stream(call, opts.reply_timeout), cfg, reply.run_id, ds, fp, d, n_rows, opts)
-        except RunStopped as stop:
-            return str(stop)
-        except grpc.aio.AioRpcError as exc:
-            raise WorkerFailure(f"stream failed: {exc.code().name}: {exc.details()}") from None
-        finally:
-            call.cancel()
+    """Take part in one run until the master stops it; returns the master's stop reason.
+
+    When the connection breaks (the master restarted, the network dropped) the worker joins again with the same
+    rank and continues from the state the master sends; its data stays loaded.
+    """
+    loaded: dict[str, tuple[Dataset | None, str, int, int]] = {}
+    rank = opts.rank
+    async with open_channel(opts.master, opts.security) as channel:
+        stub = MasterStub(channel)
+        last_break = 0.0
+        delay = 0.2
+        while True:
+            reply = await join_with_backoff(stub, opts)
+            cfg = RunConfig.from_dict(json.loads(reply.config_json))
+            if opts.data is not None:
+                cfg = dataclasses.replace(cfg, data=opts.data)
+            key = f"{cfg.problem}:{cfg.data}:{cfg.dim}:{cfg.seed}:{cfg.lam}"
+            if key not in loaded:
+                loaded[key] = await asyncio.to_thread(load_worker_data, cfg)
+            ds, fp, d, n_rows = loaded[key]
+            call = channel.stream_stream(TRAIN_METHOD)(metadata=opts.security.metadata())
+            session = _Session(rank)
+            try:
+                return await _train(Stream(call, opts.reply_timeout), cfg, reply.run_id, ds, fp, d, n_rows, opts,
+                                    session)
+            except RunStopped as stop:
+                return str(stop)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}") from None
+                why = f"{exc.code().name}: {exc.details()}"
+            except Reconnect as exc:
+                why = str(exc)
+            finally:
+                call.cancel()
+            rank = session.rank if session.rank is not None else rank
+            # Back off when the breaks come fast (e.g. our rank is still held by the connection that just died).
+            delay = min(delay * 2, 5.0) if time.monotonic() - last_break < 10 else 0.2
+            last_break = time.monotonic()
+            log.warning("lost the master (%s); joining again as rank %s in %.1f s", why, rank, delay)
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class _Session:
+    rank: int | None
 
 
 async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp: str, d: int, n_rows: int,
-                 opts: WorkerOptions) -> str:
+                 opts: WorkerOptions, session: _Session) -> str:
     await st.send(pb.WorkerMessage(hello=pb.Hello(
-        run_id=run_id, requested_rank=opts.rank, hostname=opts.hostname, data_fingerprint=fp, dim=d, n_rows=n_rows)))
+        run_id=run_id, requested_rank=-1 if session.rank is None else session.rank, hostname=opts.hostname,
+        data_fingerprint=fp, dim=d, n_rows=n_rows)))
     first = await st.recv()
     if first.WhichOneof("kind") != "welcome":
         raise WorkerFailure(f"expected Welcome, got {first.WhichOneof('kind')}")
-    rank = first.welcome.rank
+    rank = session.rank = first.welcome.rank
     log.info("joined as rank %d of %d", rank, first.welcome.workers)
     obj = local_objective(cfg, rank, ds)
     gram, diag = obj.gram(), obj.diagonal()
@@ -171,13 +219,8 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         return msg.stop.reason
     if msg.WhichOneof("kind") != "start":
         raise WorkerFailure(f"expected Start, got {msg.WhichOneof('kind')}")
-    start = msg.start
-    method, comp = resolve_method(cfg, d)
-    x0 = vector_from_proto(start.x0, expected_dim=d).values
-    node = WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x0, init=cfg.init, seed=cfg.seed)
-    if node.replica.x_step != start.x_step:
-        raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker {node.replica.x_step}")
-    eval_every = max(1, start.eval_every)
+    node = _node_from_start(msg.start, cfg, obj, rank, d)
+    eval_every = max(1, msg.start.eval_every)
     pause = random.Random(f"{rank}:{time.time_ns()}")
     while True:
         report = node.step()
@@ -200,9 +243,22 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
             agg = vector_from_proto(rr.aggregate, expected_dim=d)
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
-        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale))
+        # Left out of the round (a straggler): keep the previous g_i, exactly as the master does.
+        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=rank not in rr.missing)
         if rr.checksum and rr.checksum != state_checksum(node.replica.x, node.replica.g):
             await _resync(st, node, d)
+
+
+def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
+    method, comp = resolve_method(cfg, d)
+    x = vector_from_proto(start.x, expected_dim=d).values
+    g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None
+    state = vector_from_proto(start.worker_state, expected_dim=d).values if start.HasField("worker_state") else None
+    node = WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, init=cfg.init,  # type: ignore[arg-type]
+                      seed=cfg.seed, g=g, state=state, round_=start.round)
+    if node.replica.x_step != start.x_step:
+        raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker {node.replica.x_step}")
+    return node
 
 
 async def _resync(st: Stream, node: WorkerNode, d: int) -> None:

@@ -9,6 +9,11 @@ A round, for every method:
    g ← D/n), then x ← x − s·g, so every replica holds the same bits as the master.
 
 Round 0 is the initialization: the first ``worker_step`` of a fresh state sends g_i⁰.
+
+A worker whose message a round leaves out (partial participation, a straggler) is ``None`` in ``messages``; only
+methods with ``tolerates_missing`` accept that, and the worker then keeps its previous state. Methods whose workers
+hold state the master can reproduce keep a copy of it (``master_worker_state``), so a replacement worker or a
+resumed master can carry on exactly.
 """
 
 from __future__ import annotations
@@ -79,19 +84,47 @@ class Method(Protocol):
     needs_contractive: bool  # the theory needs C ∈ B(α)
     uncompressed: bool  # sends full gradients (GD): stepsize 1/L, compressor ignored
     gamma_in_message: bool  # EF: γ is inside the compressed vector, so x moves by −mean(w)
+    tolerates_missing: bool  # a round may close without some workers (EF21-PP semantics)
 
     def worker_init(self, d: int) -> Any: ...
 
     def worker_step(self, state: Any, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, Any, float]:
         """Returns (message, new state, distortion ‖ĝ_i − ∇f_i(x)‖² of the worker's new estimate ĝ_i)."""
 
-    def master_init(self, n: int, d: int) -> Any: ...
+    def master_init(self, n: int, d: int) -> np.ndarray | None:
+        """The master's per-worker state (n × d rows), or None for methods that need none."""
 
-    def master_aggregate(self, state: Any, messages: Sequence[Message]) -> tuple[Downlink, Any]: ...
+    def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int) -> Downlink:
+        """Fold one round's messages (rank order, None = left out) into the downlink, updating ``rows``."""
+
+    def master_worker_state(self, rows: np.ndarray | None, rank: int) -> Any:
+        """Worker ``rank``'s state as the master knows it, for a replacement; None: start it fresh."""
 
 
-def sum_messages(messages: Sequence[Message], d: int) -> SparseVector:
-    return sparse_sum([m.vector for m in messages], d)
+def sum_messages(messages: Sequence[Message | None], d: int) -> SparseVector:
+    return sparse_sum([m.vector for m in messages if m is not None], d)
+
+
+def require_all(method: str, messages: Sequence[Message | None]) -> None:
+    if any(m is None for m in messages):
+        raise ValueError(f"{method} cannot close a round without every worker")
+
+
+class Stateless:
+    """Master side of methods whose aggregate replaces g every round and that keep nothing per worker."""
+
+    name: str
+    tolerates_missing = False
+
+    def master_init(self, n: int, d: int) -> None:
+        return None
+
+    def master_aggregate(self, rows: None, messages: Sequence[Message | None], d: int) -> Downlink:
+        require_all(self.name, messages)
+        return Downlink(sum_messages(messages, d), "replace", 1.0 / len(messages))
+
+    def master_worker_state(self, rows: None, rank: int) -> None:
+        return None
 
 
 def sq_dist(a: np.ndarray, b: np.ndarray) -> float:

@@ -2,20 +2,22 @@
 
 Worker: u = e + γ∇f_i(x), w = C(u), e ← u − w, send w. Master: x ← x − mean(w). γ lives inside the compressed
 vector, so the master applies no γ of its own (the posters' "x − γw" would apply it twice).
+
+The error e_i lives on the worker only (it depends on the uncompressed u), so a replacement worker or a resumed
+master restarts that rank with e_i = 0, and a round cannot close without a worker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
+from .base import Message, Stateless, WorkerContext, sq_dist
 
 
 @dataclass(frozen=True)
-class EF:
+class EF(Stateless):
     name: str = "ef"
     needs_contractive: bool = True
     uncompressed: bool = False
@@ -32,9 +34,3 @@ class EF:
         # The worker's contribution to the direction, in gradient units, is w/γ.
         return Message(w), e_new, sq_dist(w.to_dense() / ctx.gamma, grad)
 
-    def master_init(self, n: int, d: int) -> tuple[int, int]:
-        return (n, d)
-
-    def master_aggregate(self, state: tuple[int, int], messages: Sequence[Message]) -> tuple[Downlink, tuple]:
-        n, d = state
-        return Downlink(sum_messages(messages, d), "replace", 1.0 / n), state

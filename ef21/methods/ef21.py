@@ -1,4 +1,9 @@
-"""EF21: c_i = C(∇f_i(x) − g_i), g_i ← g_i + c_i; the master adds mean(c_i) to g and never needs each g_i."""
+"""EF21: c_i = C(∇f_i(x) − g_i), g_i ← g_i + c_i; the master adds (1/n)Σ c_i to g.
+
+The aggregate alone needs no g_i on the master, but the master keeps a copy of each (updated with the same
+operation as the worker, so the bits agree) to hand a rank over to a replacement worker or to a resumed master.
+A worker left out of a round sends nothing and keeps g_i: this is EF21-PP, still divided by n.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class EF21:
     needs_contractive: bool = True
     uncompressed: bool = False
     gamma_in_message: bool = False
+    tolerates_missing: bool = True
 
     def worker_init(self, d: int) -> np.ndarray | None:
         return None  # g_i does not exist until round 0 sends it
@@ -41,9 +47,15 @@ class EF21:
         c.add_to(g_new)
         return Message(c), g_new, sq_dist(g_new, grad)
 
-    def master_init(self, n: int, d: int) -> tuple[int, int]:
-        return (n, d)
+    def master_init(self, n: int, d: int) -> np.ndarray:
+        return np.zeros((n, d))
 
-    def master_aggregate(self, state: tuple[int, int], messages: Sequence[Message]) -> tuple[Downlink, tuple]:
-        n, d = state
-        return Downlink(sum_messages(messages, d), "add", 1.0 / n), state
+    def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int) -> Downlink:
+        for rank, msg in enumerate(messages):
+            if msg is not None:
+                msg.vector.add_to(rows[rank])
+        return Downlink(sum_messages(messages, d), "add", 1.0 / len(messages))
+
+    def master_worker_state(self, rows: np.ndarray, rank: int) -> np.ndarray | None:
+        row = rows[rank]
+        return None if not row.any() else row.copy()

@@ -16,17 +16,13 @@ from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
 from .ef21 import initial_estimate
 
 
-@dataclass(eq=False)
-class EF21PlusMaster:
-    g_i: np.ndarray  # n × d, row i is worker i's estimate as the master knows it
-
-
 @dataclass(frozen=True)
 class EF21Plus:
     name: str = "ef21plus"
     needs_contractive: bool = True
     uncompressed: bool = False
     gamma_in_message: bool = False
+    tolerates_missing: bool = True
 
     def worker_init(self, d: int) -> np.ndarray | None:
         return None
@@ -48,19 +44,22 @@ class EF21Plus:
             return Message(b, replace=True), b_dense, dist_b
         return Message(c, replace=False), m, dist_m
 
-    def master_init(self, n: int, d: int) -> EF21PlusMaster:
-        return EF21PlusMaster(np.zeros((n, d)))
+    def master_init(self, n: int, d: int) -> np.ndarray:
+        return np.zeros((n, d))
 
-    def master_aggregate(self, state: EF21PlusMaster, messages: Sequence[Message]) -> tuple[Downlink, EF21PlusMaster]:
-        n, d = state.g_i.shape
-        if not any(m.replace for m in messages):
+    def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int) -> Downlink:
+        n = len(messages)
+        if not any(m is not None and m.replace for m in messages):
             # Pure EF21 rounds keep the downlink sparse.
             for rank, msg in enumerate(messages):
-                msg.vector.add_to(state.g_i[rank])
-            return Downlink(sum_messages(messages, d), "add", 1.0 / n), state
+                if msg is not None:
+                    msg.vector.add_to(rows[rank])
+            return Downlink(sum_messages(messages, d), "add", 1.0 / n)
         acc = np.zeros(d)
         for rank, msg in enumerate(messages):
-            row = state.g_i[rank]
+            if msg is None:
+                continue
+            row = rows[rank]
             if msg.replace:
                 new = msg.vector.to_dense()
                 acc += new - row
@@ -68,4 +67,8 @@ class EF21Plus:
             else:
                 msg.vector.add_to(acc)
                 msg.vector.add_to(row)
-        return Downlink(SparseVector.dense(acc), "add", 1.0 / n), state
+        return Downlink(SparseVector.dense(acc), "add", 1.0 / n)
+
+    def master_worker_state(self, rows: np.ndarray, rank: int) -> np.ndarray | None:
+        row = rows[rank]
+        return None if not row.any() else row.copy()

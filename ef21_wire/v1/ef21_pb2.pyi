@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -84,20 +85,26 @@ class Setup(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x0", "constants_json", "checksum_every", "eval_every")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
-    X0_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_JSON_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_EVERY_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    G_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STATE_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
-    x0: SparseVector
+    x: SparseVector
     constants_json: str
     checksum_every: int
     eval_every: int
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ...) -> None: ...
+    round: int
+    g: SparseVector
+    worker_state: SparseVector
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("round", "message", "replace", "f", "distortion")
@@ -122,18 +129,20 @@ class Eval(_message.Message):
     def __init__(self, round: _Optional[int] = ..., grad: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "aggregate", "replace", "scale", "checksum")
+    __slots__ = ("round", "aggregate", "replace", "scale", "checksum", "missing")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     round: int
     aggregate: SparseVector
     replace: bool
     scale: float
     checksum: bytes
-    def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ...) -> None: ...
+    missing: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ..., missing: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Resync(_message.Message):
     __slots__ = ("round", "x", "g")

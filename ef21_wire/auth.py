@@ -1,0 +1,41 @@
+"""The run token: where it comes from, and how it travels (``authorization: Bearer`` metadata)."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ef21.errors import UserError
+
+TOKEN_ENV = "EF21_TOKEN"
+HEADER = "authorization"
+
+
+def resolve_token(token: str | None, token_file: Path | None) -> str | None:
+    """--token, else --token-file (e.g. a Docker/Kubernetes secret), else $EF21_TOKEN, else None."""
+    if token and token_file:
+        raise UserError("give --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
+        if not token:
+            raise UserError(f"--token-file {token_file} is empty")
+    token = token or os.environ.get(TOKEN_ENV) or None
+    return token
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if token is None else ((HEADER, f"Bearer {token}"),)
+
+
+def token_matches(expected: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Constant-time check of the bearer token among call metadata."""
+    for key, value in metadata or ():
+        if key == HEADER:
+            got = value.decode() if isinstance(value, bytes) else value
+            return hmac.compare_digest(got.encode(), f"Bearer {expected}".encode())
+    return False
