@@ -200,7 +200,9 @@ class Coordinator:
     # -- joining -------------------------------------------------------------------------------------------------
 
     def join_reply(self) -> pb.JoinReply:
-        return pb.JoinReply(run_id=self.run_id, config_json=json.dumps(self.cfg.to_dict()), workers=self.n)
+        ended = f"{self.stop_reason}: {self.stop_message}" if self.state in ("done", "failed", "stopped") else ""
+        return pb.JoinReply(run_id=self.run_id, config_json=json.dumps(self.cfg.to_dict()), workers=self.n,
+                            ended=ended)
 
     def free_ranks(self) -> list[int]:
         return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].state == "lost"]
@@ -337,7 +339,10 @@ class Coordinator:
         """Whether a message about a round counts; False for a straggler's message of a round closed without it."""
         if self.state != "running" or s.state != "running":
             raise Refusal("FAILED_PRECONDITION", f"{what} while the run is {self.state} and the worker {s.state}")
-        if round_ < self.round and s.rank in self.missing_in.get(round_, ()):
+        if round_ < self.round and (s.rank in self.missing_in.get(round_, ())
+                                    or (what == "Eval" and round_ == self.round - 1)):
+            # A straggler's message of a round that closed without it (or closed on the timeout before its
+            # evaluation arrived): expected with --round-timeout, counted, and dropped.
             self.late_messages += 1
             s.late += 1
             return False

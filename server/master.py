@@ -115,7 +115,7 @@ class Master:
             done.cancel()
             signalled.cancel()
             await self.shutdown()
-        if stop.is_set() and self.coord.stop_reason in ("", "failed"):
-            log.info("master stopped by signal")
+        if stop.is_set() and self.coord.state == "stopped":
+            log.info("master stopped by signal at round %d", self.coord.round)
             return 0
         return 0 if self.coord.state == "done" else 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ef21.codec import CodecError
 from ef21.config import RunConfig
@@ -87,19 +88,54 @@ def load_worker_data(cfg: RunConfig) -> tuple[Dataset | None, str, int, int]:
 
 
 class Stream:
-    """The Train stream as raw bytes in and out, with a timeout on every read (the master is a peer too)."""
+    """The Train stream as raw bytes in and out.
+
+    A reader task pulls the master's messages as they arrive, so a Stop is seen even while this worker is busy
+    computing or its next write fails because the master already closed the stream. Every read has a timeout
+    (the master is a peer too).
+    """
 
     def __init__(self, call: grpc.aio.StreamStreamCall, reply_timeout: float) -> None:
         self.call = call
         self.reply_timeout = reply_timeout
         self.bytes_up = 0
+        self._inbox: asyncio.Queue[pb.MasterMessage | BaseException] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._pump(), name="stream-reader")
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                raw = await self.call.read()
+                if raw is grpc.aio.EOF:
+                    code = await self.call.code()
+                    details = await self.call.details()
+                    if code == grpc.StatusCode.OK or code in RETRYABLE:
+                        raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
+                    raise WorkerFailure(f"refused by the master: {code.name}: {details}")
+                msg = pb.MasterMessage()
+                try:
+                    msg.ParseFromString(raw)
+                except DecodeError as exc:
+                    raise WorkerFailure(f"malformed message from the master: {exc}") from None
+                await self._inbox.put(msg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which raises it in its own task
+            await self._inbox.put(exc)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        try:
+            await self._reader
+        except (asyncio.CancelledError, Exception):
+            pass
 
     async def send(self, msg: pb.WorkerMessage) -> int:
         raw = msg.SerializeToString()
         try:
             await self.call.write(raw)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            # The master may have ended the stream (with a Stop waiting to be read) while we were computing.
+            # The master may have ended the stream (with a Stop already received) while we were computing.
             stop = await self._pending_stop()
             if stop is not None:
                 raise RunStopped(stop) from None
@@ -110,31 +146,25 @@ class Stream:
         return len(raw)
 
     async def _pending_stop(self) -> str | None:
+        """A Stop among the messages received but not yet consumed (waiting briefly for the reader to finish)."""
         try:
-            while True:
-                raw = await asyncio.wait_for(self.call.read(), 5.0)
-                if raw is grpc.aio.EOF:
-                    return None
-                msg = pb.MasterMessage.FromString(raw)
-                if msg.WhichOneof("kind") == "stop":
-                    return msg.stop.reason
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
-            return None
+            await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, pb.MasterMessage) and item.WhichOneof("kind") == "stop":
+                return item.stop.reason
+        return None
 
-    async def recv(self, timeout: float | None = None) -> pb.MasterMessage:
+    async def recv(self) -> pb.MasterMessage:
         try:
-            raw = await asyncio.wait_for(self.call.read(), timeout or self.reply_timeout)
+            item = await asyncio.wait_for(self._inbox.get(), self.reply_timeout)
         except asyncio.TimeoutError:
-            raise WorkerFailure("no message from the master in time") from None
-        if raw is grpc.aio.EOF:
-            code = await self.call.code()
-            details = await self.call.details()
-            if code == grpc.StatusCode.OK or code in RETRYABLE:
-                raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
-            raise WorkerFailure(f"refused by the master: {code.name}: {details}")
-        msg = pb.MasterMessage()
-        msg.ParseFromString(raw)
-        return msg
+            raise Reconnect(f"no message from the master in {self.reply_timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 # Stream endings after which joining again makes sense: the master went away or restarted, or our rank is still
@@ -163,6 +193,8 @@ async def run_worker(opts: WorkerOptions) -> str:
         delay = 0.2
         while True:
             reply = await join_with_backoff(stub, opts)
+            if reply.ended:
+                return reply.ended  # e.g. the Stop was lost with a broken stream: the run is over all the same
             cfg = RunConfig.from_dict(json.loads(reply.config_json))
             if opts.data is not None:
                 cfg = dataclasses.replace(cfg, data=opts.data)
@@ -172,9 +204,9 @@ async def run_worker(opts: WorkerOptions) -> str:
             ds, fp, d, n_rows = loaded[key]
             call = channel.stream_stream(TRAIN_METHOD)(metadata=opts.security.metadata())
             session = _Session(rank)
+            stream = Stream(call, opts.reply_timeout)
             try:
-                return await _train(Stream(call, opts.reply_timeout), cfg, reply.run_id, ds, fp, d, n_rows, opts,
-                                    session)
+                return await _train(stream, cfg, reply.run_id, ds, fp, d, n_rows, opts, session)
             except RunStopped as stop:
                 return str(stop)
             except grpc.aio.AioRpcError as exc:
@@ -185,6 +217,7 @@ async def run_worker(opts: WorkerOptions) -> str:
                 why = str(exc)
             finally:
                 call.cancel()
+                await stream.close()
             rank = session.rank if session.rank is not None else rank
             # Back off when the breaks come fast (e.g. our rank is still held by the connection that just died).
             delay = min(delay * 2, 5.0) if time.monotonic() - last_break < 10 else 0.2

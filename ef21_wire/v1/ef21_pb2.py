@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x66\x32\x31_wire/v1/ef21.proto\x12\x07\x65\x66\x32\x31.v1\"s\n\x0cSparseVector\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0f\n\x07indices\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\r\n\x05\x64\x65nse\x18\x04 \x01(\x08\x12&\n\nvalue_type\x18\x05 \x01(\x0e\x32\x12.ef21.v1.ValueType\"9\n\x0bJoinRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"A\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x01(\r\"x\n\x05Hello\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0erequested_rank\x18\x02 \x01(\x05\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x04 \x01(\t\x12\x0b\n\x03\x64im\x18\x05 \x01(\x04\x12\x0e\n\x06n_rows\x18\x06 \x01(\x04\"(\n\x07Welcome\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07workers\x18\x02 \x01(\r\"]\n\x05Setup\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nsmoothness\x18\x02 \x01(\x01\x12\x12\n\nshard_rows\x18\x03 \x01(\x04\x12\x0c\n\x04gram\x18\x04 \x01(\x0c\x12\x10\n\x08\x64iagonal\x18\x05 \x01(\x0c\"\xea\x01\n\x05Start\x12\r\n\x05gamma\x18\x01 \x01(\x01\x12\x0e\n\x06x_step\x18\x02 \x01(\x01\x12 \n\x01x\x18\x03 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x16\n\x0e\x63onstants_json\x18\x04 \x01(\t\x12\x16\n\x0e\x63hecksum_every\x18\x05 \x01(\r\x12\x12\n\neval_every\x18\x06 \x01(\r\x12\r\n\x05round\x18\x07 \x01(\x04\x12 \n\x01g\x18\x08 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12+\n\x0cworker_state\x18\t \x01(\x0b\x32\x15.ef21.v1.SparseVector\"o\n\x06Update\x12\r\n\x05round\x18\x01 \x01(\x04\x12&\n\x07message\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\t\n\x01\x66\x18\x04 \x01(\x01\x12\x12\n\ndistortion\x18\x05 \x01(\x01\":\n\x04\x45val\x12\r\n\x05round\x18\x01 \x01(\x04\x12#\n\x04grad\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\"\x89\x01\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\taggregate\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x0c\x12\x0f\n\x07missing\x18\x06 \x03(\r\"[\n\x06Resync\x12\r\n\x05round\x18\x01 \x01(\x04\x12 \n\x01x\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12 \n\x01g\x18\x03 \x01(\x0b\x32\x15.ef21.v1.SparseVector\"&\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\"\x1e\n\rResyncRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\xcd\x01\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.ef21.v1.HelloH\x00\x12\x1f\n\x05setup\x18\x02 \x01(\x0b\x32\x0e.ef21.v1.SetupH\x00\x12!\n\x06update\x18\x03 \x01(\x0b\x32\x0f.ef21.v1.UpdateH\x00\x12\x1d\n\x04\x65val\x18\x04 \x01(\x0b\x32\r.ef21.v1.EvalH\x00\x12\x30\n\x0eresync_request\x18\x05 \x01(\x0b\x32\x16.ef21.v1.ResyncRequestH\x00\x42\x06\n\x04kind\"\xcd\x01\n\rMasterMessage\x12#\n\x07welcome\x18\x01 \x01(\x0b\x32\x10.ef21.v1.WelcomeH\x00\x12\x1f\n\x05start\x18\x02 \x01(\x0b\x32\x0e.ef21.v1.StartH\x00\x12,\n\x0cround_result\x18\x03 \x01(\x0b\x32\x14.ef21.v1.RoundResultH\x00\x12\x1d\n\x04stop\x18\x04 \x01(\x0b\x32\r.ef21.v1.StopH\x00\x12!\n\x06resync\x18\x05 \x01(\x0b\x32\x0f.ef21.v1.ResyncH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*%\n\tValueType\x12\x0b\n\x07\x46LOAT64\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x32\xaf\x01\n\x06Master\x12\x30\n\x04Join\x12\x14.ef21.v1.JoinRequest\x1a\x12.ef21.v1.JoinReply\x12;\n\x05Train\x12\x16.ef21.v1.WorkerMessage\x1a\x16.ef21.v1.MasterMessage(\x01\x30\x01\x12\x36\n\x06Status\x12\x16.ef21.v1.StatusRequest\x1a\x14.ef21.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x66\x32\x31_wire/v1/ef21.proto\x12\x07\x65\x66\x32\x31.v1\"s\n\x0cSparseVector\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0f\n\x07indices\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\r\n\x05\x64\x65nse\x18\x04 \x01(\x08\x12&\n\nvalue_type\x18\x05 \x01(\x0e\x32\x12.ef21.v1.ValueType\"9\n\x0bJoinRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"P\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x01(\r\x12\r\n\x05\x65nded\x18\x04 \x01(\t\"x\n\x05Hello\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0erequested_rank\x18\x02 \x01(\x05\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x04 \x01(\t\x12\x0b\n\x03\x64im\x18\x05 \x01(\x04\x12\x0e\n\x06n_rows\x18\x06 \x01(\x04\"(\n\x07Welcome\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07workers\x18\x02 \x01(\r\"]\n\x05Setup\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nsmoothness\x18\x02 \x01(\x01\x12\x12\n\nshard_rows\x18\x03 \x01(\x04\x12\x0c\n\x04gram\x18\x04 \x01(\x0c\x12\x10\n\x08\x64iagonal\x18\x05 \x01(\x0c\"\xea\x01\n\x05Start\x12\r\n\x05gamma\x18\x01 \x01(\x01\x12\x0e\n\x06x_step\x18\x02 \x01(\x01\x12 \n\x01x\x18\x03 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x16\n\x0e\x63onstants_json\x18\x04 \x01(\t\x12\x16\n\x0e\x63hecksum_every\x18\x05 \x01(\r\x12\x12\n\neval_every\x18\x06 \x01(\r\x12\r\n\x05round\x18\x07 \x01(\x04\x12 \n\x01g\x18\x08 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12+\n\x0cworker_state\x18\t \x01(\x0b\x32\x15.ef21.v1.SparseVector\"o\n\x06Update\x12\r\n\x05round\x18\x01 \x01(\x04\x12&\n\x07message\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\t\n\x01\x66\x18\x04 \x01(\x01\x12\x12\n\ndistortion\x18\x05 \x01(\x01\":\n\x04\x45val\x12\r\n\x05round\x18\x01 \x01(\x04\x12#\n\x04grad\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\"\x89\x01\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\taggregate\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x0c\x12\x0f\n\x07missing\x18\x06 \x03(\r\"[\n\x06Resync\x12\r\n\x05round\x18\x01 \x01(\x04\x12 \n\x01x\x18\x02 \x01(\x0b\x32\x15.ef21.v1.SparseVector\x12 \n\x01g\x18\x03 \x01(\x0b\x32\x15.ef21.v1.SparseVector\"&\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x08\"\x1e\n\rResyncRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\xcd\x01\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.ef21.v1.HelloH\x00\x12\x1f\n\x05setup\x18\x02 \x01(\x0b\x32\x0e.ef21.v1.SetupH\x00\x12!\n\x06update\x18\x03 \x01(\x0b\x32\x0f.ef21.v1.UpdateH\x00\x12\x1d\n\x04\x65val\x18\x04 \x01(\x0b\x32\r.ef21.v1.EvalH\x00\x12\x30\n\x0eresync_request\x18\x05 \x01(\x0b\x32\x16.ef21.v1.ResyncRequestH\x00\x42\x06\n\x04kind\"\xcd\x01\n\rMasterMessage\x12#\n\x07welcome\x18\x01 \x01(\x0b\x32\x10.ef21.v1.WelcomeH\x00\x12\x1f\n\x05start\x18\x02 \x01(\x0b\x32\x0e.ef21.v1.StartH\x00\x12,\n\x0cround_result\x18\x03 \x01(\x0b\x32\x14.ef21.v1.RoundResultH\x00\x12\x1d\n\x04stop\x18\x04 \x01(\x0b\x32\r.ef21.v1.StopH\x00\x12!\n\x06resync\x18\x05 \x01(\x0b\x32\x0f.ef21.v1.ResyncH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*%\n\tValueType\x12\x0b\n\x07\x46LOAT64\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x32\xaf\x01\n\x06Master\x12\x30\n\x04Join\x12\x14.ef21.v1.JoinRequest\x1a\x12.ef21.v1.JoinReply\x12;\n\x05Train\x12\x16.ef21.v1.WorkerMessage\x1a\x16.ef21.v1.MasterMessage(\x01\x30\x01\x12\x36\n\x06Status\x12\x16.ef21.v1.StatusRequest\x1a\x14.ef21.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ef21_wire.v1.ef21_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VALUETYPE']._serialized_start=1715
-  _globals['_VALUETYPE']._serialized_end=1752
+  _globals['_VALUETYPE']._serialized_start=1730
+  _globals['_VALUETYPE']._serialized_end=1767
   _globals['_SPARSEVECTOR']._serialized_start=36
   _globals['_SPARSEVECTOR']._serialized_end=151
   _globals['_JOINREQUEST']._serialized_start=153
   _globals['_JOINREQUEST']._serialized_end=210
   _globals['_JOINREPLY']._serialized_start=212
-  _globals['_JOINREPLY']._serialized_end=277
-  _globals['_HELLO']._serialized_start=279
-  _globals['_HELLO']._serialized_end=399
-  _globals['_WELCOME']._serialized_start=401
-  _globals['_WELCOME']._serialized_end=441
-  _globals['_SETUP']._serialized_start=443
-  _globals['_SETUP']._serialized_end=536
-  _globals['_START']._serialized_start=539
-  _globals['_START']._serialized_end=773
-  _globals['_UPDATE']._serialized_start=775
-  _globals['_UPDATE']._serialized_end=886
-  _globals['_EVAL']._serialized_start=888
-  _globals['_EVAL']._serialized_end=946
-  _globals['_ROUNDRESULT']._serialized_start=949
-  _globals['_ROUNDRESULT']._serialized_end=1086
-  _globals['_RESYNC']._serialized_start=1088
-  _globals['_RESYNC']._serialized_end=1179
-  _globals['_STOP']._serialized_start=1181
-  _globals['_STOP']._serialized_end=1219
-  _globals['_RESYNCREQUEST']._serialized_start=1221
-  _globals['_RESYNCREQUEST']._serialized_end=1251
-  _globals['_WORKERMESSAGE']._serialized_start=1254
-  _globals['_WORKERMESSAGE']._serialized_end=1459
-  _globals['_MASTERMESSAGE']._serialized_start=1462
-  _globals['_MASTERMESSAGE']._serialized_end=1667
-  _globals['_STATUSREQUEST']._serialized_start=1669
-  _globals['_STATUSREQUEST']._serialized_end=1684
-  _globals['_STATUSREPLY']._serialized_start=1686
-  _globals['_STATUSREPLY']._serialized_end=1713
-  _globals['_MASTER']._serialized_start=1755
-  _globals['_MASTER']._serialized_end=1930
+  _globals['_JOINREPLY']._serialized_end=292
+  _globals['_HELLO']._serialized_start=294
+  _globals['_HELLO']._serialized_end=414
+  _globals['_WELCOME']._serialized_start=416
+  _globals['_WELCOME']._serialized_end=456
+  _globals['_SETUP']._serialized_start=458
+  _globals['_SETUP']._serialized_end=551
+  _globals['_START']._serialized_start=554
+  _globals['_START']._serialized_end=788
+  _globals['_UPDATE']._serialized_start=790
+  _globals['_UPDATE']._serialized_end=901
+  _globals['_EVAL']._serialized_start=903
+  _globals['_EVAL']._serialized_end=961
+  _globals['_ROUNDRESULT']._serialized_start=964
+  _globals['_ROUNDRESULT']._serialized_end=1101
+  _globals['_RESYNC']._serialized_start=1103
+  _globals['_RESYNC']._serialized_end=1194
+  _globals['_STOP']._serialized_start=1196
+  _globals['_STOP']._serialized_end=1234
+  _globals['_RESYNCREQUEST']._serialized_start=1236
+  _globals['_RESYNCREQUEST']._serialized_end=1266
+  _globals['_WORKERMESSAGE']._serialized_start=1269
+  _globals['_WORKERMESSAGE']._serialized_end=1474
+  _globals['_MASTERMESSAGE']._serialized_start=1477
+  _globals['_MASTERMESSAGE']._serialized_end=1682
+  _globals['_STATUSREQUEST']._serialized_start=1684
+  _globals['_STATUSREQUEST']._serialized_end=1699
+  _globals['_STATUSREPLY']._serialized_start=1701
+  _globals['_STATUSREPLY']._serialized_end=1728
+  _globals['_MASTER']._serialized_start=1770
+  _globals['_MASTER']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

@@ -37,14 +37,16 @@ class JoinRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "config_json", "workers")
+    __slots__ = ("run_id", "config_json", "workers", "ended")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_json: str
     workers: int
-    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+    ended: str
+    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ..., ended: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("run_id", "requested_rank", "hostname", "data_fingerprint", "dim", "n_rows")
