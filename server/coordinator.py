@@ -212,7 +212,8 @@ class Coordinator:
         if self.faults.get(host, 0) >= self.opts.max_faults:
             raise Refusal("PERMISSION_DENIED", f"{host} sent {self.faults[host]} bad messages; it may not rejoin")
         if msg.run_id != self.run_id:
-            raise Refusal("FAILED_PRECONDITION", f"run id {msg.run_id!r} is not this run ({self.run_id}); join again")
+            # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
+            raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({self.run_id}); join again")
         if self.state not in ("waiting", "running"):
             raise Refusal("FAILED_PRECONDITION", f"the run is {self.state}; it takes no new workers")
         if self.reference is None:
@@ -227,14 +228,14 @@ class Coordinator:
                 f"{msg.n_rows} rows) but the run's has {ref_fp} (d={ref_d}, {ref_rows} rows)",
             )
         free = self.free_ranks()
-        if not free:
-            raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         rank = msg.requested_rank
         if rank >= 0:
             if rank >= self.n:
                 raise Refusal("INVALID_ARGUMENT", f"rank {rank} out of range (workers = {self.n})")
             if rank not in free:
                 raise Refusal("ALREADY_EXISTS", f"rank {rank} is taken")
+        elif not free:
+            raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         else:
             rank = free[0]
         session = WorkerSession(rank, peer, msg.hostname)

@@ -47,6 +47,12 @@ def test_compose_commands_are_accepted_by_our_cli():
     health = " ".join(services["master"]["healthcheck"]["test"])
     assert f"127.0.0.1:{m.status_port}/healthz" in health
     assert services["worker"]["depends_on"]["master"]["condition"] == "service_healthy"
+    # The run token travels as a secret that both services mount and read.
+    secrets = compose()["secrets"]
+    assert set(secrets) == {"ef21_token"} and secrets["ef21_token"]["file"] == "./secrets/ef21_token"
+    for svc, ns in (("master", m), ("worker", w)):
+        assert services[svc]["secrets"] == ["ef21_token"]
+        assert str(ns.token_file) == "/run/secrets/ef21_token" and ns.token is None
 
 
 def test_dockerfile_installs_the_package_and_exposes_the_ports():

@@ -191,6 +191,7 @@ async def run_worker(opts: WorkerOptions) -> str:
         stub = MasterStub(channel)
         last_break = 0.0
         delay = 0.2
+        unstarted_since: float | None = None  # since when attempts fail before this worker gets a Start
         while True:
             reply = await join_with_backoff(stub, opts)
             if reply.ended:
@@ -219,6 +220,12 @@ async def run_worker(opts: WorkerOptions) -> str:
                 call.cancel()
                 await stream.close()
             rank = session.rank if session.rank is not None else rank
+            if session.started:
+                unstarted_since = None
+            elif unstarted_since is None:
+                unstarted_since = time.monotonic()
+            elif time.monotonic() - unstarted_since > opts.connect_timeout:
+                raise WorkerFailure(f"could not take part in the run for {opts.connect_timeout:g} s: {why}")
             # Back off when the breaks come fast (e.g. our rank is still held by the connection that just died).
             delay = min(delay * 2, 5.0) if time.monotonic() - last_break < 10 else 0.2
             last_break = time.monotonic()
@@ -229,6 +236,7 @@ async def run_worker(opts: WorkerOptions) -> str:
 @dataclass
 class _Session:
     rank: int | None
+    started: bool = False
 
 
 async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp: str, d: int, n_rows: int,
@@ -253,6 +261,7 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
     if msg.WhichOneof("kind") != "start":
         raise WorkerFailure(f"expected Start, got {msg.WhichOneof('kind')}")
     node = _node_from_start(msg.start, cfg, obj, rank, d)
+    session.started = True
     eval_every = max(1, msg.start.eval_every)
     pause = random.Random(f"{rank}:{time.time_ns()}")
     while True:
