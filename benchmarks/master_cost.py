@@ -1,0 +1,69 @@
+"""Master cost per round for EF21: O(n·k + d), never O(n·d); aggregation against one vectorised scatter-add.
+
+The master's work on a round is ``MasterNode.aggregate`` (fold n sparse messages into the sum, update the
+per-worker copies of g_i, apply to x and g) plus decoding. This script times it directly, without the network,
+for growing d and n at fixed k, and compares the folding of n messages with one ``np.add.at`` of all their
+entries. It also reports the memory the master holds against (n + 3)·8·d bytes.
+
+    python benchmarks/master_cost.py [--smoke] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import timeit
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+from ef21.compressors import TopK  # noqa: E402
+from ef21.engine import MasterNode  # noqa: E402
+from ef21.methods import EF21, Message  # noqa: E402
+from ef21.sparse import sparse_sum  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    k = 100
+    grid = ([(10_000, 4)] if args.smoke else
+            [(d, n) for d in (10_000, 100_000, 1_000_000, 10_000_000) for n in (4, 16, 64) if d * n <= 2 * 10**8])
+    rows, results = [], []
+    for d, n in grid:
+        msgs = [Message(TopK(k)(rng.standard_normal(d))) for _ in range(n)]
+        tracemalloc.start()
+        master = MasterNode(EF21(), n, np.zeros(d), gamma=0.1)
+        master.aggregate(msgs)  # warm-up; also the first allocation of everything it holds
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        number = 5 if d >= 1_000_000 else 50
+        t_round = min(timeit.repeat(lambda: master.aggregate(msgs), number=number, repeat=3)) / number
+        t_fold = min(timeit.repeat(lambda: sparse_sum([m.vector for m in msgs], d), number=number,
+                                   repeat=3)) / number
+        all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
+        all_val = np.concatenate([m.vector.values for m in msgs])
+        acc = np.zeros(d)
+
+        def scatter() -> None:
+            np.add.at(acc, all_idx, all_val)
+
+        t_scatter = min(timeit.repeat(scatter, number=number, repeat=3)) / number
+        target = (n + 3) * 8 * d
+        rows.append([d, n, t_round * 1e3, t_fold * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target])
+        results.append({"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3,
+                        "scatter_add_ms": t_scatter * 1e3, "held_bytes": held, "target_bytes": target})
+    print(f"EF21 master, Top-{k} messages: time per round and memory held")
+    print_table(["d", "n", "round ms", "fold ms", "scatter-add ms", "fold/scatter", "mem/(n+3)8d"], rows)
+    write_json(args.json, "master_cost", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Wire efficiency: bytes per message against the payload, and codec speed against a plain numpy copy.
+
+Uplink: the serialized WorkerMessage(Update) of a Top-k message plus gRPC's 5-byte frame prefix, against the
+payload 12·k bytes (uint32 index + float64 value). Downlink: the RoundResult of n workers' messages against the
+number of distinct indices in the round, at two dimensions, to show that it does not grow with d. Speed: encode
+(SparseVector → protobuf bytes) and decode (bytes → validated SparseVector) against copying the same bytes
+with numpy.
+
+    python benchmarks/wire.py [--smoke] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import timeit
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+from ef21.compressors import TopK  # noqa: E402
+from ef21.methods import EF21, Message  # noqa: E402
+from ef21_wire.protocol import GRPC_FRAME_BYTES  # noqa: E402
+from ef21_wire.serde import vector_from_proto, vector_to_proto  # noqa: E402
+from ef21_wire.v1 import ef21_pb2 as pb  # noqa: E402
+
+
+def update_bytes(vec, round_: int = 12345) -> bytes:
+    return pb.WorkerMessage(update=pb.Update(round=round_, message=vector_to_proto(vec), f=0.693147,
+                                             distortion=1.5e-3)).SerializeToString()
+
+
+def best(fn, number: int) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    d = 100_000 if args.smoke else 1_000_000
+    ks = [1, 100] if args.smoke else [1, 10, 100, 1000, 10_000, 100_000]
+
+    up_rows, speed_rows, results = [], [], []
+    for k in ks:
+        vec = TopK(k)(rng.standard_normal(d))
+        raw = update_bytes(vec)
+        wire = len(raw) + GRPC_FRAME_BYTES
+        payload = 12 * k
+        up_rows.append([k, payload, wire, wire / payload, wire / k])
+        # Speed: encode and decode against copying the same index and value bytes with numpy.
+        idx, val = vec.indices, vec.values
+        n_iter = max(20, 200_000 // k)
+        t_copy = best(lambda: (idx.copy(), val.copy()), n_iter)
+        t_enc = best(lambda: update_bytes(vec), n_iter)
+
+        def decode() -> None:
+            m = pb.WorkerMessage.FromString(raw)
+            vector_from_proto(m.update.message, expected_dim=d)
+
+        t_dec = best(decode, n_iter)
+        speed_rows.append([k, t_copy * 1e6, t_enc * 1e6, t_dec * 1e6, t_copy / t_enc, t_copy / t_dec])
+        results.append({"k": k, "d": d, "payload": payload, "uplink_wire_bytes": wire, "ratio": wire / payload,
+                        "copy_us": t_copy * 1e6, "encode_us": t_enc * 1e6, "decode_us": t_dec * 1e6})
+
+    print(f"Uplink Update message, Top-k of d = {d} (float64 values, uint32 indices)")
+    print_table(["k", "payload B", "wire B", "wire/payload", "B/entry"], up_rows)
+    print("\nCodec speed (best of 5; microseconds per message) against a numpy copy of the same arrays")
+    print_table(["k", "copy us", "encode us", "decode us", "copy/encode", "copy/decode"], speed_rows)
+
+    # Downlink: n workers' EF21 messages aggregated; bytes follow the distinct indices, not d.
+    n, k = 8, 100 if args.smoke else 1000
+    down_rows = []
+    for dim in (d // 10, d):
+        grads = [rng.standard_normal(dim) for _ in range(n)]
+        msgs = [Message(TopK(k)(g)) for g in grads]
+        down = EF21().master_aggregate(np.zeros((n, dim)), msgs, dim)
+        raw = pb.MasterMessage(round_result=pb.RoundResult(round=1, aggregate=vector_to_proto(down.vector),
+                                                           scale=1 / n)).SerializeToString()
+        distinct = down.vector.nnz
+        down_rows.append([dim, n, k, distinct, len(raw) + GRPC_FRAME_BYTES, (len(raw) + GRPC_FRAME_BYTES) / distinct])
+        results.append({"downlink_d": dim, "n": n, "k": k, "distinct": distinct,
+                        "downlink_wire_bytes": len(raw) + GRPC_FRAME_BYTES})
+    print(f"\nDownlink RoundResult, {n} workers' Top-{k} messages")
+    print_table(["d", "n", "k", "distinct idx", "wire B", "B/idx"], down_rows)
+    write_json(args.json, "wire", results)
+
+
+if __name__ == "__main__":
+    main()
