@@ -23,14 +23,17 @@ from common import print_table, write_json  # noqa: E402
 
 from ef21.compressors import TopK  # noqa: E402
 from ef21.methods import EF21, Message  # noqa: E402
+from ef21.engine import WorkerReport  # noqa: E402
 from ef21_wire.protocol import GRPC_FRAME_BYTES  # noqa: E402
+from ef21_worker.client import update_message  # noqa: E402
 from ef21_wire.serde import vector_from_proto, vector_to_proto  # noqa: E402
 from ef21_wire.v1 import ef21_pb2 as pb  # noqa: E402
 
 
 def update_bytes(vec, round_: int = 12345) -> bytes:
-    return pb.WorkerMessage(update=pb.Update(round=round_, message=vector_to_proto(vec), f=0.693147,
-                                             distortion=1.5e-3)).SerializeToString()
+    """Exactly what a worker sends: ``worker.client.update_message`` of a report with this vector."""
+    report = WorkerReport(round_, Message(vec), 0.693147, np.zeros(0), 1.5e-3)
+    return update_message(report).SerializeToString()
 
 
 def best(fn, number: int) -> float:

@@ -38,14 +38,22 @@ def encode(v: SparseVector, *, float32: bool = False) -> EncodedVector:
 
 
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
-    """Bytes back to a SparseVector (values as float64), or CodecError saying what is wrong."""
+    """Bytes back to a SparseVector (values as float64), or CodecError saying what is wrong.
+
+    Each check is one vectorised pass over the arrays: this runs on every message the master receives.
+    """
     if e.dim != expected_dim:
         raise CodecError(f"dimension {e.dim} != {expected_dim}")
     width = 4 if e.float32 else 8
     if len(e.values) % width:
         raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
-    vals = np.frombuffer(e.values, dtype=F32 if e.float32 else VALUE_DTYPE).astype(np.float64)
-    if not np.all(np.isfinite(vals)):
+    if e.float32:
+        vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
+    else:
+        vals = np.frombuffer(e.values, dtype=VALUE_DTYPE).copy()  # writable, and no longer tied to the message
+    # A sum is non-finite iff some entry is NaN/Inf (or it overflows, which only finite huge values do: those are
+    # then checked one by one).
+    if vals.shape[0] and not np.isfinite(vals.sum()) and not np.isfinite(vals).all():
         raise CodecError("non-finite value (NaN or Inf)")
     if e.dense:
         if e.indices:
@@ -56,15 +64,15 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
     if len(e.indices) % 4:
         raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
     idx = np.frombuffer(e.indices, dtype=INDEX_DTYPE)
-    if idx.shape[0] != vals.shape[0]:
-        raise CodecError(f"{idx.shape[0]} indices but {vals.shape[0]} values")
-    if max_nnz is not None and idx.shape[0] > max_nnz:
-        raise CodecError(f"{idx.shape[0]} entries, at most {max_nnz} allowed")
-    if idx.shape[0]:
-        if int(idx[-1]) >= expected_dim or int(idx.max()) >= expected_dim:
-            raise CodecError(f"index {int(idx.max())} out of range for dimension {expected_dim}")
-        if idx.shape[0] > 1 and not np.all(idx[1:] > idx[:-1]):
-            raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
+    n = idx.shape[0]
+    if n != vals.shape[0]:
+        raise CodecError(f"{n} indices but {vals.shape[0]} values")
+    if max_nnz is not None and n > max_nnz:
+        raise CodecError(f"{n} entries, at most {max_nnz} allowed")
+    if n > 1 and not (idx[1:] > idx[:-1]).all():
+        raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
+    if n and int(idx[-1]) >= expected_dim:  # increasing, so the last is the largest
+        raise CodecError(f"index {int(idx[-1])} out of range for dimension {expected_dim}")
     return SparseVector(expected_dim, idx, vals)
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 # Above this dimension λ_max(AᵀA) is found by power iteration on A instead of an eigensolver on the d×d Gram.
-_GRAM_MAX_D = 2048
+GRAM_MAX_D = 2048
 
 
 class Objective(Protocol):
@@ -36,7 +36,7 @@ class Objective(Protocol):
 def lambda_max_gram(A: np.ndarray, iters: int = 500, tol: float = 1e-12, seed: int = 0) -> float:
     """Largest eigenvalue of AᵀA (= ‖A‖₂²)."""
     d = A.shape[1]
-    if d <= _GRAM_MAX_D:
+    if d <= GRAM_MAX_D:
         return float(np.linalg.eigvalsh(A.T @ A)[-1])
     v = np.random.default_rng(seed).standard_normal(d)
     v /= np.linalg.norm(v)
@@ -61,18 +61,10 @@ def logistic_loss_and_slope(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return loss, slope
 
 
-@dataclass
-class LogisticRegression:
-    """f_i(x) = mean_j log(1 + exp(−y_j a_jᵀx)) + λ Σ_l x_l²/(1 + x_l²), the paper's nonconvex-regularized loss.
-
-    L_i = λ_max(A_iᵀA_i/(4N_i)) + 2λ: the logistic part's Hessian is AᵀDA/N with D ≤ 1/4, and the regularizer's
-    second derivative λ(2 − 6x²)/(1 + x²)³ lies in [−λ/2, 2λ].
-    """
+class _DesignMatrix:
+    """What objectives over a data matrix A (N_i × d) share."""
 
     A: np.ndarray
-    y: np.ndarray
-    lam: float = 0.1
-    _L: float | None = field(default=None, repr=False)
 
     @property
     def d(self) -> int:
@@ -83,10 +75,30 @@ class LogisticRegression:
         return self.A.shape[0]
 
     def value(self, x: np.ndarray) -> float:
-        return self.value_and_grad(x)[0]
+        return self.value_and_grad(x)[0]  # type: ignore[attr-defined]
 
     def grad(self, x: np.ndarray) -> np.ndarray:
-        return self.value_and_grad(x)[1]
+        return self.value_and_grad(x)[1]  # type: ignore[attr-defined]
+
+    def gram(self) -> np.ndarray | None:
+        return self.A.T @ self.A if self.d <= GRAM_MAX_D else None
+
+    def diagonal(self) -> None:
+        return None
+
+
+@dataclass
+class LogisticRegression(_DesignMatrix):
+    """f_i(x) = mean_j log(1 + exp(−y_j a_jᵀx)) + λ Σ_l x_l²/(1 + x_l²), the paper's nonconvex-regularized loss.
+
+    L_i = λ_max(A_iᵀA_i/(4N_i)) + 2λ: the logistic part's Hessian is AᵀDA/N with D ≤ 1/4, and the regularizer's
+    second derivative λ(2 − 6x²)/(1 + x²)³ lies in [−λ/2, 2λ].
+    """
+
+    A: np.ndarray
+    y: np.ndarray
+    lam: float = 0.1
+    _L: float | None = field(default=None, repr=False)
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         m = self.y * (self.A @ x)
@@ -104,15 +116,9 @@ class LogisticRegression:
             self._L = lambda_max_gram(self.A) / (4.0 * self.n_rows) + 2.0 * self.lam
         return self._L
 
-    def gram(self) -> np.ndarray | None:
-        return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
-
-    def diagonal(self) -> None:
-        return None
-
 
 @dataclass
-class LeastSquares:
+class LeastSquares(_DesignMatrix):
     """f_i(x) = (1/N_i)‖A_i x − b_i‖², gradient (2/N_i)A_iᵀ(A_i x − b_i), L_i = λ_max(2A_iᵀA_i/N_i).
 
     This is the loss as the official code writes it, with its true gradient and smoothness (the B&W repository's
@@ -123,21 +129,6 @@ class LeastSquares:
     b: np.ndarray
     _L: float | None = field(default=None, repr=False)
 
-    @property
-    def d(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def n_rows(self) -> int:
-        return self.A.shape[0]
-
-    def value(self, x: np.ndarray) -> float:
-        r = self.A @ x - self.b
-        return float(r @ r) / self.n_rows
-
-    def grad(self, x: np.ndarray) -> np.ndarray:
-        return self.value_and_grad(x)[1]
-
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         r = self.A @ x - self.b
         return float(r @ r) / self.n_rows, (2.0 / self.n_rows) * (self.A.T @ r)
@@ -146,12 +137,6 @@ class LeastSquares:
         if self._L is None:
             self._L = 2.0 * lambda_max_gram(self.A) / self.n_rows
         return self._L
-
-    def gram(self) -> np.ndarray | None:
-        return self.A.T @ self.A if self.d <= _GRAM_MAX_D else None
-
-    def diagonal(self) -> None:
-        return None
 
 
 @dataclass

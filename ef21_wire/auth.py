@@ -13,6 +13,14 @@ TOKEN_ENV = "EF21_TOKEN"
 HEADER = "authorization"
 
 
+def read_credential(path: Path, flag: str) -> bytes:
+    """A certificate, key or CA file, or a one-line UserError naming the flag."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+
+
 def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     """--token, else --token-file (e.g. a Docker/Kubernetes secret), else $EF21_TOKEN, else None."""
     if token and token_file:

@@ -19,6 +19,18 @@ def vector_to_proto(v: SparseVector, *, float32: bool = False) -> pb.SparseVecto
                            value_type=pb.FLOAT32 if float32 else pb.FLOAT64)
 
 
+def fill_vector(dst: pb.SparseVector, v: SparseVector, *, float32: bool = False) -> None:
+    """Write v into a field of a message under construction: no intermediate message, so each array is copied
+    once into the protobuf and once more by serialization (building a submessage and assigning it copies it)."""
+    e = encode(v, float32=float32)
+    dst.dim = e.dim
+    dst.indices = e.indices
+    dst.values = e.values
+    dst.dense = e.dense
+    if float32:
+        dst.value_type = pb.FLOAT32
+
+
 def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
     """Decode and validate (raises ef21.codec.CodecError)."""
     e = EncodedVector(int(m.dim), m.indices, m.values, m.dense, m.value_type == pb.FLOAT32)

@@ -29,11 +29,12 @@ from ef21.methods import Message, make_method
 from ef21.problem import (
     global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_mean, sum_in_rank_order,
 )
+from ef21.sparse import SparseVector
 from ef21.runlog import JsonlWriter, ensure_parent
 from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, resolve_method, stop_check
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
-from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
+from ef21_wire.serde import dense_to_proto, fill_vector, state_checksum, vector_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import checkpoint
@@ -351,16 +352,19 @@ class Coordinator:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {self.round}")
         return True
 
+    def _decode(self, vec: pb.SparseVector, what: str) -> SparseVector:
+        assert self.d is not None
+        try:
+            return vector_from_proto(vec, expected_dim=self.d)
+        except CodecError as exc:
+            raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
+
     def update(self, s: WorkerSession, msg: pb.Update, nbytes: int) -> None:
         if not self._check_stream_round(s, msg.round, "Update"):
             return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
-        assert self.d is not None
-        try:
-            vec = vector_from_proto(msg.message, expected_dim=self.d)
-        except CodecError as exc:
-            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: {exc}") from None
+        vec = self._decode(msg.message, f"Update round {msg.round}")
         if not (math.isfinite(msg.f) and math.isfinite(msg.distortion)):
             raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite f or distortion")
         self.updates[s.rank] = (Message(vec, msg.replace), msg.f, msg.distortion, nbytes)
@@ -371,13 +375,9 @@ class Coordinator:
             return
         if not self.is_eval_round(msg.round) or s.rank in self.evals or s.rank not in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
-        assert self.d is not None
-        try:
-            grad = vector_from_proto(msg.grad, expected_dim=self.d)
-        except CodecError as exc:
-            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: {exc}") from None
+        grad = self._decode(msg.grad, f"Eval round {msg.round}")
         if not grad.is_dense:
-            raise Refusal("INVALID_ARGUMENT", "Eval carries a dense gradient")
+            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the gradient must be dense")
         self.evals[s.rank] = (grad.values, nbytes)
         self.wake.set()
 
@@ -506,10 +506,12 @@ class Coordinator:
             checksum = b""
             if self.round % self.opts.checksum_every == 0:
                 checksum = state_checksum(self.master.replica.x, self.master.replica.g)
-            raw = pb.MasterMessage(round_result=pb.RoundResult(
-                round=t, aggregate=vector_to_proto(down.vector), replace=down.mode == "replace", scale=down.scale,
-                checksum=checksum, missing=rec.missing or [],
-            )).SerializeToString()
+            out = pb.MasterMessage()
+            rr = out.round_result
+            rr.round, rr.replace, rr.scale, rr.checksum = t, down.mode == "replace", down.scale, checksum
+            rr.missing.extend(rec.missing or [])
+            fill_vector(rr.aggregate, down.vector)
+            raw = out.SerializeToString()
             for s in self.sessions.values():
                 if s.state == "running":
                     s.send(raw)

@@ -9,13 +9,7 @@ from pathlib import Path
 import grpc
 
 from ef21.errors import UserError
-
-
-def _read(path: Path, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+from ef21_wire.auth import read_credential
 
 
 @dataclass(frozen=True)
@@ -45,9 +39,9 @@ class ServerSecurity:
         if not self.tls:
             return None
         assert self.tls_cert is not None and self.tls_key is not None
-        ca = None if self.tls_ca is None else _read(self.tls_ca, "--tls-ca")
+        ca = None if self.tls_ca is None else read_credential(self.tls_ca, "--tls-ca")
         return grpc.ssl_server_credentials(
-            [(_read(self.tls_key, "--tls-key"), _read(self.tls_cert, "--tls-cert"))],
+            [(read_credential(self.tls_key, "--tls-key"), read_credential(self.tls_cert, "--tls-cert"))],
             root_certificates=ca, require_client_auth=ca is not None)
 
     def http_ssl_context(self) -> ssl.SSLContext | None:

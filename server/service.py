@@ -14,6 +14,7 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from ef21.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
 from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
 from ef21_wire.v1 import ef21_pb2 as pb
@@ -25,8 +26,10 @@ log = logging.getLogger("ef21.master")
 
 
 def max_worker_message_bytes(d: int) -> int:
-    """The largest WorkerMessage a worker may send for dimension d: a d×d Gram in Setup, or a dense vector."""
-    return 8 * d * d + 16 * d + 64 * 1024
+    """The largest WorkerMessage a worker may send for dimension d: a d×d Gram in Setup (only sent for
+    d ≤ GRAM_MAX_D), or a dense vector; never above what gRPC and protobuf can carry (2 GiB − 1)."""
+    gram = 8 * d * d if d <= GRAM_MAX_D else 0
+    return min(gram + 16 * d + 64 * 1024, 2**31 - 1)
 
 
 class MasterService:

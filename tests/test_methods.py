@@ -174,3 +174,20 @@ def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
     ef = simulate(RunConfig(method="ef", stepsize_mult=64, **common))
     assert ef.stop_reason == "rounds"
     assert min(rec.grad_norm_sq for rec in ef.records) > 1e-4
+
+
+def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
+    from ef21.compressors import TopK
+    from ef21.sparse import sparse_sum
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        d = int(rng.integers(5, 3000))  # both the sorted (few entries) and the dense-mask (many) paths
+        vecs = [TopK(int(rng.integers(1, d + 1)))(rng.standard_normal(d) * 10.0 ** rng.integers(-8, 8))
+                for _ in range(int(rng.integers(1, 9)))]
+        acc = np.zeros(d)
+        for v in vecs:
+            acc[v.indices] += v.values
+        s = sparse_sum(vecs, d)
+        assert np.array_equal(s.indices, np.unique(np.concatenate([v.indices for v in vecs])))
+        assert s.to_dense().tobytes() == acc.tobytes()

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from ef21.errors import UserError
-from ef21_wire.auth import token_metadata
+from ef21_wire.auth import read_credential, token_metadata
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # A worker may wait minutes for a slow round; pings keep NATs from dropping the connection and detect a
@@ -23,12 +23,7 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 
 
 def _read(path: Path | None, flag: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    return None if path is None else read_credential(path, flag)
 
 
 @dataclass(frozen=True)

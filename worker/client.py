@@ -22,13 +22,14 @@ from google.protobuf.message import DecodeError
 from ef21.codec import CodecError
 from ef21.config import RunConfig
 from ef21.data import Dataset, fingerprint, load_dataset
-from ef21.engine import WorkerNode
+from ef21.engine import WorkerNode, WorkerReport
+from ef21.sparse import SparseVector
 from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.problem import local_objective
 from ef21.simulate import resolve_method
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
-from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
+from ef21_wire.serde import fill_vector, state_checksum, vector_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -269,11 +270,12 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         m = report.message
         if opts.delay > 0:
             await asyncio.sleep(pause.uniform(0.0, opts.delay))
-        await st.send(pb.WorkerMessage(update=pb.Update(
-            round=report.round, message=vector_to_proto(m.vector), replace=m.replace, f=report.f,
-            distortion=report.distortion)))
+        await st.send(update_message(report))
         if is_eval_round(report.round, eval_every, cfg.rounds):
-            await st.send(pb.WorkerMessage(eval=pb.Eval(round=report.round, grad=dense_to_proto(report.grad))))
+            ev = pb.WorkerMessage()
+            ev.eval.round = report.round
+            fill_vector(ev.eval.grad, SparseVector.dense(report.grad))
+            await st.send(ev)
         msg = await st.recv()
         kind = msg.WhichOneof("kind")
         if kind == "stop":
@@ -289,6 +291,18 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=rank not in rr.missing)
         if rr.checksum and rr.checksum != state_checksum(node.replica.x, node.replica.g):
             await _resync(st, node, d)
+
+
+def update_message(report: WorkerReport) -> pb.WorkerMessage:
+    """The uplink of one round, built in place (see ``fill_vector``)."""
+    msg = pb.WorkerMessage()
+    u = msg.update
+    u.round = report.round
+    fill_vector(u.message, report.message.vector)
+    u.replace = report.message.replace
+    u.f = report.f
+    u.distortion = report.distortion
+    return msg
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:

@@ -1,0 +1,23 @@
+"""The benchmark scripts still run (tiny sizes), so they do not rot. Their numbers are not checked here."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py"])
+def test_benchmark_smoke(script, tmp_path):
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["results"] and doc["date"]
