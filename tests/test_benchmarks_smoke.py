@@ -13,11 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py"])
+@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py", "constrained_link.py"])
 def test_benchmark_smoke(script, tmp_path):
     out = tmp_path / "out.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
-                       capture_output=True, text=True, timeout=200)
+    extra = ["--out", str(tmp_path / "cl")] if script == "constrained_link.py" else []
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],
+                       capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert doc["results"] and doc["date"]
