@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
+import timeit
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+
+def base_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The flags every benchmark has: --smoke (tiny, as CI runs it) and --json PATH."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return ap
+
+
+def best_time(fn: Callable[[], object], number: int, repeat: int = 5) -> float:
+    """Seconds per call, the best of ``repeat`` batches: the least disturbed by a shared, noisy machine."""
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -10,16 +10,14 @@ entries. It also reports the memory the master holds against (n + 3)·8·d bytes
 
 from __future__ import annotations
 
-import argparse
 import sys
-import timeit
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
 from ef21.compressors import TopK  # noqa: E402
 from ef21.engine import MasterNode  # noqa: E402
@@ -28,10 +26,7 @@ from ef21.sparse import sparse_sum  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    args = base_parser(__doc__).parse_args()
     rng = np.random.default_rng(0)
     grid = ([(10_000, 4, 100)] if args.smoke else
             [(d, n, k) for d in (10_000, 100_000, 1_000_000, 10_000_000) for n in (4, 16, 64)
@@ -45,9 +40,8 @@ def main() -> None:
         held = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         number = 5 if d >= 1_000_000 else 50
-        t_round = min(timeit.repeat(lambda: master.aggregate(msgs), number=number, repeat=3)) / number
-        t_fold = min(timeit.repeat(lambda: sparse_sum([m.vector for m in msgs], d), number=number,
-                                   repeat=3)) / number
+        t_round = best_time(lambda: master.aggregate(msgs), number, repeat=3)
+        t_fold = best_time(lambda: sparse_sum([m.vector for m in msgs], d), number, repeat=3)
         all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
         all_val = np.concatenate([m.vector.values for m in msgs])
         acc = np.zeros(d)
@@ -55,7 +49,7 @@ def main() -> None:
         def scatter() -> None:
             np.add.at(acc, all_idx, all_val)
 
-        t_scatter = min(timeit.repeat(scatter, number=number, repeat=3)) / number
+        t_scatter = best_time(scatter, number, repeat=3)
         target = (n + 3) * 8 * d
         rows.append([d, n, k, t_round * 1e3, t_fold * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target])
         results.append({"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3,

@@ -11,15 +11,13 @@ with numpy.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import timeit
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
 from ef21.compressors import TopK  # noqa: E402
 from ef21.methods import EF21, Message  # noqa: E402
@@ -36,15 +34,8 @@ def update_bytes(vec, round_: int = 12345) -> bytes:
     return update_message(report).SerializeToString()
 
 
-def best(fn, number: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    args = base_parser(__doc__).parse_args()
     rng = np.random.default_rng(0)
     d = 100_000 if args.smoke else 1_000_000
     ks = [1, 100] if args.smoke else [1, 10, 100, 1000, 10_000, 100_000]
@@ -59,14 +50,14 @@ def main() -> None:
         # Speed: encode and decode against copying the same index and value bytes with numpy.
         idx, val = vec.indices, vec.values
         n_iter = max(20, 200_000 // k)
-        t_copy = best(lambda: (idx.copy(), val.copy()), n_iter)
-        t_enc = best(lambda: update_bytes(vec), n_iter)
+        t_copy = best_time(lambda: (idx.copy(), val.copy()), n_iter)
+        t_enc = best_time(lambda: update_bytes(vec), n_iter)
 
         def decode() -> None:
             m = pb.WorkerMessage.FromString(raw)
             vector_from_proto(m.update.message, expected_dim=d)
 
-        t_dec = best(decode, n_iter)
+        t_dec = best_time(decode, n_iter)
         speed_rows.append([k, t_copy * 1e6, t_enc * 1e6, t_dec * 1e6, t_copy / t_enc, t_copy / t_dec])
         results.append({"k": k, "d": d, "payload": payload, "uplink_wire_bytes": wire, "ratio": wire / payload,
                         "copy_us": t_copy * 1e6, "encode_us": t_enc * 1e6, "decode_us": t_dec * 1e6})

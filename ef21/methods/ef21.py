@@ -12,16 +12,16 @@ from typing import Sequence
 
 import numpy as np
 
+from ..sparse import SparseVector
 from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
 
 
-def initial_estimate(grad: np.ndarray, ctx: WorkerContext) -> Message:
-    """g_i⁰: the uncompressed local gradient (``full``, the official experiments) or C(∇f_i(x⁰)) (Algorithm 1)."""
-    from ..sparse import SparseVector
-
-    if ctx.init == "full":
-        return Message(SparseVector.dense(grad.copy()), replace=True)
-    return Message(ctx.compressor(grad, ctx.rng), replace=True)
+def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool) -> tuple[Message, np.ndarray, float]:
+    """Round 0: g_i⁰ is the uncompressed local gradient (``full``, the official experiments) or C(∇f_i(x⁰))
+    (Algorithm 1). Sent whole, since g_i starts from 0 on the master as well."""
+    vec = SparseVector.dense(grad.copy()) if ctx.init == "full" else ctx.compressor(grad, ctx.rng)
+    g_new = vec.to_dense()
+    return Message(vec, replace=replace), g_new, sq_dist(g_new, grad)
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,7 @@ class EF21:
         self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext
     ) -> tuple[Message, np.ndarray, float]:
         if g_i is None:
-            msg = initial_estimate(grad, ctx)
-            g_new = msg.vector.to_dense()
-            return Message(msg.vector), g_new, sq_dist(g_new, grad)
+            return initial_step(grad, ctx, replace=False)
         c = ctx.compressor(grad - g_i, ctx.rng)
         g_new = g_i.copy()
         c.add_to(g_new)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..sparse import SparseVector
 from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
-from .ef21 import initial_estimate
+from .ef21 import initial_step
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class EF21Plus:
         self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext
     ) -> tuple[Message, np.ndarray, float]:
         if g_i is None:
-            msg = initial_estimate(grad, ctx)
-            g_new = msg.vector.to_dense()
-            return msg, g_new, sq_dist(g_new, grad)
+            return initial_step(grad, ctx, replace=True)
         b = ctx.compressor(grad, ctx.rng)
         c = ctx.compressor(grad - g_i, ctx.rng)
         m = g_i.copy()
