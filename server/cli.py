@@ -100,8 +100,9 @@ def print_summary(master: Master) -> None:
     if rec is None:
         print(f"run {c.state}: {c.stop_message}")
         return
-    g = "n/a" if c.last_grad_norm_sq is None else f"{c.last_grad_norm_sq:.6e}"
-    print(f"round {rec.round}: f={rec.f:.10g} |grad f|^2={g} G={rec.G:.3e} bits/worker={rec.bits_per_worker:.0f} "
+    # f and G are unknown (None) when the last round left workers out.
+    print(f"round {rec.round}: f={_fmt(rec.f, '.10g')} |grad f|^2={_fmt(c.last_grad_norm_sq, '.6e')} "
+          f"G={_fmt(rec.G, '.3e')} bits/worker={rec.bits_per_worker:.0f} "
           f"wire up={rec.wire_bytes_up} B down={rec.wire_bytes_down} B ({c.stop_message})")
 
 

@@ -289,7 +289,8 @@ class Coordinator:
         log.warning("rank %d lost: %s", s.rank, why)
         self.wake.set()
 
-    def fault(self, s: WorkerSession | None, peer: str) -> None:
+    def fault(self, peer: str) -> None:
+        """A refused message: charged to the sending host (see --max-faults)."""
         host = peer_host(peer)
         self.faults[host] = self.faults.get(host, 0) + 1
 

@@ -37,7 +37,6 @@ class MasterService:
         self.coord = coord
         self.token = token
         self.handshake_timeout = handshake_timeout
-        self._streams: set[asyncio.Task] = set()
 
     async def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
         if self.token is None or token_matches(self.token, context.invocation_metadata()):
@@ -72,7 +71,6 @@ class MasterService:
         """One worker's stream: handshake, then a reader task feeding the coordinator while this task writes."""
         await self._authorize(context, "Train")
         session: WorkerSession | None = None
-        self._streams.add(asyncio.current_task())  # type: ignore[arg-type]
         reader: asyncio.Task | None = None
         try:
             it = requests.__aiter__()
@@ -102,7 +100,7 @@ class MasterService:
             log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
                         r.message)
             if session is not None or r.code == "INVALID_ARGUMENT":
-                self.coord.fault(session, context.peer())
+                self.coord.fault(context.peer())
             if session is not None:
                 self.coord.lost(session, r.message)
             await context.abort(getattr(grpc.StatusCode, r.code), r.message)
@@ -111,7 +109,6 @@ class MasterService:
                 reader.cancel()
             if session is not None:
                 self.coord.lost(session, "stream closed")
-            self._streams.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _read(self, it: AsyncIterator[bytes], s: WorkerSession) -> None:
         """Feed one stream's messages to the coordinator; on a refusal, end the stream with its status."""

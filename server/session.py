@@ -53,6 +53,7 @@ class WorkerSession:
             "address": self.peer,
             "hostname": self.hostname,
             "state": self.state,
+            "connected_at": self.connected_at,
             "last_seen": self.last_seen,
             "last_seen_ago_s": round(now - self.last_seen, 3),
             "rounds_done": self.rounds_done,

@@ -99,7 +99,6 @@ class Stream:
     def __init__(self, call: grpc.aio.StreamStreamCall, reply_timeout: float) -> None:
         self.call = call
         self.reply_timeout = reply_timeout
-        self.bytes_up = 0
         self._inbox: asyncio.Queue[pb.MasterMessage | BaseException] = asyncio.Queue()
         self._reader = asyncio.create_task(self._pump(), name="stream-reader")
 
@@ -143,7 +142,6 @@ class Stream:
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
                 raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}") from None
             raise Reconnect(f"cannot send to the master: {exc}") from None
-        self.bytes_up += len(raw)
         return len(raw)
 
     async def _pending_stop(self) -> str | None:
