@@ -239,3 +239,17 @@ def test_ef21_run_restarts_a_worker_that_dies(tmp_path):
     cfg = RunConfig(workers=3, k=2, stepsize_mult=64, rounds=400, x0="normal:0")
     # The replacement continued from the master's copy of g_1: the run is the same as without the fault.
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), simulate(cfg).x)
+
+
+def test_summary_line_of_a_run_whose_last_round_left_workers_out(capsys):
+    from types import SimpleNamespace
+
+    from ef21.accounting import CommLedger
+    from ef21.simulate import make_record
+    from ef21_server.cli import print_summary
+
+    rec = make_record(7, None, None, None, CommLedger(3), 1.0, wire_bytes_up=10, wire_bytes_down=20, missing=[1])
+    coord = SimpleNamespace(latest=rec, last_grad_norm_sq=None, stop_message="7 rounds done", state="done")
+    print_summary(SimpleNamespace(coord=coord))
+    out = capsys.readouterr().out
+    assert "round 7: f=- |grad f|^2=- G=-" in out and "7 rounds done" in out
