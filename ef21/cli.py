@@ -26,7 +26,7 @@ def write_outputs(ns: argparse.Namespace, x: np.ndarray) -> None:
     if ns.plot is not None and ns.log is not None:
         from .plotting import plot_logs
 
-        plot_logs([ns.log], ensure_parent(ns.plot, "--plot"))
+        plot_logs([ns.log], ns.plot)
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:

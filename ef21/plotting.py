@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .runlog import read_jsonl
+from .runlog import ensure_parent, read_jsonl
 
 X_AXES = {
     "bits": ("bits_per_worker", "bits per worker (32 per value, paper convention)"),
@@ -39,8 +39,7 @@ def plot_logs(logs: list[Path], out: Path, *, x_axis: str = "bits", labels: list
         ax.set_title(title)
     fig.tight_layout()
     try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out)
+        fig.savefig(ensure_parent(out, "plot"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot write plot {out}: {exc}") from None
     finally:

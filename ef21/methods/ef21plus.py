@@ -12,20 +12,15 @@ from typing import Sequence
 import numpy as np
 
 from ..sparse import SparseVector
-from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
-from .ef21 import initial_step
+from .base import Downlink, Message, WorkerContext, sq_dist
+from .ef21 import EF21, initial_step
 
 
 @dataclass(frozen=True)
-class EF21Plus:
-    name: str = "ef21plus"
-    needs_contractive: bool = True
-    uncompressed: bool = False
-    gamma_in_message: bool = False
-    tolerates_missing: bool = True
+class EF21Plus(EF21):
+    """EF21's master rows, round 0 and hand-over; its own worker choice and the master's replacement rule."""
 
-    def worker_init(self, d: int) -> np.ndarray | None:
-        return None
+    name: str = "ef21plus"
 
     def worker_step(
         self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext
@@ -42,17 +37,10 @@ class EF21Plus:
             return Message(b, replace=True), b_dense, dist_b
         return Message(c, replace=False), m, dist_m
 
-    def master_init(self, n: int, d: int) -> np.ndarray:
-        return np.zeros((n, d))
-
     def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int) -> Downlink:
-        n = len(messages)
         if not any(m is not None and m.replace for m in messages):
-            # Pure EF21 rounds keep the downlink sparse.
-            for rank, msg in enumerate(messages):
-                if msg is not None:
-                    msg.vector.add_to(rows[rank])
-            return Downlink(sum_messages(messages, d), "add", 1.0 / n)
+            return super().master_aggregate(rows, messages, d)  # pure EF21 rounds keep the downlink sparse
+        n = len(messages)
         acc = np.zeros(d)
         for rank, msg in enumerate(messages):
             if msg is None:
@@ -66,7 +54,3 @@ class EF21Plus:
                 msg.vector.add_to(acc)
                 msg.vector.add_to(row)
         return Downlink(SparseVector.dense(acc), "add", 1.0 / n)
-
-    def master_worker_state(self, rows: np.ndarray, rank: int) -> np.ndarray | None:
-        row = rows[rank]
-        return None if not row.any() else row.copy()
