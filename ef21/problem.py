@@ -50,6 +50,11 @@ def quadratic_worker(cfg: RunConfig, rank: int) -> SeparableQuadratic:
     return SeparableQuadratic(rng.uniform(0.5, 1.5, cfg.dim), rng.standard_normal(cfg.dim))
 
 
+def quadratic_fingerprint(cfg: RunConfig) -> str:
+    """The quadratic has no data file: (dim, seed) determine every worker's share, so they are its fingerprint."""
+    return f"quadratic:{cfg.dim}:{cfg.seed}"
+
+
 def local_objective(cfg: RunConfig, rank: int, ds: Dataset | None) -> Objective:
     """Worker ``rank``'s objective: its shard of ``ds`` (the whole dataset; ignored for ``quadratic``)."""
     if cfg.problem == "quadratic":

@@ -27,11 +27,12 @@ from ef21.engine import MasterNode
 from ef21.errors import UserError
 from ef21.methods import Message, make_method
 from ef21.problem import (
-    global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_mean, sum_in_rank_order,
+    global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_fingerprint, quadratic_mean,
+    sum_in_rank_order,
 )
-from ef21.sparse import SparseVector
 from ef21.runlog import JsonlWriter, ensure_parent
 from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, resolve_method, stop_check
+from ef21.sparse import SparseVector
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
 from ef21_wire.serde import dense_to_proto, fill_vector, state_checksum, vector_from_proto
@@ -41,10 +42,6 @@ from . import checkpoint
 from .session import Refusal, SetupInfo, WorkerSession
 
 log = logging.getLogger("ef21.master")
-
-
-def quadratic_fingerprint(cfg: RunConfig) -> str:
-    return f"quadratic:{cfg.dim}:{cfg.seed}"
 
 
 @dataclass(frozen=True)

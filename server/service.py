@@ -91,9 +91,8 @@ class MasterService:
                 if out is None:
                     break
                 await context.write(out)
-            if not reader.done():
-                reader.cancel()
-            error = None if reader.cancelled() else reader.exception() if reader.done() else None
+            # The outbox closed: the run ended, or the reader stopped on a bad message (its Refusal ends the stream).
+            error = reader.exception() if reader.done() and not reader.cancelled() else None
             if isinstance(error, Refusal):
                 raise error
         except Refusal as r:
@@ -134,8 +133,6 @@ class MasterService:
             s.close()
         except Refusal:
             s.close()
-            raise
-        except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
             self.coord.lost(s, f"stream error {exc.code().name}")

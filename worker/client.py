@@ -26,7 +26,7 @@ from ef21.engine import WorkerNode, WorkerReport
 from ef21.sparse import SparseVector
 from ef21.errors import UserError
 from ef21.methods import Downlink
-from ef21.problem import local_objective
+from ef21.problem import local_objective, quadratic_fingerprint
 from ef21.simulate import resolve_method
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import fill_vector, state_checksum, vector_from_proto
@@ -83,7 +83,7 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
 
 def load_worker_data(cfg: RunConfig) -> tuple[Dataset | None, str, int, int]:
     if cfg.problem == "quadratic":
-        return None, f"quadratic:{cfg.dim}:{cfg.seed}", cfg.dim, 0
+        return None, quadratic_fingerprint(cfg), cfg.dim, 0
     ds = load_dataset(cfg.data, problem=cfg.problem)
     return ds, fingerprint(ds.A, ds.y), ds.d, ds.n_rows
 
