@@ -102,12 +102,23 @@ class MasterNode:
 
     def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
         """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
+        down = self.fold(messages)
+        self.apply(down)
+        return down
+
+    def fold(self, messages: Sequence[Message | None]) -> Downlink:
+        """The round's downlink and the method's per-worker state: O(n·k) for sparse messages.
+
+        Split from ``apply`` so that a networked master can send the downlink before it spends O(d) on its own
+        replica, which then overlaps with the workers' next gradient.
+        """
         if len(messages) != self.n:
             raise ValueError(f"expected {self.n} messages, got {len(messages)}")
-        down = self.method.master_aggregate(self.rows, messages, self.d)
+        return self.method.master_aggregate(self.rows, messages, self.d)
+
+    def apply(self, down: Downlink) -> None:
         self.replica.apply(down)
         self.round += 1
-        return down
 
     def worker_state(self, rank: int) -> Any:
         return self.method.master_worker_state(self.rows, rank)

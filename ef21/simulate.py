@@ -121,18 +121,20 @@ def g_norm_sq(master: MasterNode) -> float | None:
     return None if master.round == 0 else float(g @ g)
 
 
-def divergence(rec: RoundRecord, x: np.ndarray) -> str | None:
+def divergence(rec: RoundRecord, x_finite: bool) -> str | None:
     vals = (0.0 if rec.f is None else rec.f, 0.0 if rec.grad_norm_sq is None else rec.grad_norm_sq)
-    if not all(math.isfinite(v) for v in vals) or not np.all(np.isfinite(x)):
+    if not all(math.isfinite(v) for v in vals) or not x_finite:
         return f"diverged at round {rec.round}: non-finite values (f={rec.f}, |grad f|^2={rec.grad_norm_sq})"
     if (rec.grad_norm_sq or 0.0) > DIVERGENCE_LIMIT or abs(rec.f or 0.0) > DIVERGENCE_LIMIT:
         return f"diverged at round {rec.round}: |grad f|^2 = {rec.grad_norm_sq:.3g}, f = {rec.f:.3g}"
     return None
 
 
-def stop_check(rec: RoundRecord, x: np.ndarray, cfg: RunConfig) -> tuple[str, str] | None:
-    """Whether the run ends after this round: ("diverged" | "tol" | "rounds", message), else None."""
-    bad = divergence(rec, x)
+def stop_check(rec: RoundRecord, x_finite: bool, cfg: RunConfig) -> tuple[str, str] | None:
+    """Whether the run ends after this round: ("diverged" | "tol" | "rounds", message), else None.
+
+    ``x_finite``: whether every entry of x^t is finite (the caller may have found out off its critical path)."""
+    bad = divergence(rec, x_finite)
     if bad is not None:
         return "diverged", bad
     if rec.grad_norm_sq is not None and rec.grad_norm_sq < cfg.tol:
@@ -187,7 +189,7 @@ def simulate(
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-        ended = stop_check(rec, master.x, cfg)
+        ended = stop_check(rec, bool(np.isfinite(master.x).all()), cfg)
         if ended is not None:
             stop, message = ended
             break

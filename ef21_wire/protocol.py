@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+# 2: RoundResult.checksum covers the state the round started from (CRC-32 of x and g), not the state after it.
+PROTOCOL_VERSION = 2
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 

@@ -13,7 +13,9 @@ from typing import Sequence
 from ef21.cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
 from ef21.config import RunConfig
 from ef21.errors import UserError
+from ef21_wire import eventloop
 from ef21_wire.auth import resolve_token
+from ef21_wire.eventloop import EVENT_LOOPS
 from ef21_worker.channel import add_client_security_args, client_security_from_args, open_channel
 
 from .coordinator import MasterOptions
@@ -38,6 +40,9 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
                    help="check every replica against the master's every R rounds (default 10)")
     g.add_argument("--save-iterates", type=Path, default=None, help="write x^t of every round to this .npy")
     g.add_argument("--verbose", "-v", action="store_true", help="log joins, starts and stops")
+    g.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio",
+                   help="asyncio (default) or uvloop (pip install 'ef21[fast]')" +
+                        ("; the workers use the same" if local else ""))
     r = p.add_argument_group("reliability")
     r.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="close a round without the workers that have not delivered after S seconds (ef21, "
@@ -118,7 +123,7 @@ def cmd_master(ns: argparse.Namespace) -> int:
         print_summary(master)
         return rc
 
-    return asyncio.run(main())
+    return eventloop.run(main(), ns.event_loop)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -174,7 +179,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     setup_logging(ns.verbose)
     mo, lo, sec = master_options(ns)
-    return asyncio.run(run_local_cluster(mo, lo, sec, quiet=ns.quiet, max_restarts=ns.max_restarts))
+    return eventloop.run(run_local_cluster(mo, lo, sec, quiet=ns.quiet, max_restarts=ns.max_restarts,
+                                           event_loop=ns.event_loop), ns.event_loop)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -39,7 +39,7 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
 
 
 async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSecurity | None = None, *,
-                            quiet: bool = False, max_restarts: int = 3) -> int:
+                            quiet: bool = False, max_restarts: int = 3, event_loop: str = "asyncio") -> int:
     """Master here, workers as child processes. A worker that dies is started again (same rank: it continues
     from the master's copy of its state), up to ``max_restarts`` times in all."""
     cfg = mo.config
@@ -75,6 +75,7 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),
+                "--event-loop", event_loop,
                 stdin=subprocess.DEVNULL, env=env,
                 # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
                 start_new_session=True,

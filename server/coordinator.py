@@ -25,7 +25,7 @@ from ef21.config import RunConfig, make_x0
 from ef21.data import fingerprint, load_dataset
 from ef21.engine import MasterNode
 from ef21.errors import UserError
-from ef21.methods import Message, make_method
+from ef21.methods import Downlink, Message, make_method
 from ef21.problem import (
     global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_fingerprint, quadratic_mean,
     sum_in_rank_order,
@@ -110,6 +110,12 @@ class Coordinator:
         self.round_started_at = time.monotonic()
         self.resumed_from: str | None = None
         self.x_final: np.ndarray | None = None
+        # The master's replica is brought up to date after each round's downlink has gone out (``_settle``);
+        # what the next round needs from it is computed there, off the round's critical path.
+        self._unapplied: Downlink | None = None
+        self.x_finite = True
+        self.g_norm: float | None = None
+        self.checksum = b""
         self._iterates: list[np.ndarray] = []
         log_offset: int | None = None
         if opts.resume is not None:
@@ -170,6 +176,7 @@ class Coordinator:
                 raise UserError(f"checkpoint {used}: per-worker state of shape {ckpt.rows.shape} does not fit")
             self.master.rows[:] = ckpt.rows
         self.round = self.master.round = int(meta["round"])
+        self._state_facts()
         self.ledger.paper_total = int(meta["ledger"]["paper_total"])
         self.ledger.payload_total = int(meta["ledger"]["payload_total"])
         self.wire_up, self.wire_down, self.eval_bytes = (int(v) for v in meta["wire"])
@@ -184,6 +191,7 @@ class Coordinator:
     def save_checkpoint(self) -> None:
         if self.opts.checkpoint is None or self.master is None or self.constants is None:
             return
+        self._settle()
         self._writer.flush()
         meta = {
             "config": self.cfg.to_dict(), "run_id": self.run_id, "round": self.round,
@@ -309,6 +317,7 @@ class Coordinator:
         method, comp = resolve_method(cfg, d)
         self.constants = constants_for(cfg, method, comp, L, quadratic_mean(L_i), d)
         self.master = MasterNode(method, self.n, make_x0(cfg.x0, d), gamma=self.constants.gamma)
+        self._state_facts()
         self.state = "running"
         self.state_detail = ""
         self.rounds_started_at = time.time()
@@ -319,6 +328,7 @@ class Coordinator:
     def _admit(self, s: WorkerSession) -> None:
         """Send a worker the state to start from: x, g and its rank's g_i at the current round."""
         assert self.master is not None and self.constants is not None
+        self._settle()
         rep = self.master.replica
         state = self.master.worker_state(s.rank)
         start = pb.Start(
@@ -383,6 +393,7 @@ class Coordinator:
         if not self._check_stream_round(s, msg.round, "ResyncRequest"):
             return
         assert self.master is not None
+        self._settle()
         rep = self.master.replica
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
         s.send(pb.MasterMessage(resync=pb.Resync(
@@ -453,7 +464,7 @@ class Coordinator:
             t, f, dist, grads, self.ledger,
             time.time() - (self.rounds_started_at or self.started_at), wire_bytes_up=self.wire_up,
             wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(up) / max(len(up), 1), eval_bytes=self.eval_bytes,
-            g_norm_sq=g_norm_sq(self.master), missing=missing or None,
+            g_norm_sq=self.g_norm, missing=missing or None,
         )
         return rec, messages
 
@@ -478,6 +489,8 @@ class Coordinator:
             self.done.set()
 
     async def _rounds(self) -> None:
+        """One round: collect, decide whether to stop, send the downlink, then catch up on everything that is not
+        on the round's critical path (the master's own O(d) replica update, the log, checkpoints)."""
         assert self.master is not None
         while True:
             if self.opts.save_iterates is not None:
@@ -488,34 +501,59 @@ class Coordinator:
             self.latest = rec
             if rec.grad_norm_sq is not None:
                 self.last_grad_norm_sq = rec.grad_norm_sq
-            self._writer.write(rec.to_dict())
-            if self.on_round is not None:
-                self.on_round(rec)
-            self._describe_staleness()
-            ended = stop_check(rec, self.master.x, self.cfg)
+            ended = stop_check(rec, self.x_finite, self.cfg)
             if ended is not None:
+                self._log_round(rec)
                 self._end(*ended)
                 return
-            down = self.master.aggregate(messages)
+            down = self.master.fold(messages)
             self.updates.clear()
             self.evals.clear()
-            t = self.round
+            self._broadcast(down, rec)
+            self._unapplied = down
             self.round += 1
-            checksum = b""
-            if self.round % self.opts.checksum_every == 0:
-                checksum = state_checksum(self.master.replica.x, self.master.replica.g)
-            out = pb.MasterMessage()
-            rr = out.round_result
-            rr.round, rr.replace, rr.scale, rr.checksum = t, down.mode == "replace", down.scale, checksum
-            rr.missing.extend(rec.missing or [])
-            fill_vector(rr.aggregate, down.vector)
-            raw = out.SerializeToString()
-            for s in self.sessions.values():
-                if s.state == "running":
-                    s.send(raw)
-                    self.wire_down += len(raw) + GRPC_FRAME_BYTES
+            await asyncio.sleep(0)  # let the stream writers hand the result to gRPC before the O(d) work below
+            self._settle()
+            self._log_round(rec)
             if self.round % self.opts.checkpoint_every == 0:
                 await self._checkpoint_safely()
+
+    def _broadcast(self, down: Downlink, rec: RoundRecord) -> None:
+        out = pb.MasterMessage()
+        rr = out.round_result
+        # The checksum is of the state this round started from, which the workers still hold when it arrives.
+        rr.round, rr.replace, rr.scale, rr.checksum = rec.round, down.mode == "replace", down.scale, self.checksum
+        rr.missing.extend(rec.missing or [])
+        fill_vector(rr.aggregate, down.vector)
+        raw = out.SerializeToString()
+        for s in self.sessions.values():
+            if s.state == "running":
+                s.send(raw)
+                self.wire_down += len(raw) + GRPC_FRAME_BYTES
+
+    def _settle(self) -> None:
+        """Apply the downlink already sent to the master's own replica. Idempotent: anything that reads the
+        replica (a Start for a new worker, a Resync, a checkpoint) calls it first."""
+        if self._unapplied is None:
+            return
+        assert self.master is not None
+        down, self._unapplied = self._unapplied, None
+        self.master.apply(down)
+        self._state_facts()
+
+    def _state_facts(self) -> None:
+        """What the coming round needs to know about the replica, computed once it is up to date."""
+        assert self.master is not None
+        rep = self.master.replica
+        self.x_finite = bool(np.isfinite(rep.x).all())
+        self.g_norm = g_norm_sq(self.master)
+        self.checksum = state_checksum(rep.x, rep.g) if self.master.round % self.opts.checksum_every == 0 else b""
+
+    def _log_round(self, rec: RoundRecord) -> None:
+        self._writer.write(rec.to_dict())
+        if self.on_round is not None:
+            self.on_round(rec)
+        self._describe_staleness()
 
     def _describe_staleness(self) -> None:
         stale = {r: k for r, k in self.missed_streak.items() if k > 0}
@@ -542,6 +580,7 @@ class Coordinator:
         self.stop_reason, self.stop_message = reason, message
         self.state_detail = message
         if self.master is not None:
+            self._settle()
             self.x_final = self.master.x.copy()
         if self.master is not None and reason != "failed":
             try:
@@ -611,7 +650,7 @@ class Coordinator:
                 "last_grad_norm_sq": self.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,
                 "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down, "missing": rec.missing,
             },
-            "g_norm_sq": None if self.master is None else float(self.master.replica.g @ self.master.replica.g),
+            "g_norm_sq": self.g_norm,
             "stop_reason": self.stop_reason or None,
             "elapsed_s": round(now - self.started_at, 3),
         }

@@ -48,6 +48,23 @@ def test_topk_large_d_matches_reference(rng):
     assert np.array_equal(top_k_indices(x, k), reference_top_k(x, k))
 
 
+@pytest.mark.parametrize("d", [16_384, 40_000])
+@pytest.mark.parametrize("k", [1, 3, 100, 1_000])
+def test_topk_sampled_threshold_path_is_exact(rng, d, k):
+    """Patterns that mislead a strided sample (sorted, periodic spikes between sample points, plateaus,
+    all-equal) must still give exactly the reference selection, through the fallback when needed."""
+    ramp = np.arange(d, dtype=float)
+    stride = d // 2048  # the sample's stride
+    spikes = np.where(np.arange(d) % stride == 3, 9.0, 0.5)  # the sample sees none of them
+    decoy = np.where(np.arange(d) % stride == 0, 9.0 + ramp / d, 0.5)  # the sample sees only these: fallback
+    patterns = [
+        rng.standard_normal(d), ramp, ramp[::-1].copy(), spikes, decoy, np.ones(d), np.zeros(d),
+        np.round(rng.standard_normal(d), 1), rng.integers(0, 3, d).astype(float), -np.abs(rng.standard_normal(d)),
+    ]
+    for x in patterns:
+        assert np.array_equal(top_k_indices(x, k), reference_top_k(x, k))
+
+
 def test_randk_contraction_in_expectation(rng):
     d, k = 40, 5
     x = rng.standard_normal(d)
@@ -126,3 +143,15 @@ def test_make_compressor_checks_k():
         make_compressor("randk", 11, 10)
     with pytest.raises(UserError, match="unknown compressor"):
         make_compressor("zip", 1, 10)
+
+
+@pytest.mark.parametrize("name", ["identity", "topk", "randk", "urandk", "natural", "sign", "crandk", "cnatural"])
+@pytest.mark.parametrize("k", [1, 40])  # k = d: Top-k and Rand-k keep everything
+def test_output_never_aliases_the_input(rng, name, k):
+    """EF21 reuses its input as scratch after compressing it; an aliased output would corrupt the message."""
+    x = rng.standard_normal(40)
+    c = make_compressor(name, k, 40)(x, rng)
+    assert not np.shares_memory(c.values, x)
+    before = c.values.copy()
+    x[:] = 123.0
+    np.testing.assert_array_equal(c.values, before)

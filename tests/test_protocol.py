@@ -14,7 +14,7 @@ from ef21.problem import local_objective
 from ef21.sparse import SparseVector
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
-from ef21_wire.serde import vector_from_proto, vector_to_proto
+from ef21_wire.serde import state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -60,7 +60,8 @@ async def test_resync_sends_the_masters_dense_state():
                                           f=obj.value(x0)))
             await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(g0))))
             rr = (await c.recv()).round_result
-            assert rr.round == 0 and len(rr.checksum) == 16
+            # The checksum is of the state round 0 started from: x0 and g = 0.
+            assert rr.round == 0 and rr.checksum == state_checksum(x0, np.zeros(112))
             await c.send(resync_request=pb.ResyncRequest(round=1))
             rs = (await c.recv()).resync
             np.testing.assert_array_equal(vector_from_proto(rs.x, expected_dim=112).values, master.coord.master.x)

@@ -10,6 +10,8 @@ import sys
 from typing import Sequence
 
 from ef21.errors import UserError
+from ef21_wire import eventloop
+from ef21_wire.eventloop import EVENT_LOOPS
 
 from .channel import add_client_security_args, client_security_from_args
 from .client import WorkerFailure, WorkerOptions, run_worker
@@ -21,7 +23,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, connect_timeout=ns.connect_timeout,
                          delay=ns.delay, security=client_security_from_args(ns))
     try:
-        reason = asyncio.run(_run_until_signal(opts))
+        reason = eventloop.run(_run_until_signal(opts), ns.event_loop)
     except WorkerFailure as exc:
         print(f"ef21 worker: {exc}", file=sys.stderr)
         return 1
@@ -58,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--delay", type=float, default=0.0, metavar="S",
                    help="testing aid: sleep a random 0..S seconds before each update (simulates a straggler)")
     w.add_argument("--verbose", "-v", action="store_true")
+    w.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio",
+                   help="asyncio (default) or uvloop (pip install 'ef21[fast]')")
     add_client_security_args(w)
     w.set_defaults(func=cmd_worker)
 

@@ -158,8 +158,9 @@ class Stream:
 
     async def recv(self) -> pb.MasterMessage:
         try:
-            item = await asyncio.wait_for(self._inbox.get(), self.reply_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.reply_timeout):  # no extra task per read, unlike wait_for
+                item = await self._inbox.get()
+        except TimeoutError:
             raise Reconnect(f"no message from the master in {self.reply_timeout:g} s") from None
         if isinstance(item, BaseException):
             raise item
@@ -285,9 +286,11 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
             agg = vector_from_proto(rr.aggregate, expected_dim=d)
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
+        # The checksum is of the state the round started from: the replica as it is before applying the result.
+        in_sync = not rr.checksum or rr.checksum == state_checksum(node.replica.x, node.replica.g)
         # Left out of the round (a straggler): keep the previous g_i, exactly as the master does.
         node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=rank not in rr.missing)
-        if rr.checksum and rr.checksum != state_checksum(node.replica.x, node.replica.g):
+        if not in_sync:
             await _resync(st, node, d)
 
 
