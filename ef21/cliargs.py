@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .compressors import COMPRESSOR_NAMES
-from .config import INIT_MODES, PROBLEMS, RunConfig
+from .config import ENCODINGS, INIT_MODES, PROBLEMS, RunConfig
 from .methods import METHODS
 
 
@@ -40,6 +40,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--stepsize-mult", type=float, default=1.0, metavar="M", help="multiplier of the base stepsize")
     m.add_argument("--mu", type=float, default=None, help="PL constant: use the Theorem 3 stepsize")
     m.add_argument("--seed", type=int, default=0, help="seed of randomized compressors")
+    m.add_argument("--encoding", default="plain", choices=ENCODINGS,
+                   help="plain: float64 values, uint32 indices (12 B an entry); compact: the workers' values "
+                        "rounded to float32 and indices delta bit-packed (~6 B an entry for Top-k)")
     s = p.add_argument_group("stopping and start")
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
     s.add_argument("--tol", type=float, default=0.0, help="stop once |grad f|^2 < tol")
@@ -50,7 +53,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         data=ns.data, problem=ns.problem, lam=ns.lam, workers=ns.workers, shuffle=ns.shuffle, method=ns.method,
         compressor=ns.compressor, k=ns.k, init=ns.init, stepsize=ns.stepsize, stepsize_mult=ns.stepsize_mult,
-        mu=ns.mu, rounds=ns.rounds, tol=ns.tol, x0=ns.x0, seed=ns.seed, dim=ns.dim,
+        mu=ns.mu, rounds=ns.rounds, tol=ns.tol, x0=ns.x0, seed=ns.seed, dim=ns.dim, encoding=ns.encoding,
     )
 
 

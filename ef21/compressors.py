@@ -240,6 +240,30 @@ COMPRESSOR_NAMES = ("identity", "topk", "randk", "urandk", "natural", "sign", "c
 NEEDS_K = {"topk", "randk", "urandk", "crandk"}
 
 
+class Float32Values:
+    """The inner compressor with its values rounded to float32: what the compact encoding sends.
+
+    The worker updates its state with the rounded values (they are what the master receives), so EF21's
+    feedback absorbs the rounding like any other compression error. α and ω are the inner compressor's: the
+    rounding adds a relative error of at most 2⁻²⁴ per value, far below any α the theory uses.
+    """
+
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.randomized = inner.randomized
+
+    def alpha(self, d: int) -> float | None:
+        return self.inner.alpha(d)
+
+    def omega(self, d: int) -> float | None:
+        return self.inner.omega(d)
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        c = self.inner(x, rng)
+        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(np.float64))
+
+
 def make_compressor(name: str, k: int | None, d: int) -> Compressor:
     """Build a compressor by its CLI name, checking k against d (0 < k ≤ d)."""
     if name in NEEDS_K:

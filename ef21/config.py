@@ -13,6 +13,7 @@ from .errors import UserError
 
 PROBLEMS = ("logreg", "lsq", "quadratic")
 INIT_MODES = ("full", "compressed")
+ENCODINGS = ("plain", "compact")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class RunConfig:
     """Seed of randomized compressors; each worker's generator is derived from (seed, rank, round)."""
     dim: int = 1000
     """d of the ``quadratic`` problem."""
+    encoding: str = "plain"
+    """How messages travel: ``plain`` (float64 values, uint32 indices) or ``compact`` (the workers' values rounded
+    to float32, indices delta bit-packed both ways). Compact changes the iterates — workers update their state
+    with the rounded values they send — so it is part of the configuration, and the simulator does the same."""
 
     def __post_init__(self) -> None:
         if self.problem not in PROBLEMS:
@@ -65,6 +70,8 @@ class RunConfig:
             raise UserError(f"--stepsize-mult must be positive, got {self.stepsize_mult}")
         if self.mu is not None and not self.mu > 0:
             raise UserError(f"--mu must be positive, got {self.mu}")
+        if self.encoding not in ENCODINGS:
+            raise UserError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.problem == "quadratic" and self.dim <= 0:
             raise UserError(f"--dim must be positive, got {self.dim}")
 

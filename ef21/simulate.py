@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .accounting import CommLedger
-from .compressors import Compressor, make_compressor, theory_alpha
+from .compressors import Compressor, Float32Values, make_compressor, theory_alpha
 from .config import RunConfig, make_x0
 from .engine import MasterNode, WorkerNode, WorkerReport
 from .errors import UserError
@@ -65,6 +65,8 @@ def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
     """The method and compressor of a config, checked against each other and against d."""
     method = make_method(cfg.method)
     comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
+    if cfg.encoding == "compact":
+        comp = Float32Values(comp)
     if method.needs_contractive and comp.alpha(d) is None:
         raise UserError(
             f"{cfg.method} needs a contractive compressor; {comp.name} is only unbiased "

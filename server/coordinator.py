@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ef21.accounting import CommLedger
-from ef21.codec import CodecError
+from ef21.codec import CodecError, EncodedVector, decode, encode
 from ef21.config import RunConfig, make_x0
 from ef21.data import fingerprint, load_dataset
 from ef21.engine import MasterNode
@@ -35,7 +35,8 @@ from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, re
 from ef21.sparse import SparseVector
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
-from ef21_wire.serde import dense_to_proto, fill_vector, state_checksum, vector_from_proto
+from ef21_wire.fastwire import UpdateIn, round_result_bytes
+from ef21_wire.serde import dense_to_proto, encoded_from_proto, state_checksum
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import checkpoint
@@ -360,19 +361,20 @@ class Coordinator:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {self.round}")
         return True
 
-    def _decode(self, vec: pb.SparseVector, what: str) -> SparseVector:
+    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str) -> SparseVector:
         assert self.d is not None
         try:
-            return vector_from_proto(vec, expected_dim=self.d)
+            enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
+            return decode(enc, expected_dim=self.d)
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
-    def update(self, s: WorkerSession, msg: pb.Update, nbytes: int) -> None:
+    def update(self, s: WorkerSession, msg: UpdateIn, nbytes: int) -> None:
         if not self._check_stream_round(s, msg.round, "Update"):
             return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
-        vec = self._decode(msg.message, f"Update round {msg.round}")
+        vec = self._decode(msg.vector, f"Update round {msg.round}")
         if not (math.isfinite(msg.f) and math.isfinite(msg.distortion)):
             raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite f or distortion")
         self.updates[s.rank] = (Message(vec, msg.replace), msg.f, msg.distortion, nbytes)
@@ -519,13 +521,11 @@ class Coordinator:
                 await self._checkpoint_safely()
 
     def _broadcast(self, down: Downlink, rec: RoundRecord) -> None:
-        out = pb.MasterMessage()
-        rr = out.round_result
         # The checksum is of the state this round started from, which the workers still hold when it arrives.
-        rr.round, rr.replace, rr.scale, rr.checksum = rec.round, down.mode == "replace", down.scale, self.checksum
-        rr.missing.extend(rec.missing or [])
-        fill_vector(rr.aggregate, down.vector)
-        raw = out.SerializeToString()
+        # The aggregate goes out in float64 even with the compact encoding: it is a sum of the workers' rounded
+        # values, and every replica must add exactly the same bits.
+        agg = encode(down.vector, packed=self.cfg.encoding == "compact")
+        raw = round_result_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, rec.missing or [])
         for s in self.sessions.values():
             if s.state == "running":
                 s.send(raw)

@@ -16,7 +16,9 @@ from google.protobuf.message import DecodeError
 
 from ef21.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
+from ef21_wire.fastwire import read_update
 from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
+from ef21_wire.serde import update_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .coordinator import Coordinator
@@ -56,10 +58,13 @@ class MasterService:
         await self._authorize(context, "Status")
         return pb.StatusReply(json=json.dumps(self.coord.status()))
 
-    def _parse(self, raw: bytes) -> pb.WorkerMessage:
+    def _check_size(self, raw: bytes) -> None:
         d = self.coord.d
         if d is not None and len(raw) > max_worker_message_bytes(d):
             raise Refusal("RESOURCE_EXHAUSTED", f"message of {len(raw)} bytes exceeds the bound for d = {d}")
+
+    def _parse(self, raw: bytes) -> pb.WorkerMessage:
+        self._check_size(raw)
         msg = pb.WorkerMessage()
         try:
             msg.ParseFromString(raw)
@@ -117,12 +122,17 @@ class MasterService:
                 s.bytes_up += len(raw)
                 if self.coord.state in ("done", "failed", "stopped"):
                     continue  # messages already in flight when the run ended: nothing to do with them
+                self._check_size(raw)
+                fast = read_update(raw)  # the round's message, read without the generated classes' copies
+                if fast is not None:
+                    self.coord.update(s, fast, len(raw) + GRPC_FRAME_BYTES)
+                    continue
                 msg = self._parse(raw)
                 kind = msg.WhichOneof("kind")
                 if kind == "setup":
                     self.coord.setup(s, msg.setup)
                 elif kind == "update":
-                    self.coord.update(s, msg.update, len(raw) + GRPC_FRAME_BYTES)
+                    self.coord.update(s, update_from_proto(msg.update), len(raw) + GRPC_FRAME_BYTES)
                 elif kind == "eval":
                     self.coord.eval(s, msg.eval, len(raw) + GRPC_FRAME_BYTES)
                 elif kind == "resync_request":

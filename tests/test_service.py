@@ -54,12 +54,12 @@ METHOD_ARGS = {
 def cli_args(cfg: RunConfig) -> list[str]:
     out = ["--data", cfg.data, "--problem", cfg.problem, "--workers", str(cfg.workers), "--method", cfg.method,
            "--compressor", cfg.compressor, "--k", str(cfg.k), "--stepsize-mult", str(cfg.stepsize_mult),
-           "--rounds", str(cfg.rounds), "--x0", cfg.x0]
+           "--rounds", str(cfg.rounds), "--x0", cfg.x0, "--encoding", cfg.encoding]
     return out
 
 
-def check_run_matches_simulate(tmp_path, case: str, method: str, rounds: int) -> None:
-    cfg = RunConfig(workers=4, method=method, rounds=rounds, **CASES[case], **METHOD_ARGS[method])
+def check_run_matches_simulate(tmp_path, case: str, method: str, rounds: int, encoding: str = "plain") -> None:
+    cfg = RunConfig(workers=4, method=method, rounds=rounds, encoding=encoding, **CASES[case], **METHOD_ARGS[method])
     log, xs = tmp_path / f"{case}-{method}.jsonl", tmp_path / f"{case}-{method}.npy"
     r = run_cli("run", *cli_args(cfg), "--log", str(log), "--save-iterates", str(xs), "--quiet")
     assert r.returncode == 0, r.stderr
@@ -70,6 +70,11 @@ def check_run_matches_simulate(tmp_path, case: str, method: str, rounds: int) ->
 @pytest.mark.parametrize("case", ["mushrooms", "lsq"])
 def test_ef21_run_equals_simulate(tmp_path, case):
     check_run_matches_simulate(tmp_path, case, "ef21", 500)
+
+
+def test_compact_encoding_run_equals_simulate(tmp_path):
+    """float32 values and bit-packed indices through the real service give the simulator's iterates exactly."""
+    check_run_matches_simulate(tmp_path, "mushrooms", "ef21", 300, encoding="compact")
 
 
 @pytest.mark.slow

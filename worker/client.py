@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ef21.codec import CodecError
+from ef21.codec import CodecError, decode, encode, fits_float32
 from ef21.config import RunConfig
 from ef21.data import Dataset, fingerprint, load_dataset
 from ef21.engine import WorkerNode, WorkerReport
@@ -29,7 +29,8 @@ from ef21.methods import Downlink
 from ef21.problem import local_objective, quadratic_fingerprint
 from ef21.simulate import resolve_method
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
-from ef21_wire.serde import fill_vector, state_checksum, vector_from_proto
+from ef21_wire.fastwire import RoundResultIn, read_round_result, update_bytes
+from ef21_wire.serde import fill_vector, round_result_from_proto, state_checksum, vector_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -99,7 +100,7 @@ class Stream:
     def __init__(self, call: grpc.aio.StreamStreamCall, reply_timeout: float) -> None:
         self.call = call
         self.reply_timeout = reply_timeout
-        self._inbox: asyncio.Queue[pb.MasterMessage | BaseException] = asyncio.Queue()
+        self._inbox: asyncio.Queue[pb.MasterMessage | RoundResultIn | BaseException] = asyncio.Queue()
         self._reader = asyncio.create_task(self._pump(), name="stream-reader")
 
     async def _pump(self) -> None:
@@ -112,12 +113,14 @@ class Stream:
                     if code == grpc.StatusCode.OK or code in RETRYABLE:
                         raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
                     raise WorkerFailure(f"refused by the master: {code.name}: {details}")
-                msg = pb.MasterMessage()
-                try:
-                    msg.ParseFromString(raw)
-                except DecodeError as exc:
-                    raise WorkerFailure(f"malformed message from the master: {exc}") from None
-                await self._inbox.put(msg)
+                item: pb.MasterMessage | RoundResultIn | None = read_round_result(raw)
+                if item is None:
+                    item = pb.MasterMessage()
+                    try:
+                        item.ParseFromString(raw)
+                    except DecodeError as exc:
+                        raise WorkerFailure(f"malformed message from the master: {exc}") from None
+                await self._inbox.put(item)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handed to the consumer, which raises it in its own task
@@ -130,8 +133,8 @@ class Stream:
         except (asyncio.CancelledError, Exception):
             pass
 
-    async def send(self, msg: pb.WorkerMessage) -> int:
-        raw = msg.SerializeToString()
+    async def send(self, msg: pb.WorkerMessage | bytes) -> int:
+        raw = msg if isinstance(msg, bytes) else msg.SerializeToString()
         try:
             await self.call.write(raw)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
@@ -156,7 +159,7 @@ class Stream:
                 return item.stop.reason
         return None
 
-    async def recv(self) -> pb.MasterMessage:
+    async def recv(self) -> pb.MasterMessage | RoundResultIn:
         try:
             async with asyncio.timeout(self.reply_timeout):  # no extra task per read, unlike wait_for
                 item = await self._inbox.get()
@@ -164,6 +167,13 @@ class Stream:
             raise Reconnect(f"no message from the master in {self.reply_timeout:g} s") from None
         if isinstance(item, BaseException):
             raise item
+        return item
+
+    async def recv_proto(self) -> pb.MasterMessage:
+        """The next message where a RoundResult is not expected (handshake, resync)."""
+        item = await self.recv()
+        if isinstance(item, RoundResultIn):
+            raise WorkerFailure(f"unexpected RoundResult of round {item.round}")
         return item
 
 
@@ -244,7 +254,7 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
     await st.send(pb.WorkerMessage(hello=pb.Hello(
         run_id=run_id, requested_rank=-1 if session.rank is None else session.rank, hostname=opts.hostname,
         data_fingerprint=fp, dim=d, n_rows=n_rows)))
-    first = await st.recv()
+    first = await st.recv_proto()
     if first.WhichOneof("kind") != "welcome":
         raise WorkerFailure(f"expected Welcome, got {first.WhichOneof('kind')}")
     rank = session.rank = first.welcome.rank
@@ -255,7 +265,7 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         rank=rank, smoothness=obj.smoothness(), shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes())))
-    msg = await st.recv()
+    msg = await st.recv_proto()
     if msg.WhichOneof("kind") == "stop":
         return msg.stop.reason
     if msg.WhichOneof("kind") != "start":
@@ -263,27 +273,32 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
     node = _node_from_start(msg.start, cfg, obj, rank, d)
     session.started = True
     eval_every = max(1, msg.start.eval_every)
+    compact = cfg.encoding == "compact"
     pause = random.Random(f"{rank}:{time.time_ns()}")
     while True:
         report = node.step()
         m = report.message
         if opts.delay > 0:
             await asyncio.sleep(pause.uniform(0.0, opts.delay))
-        await st.send(update_message(report))
+        await st.send(update_message(report, compact=compact))
         if is_eval_round(report.round, eval_every, cfg.rounds):
             ev = pb.WorkerMessage()
             ev.eval.round = report.round
             fill_vector(ev.eval.grad, SparseVector.dense(report.grad))
             await st.send(ev)
-        msg = await st.recv()
-        kind = msg.WhichOneof("kind")
-        if kind == "stop":
-            return msg.stop.reason
-        if kind != "round_result" or msg.round_result.round != node.round:
-            raise WorkerFailure(f"expected the result of round {node.round}, got {kind}")
-        rr = msg.round_result
+        got = await st.recv()
+        if isinstance(got, RoundResultIn):
+            rr = got
+        elif got.WhichOneof("kind") == "stop":
+            return got.stop.reason
+        elif got.WhichOneof("kind") == "round_result":
+            rr = round_result_from_proto(got.round_result)
+        else:
+            raise WorkerFailure(f"expected the result of round {node.round}, got {got.WhichOneof('kind')}")
+        if rr.round != node.round:
+            raise WorkerFailure(f"expected the result of round {node.round}, got round {rr.round}'s")
         try:
-            agg = vector_from_proto(rr.aggregate, expected_dim=d)
+            agg = decode(rr.aggregate, expected_dim=d)
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
@@ -294,16 +309,13 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
             await _resync(st, node, d)
 
 
-def update_message(report: WorkerReport) -> pb.WorkerMessage:
-    """The uplink of one round, built in place (see ``fill_vector``)."""
-    msg = pb.WorkerMessage()
-    u = msg.update
-    u.round = report.round
-    fill_vector(u.message, report.message.vector)
-    u.replace = report.message.replace
-    u.f = report.f
-    u.distortion = report.distortion
-    return msg
+def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
+    """The uplink of one round, serialized (``fastwire``: the vector's buffers are copied once, into the result).
+    Compact: delta bit-packed indices, and float32 values — the compressor already rounded them; round 0's
+    uncompressed g_i⁰ is not rounded and goes as float64."""
+    v = report.message.vector
+    vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
+    return update_bytes(report.round, vec, report.message.replace, report.f, report.distortion)
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
@@ -321,7 +333,7 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
 async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     log.warning("replica out of sync after round %d: asking the master for its state", node.round - 1)
     await st.send(pb.WorkerMessage(resync_request=pb.ResyncRequest(round=node.round)))
-    msg = await st.recv()
+    msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
     node.replica.x[:] = vector_from_proto(msg.resync.x, expected_dim=d).values

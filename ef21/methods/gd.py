@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sparse import SparseVector
 from .base import Message, Stateless, WorkerContext
 
 
@@ -21,4 +20,4 @@ class GD(Stateless):
         return None
 
     def worker_step(self, state: None, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, None, float]:
-        return Message(SparseVector.dense(grad.copy())), None, 0.0
+        return Message(ctx.compressor(grad, ctx.rng)), None, 0.0  # the identity (or its float32 rounding)

@@ -15,18 +15,20 @@ FLOAT64: ValueType
 FLOAT32: ValueType
 
 class SparseVector(_message.Message):
-    __slots__ = ("dim", "indices", "values", "dense", "value_type")
+    __slots__ = ("dim", "indices", "values", "dense", "value_type", "index_bits")
     DIM_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BITS_FIELD_NUMBER: _ClassVar[int]
     dim: int
     indices: bytes
     values: bytes
     dense: bool
     value_type: ValueType
-    def __init__(self, dim: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dense: _Optional[bool] = ..., value_type: _Optional[_Union[ValueType, str]] = ...) -> None: ...
+    index_bits: int
+    def __init__(self, dim: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dense: _Optional[bool] = ..., value_type: _Optional[_Union[ValueType, str]] = ..., index_bits: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("hostname", "protocol_version")

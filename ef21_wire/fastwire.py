@@ -1,0 +1,247 @@
+"""The two messages of every round — a worker's Update and the master's RoundResult — written and read in the
+protobuf wire format by hand.
+
+Why: the generated protobuf classes copy a bytes field when it is assigned, again when the message is
+serialized, and again when it is read back; a round's vectors are the bulk of the traffic, so those copies cost
+more than the network on a fast link. Here a message is joined from the vector's own buffers (one copy) and read
+as views into the received bytes (no copy). The bytes are exactly what the generated code would produce for the
+same message (``tests/test_fastwire.py`` checks this field by field and byte for byte), so either side may use
+either path. The readers accept the canonical layout only; anything else — an unknown or repeated field, another
+wire type — returns None and the caller parses with the generated classes, which know every encoding.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ef21.codec import Buffer, EncodedVector
+
+_DOUBLE = struct.Struct("<d")
+_LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+
+# Field numbers, as in proto/ef21_wire/v1/ef21.proto.
+_WORKER_UPDATE = 3
+_MASTER_ROUND_RESULT = 3
+
+
+@dataclass(frozen=True)
+class UpdateIn:
+    """An Update as read off the wire (the vector not yet decoded)."""
+
+    round: int
+    vector: EncodedVector
+    replace: bool
+    f: float
+    distortion: float
+
+
+@dataclass(frozen=True)
+class RoundResultIn:
+    round: int
+    aggregate: EncodedVector
+    replace: bool
+    scale: float
+    checksum: bytes
+    missing: tuple[int, ...]
+
+
+class _NotCanonical(Exception):
+    pass
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _vector_parts(e: EncodedVector) -> list[Buffer]:
+    parts: list[Buffer] = []
+    if e.dim:
+        parts += [_key(1, _VARINT), _varint(e.dim)]
+    if len(e.indices):
+        parts += [_key(2, _LEN), _varint(len(e.indices)), e.indices]
+    if len(e.values):
+        parts += [_key(3, _LEN), _varint(len(e.values)), e.values]
+    if e.dense:
+        parts += [_key(4, _VARINT), b"\x01"]
+    if e.float32:
+        parts += [_key(5, _VARINT), b"\x01"]
+    if e.index_bits:
+        parts += [_key(6, _VARINT), _varint(e.index_bits)]
+    return parts
+
+
+def _size(parts: list[Buffer]) -> int:
+    return sum(len(p) for p in parts)
+
+
+def _double(field: int, v: float) -> list[Buffer]:
+    b = _DOUBLE.pack(v)
+    return [] if b == b"\0" * 8 else [_key(field, _I64), b]  # proto3 omits +0.0 only
+
+
+def _wrap(field: int, body: list[Buffer]) -> list[Buffer]:
+    return [_key(field, _LEN), _varint(_size(body)), *body]
+
+
+def update_bytes(round_: int, vector: EncodedVector, replace: bool, f: float, distortion: float) -> bytes:
+    """A serialized WorkerMessage carrying this Update."""
+    vec = _vector_parts(vector)
+    body: list[Buffer] = []
+    if round_:
+        body += [_key(1, _VARINT), _varint(round_)]
+    body += _wrap(2, vec)
+    if replace:
+        body += [_key(3, _VARINT), b"\x01"]
+    body += _double(4, f) + _double(5, distortion)
+    return b"".join(_wrap(_WORKER_UPDATE, body))
+
+
+def round_result_bytes(round_: int, aggregate: EncodedVector, replace: bool, scale: float, checksum: bytes,
+                       missing: list[int] | tuple[int, ...]) -> bytes:
+    """A serialized MasterMessage carrying this RoundResult."""
+    body: list[Buffer] = []
+    if round_:
+        body += [_key(1, _VARINT), _varint(round_)]
+    body += _wrap(2, _vector_parts(aggregate))
+    if replace:
+        body += [_key(3, _VARINT), b"\x01"]
+    body += _double(4, scale)
+    if checksum:
+        body += [_key(5, _LEN), _varint(len(checksum)), checksum]
+    if missing:
+        packed = b"".join(_varint(r) for r in missing)
+        body += [_key(6, _LEN), _varint(len(packed)), packed]
+    return b"".join(_wrap(_MASTER_ROUND_RESULT, body))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotCanonical
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, pos: int, end: int, layout: dict[int, int]) -> dict[int, object]:
+    """The fields of one message between pos and end: field → int (varint), bytes (I64) or (start, stop) (LEN).
+    Only the fields in ``layout`` (field → wire type), each at most once; anything else is not canonical."""
+    out: dict[int, object] = {}
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wt = key >> 3, key & 7
+        if layout.get(field) != wt or field in out:
+            raise _NotCanonical
+        if wt == _VARINT:
+            out[field], pos = _read_varint(buf, pos, end)
+        elif wt == _I64:
+            if pos + 8 > end:
+                raise _NotCanonical
+            out[field] = buf[pos:pos + 8]
+            pos += 8
+        else:
+            n, pos = _read_varint(buf, pos, end)
+            if pos + n > end:
+                raise _NotCanonical
+            out[field] = (pos, pos + n)
+            pos += n
+    return out
+
+
+_VECTOR = {1: _VARINT, 2: _LEN, 3: _LEN, 4: _VARINT, 5: _VARINT, 6: _VARINT}
+_UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _I64}
+_ROUND_RESULT = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _LEN, 6: _LEN}
+
+
+def _span(raw: bytes, view: memoryview, fields: dict[int, object], field: int) -> memoryview:
+    if field not in fields:
+        return view[0:0]
+    a, b = fields[field]  # type: ignore[misc]
+    return view[a:b]
+
+
+def _vector(raw: bytes, view: memoryview, span: tuple[int, int] | None) -> EncodedVector:
+    if span is None:
+        return EncodedVector(0, b"", b"", False)
+    v = _fields(raw, span[0], span[1], _VECTOR)
+    value_type = v.get(5, 0)
+    if value_type not in (0, 1) or v.get(4, 0) not in (0, 1):
+        raise _NotCanonical
+    return EncodedVector(int(v.get(1, 0)), _span(raw, view, v, 2), _span(raw, view, v, 3),  # type: ignore[arg-type]
+                         v.get(4, 0) == 1, value_type == 1, int(v.get(6, 0)))  # type: ignore[arg-type]
+
+
+def _outer(raw: bytes, field: int) -> tuple[int, int] | None:
+    """The span of the one field of a oneof envelope, if it is ``field``."""
+    try:
+        key, pos = _read_varint(raw, 0, len(raw))
+        if key != (field << 3 | _LEN):
+            return None
+        n, pos = _read_varint(raw, pos, len(raw))
+    except _NotCanonical:
+        return None
+    return (pos, pos + n) if pos + n == len(raw) else None
+
+
+def _double_of(f: dict[int, object], field: int) -> float:
+    return _DOUBLE.unpack(f[field])[0] if field in f else 0.0  # type: ignore[arg-type]
+
+
+def read_update(raw: bytes) -> UpdateIn | None:
+    """The Update in a serialized WorkerMessage, or None when it holds something else or is not canonical."""
+    span = _outer(raw, _WORKER_UPDATE)
+    if span is None:
+        return None
+    view = memoryview(raw)
+    try:
+        u = _fields(raw, span[0], span[1], _UPDATE)
+        if u.get(3, 0) not in (0, 1):
+            raise _NotCanonical
+        vec = _vector(raw, view, u.get(2))  # type: ignore[arg-type]
+    except _NotCanonical:
+        return None
+    return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1, _double_of(u, 4), _double_of(u, 5))  # type: ignore
+
+
+def read_round_result(raw: bytes) -> RoundResultIn | None:
+    """The RoundResult in a serialized MasterMessage, or None (see ``read_update``)."""
+    span = _outer(raw, _MASTER_ROUND_RESULT)
+    if span is None:
+        return None
+    view = memoryview(raw)
+    try:
+        r = _fields(raw, span[0], span[1], _ROUND_RESULT)
+        if r.get(3, 0) not in (0, 1):
+            raise _NotCanonical
+        vec = _vector(raw, view, r.get(2))  # type: ignore[arg-type]
+        missing: list[int] = []
+        if 6 in r:
+            pos, end = r[6]  # type: ignore[misc]
+            while pos < end:
+                m, pos = _read_varint(raw, pos, end)
+                if m >= 2**32:
+                    raise _NotCanonical
+                missing.append(m)
+        checksum = bytes(_span(raw, view, r, 5))
+    except _NotCanonical:
+        return None
+    return RoundResultIn(int(r.get(1, 0)), vec, r.get(3, 0) == 1, _double_of(r, 4), checksum,  # type: ignore
+                         tuple(missing))

@@ -1,0 +1,152 @@
+"""The hand-written wire path for the round's messages against the generated protobuf code, and the compact
+vector layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ef21.codec import CodecError, EncodedVector, decode, encode, fits_float32, pack_indices, unpack_indices
+from ef21.compressors import TopK
+from ef21.sparse import SparseVector
+from ef21_wire.fastwire import read_round_result, read_update, round_result_bytes, update_bytes
+from ef21_wire.serde import encoded_from_proto, round_result_from_proto, update_from_proto, vector_to_proto
+from ef21_wire.v1 import ef21_pb2 as pb
+
+
+def vectors(rng):
+    d = 5000
+    yield SparseVector.zeros(d), False, False
+    yield SparseVector.dense(rng.standard_normal(7)), False, False
+    yield SparseVector.dense(rng.standard_normal(7).astype(np.float32).astype(float)), True, False
+    for k in (1, 3, 100):
+        v = TopK(k)(rng.standard_normal(d))
+        yield v, False, False
+        yield v, False, True
+        yield SparseVector(d, v.indices, v.values.astype(np.float32).astype(float)), True, True
+
+
+def same_vector(e: EncodedVector, m: pb.SparseVector) -> None:
+    assert (e.dim, bytes(e.indices), bytes(e.values), e.dense, e.float32, e.index_bits) == \
+        (m.dim, m.indices, m.values, m.dense, m.value_type == pb.FLOAT32, m.index_bits)
+
+
+@pytest.mark.parametrize("round_", [0, 1, 300, 2**40])
+@pytest.mark.parametrize("f,dist", [(0.0, 0.0), (-0.0, 1.5e-3), (0.693147, float("inf"))])
+def test_update_bytes_equal_the_generated_serialization(rng, round_, f, dist):
+    for v, f32, packed in vectors(rng):
+        for replace in (False, True):
+            e = encode(v, float32=f32, packed=packed)
+            ours = update_bytes(round_, e, replace, f, dist)
+            ref = pb.WorkerMessage(update=pb.Update(round=round_, message=vector_to_proto(v, float32=f32, packed=packed),
+                                                    replace=replace, f=f, distortion=dist))
+            assert ours == ref.SerializeToString()
+            got = read_update(ours)
+            assert got is not None and got == update_from_proto(pb.WorkerMessage.FromString(ours).update)
+            same_vector(got.vector, ref.update.message)
+            np.testing.assert_array_equal(decode(got.vector, expected_dim=v.dim).to_dense(), v.to_dense())
+
+
+@pytest.mark.parametrize("missing", [[], [0], [3, 200, 70000]])
+@pytest.mark.parametrize("checksum", [b"", bytes(range(8))])
+def test_round_result_bytes_equal_the_generated_serialization(rng, missing, checksum):
+    for v, _, packed in vectors(rng):
+        for replace, scale in ((False, 0.25), (True, 1.0), (False, 0.0)):
+            e = encode(v, packed=packed)
+            ours = round_result_bytes(17, e, replace, scale, checksum, missing)
+            ref = pb.MasterMessage(round_result=pb.RoundResult(
+                round=17, aggregate=vector_to_proto(v, packed=packed), replace=replace, scale=scale,
+                checksum=checksum, missing=missing))
+            assert ours == ref.SerializeToString()
+            got = read_round_result(ours)
+            assert got is not None and got == round_result_from_proto(pb.MasterMessage.FromString(ours).round_result)
+
+
+def test_other_encodings_fall_back_to_the_generated_parser():
+    """Valid protobuf the fast reader does not handle (field order, unpacked repeated, unknown fields, other
+    messages) is left to the generated parser: None, never a wrong answer."""
+    vec = pb.SparseVector(dim=10, indices=np.array([1, 4], "<u4").tobytes(), values=np.ones(2).tobytes())
+    upd = pb.Update(round=3, message=vec, f=1.0).SerializeToString()
+    reordered = upd[-9:] + upd[:-9]  # f first: any field order is legal protobuf, and read the same way
+    raw = b"\x1a" + bytes([len(reordered)]) + reordered
+    assert read_update(raw) == update_from_proto(pb.WorkerMessage.FromString(raw).update)
+    twice = upd + upd[-9:]  # a field repeated: protobuf keeps the last; we leave it to protobuf
+    assert read_update(b"\x1a" + bytes([len(twice)]) + twice) is None
+    unknown = upd + b"\xb8\x06\x01"  # field 103 varint
+    assert read_update(b"\x1a" + bytes([len(unknown)]) + unknown) is None
+    assert read_update(pb.WorkerMessage(hello=pb.Hello(run_id="x")).SerializeToString()) is None
+    unpacked = pb.RoundResult(round=1, scale=0.5).SerializeToString() + b"\x30\x02\x30\x05"  # missing 2, 5 unpacked
+    raw = b"\x1a" + bytes([len(unpacked)]) + unpacked
+    assert list(pb.MasterMessage.FromString(raw).round_result.missing) == [2, 5]
+    assert read_round_result(raw) is None
+
+
+def test_mangled_bytes_never_raise_and_never_disagree_with_protobuf(rng):
+    v = TopK(20)(rng.standard_normal(3000))
+    good = update_bytes(9, encode(v), False, 0.5, 0.25)
+    for _ in range(3000):
+        raw = bytearray(good)
+        for _ in range(int(rng.integers(1, 4))):
+            op = rng.integers(3)
+            pos = int(rng.integers(len(raw) + 1))
+            if op == 0 and pos < len(raw):
+                raw[pos] = int(rng.integers(256))
+            elif op == 1:
+                del raw[pos:]
+            else:
+                raw.insert(pos, int(rng.integers(256)))
+        raw = bytes(raw)
+        got = read_update(raw)  # must not raise
+        if got is None:
+            continue
+        ref = pb.WorkerMessage.FromString(raw)  # what we read, protobuf reads the same way
+        assert ref.WhichOneof("kind") == "update" and got == update_from_proto(ref.update)
+
+
+# -- compact layout --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d,k", [(10_000, 100), (1_000_000, 100), (1_000_000, 10_000), (100, 100), (50, 1),
+                                 (2**32 - 1, 3)])
+def test_packed_indices_round_trip(rng, d, k):
+    idx = np.sort(rng.choice(min(d, 10**7), size=k, replace=False)).astype(np.uint32)
+    if d == 2**32 - 1:
+        idx = np.array([0, 5, 2**32 - 2], dtype=np.uint32)
+    bits, buf = pack_indices(idx, d)
+    np.testing.assert_array_equal(unpack_indices(buf, bits, idx.shape[0], d), idx)
+
+
+@pytest.mark.parametrize("d", [10_000, 1_000_000])
+@pytest.mark.parametrize("k", [100, 1000, 10_000])
+def test_compact_topk_entry_costs_at_most_six_bytes(rng, d, k):
+    v = TopK(k)(rng.standard_normal(d))
+    e = encode(SparseVector(d, v.indices, v.values.astype(np.float32).astype(float)), float32=True, packed=True)
+    wire = len(update_bytes(123456, e, False, 0.7, 0.1))
+    # The entries themselves; the message's fixed fields (round, f, distortion, tags: < 48 B) come on top.
+    assert e.size / k <= 6.0 and wire <= 6.0 * k + 48
+
+
+def test_compact_decode_refuses_malformed_input():
+    vals = np.ones(3, dtype="<f4").tobytes()
+    bits, buf = pack_indices(np.array([2, 5, 9], dtype=np.uint32), 10)
+    ok = EncodedVector(10, buf, vals, False, True, bits)
+    assert decode(ok, expected_dim=10).indices.tolist() == [2, 5, 9]
+    cases = [
+        (EncodedVector(10, buf + b"\0" * 8, vals, False, True, bits), "packed indices have"),
+        (EncodedVector(10, buf, vals, False, True, 33), "outside 1..32"),
+        (EncodedVector(10, buf, vals[:8], False, True, bits), "hold 3 entries, the values 2"),
+        (EncodedVector(3, b"", vals, True, True, 4), "dense vector carries no indices"),
+    ]
+    # 0 low bits: the bit vector alone. Ones at 0 and 1 → indices 0 and 0: a duplicate.
+    cases.append((EncodedVector(4, b"\x03", vals[:8], False, True, 1), "strictly increasing"))
+    # Ones at 0, 1, 7 → indices 0, 0+... → 0, 0, 5: duplicate; ones at 0, 2, 7 → 0, 1, 5 ≥ dim 4.
+    cases.append((EncodedVector(4, b"\x85", vals, False, True, 1), "out of range"))
+    for enc, match in cases:
+        with pytest.raises(CodecError, match=match):
+            decode(enc, expected_dim=enc.dim)
+
+
+def test_fits_float32():
+    assert fits_float32(np.array([0.5, -3.0, 2.0**-30]))
+    assert not fits_float32(np.array([0.1]))
+    assert not fits_float32(np.array([1e300]))
+    assert not fits_float32(np.array([np.nan]))
