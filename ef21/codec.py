@@ -71,18 +71,19 @@ def fits_float32(values: np.ndarray) -> bool:
 def pack_indices(idx: np.ndarray, dim: int) -> tuple[int, bytes]:
     """Strictly increasing indices in [0, dim) → (index_bits, Elias–Fano bytes), index_bits = low bits + 1.
 
-    Each index is split into its ``low`` lowest bits, stored packed, and the rest, stored as a bit vector with
-    a one at (index >> low) + i for the i-th index. With low = ⌊log2(dim / k)⌋ that is about k·(low + 2) bits,
+    Each index is split into its ``low`` lowest bits, stored bit-sliced (bit 0 of every index, then bit 1, …,
+    each slice padded to whole bytes), and the rest, stored as a bit vector with a one at (index >> low) + i for
+    the i-th index. With low = ⌊log2(dim / k)⌋ that is about k·(low + 2) bits,
     within two bits an index of the least any code can do for k positions out of dim.
     """
     k = idx.shape[0]
-    low = max(0, int(math.floor(math.log2(dim / k)))) if k else 0
-    low = min(low, 31)
+    low = min(31, max(0, int(math.floor(math.log2(dim / k))))) if k else 0
     wide = idx.astype(np.int64)
     parts = []
     if low:
-        planes = (wide[:, None] >> np.arange(low, dtype=np.int64)) & 1
-        parts.append(np.packbits(planes.astype(np.uint8), axis=None, bitorder="little").tobytes())
+        # Bit-sliced: bit j of every index, then bit j + 1, ...; each plane padded to whole bytes.
+        planes = ((wide[None, :] >> np.arange(low, dtype=np.int64)[:, None]) & 1).astype(np.uint8)
+        parts.append(np.packbits(planes, axis=1, bitorder="little").tobytes())
     if k:
         ones = (wide >> low) + np.arange(k)
         bitvec = np.zeros(int(ones[-1]) + 1, dtype=np.uint8)
@@ -96,20 +97,24 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
     low = index_bits - 1
     if not 0 <= low <= 31:
         raise CodecError(f"index_bits {index_bits} outside 1..32")
-    low_bytes = (count * low + 7) // 8
+    low_bytes = low * ((count + 7) // 8)
     # The bit vector needs count + (dim >> low) bits at most; more bytes than that is not an honest encoding.
     most = low_bytes + (count + (dim >> low) + 8) // 8
     if not low_bytes <= len(buf) <= most:
         raise CodecError(f"packed indices have {len(buf)} bytes, not within {low_bytes}..{most} for {count} "
                          f"entries of {low} low bits")
     raw = np.frombuffer(buf, dtype=np.uint8)
-    ones = np.flatnonzero(np.unpackbits(raw[low_bytes:], bitorder="little"))
+    ones = np.flatnonzero(np.unpackbits(raw[low_bytes:], bitorder="little").view(np.bool_))  # bool: fast path
     if ones.shape[0] != count:
         raise CodecError(f"packed indices hold {ones.shape[0]} entries, the values {count}")
     idx = (ones - np.arange(count)) << low
     if low and count:
-        planes = np.unpackbits(raw[:low_bytes], count=count * low, bitorder="little").reshape(count, low)
-        idx |= planes.astype(np.int64) @ (np.int64(1) << np.arange(low, dtype=np.int64))
+        planes = np.unpackbits(raw[:low_bytes].reshape(low, -1), axis=1, count=count, bitorder="little")
+        if count <= 4096:  # one small product beats `low` passes over a short array
+            idx |= (np.int64(1) << np.arange(low, dtype=np.int64)) @ planes.astype(np.int64)
+        else:
+            for j in range(low):
+                idx |= planes[j].astype(np.int64) << j
     if count > 1 and not (idx[1:] > idx[:-1]).all():
         raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
     if count and int(idx[-1]) >= dim:
@@ -132,9 +137,9 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
         vals = np.frombuffer(e.values, dtype=VALUE_DTYPE)
-    # A sum is non-finite iff some entry is NaN/Inf (or it overflows, which only finite huge values do: those are
-    # then checked one by one).
-    if vals.shape[0] and not np.isfinite(vals.sum()) and not np.isfinite(vals).all():
+    # v·v is non-finite iff some entry is NaN/Inf, or it overflows, which only finite huge values do: those are
+    # then checked one by one. (A BLAS dot product is ~3x faster than a sum or an isfinite pass.)
+    if vals.shape[0] and not math.isfinite(float(vals @ vals)) and not np.isfinite(vals).all():
         raise CodecError("non-finite value (NaN or Inf)")
     n = vals.shape[0]
     if e.dense:

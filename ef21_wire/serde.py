@@ -9,14 +9,63 @@ import numpy as np
 from ef21.codec import EncodedVector, decode, encode
 from ef21.sparse import SparseVector
 
-from .fastwire import RoundResultIn, UpdateIn
+from .fastwire import RoundResultIn, UpdateIn, read_round_result, read_update, round_result_bytes, update_bytes
 from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
 from .v1 import ef21_pb2 as pb
 
 
+# Below this many vector bytes the generated (C) code's fixed cost per message is lower than the hand-written
+# path's; above it, the generated code's extra copies cost more (benchmarks/wire.py shows both).
+HAND_PATH_MIN_BYTES = 4096
+
+
+def update_to_bytes(round_: int, vec: EncodedVector, replace: bool, f: float, distortion: float) -> bytes:
+    """A serialized WorkerMessage(Update), by whichever path is faster for its size (same bytes either way)."""
+    if vec.size >= HAND_PATH_MIN_BYTES:
+        return update_bytes(round_, vec, replace, f, distortion)
+    msg = pb.WorkerMessage()
+    u = msg.update
+    u.round, u.replace, u.f, u.distortion = round_, replace, f, distortion
+    _fill_encoded(u.message, vec)
+    return msg.SerializeToString()
+
+
+def round_result_to_bytes(round_: int, agg: EncodedVector, replace: bool, scale: float, checksum: bytes,
+                          missing: list[int]) -> bytes:
+    """A serialized MasterMessage(RoundResult), by whichever path is faster for its size."""
+    if agg.size >= HAND_PATH_MIN_BYTES:
+        return round_result_bytes(round_, agg, replace, scale, checksum, missing)
+    msg = pb.MasterMessage()
+    r = msg.round_result
+    r.round, r.replace, r.scale, r.checksum = round_, replace, scale, checksum
+    r.missing.extend(missing)
+    _fill_encoded(r.aggregate, agg)
+    return msg.SerializeToString()
+
+
+def read_update_fast(raw: bytes) -> UpdateIn | None:
+    """The Update in a large serialized WorkerMessage, read without copies; None: parse it with protobuf."""
+    return read_update(raw) if len(raw) >= HAND_PATH_MIN_BYTES else None
+
+
+def read_round_result_fast(raw: bytes) -> RoundResultIn | None:
+    return read_round_result(raw) if len(raw) >= HAND_PATH_MIN_BYTES else None
+
+
+def _fill_encoded(dst: pb.SparseVector, e: EncodedVector) -> None:
+    dst.dim = e.dim
+    dst.indices = bytes(e.indices)
+    dst.values = bytes(e.values)
+    dst.dense = e.dense
+    if e.float32:
+        dst.value_type = pb.FLOAT32
+    if e.index_bits:
+        dst.index_bits = e.index_bits
+
+
 def fill_vector(dst: pb.SparseVector, v: SparseVector, *, float32: bool = False, packed: bool = False) -> None:
     """Write v into a field of a message under construction (building a submessage and assigning it would copy
-    it once more). The round's own messages bypass this: see ``fastwire``."""
+    it once more)."""
     e = encode(v, float32=float32, packed=packed)
     dst.dim = e.dim
     dst.indices = bytes(e.indices)

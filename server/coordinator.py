@@ -35,8 +35,8 @@ from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, re
 from ef21.sparse import SparseVector
 from ef21.stepsize import TheoryConstants
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
-from ef21_wire.fastwire import UpdateIn, round_result_bytes
-from ef21_wire.serde import dense_to_proto, encoded_from_proto, state_checksum
+from ef21_wire.fastwire import UpdateIn
+from ef21_wire.serde import dense_to_proto, encoded_from_proto, round_result_to_bytes, state_checksum
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import checkpoint
@@ -525,7 +525,8 @@ class Coordinator:
         # The aggregate goes out in float64 even with the compact encoding: it is a sum of the workers' rounded
         # values, and every replica must add exactly the same bits.
         agg = encode(down.vector, packed=self.cfg.encoding == "compact")
-        raw = round_result_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, rec.missing or [])
+        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum,
+                                    rec.missing or [])
         for s in self.sessions.values():
             if s.state == "running":
                 s.send(raw)

@@ -16,9 +16,8 @@ from google.protobuf.message import DecodeError
 
 from ef21.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
-from ef21_wire.fastwire import read_update
 from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
-from ef21_wire.serde import update_from_proto
+from ef21_wire.serde import read_update_fast, update_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .coordinator import Coordinator
@@ -123,7 +122,7 @@ class MasterService:
                 if self.coord.state in ("done", "failed", "stopped"):
                     continue  # messages already in flight when the run ended: nothing to do with them
                 self._check_size(raw)
-                fast = read_update(raw)  # the round's message, read without the generated classes' copies
+                fast = read_update_fast(raw)  # a large Update, read without the generated classes' copies
                 if fast is not None:
                     self.coord.update(s, fast, len(raw) + GRPC_FRAME_BYTES)
                     continue

@@ -10,7 +10,10 @@ from ef21.codec import CodecError, EncodedVector, decode, encode, fits_float32, 
 from ef21.compressors import TopK
 from ef21.sparse import SparseVector
 from ef21_wire.fastwire import read_round_result, read_update, round_result_bytes, update_bytes
-from ef21_wire.serde import encoded_from_proto, round_result_from_proto, update_from_proto, vector_to_proto
+from ef21_wire.serde import (
+    HAND_PATH_MIN_BYTES, round_result_from_proto, round_result_to_bytes, update_from_proto, update_to_bytes,
+    vector_to_proto,
+)
 from ef21_wire.v1 import ef21_pb2 as pb
 
 
@@ -150,3 +153,21 @@ def test_fits_float32():
     assert not fits_float32(np.array([0.1]))
     assert not fits_float32(np.array([1e300]))
     assert not fits_float32(np.array([np.nan]))
+
+
+def test_both_paths_of_the_serde_helpers_give_the_same_bytes(rng):
+    """Small messages go through the generated code, large ones by hand: the receiver cannot tell."""
+    for k in (2, 1000):  # 24 B and 12 kB of vector: either side of HAND_PATH_MIN_BYTES
+        e = encode(TopK(k)(rng.standard_normal(20_000)))
+        assert (e.size >= HAND_PATH_MIN_BYTES) == (k == 1000)
+        assert update_to_bytes(5, e, True, 0.5, 0.25) == update_bytes(5, e, True, 0.5, 0.25)
+        assert round_result_to_bytes(5, e, False, 0.1, b"abc", [1]) == round_result_bytes(5, e, False, 0.1, b"abc", [1])
+
+
+def test_finite_check_catches_nan_and_inf_but_accepts_huge_finite_values():
+    idx = np.array([1, 2], "<u4").tobytes()
+    for bad in ([1.0, np.nan], [np.inf, 1.0], [-np.inf, np.inf]):
+        with pytest.raises(CodecError, match="non-finite"):
+            decode(EncodedVector(5, idx, np.array(bad).tobytes(), False), expected_dim=5)
+    big = decode(EncodedVector(5, idx, np.array([1e200, -1e300]).tobytes(), False), expected_dim=5)  # v·v overflows
+    assert big.values.tolist() == [1e200, -1e300]

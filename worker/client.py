@@ -29,8 +29,10 @@ from ef21.methods import Downlink
 from ef21.problem import local_objective, quadratic_fingerprint
 from ef21.simulate import resolve_method
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
-from ef21_wire.fastwire import RoundResultIn, read_round_result, update_bytes
-from ef21_wire.serde import fill_vector, round_result_from_proto, state_checksum, vector_from_proto
+from ef21_wire.fastwire import RoundResultIn
+from ef21_wire.serde import (
+    fill_vector, read_round_result_fast, round_result_from_proto, state_checksum, update_to_bytes, vector_from_proto,
+)
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -113,7 +115,7 @@ class Stream:
                     if code == grpc.StatusCode.OK or code in RETRYABLE:
                         raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
                     raise WorkerFailure(f"refused by the master: {code.name}: {details}")
-                item: pb.MasterMessage | RoundResultIn | None = read_round_result(raw)
+                item: pb.MasterMessage | RoundResultIn | None = read_round_result_fast(raw)
                 if item is None:
                     item = pb.MasterMessage()
                     try:
@@ -310,12 +312,12 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
 
 
 def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
-    """The uplink of one round, serialized (``fastwire``: the vector's buffers are copied once, into the result).
-    Compact: delta bit-packed indices, and float32 values — the compressor already rounded them; round 0's
+    """The uplink of one round, serialized (large vectors by ``fastwire``: their buffers copied once).
+    Compact: Elias–Fano indices, and float32 values — the compressor already rounded them; round 0's
     uncompressed g_i⁰ is not rounded and goes as float64."""
     v = report.message.vector
     vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
-    return update_bytes(report.round, vec, report.message.replace, report.f, report.distortion)
+    return update_to_bytes(report.round, vec, report.message.replace, report.f, report.distortion)
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
