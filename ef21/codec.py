@@ -139,7 +139,9 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
         vals = np.frombuffer(e.values, dtype=VALUE_DTYPE)
     # v·v is non-finite iff some entry is NaN/Inf, or it overflows, which only finite huge values do: those are
     # then checked one by one. (A BLAS dot product is ~3x faster than a sum or an isfinite pass.)
-    if vals.shape[0] and not math.isfinite(float(vals @ vals)) and not np.isfinite(vals).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        square = float(vals @ vals) if vals.shape[0] else 0.0
+    if not math.isfinite(square) and not np.isfinite(vals).all():
         raise CodecError("non-finite value (NaN or Inf)")
     n = vals.shape[0]
     if e.dense:
