@@ -153,8 +153,8 @@ def compute_per_round(d: int, k: int) -> tuple[float, float]:
     method, comp = resolve_method(cfg, d)
     worker = WorkerNode(method, comp, prob.objectives[0], 0, gamma=1e-3, x0=np.zeros(d))
     master = MasterNode(method, 1, np.zeros(d), gamma=1e-3)
-    down = master.aggregate([worker.step().message])
-    worker.apply(down)  # round 0 (dense) out of the way
+    worker.apply(master.aggregate([worker.step().message]))  # round 0 (dense) out of the way
+    down = master.aggregate([worker.step().message])  # a sparse downlink, as in every later round
 
     number = max(3, min(200, 2_000_000 // d))
     t_worker = best_time(lambda: (worker.step(), worker.apply(down)), number, repeat=3)

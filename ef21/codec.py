@@ -122,6 +122,12 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
     return idx
 
 
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A view into a message lands wherever its field starts; numpy's fast loops and BLAS need aligned data, and
+    one copy costs less than a slow pass (10-20x slower for the dot product of the finite check)."""
+    return a if a.flags.aligned else a.copy()
+
+
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
     """Buffers back to a SparseVector (values as float64), or CodecError saying what is wrong.
 
@@ -136,7 +142,7 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
     if e.float32:
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
-        vals = np.frombuffer(e.values, dtype=VALUE_DTYPE)
+        vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))
     # v·v is non-finite iff some entry is NaN/Inf, or it overflows, which only finite huge values do: those are
     # then checked one by one. (A BLAS dot product is ~3x faster than a sum or an isfinite pass.)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -157,7 +163,7 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
                             vals)
     if len(e.indices) % 4:
         raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
-    idx = np.frombuffer(e.indices, dtype=INDEX_DTYPE)
+    idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
     if idx.shape[0] != n:
         raise CodecError(f"{idx.shape[0]} indices but {n} values")
     if n > 1 and not (idx[1:] > idx[:-1]).all():

@@ -66,15 +66,7 @@ def _fill_encoded(dst: pb.SparseVector, e: EncodedVector) -> None:
 def fill_vector(dst: pb.SparseVector, v: SparseVector, *, float32: bool = False, packed: bool = False) -> None:
     """Write v into a field of a message under construction (building a submessage and assigning it would copy
     it once more)."""
-    e = encode(v, float32=float32, packed=packed)
-    dst.dim = e.dim
-    dst.indices = bytes(e.indices)
-    dst.values = bytes(e.values)
-    dst.dense = e.dense
-    if float32:
-        dst.value_type = pb.FLOAT32
-    if e.index_bits:
-        dst.index_bits = e.index_bits
+    _fill_encoded(dst, encode(v, float32=float32, packed=packed))
 
 
 def vector_to_proto(v: SparseVector, *, float32: bool = False, packed: bool = False) -> pb.SparseVector:

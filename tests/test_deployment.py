@@ -58,7 +58,7 @@ def test_compose_commands_are_accepted_by_our_cli():
 def test_dockerfile_installs_the_package_and_exposes_the_ports():
     text = (ROOT / "Dockerfile").read_text()
     m = parse_command(compose()["services"]["master"]["command"])
-    assert "RUN pip install ." in text
+    assert "RUN pip install '.[fast]'" in text  # uvloop in the image, for --event-loop uvloop
     assert f"EXPOSE {m.port} {m.status_port}" in text
     for folder in ("ef21", "ef21_wire", "server", "worker"):
         assert f"COPY {folder} ./{folder}" in text

@@ -41,8 +41,8 @@ def test_update_bytes_equal_the_generated_serialization(rng, round_, f, dist):
         for replace in (False, True):
             e = encode(v, float32=f32, packed=packed)
             ours = update_bytes(round_, e, replace, f, dist)
-            ref = pb.WorkerMessage(update=pb.Update(round=round_, message=vector_to_proto(v, float32=f32, packed=packed),
-                                                    replace=replace, f=f, distortion=dist))
+            vec = vector_to_proto(v, float32=f32, packed=packed)
+            ref = pb.WorkerMessage(update=pb.Update(round=round_, message=vec, replace=replace, f=f, distortion=dist))
             assert ours == ref.SerializeToString()
             got = read_update(ours)
             assert got is not None and got == update_from_proto(pb.WorkerMessage.FromString(ours).update)

@@ -58,10 +58,11 @@ def cli_args(cfg: RunConfig) -> list[str]:
     return out
 
 
-def check_run_matches_simulate(tmp_path, case: str, method: str, rounds: int, encoding: str = "plain") -> None:
+def check_run_matches_simulate(tmp_path, case: str, method: str, rounds: int, encoding: str = "plain",
+                               extra: tuple[str, ...] = ()) -> None:
     cfg = RunConfig(workers=4, method=method, rounds=rounds, encoding=encoding, **CASES[case], **METHOD_ARGS[method])
     log, xs = tmp_path / f"{case}-{method}.jsonl", tmp_path / f"{case}-{method}.npy"
-    r = run_cli("run", *cli_args(cfg), "--log", str(log), "--save-iterates", str(xs), "--quiet")
+    r = run_cli("run", *cli_args(cfg), "--log", str(log), "--save-iterates", str(xs), "--quiet", *extra)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert_same_as_simulation(cfg, np.load(xs), rows)
@@ -75,6 +76,19 @@ def test_ef21_run_equals_simulate(tmp_path, case):
 def test_compact_encoding_run_equals_simulate(tmp_path):
     """float32 values and bit-packed indices through the real service give the simulator's iterates exactly."""
     check_run_matches_simulate(tmp_path, "mushrooms", "ef21", 300, encoding="compact")
+
+
+def test_uvloop_run_equals_simulate(tmp_path):
+    """--event-loop uvloop (master and the workers `ef21 run` starts) changes nothing in the numbers."""
+    pytest.importorskip("uvloop", reason="uvloop is the optional [fast] extra")
+    check_run_matches_simulate(tmp_path, "lsq", "ef21", 200, extra=("--event-loop", "uvloop"))
+
+
+def test_uvloop_missing_is_a_clear_error():
+    r = subprocess.run([PY, "-c", "import sys; sys.modules['uvloop'] = None; from ef21.cli import main; "
+                        "sys.exit(main(['worker', '--master', '127.0.0.1:1', '--event-loop', 'uvloop']))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pip install 'ef21[fast]'" in r.stderr
 
 
 @pytest.mark.slow
