@@ -171,7 +171,7 @@ _UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _I64}
 _ROUND_RESULT = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _LEN, 6: _LEN}
 
 
-def _span(raw: bytes, view: memoryview, fields: dict[int, object], field: int) -> memoryview:
+def _span(view: memoryview, fields: dict[int, object], field: int) -> memoryview:
     if field not in fields:
         return view[0:0]
     a, b = fields[field]  # type: ignore[misc]
@@ -185,37 +185,49 @@ def _vector(raw: bytes, view: memoryview, span: tuple[int, int] | None) -> Encod
     value_type = v.get(5, 0)
     if value_type not in (0, 1) or v.get(4, 0) not in (0, 1):
         raise _NotCanonical
-    return EncodedVector(int(v.get(1, 0)), _span(raw, view, v, 2), _span(raw, view, v, 3),  # type: ignore[arg-type]
+    return EncodedVector(int(v.get(1, 0)), _span(view, v, 2), _span(view, v, 3),  # type: ignore[arg-type]
                          v.get(4, 0) == 1, value_type == 1, int(v.get(6, 0)))  # type: ignore[arg-type]
 
 
-def _outer(raw: bytes, field: int) -> tuple[int, int] | None:
+def _outer(raw: bytes, field: int) -> tuple[int, int]:
     """The span of the one field of a oneof envelope, if it is ``field``."""
-    try:
-        key, pos = _read_varint(raw, 0, len(raw))
-        if key != (field << 3 | _LEN):
-            return None
-        n, pos = _read_varint(raw, pos, len(raw))
-    except _NotCanonical:
-        return None
-    return (pos, pos + n) if pos + n == len(raw) else None
+    key, pos = _read_varint(raw, 0, len(raw))
+    if key != (field << 3 | _LEN):
+        raise _NotCanonical
+    n, pos = _read_varint(raw, pos, len(raw))
+    if pos + n != len(raw):
+        raise _NotCanonical
+    return pos, pos + n
+
+
+def _round_message(raw: bytes, field: int, layout: dict[int, int]) -> tuple[dict[int, object], EncodedVector]:
+    """The fields of the message in a oneof envelope, for both round messages: field 2 is the vector, field 3
+    the replace flag."""
+    f = _fields(raw, *_outer(raw, field), layout)
+    if f.get(3, 0) not in (0, 1):
+        raise _NotCanonical
+    return f, _vector(raw, memoryview(raw), f.get(2))  # type: ignore[arg-type]
 
 
 def _double_of(f: dict[int, object], field: int) -> float:
     return _DOUBLE.unpack(f[field])[0] if field in f else 0.0  # type: ignore[arg-type]
 
 
+def _packed_uint32(raw: bytes, span: tuple[int, int] | None) -> tuple[int, ...]:
+    out: list[int] = []
+    pos, end = span or (0, 0)
+    while pos < end:
+        v, pos = _read_varint(raw, pos, end)
+        if v >= 2**32:
+            raise _NotCanonical
+        out.append(v)
+    return tuple(out)
+
+
 def read_update(raw: bytes) -> UpdateIn | None:
     """The Update in a serialized WorkerMessage, or None when it holds something else or is not canonical."""
-    span = _outer(raw, _WORKER_UPDATE)
-    if span is None:
-        return None
-    view = memoryview(raw)
     try:
-        u = _fields(raw, span[0], span[1], _UPDATE)
-        if u.get(3, 0) not in (0, 1):
-            raise _NotCanonical
-        vec = _vector(raw, view, u.get(2))  # type: ignore[arg-type]
+        u, vec = _round_message(raw, _WORKER_UPDATE, _UPDATE)
     except _NotCanonical:
         return None
     return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1, _double_of(u, 4), _double_of(u, 5))  # type: ignore
@@ -223,25 +235,11 @@ def read_update(raw: bytes) -> UpdateIn | None:
 
 def read_round_result(raw: bytes) -> RoundResultIn | None:
     """The RoundResult in a serialized MasterMessage, or None (see ``read_update``)."""
-    span = _outer(raw, _MASTER_ROUND_RESULT)
-    if span is None:
-        return None
-    view = memoryview(raw)
     try:
-        r = _fields(raw, span[0], span[1], _ROUND_RESULT)
-        if r.get(3, 0) not in (0, 1):
-            raise _NotCanonical
-        vec = _vector(raw, view, r.get(2))  # type: ignore[arg-type]
-        missing: list[int] = []
-        if 6 in r:
-            pos, end = r[6]  # type: ignore[misc]
-            while pos < end:
-                m, pos = _read_varint(raw, pos, end)
-                if m >= 2**32:
-                    raise _NotCanonical
-                missing.append(m)
-        checksum = bytes(_span(raw, view, r, 5))
+        r, vec = _round_message(raw, _MASTER_ROUND_RESULT, _ROUND_RESULT)
+        missing = _packed_uint32(raw, r.get(6))  # type: ignore[arg-type]
     except _NotCanonical:
         return None
-    return RoundResultIn(int(r.get(1, 0)), vec, r.get(3, 0) == 1, _double_of(r, 4), checksum,  # type: ignore
-                         tuple(missing))
+    a, b = r.get(5, (0, 0))  # type: ignore[misc]
+    return RoundResultIn(int(r.get(1, 0)), vec, r.get(3, 0) == 1, _double_of(r, 4), raw[a:b],  # type: ignore
+                         missing)

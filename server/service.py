@@ -63,7 +63,7 @@ class MasterService:
             raise Refusal("RESOURCE_EXHAUSTED", f"message of {len(raw)} bytes exceeds the bound for d = {d}")
 
     def _parse(self, raw: bytes) -> pb.WorkerMessage:
-        self._check_size(raw)
+        """A WorkerMessage whose size was already checked (``_check_size``)."""
         msg = pb.WorkerMessage()
         try:
             msg.ParseFromString(raw)
@@ -82,6 +82,7 @@ class MasterService:
                 raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
             except (asyncio.TimeoutError, StopAsyncIteration):
                 raise Refusal("DEADLINE_EXCEEDED", "no Hello") from None
+            self._check_size(raw)
             msg = self._parse(raw)
             if msg.WhichOneof("kind") != "hello":
                 raise Refusal("FAILED_PRECONDITION", f"first message must be Hello, got {msg.WhichOneof('kind')}")

@@ -24,7 +24,6 @@ from ef21.config import RunConfig
 from ef21.data import Dataset, fingerprint, load_dataset
 from ef21.engine import WorkerNode, WorkerReport
 from ef21.sparse import SparseVector
-from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.problem import local_objective, quadratic_fingerprint
 from ef21.simulate import resolve_method
