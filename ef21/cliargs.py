@@ -42,7 +42,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed of randomized compressors")
     m.add_argument("--encoding", default="plain", choices=ENCODINGS,
                    help="plain: float64 values, uint32 indices (12 B an entry); compact: the workers' values "
-                        "rounded to float32 and indices delta bit-packed (~6 B an entry for Top-k)")
+                        "rounded to float32 and indices Elias–Fano coded (~6 B an entry for Top-k)")
     s = p.add_argument_group("stopping and start")
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
     s.add_argument("--tol", type=float, default=0.0, help="stop once |grad f|^2 < tol")

@@ -115,11 +115,15 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
         else:
             for j in range(low):
                 idx |= planes[j].astype(np.int64) << j
-    if count > 1 and not (idx[1:] > idx[:-1]).all():
-        raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
-    if count and int(idx[-1]) >= dim:
-        raise CodecError(f"index {int(idx[-1])} out of range for dimension {dim}")
+    _check_increasing_below(idx, dim)
     return idx
+
+
+def _check_increasing_below(idx: np.ndarray, dim: int) -> None:
+    if idx.shape[0] > 1 and not (idx[1:] > idx[:-1]).all():
+        raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
+    if idx.shape[0] and int(idx[-1]) >= dim:  # increasing, so the last is the largest
+        raise CodecError(f"index {int(idx[-1])} out of range for dimension {dim}")
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -166,8 +170,5 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
     idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
     if idx.shape[0] != n:
         raise CodecError(f"{idx.shape[0]} indices but {n} values")
-    if n > 1 and not (idx[1:] > idx[:-1]).all():
-        raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
-    if n and int(idx[-1]) >= expected_dim:  # increasing, so the last is the largest
-        raise CodecError(f"index {int(idx[-1])} out of range for dimension {expected_dim}")
+    _check_increasing_below(idx, expected_dim)
     return SparseVector(expected_dim, idx, vals)

@@ -77,13 +77,13 @@ def _select(mag: np.ndarray, k: int) -> np.ndarray:
         return np.arange(d)
     part = np.argpartition(mag, d - k)
     tau = mag[part[d - k]]
-    eq = np.count_nonzero(mag == tau)
-    if eq == 1:  # no tie at the k-th magnitude (the usual case): argpartition's top k are the answer
+    at_tau = mag == tau
+    if np.count_nonzero(at_tau) == 1:  # no tie at the k-th magnitude (the usual case): argpartition's top k
         top = part[d - k:]
         top.sort()
         return top
     above = np.flatnonzero(mag > tau)
-    ties = np.flatnonzero(mag == tau)[: k - above.shape[0]]
+    ties = np.flatnonzero(at_tau)[: k - above.shape[0]]
     idx = np.concatenate([above, ties])
     idx.sort()
     return idx

@@ -52,7 +52,7 @@ class RunConfig:
     """d of the ``quadratic`` problem."""
     encoding: str = "plain"
     """How messages travel: ``plain`` (float64 values, uint32 indices) or ``compact`` (the workers' values rounded
-    to float32, indices delta bit-packed both ways). Compact changes the iterates — workers update their state
+    to float32, indices Elias–Fano coded both ways). Compact changes the iterates — workers update their state
     with the rounded values they send — so it is part of the configuration, and the simulator does the same."""
 
     def __post_init__(self) -> None:

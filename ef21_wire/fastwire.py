@@ -6,8 +6,9 @@ serialized, and again when it is read back; a round's vectors are the bulk of th
 more than the network on a fast link. Here a message is joined from the vector's own buffers (one copy) and read
 as views into the received bytes (no copy). The bytes are exactly what the generated code would produce for the
 same message (``tests/test_fastwire.py`` checks this field by field and byte for byte), so either side may use
-either path. The readers accept the canonical layout only; anything else — an unknown or repeated field, another
-wire type — returns None and the caller parses with the generated classes, which know every encoding.
+either path. The readers take each known field at most once, in any order; anything else — an unknown or repeated
+field, another wire type — returns None and the caller parses with the generated classes, which know every
+encoding.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_ef21_run_equals_simulate(tmp_path, case):
 
 
 def test_compact_encoding_run_equals_simulate(tmp_path):
-    """float32 values and bit-packed indices through the real service give the simulator's iterates exactly."""
+    """float32 values and Elias–Fano indices through the real service give the simulator's iterates exactly."""
     check_run_matches_simulate(tmp_path, "mushrooms", "ef21", 300, encoding="compact")
 
 
