@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .compressors import log2_ceil
-from .methods import Message
+from .methods import Downlink, Message
 
 PAPER_BITS_PER_VALUE = 32
 
@@ -34,6 +34,8 @@ class CommLedger:
     n: int
     paper_total: int = 0
     payload_total: int = 0
+    down_total: int = 0
+    """Downlink bits one worker received (every worker receives the same broadcast)."""
 
     def record(self, round_: int, messages: Sequence[Message | None]) -> None:
         """Count the messages a round used (None: left out, nothing counted)."""
@@ -41,6 +43,16 @@ class CommLedger:
         if round_ > 0:
             self.paper_total += sum(paper_bits(m) for m in sent)
         self.payload_total += sum(payload_bits(m) for m in sent)
+
+    def record_down(self, round_: int, down: Downlink) -> None:
+        """Count a round's broadcast in the paper's convention: 32 bits per value, round 0 excluded. Plain EF21
+        sends the union of the workers' supports; EF21-BC its K entries; GD a dense vector."""
+        if round_ > 0:
+            self.down_total += PAPER_BITS_PER_VALUE * down.vector.nnz
+
+    @property
+    def bits_down_per_worker(self) -> float:
+        return float(self.down_total)
 
     @property
     def bits_per_worker(self) -> float:

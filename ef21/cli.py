@@ -32,16 +32,16 @@ def write_outputs(ns: argparse.Namespace, x: np.ndarray) -> None:
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from .progress import Progress
     from .runlog import JsonlWriter
-    from .simulate import constants_for, resolve_method, simulate
+    from .simulate import plan_for, simulate
     from .problem import build_problem
 
     cfg = config_from_args(ns)
+    if ns.eval_every < 1:
+        raise UserError(f"--eval-every must be >= 1, got {ns.eval_every}")
     problem = build_problem(cfg)
-    method, comp = resolve_method(cfg, problem.d)
-    consts = constants_for(cfg, method, comp, problem.L, problem.L_tilde, problem.d)
-    print(f"{cfg.method} / {comp.name}{'' if comp.name in ('identity', 'sign', 'natural', 'cnatural') else f' k={cfg.k}'} "
-          f"on {cfg.data} ({cfg.problem}), n={problem.n}, d={problem.d}")
-    print(consts.describe())
+    plan = plan_for(cfg, problem)
+    print(describe_run(cfg, plan.compressor.name, problem.n, problem.d))
+    print(plan.constants.describe())
     log_path = ns.log
     if ns.plot is not None and log_path is None:
         log_path = ns.plot.with_suffix(".jsonl")
@@ -54,18 +54,33 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         bar.update(rec.round, rec.grad_norm_sq)
 
     try:
-        result = simulate(cfg, problem, on_round=on_round)
+        result = simulate(cfg, problem, on_round=on_round, eval_every=ns.eval_every)
     finally:
         bar.close()
         log.close()
     last = result.records[-1]
-    print(f"round {last.round}: f={last.f:.10g} |grad f|^2={last.grad_norm_sq:.6e} G={last.G:.3e} "
-          f"bits/worker={last.bits_per_worker:.0f}" + (f" ({result.message})" if result.message else ""))
+    print(f"round {last.round}: f={_fmt(last.f, '.10g')} |grad f|^2={_fmt(last.grad_norm_sq, '.6e')} "
+          f"G={_fmt(last.G, '.3e')} bits/worker={last.bits_per_worker:.0f}"
+          + (f" ({result.message})" if result.message else ""))
     write_outputs(ns, result.x)
     if result.stop_reason == "diverged":
         print(f"error: {result.message}; try a smaller --stepsize-mult", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
+
+
+def _fmt(v: object, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def describe_run(cfg, compressor: str, n: int, d: int) -> str:  # type: ignore[no-untyped-def]
+    """One line: the variant, its compressor and the problem."""
+    from .variants import variant_name
+
+    k = "" if compressor in ("identity", "sign", "natural", "cnatural") else f" k={cfg.k}"
+    what = cfg.objective if cfg.objective is not None else f"{cfg.data or 'no data'} ({cfg.problem})"
+    down = "" if cfg.downlink_k is None else f", downlink {cfg.downlink_compressor} K={cfg.downlink_k}"
+    return f"{variant_name(cfg)} / {compressor}{k}{down} on {what}, n={n}, d={d}"
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -83,6 +98,8 @@ def build_parser() -> ArgumentParser:
     sim = sub.add_parser("simulate", help="run a method in one process (no network)")
     add_config_args(sim)
     add_output_args(sim)
+    sim.add_argument("--eval-every", type=int, default=1, metavar="R",
+                     help="evaluate f, |grad f|^2 and G every R rounds (as the master's --eval-every; default 1)")
     sim.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plot", help="plot |grad f|^2 of one or more JSONL logs on one figure")

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .compressors import COMPRESSOR_NAMES
-from .config import ENCODINGS, INIT_MODES, PROBLEMS, RunConfig
+from .config import ENCODINGS, ESTIMATORS, INIT_MODES, PROBLEMS, WEIGHTS, RunConfig
+from .errors import UserError
 from .methods import METHODS
 
 
@@ -21,9 +22,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("problem")
-    g.add_argument("--data", default="mushrooms",
-                   help="shipped dataset name (mushrooms), synthetic:N:D[:SEED], or a LIBSVM/.npz path")
+    g.add_argument("--data", default=None,
+                   help="shipped dataset name (mushrooms, the default of logreg/lsq), synthetic:N:D[:SEED], "
+                        "synthetic-sparse:N:D:DENSITY[:SEED], or a LIBSVM/.npz path")
     g.add_argument("--problem", default="logreg", choices=PROBLEMS)
+    g.add_argument("--objective", default=None, metavar="FILE.py:FUNC",
+                   help="your own objective: FILE.py:FUNC or package.module:FUNC (see README, 'Your own objective')")
+    g.add_argument("--objective-arg", action="append", default=None, metavar="KEY=VALUE", dest="objective_arg",
+                   help="an option handed to the objective's factory (repeatable)")
     g.add_argument("--lam", type=float, default=0.1, help="λ of the logistic regularizer (default 0.1)")
     g.add_argument("--workers", "-n", type=int, default=20, help="number of workers n (default 20)")
     g.add_argument("--shuffle", type=int, default=None, metavar="SEED",
@@ -43,10 +49,44 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--encoding", default="plain", choices=ENCODINGS,
                    help="plain: float64 values, uint32 indices (12 B an entry); compact: the workers' values "
                         "rounded to float32 and indices Elias–Fano coded (~6 B an entry for Top-k)")
+    e = p.add_argument_group("stochastic gradients (EF21-SGD, -PAGE, -SGDM)")
+    e.add_argument("--estimator", default="full", choices=ESTIMATORS,
+                   help="full local gradients (default), sgd minibatches, page, or sgdm (momentum)")
+    e.add_argument("--batch-size", type=int, default=None, metavar="B", help="minibatch size of every worker")
+    e.add_argument("--batch-fraction", type=float, default=None, metavar="F",
+                   help="minibatch size max(1, floor(F*N_i)) of each worker's N_i rows")
+    e.add_argument("--page-p", type=float, default=None, metavar="P",
+                   help="PAGE's probability of a full-gradient round (default mean tau_i/(tau_i+N_i))")
+    e.add_argument("--sgdm-eta", type=float, default=0.1, metavar="ETA",
+                   help="EF21-SGDM's momentum weight of the new minibatch gradient (default 0.1; 1 is EF21-SGD)")
+    x = p.add_argument_group("EF21 extensions")
+    x.add_argument("--downlink-k", type=int, default=None, metavar="K",
+                   help="EF21-BC: the master compresses its broadcast to K entries")
+    x.add_argument("--downlink-compressor", default="topk", help="EF21-BC's compressor on the master (default topk)")
+    x.add_argument("--participation", default=None, metavar="P",
+                   help="EF21-PP: a fraction in (0, 1] or a count 1..n of workers sampled each round")
+    x.add_argument("--momentum", type=float, default=0.0, metavar="ETA",
+                   help="EF21-HB: heavy-ball eta in [0, 1) (x <- x - gamma v, v <- eta v + g)")
+    x.add_argument("--prox", default=None, metavar="SPEC",
+                   help="EF21-Prox: l1:LAMBDA, box:LO:HI or l2ball:R (x <- prox(x - gamma g))")
+    x.add_argument("--weights", default="uniform", choices=WEIGHTS,
+                   help="EF21-W: smoothness weighs worker i by L_i / sum L_j")
     s = p.add_argument_group("stopping and start")
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
-    s.add_argument("--tol", type=float, default=0.0, help="stop once |grad f|^2 < tol")
-    s.add_argument("--x0", default="zeros", help="zeros, normal:SEED or a .npy file (default zeros)")
+    s.add_argument("--tol", type=float, default=0.0,
+                   help="stop once |grad f|^2 < tol (with --prox: the gradient mapping's |G|^2)")
+    s.add_argument("--x0", default=None,
+                   help="zeros, normal:SEED or a .npy file (default: the objective's own x0, else zeros)")
+
+
+def parse_objective_args(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--objective-arg {item!r}: use KEY=VALUE")
+        out.append((key.strip(), value))
+    return tuple(out)
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -54,6 +94,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         data=ns.data, problem=ns.problem, lam=ns.lam, workers=ns.workers, shuffle=ns.shuffle, method=ns.method,
         compressor=ns.compressor, k=ns.k, init=ns.init, stepsize=ns.stepsize, stepsize_mult=ns.stepsize_mult,
         mu=ns.mu, rounds=ns.rounds, tol=ns.tol, x0=ns.x0, seed=ns.seed, dim=ns.dim, encoding=ns.encoding,
+        objective=ns.objective, objective_args=parse_objective_args(ns.objective_arg), estimator=ns.estimator,
+        batch_size=ns.batch_size, batch_fraction=ns.batch_fraction, page_p=ns.page_p, sgdm_eta=ns.sgdm_eta,
+        downlink_k=ns.downlink_k, downlink_compressor=ns.downlink_compressor, participation=ns.participation,
+        momentum=ns.momentum, prox=ns.prox, weights=ns.weights,
     )
 
 

@@ -7,24 +7,25 @@ right when L_i is consistent with the gradient actually computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-# Above this dimension λ_max(AᵀA) is found by power iteration on A instead of an eigensolver on the d×d Gram.
+# Above this dimension λ_max(AᵀA) is found by power iteration on A instead of an eigensolver on the d×d Gram,
+# and data files are held as sparse (CSR) matrices.
 GRAM_MAX_D = 2048
 
 
 class Objective(Protocol):
+    """What a worker's local objective f_i gives. Built-in objectives and user plugins (``ef21.plugins``) alike;
+    everything but ``d`` and ``value_and_grad`` is optional for plugins (see README, "Your own objective")."""
+
     d: int
-
-    def value(self, x: np.ndarray) -> float: ...
-
-    def grad(self, x: np.ndarray) -> np.ndarray: ...
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]: ...
 
-    def smoothness(self) -> float: ...
+    def smoothness(self) -> float:
+        """L_i."""
 
     def gram(self) -> np.ndarray | None:
         """AᵀA of the local rows (d×d) when the objective has a design matrix and d is small, else None."""
@@ -33,24 +34,57 @@ class Objective(Protocol):
         """The curvature diagonal of a separable objective, else None."""
 
 
-def lambda_max_gram(A: np.ndarray, iters: int = 500, tol: float = 1e-12, seed: int = 0) -> float:
-    """Largest eigenvalue of AᵀA (= ‖A‖₂²)."""
+def is_sparse(A: Any) -> bool:
+    return hasattr(A, "tocsr")
+
+
+@dataclass
+class PowerIteration:
+    """λ_max of a symmetric positive semidefinite operator, one product at a time.
+
+    The caller hands out ``vector`` and feeds back the operator applied to it (``feed``), so the products may be
+    computed anywhere — in this process, or by the workers over the network (each returns A_iᵀA_i v; the sums
+    are taken in rank order) — and every party that runs the same sequence gets the same λ to the last bit.
+    Stops when λ changes by less than ``tol`` relative, or after ``max_iter`` products.
+    """
+
+    d: int
+    seed: int = 0
+    tol: float = 1e-10
+    max_iter: int = 300
+    vector: np.ndarray = field(init=False)
+    value: float = field(init=False, default=0.0)
+    iterations: int = field(init=False, default=0)
+    done: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        v = np.random.default_rng([self.seed, 104729]).standard_normal(self.d)
+        self.vector = v / np.linalg.norm(v)
+
+    def feed(self, w: np.ndarray) -> None:
+        new = float(np.linalg.norm(w))
+        self.iterations += 1
+        if new == 0.0 or not np.isfinite(new):
+            self.value, self.done = (0.0 if new == 0.0 else new), True
+            return
+        converged = abs(new - self.value) <= self.tol * new
+        self.value = new
+        self.vector = w / new
+        self.done = converged or self.iterations >= self.max_iter
+
+    def run(self, apply: Callable[[np.ndarray], np.ndarray]) -> float:
+        while not self.done:
+            self.feed(apply(self.vector))
+        return self.value
+
+
+def lambda_max_gram(A: Any) -> float:
+    """Largest eigenvalue of AᵀA (= ‖A‖₂²): an eigensolver on the Gram for small d, else power iteration."""
     d = A.shape[1]
     if d <= GRAM_MAX_D:
-        return float(np.linalg.eigvalsh(A.T @ A)[-1])
-    v = np.random.default_rng(seed).standard_normal(d)
-    v /= np.linalg.norm(v)
-    lam = 0.0
-    for _ in range(iters):
-        w = A.T @ (A @ v)
-        new = float(np.linalg.norm(w))
-        if new == 0.0:
-            return 0.0
-        v = w / new
-        if abs(new - lam) <= tol * new:
-            return new
-        lam = new
-    return lam
+        G = A.T @ A
+        return float(np.linalg.eigvalsh(G.toarray() if is_sparse(G) else G)[-1])
+    return PowerIteration(d).run(lambda v: A.T @ (A @ v))
 
 
 def logistic_loss_and_slope(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +108,11 @@ class _DesignMatrix:
     def n_rows(self) -> int:
         return self.A.shape[0]
 
+    @property
+    def n_samples(self) -> int:
+        """N_i: the rows minibatches are drawn from."""
+        return self.A.shape[0]
+
     def value(self, x: np.ndarray) -> float:
         return self.value_and_grad(x)[0]  # type: ignore[attr-defined]
 
@@ -81,10 +120,21 @@ class _DesignMatrix:
         return self.value_and_grad(x)[1]  # type: ignore[attr-defined]
 
     def gram(self) -> np.ndarray | None:
-        return self.A.T @ self.A if self.d <= GRAM_MAX_D else None
+        if self.d > GRAM_MAX_D:
+            return None
+        G = self.A.T @ self.A
+        return G.toarray() if is_sparse(G) else G
+
+    def gram_matvec(self, v: np.ndarray) -> np.ndarray:
+        """A_iᵀA_i v without forming the Gram: one step of the distributed power iteration for L."""
+        return self.A.T @ (self.A @ v)
 
     def diagonal(self) -> None:
         return None
+
+    def _transpose_times(self, coef: np.ndarray, A: Any) -> np.ndarray:
+        # coef @ A for a dense A (the BLAS call the published figures were computed with); Aᵀcoef for CSR.
+        return A.T @ coef if is_sparse(A) else coef @ A
 
 
 @dataclass
@@ -107,9 +157,17 @@ class LogisticRegression(_DesignMatrix):
         coef = (-1.0 / self.n_rows) * (self.y * slope)
         x2 = x * x
         q = 1.0 + x2
-        g = coef @ self.A + (2.0 * self.lam) * x / (q * q)
+        g = self._transpose_times(coef, self.A) + (2.0 * self.lam) * x / (q * q)
         f = float(loss.sum()) / self.n_rows + self.lam * float((x2 / q).sum())
         return f, g
+
+    def grad_batch(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The gradient of the mean loss over ``rows`` of the shard, plus the whole regularizer's (EF21-SGD)."""
+        A, y = self.A[rows], self.y[rows]
+        _, slope = logistic_loss_and_slope(y * (A @ x))
+        coef = (-1.0 / rows.shape[0]) * (y * slope)
+        q = 1.0 + x * x
+        return self._transpose_times(coef, A) + (2.0 * self.lam) * x / (q * q)
 
     def smoothness(self) -> float:
         if self._L is None:
@@ -132,6 +190,10 @@ class LeastSquares(_DesignMatrix):
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         r = self.A @ x - self.b
         return float(r @ r) / self.n_rows, (2.0 / self.n_rows) * (self.A.T @ r)
+
+    def grad_batch(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        A = self.A[rows]
+        return (2.0 / rows.shape[0]) * (A.T @ (A @ x - self.b[rows]))
 
     def smoothness(self) -> float:
         if self._L is None:

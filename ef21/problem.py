@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .config import RunConfig
-from .data import Dataset, load_dataset, make_shard, shard_bounds
-from .objectives import LeastSquares, LogisticRegression, Objective, SeparableQuadratic, lambda_max_gram
+from .data import BUILTIN, Dataset, DataInfo, data_info, load_dataset, load_shard, make_shard, shard_bounds
+from .errors import UserError
+from .objectives import LeastSquares, LogisticRegression, Objective, PowerIteration, SeparableQuadratic
+from .plan import quadratic_mean
+
+__all__ = ["Problem", "build_problem", "local_objective", "quadratic_mean", "problem_fingerprint"]
 
 
 @dataclass(eq=False)
 class Problem:
-    """f = (1/n) Σ f_i with its smoothness constants."""
+    """f = (1/n) Σ f_i with its smoothness constants (None where the objective gives none)."""
 
-    objectives: list[Objective]
-    L: float
+    objectives: list[Any]
+    L: float | None
     """Smoothness of f, computed on the whole data (not the mean of the L_i)."""
-    L_i: list[float]
+    L_i: list[float] | None
     f_lower: float
     """A lower bound of f (0 for the losses here), for the Theorem 2 bound."""
+    x0: np.ndarray | None = None
+    """The objective's own start (a plugin's initial weights), used when --x0 is not given."""
 
     @property
     def n(self) -> int:
@@ -32,13 +38,12 @@ class Problem:
         return self.objectives[0].d
 
     @property
-    def L_tilde(self) -> float:
-        return quadratic_mean(self.L_i)
+    def L_tilde(self) -> float | None:
+        return None if self.L_i is None else quadratic_mean(self.L_i)
 
-
-def quadratic_mean(L_i: list[float]) -> float:
-    """L̃ = sqrt(mean L_i²), summed in rank order."""
-    return math.sqrt(sum(v * v for v in L_i) / len(L_i))
+    @property
+    def n_samples(self) -> list[int | None]:
+        return [getattr(o, "n_samples", None) for o in self.objectives]
 
 
 def quadratic_worker(cfg: RunConfig, rank: int) -> SeparableQuadratic:
@@ -55,12 +60,33 @@ def quadratic_fingerprint(cfg: RunConfig) -> str:
     return f"quadratic:{cfg.dim}:{cfg.seed}"
 
 
-def local_objective(cfg: RunConfig, rank: int, ds: Dataset | None) -> Objective:
-    """Worker ``rank``'s objective: its shard of ``ds`` (the whole dataset; ignored for ``quadratic``)."""
+def streams_shards(spec: str) -> bool:
+    """Whether a worker reads only its own rows of ``spec`` (files and the sparse generator), rather than
+    loading it whole and slicing (the shipped and dense synthetic sets, which are small)."""
+    return spec not in BUILTIN and not spec.startswith("synthetic:") and not spec.endswith(".npz")
+
+
+def worker_shard(cfg: RunConfig, rank: int, ds: Dataset | None = None, info: DataInfo | None = None) -> Any:
+    assert cfg.data is not None
+    if ds is not None:
+        return make_shard(ds, rank, cfg.workers, cfg.shuffle)
+    return load_shard(cfg.data, rank, cfg.workers, cfg.shuffle, problem=cfg.problem, info=info)
+
+
+def local_objective(cfg: RunConfig, rank: int, ds: Dataset | None = None, shard: Any = None,
+                    info: DataInfo | None = None) -> Any:
+    """Worker ``rank``'s objective: a plugin's, the quadratic's share, or its shard of the data (``ds``: the whole
+    dataset already in memory; ``shard``: the worker's rows already loaded; else they are read now)."""
+    if cfg.objective is not None:
+        from .plugins import build_objective
+
+        if shard is None and cfg.data is not None:
+            shard = worker_shard(cfg, rank, ds, info)
+        return build_objective(cfg.objective, cfg.objective_args, rank, cfg.workers, cfg.seed, shard)
     if cfg.problem == "quadratic":
         return quadratic_worker(cfg, rank)
-    assert ds is not None
-    shard = make_shard(ds, rank, cfg.workers, cfg.shuffle)
+    if shard is None:
+        shard = worker_shard(cfg, rank, ds, info)
     if cfg.problem == "logreg":
         return LogisticRegression(shard.A, shard.y, cfg.lam)
     return LeastSquares(shard.A, shard.y)
@@ -74,12 +100,16 @@ def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
     return acc
 
 
-def global_smoothness_from_grams(cfg: RunConfig, gram_sum: np.ndarray, n_rows: int) -> float:
-    """L of the whole problem from Σ_i A_iᵀA_i = AᵀA (what workers can compute without pooling data)."""
-    lam_max = float(np.linalg.eigvalsh(gram_sum)[-1])
+def smoothness_from_lambda(cfg: RunConfig, lam_max: float, n_rows: int) -> float:
+    """L of the whole problem from λ_max(AᵀA) = λ_max(Σ_i A_iᵀA_i)."""
     if cfg.problem == "logreg":
         return lam_max / (4.0 * n_rows) + 2.0 * cfg.lam
     return 2.0 * lam_max / n_rows
+
+
+def global_smoothness_from_grams(cfg: RunConfig, gram_sum: np.ndarray, n_rows: int) -> float:
+    """L of the whole problem from Σ_i A_iᵀA_i = AᵀA (what workers can compute without pooling data)."""
+    return smoothness_from_lambda(cfg, float(np.linalg.eigvalsh(gram_sum)[-1]), n_rows)
 
 
 def global_smoothness_from_diagonals(diag_sum: np.ndarray, n_workers: int) -> float:
@@ -87,31 +117,81 @@ def global_smoothness_from_diagonals(diag_sum: np.ndarray, n_workers: int) -> fl
     return float((diag_sum / n_workers).max())
 
 
-def global_smoothness(cfg: RunConfig, objectives: list[Objective], n_rows: int) -> float | None:
-    """L from the workers' curvature summaries, or None when they have none (large d: computed on full data)."""
+def global_power_iteration(d: int) -> PowerIteration:
+    """The power iteration for λ_max(Σ_i A_iᵀA_i) that the master runs with its workers (and the simulator in
+    one process): same start, same stopping rule, products summed in rank order."""
+    return PowerIteration(d)
+
+
+def global_smoothness(cfg: RunConfig, objectives: list[Any], n_rows: int) -> float | None:
+    """L from the workers' curvature: diagonals, Grams, or a power iteration over their A_iᵀA_i v; for a
+    plugin with none of these, mean L_i (an upper bound, f being the mean of the f_i); None without L_i."""
     diags = [o.diagonal() for o in objectives]
     if all(v is not None for v in diags):
         return global_smoothness_from_diagonals(sum_in_rank_order(diags), len(objectives))
     grams = [o.gram() for o in objectives]
     if all(v is not None for v in grams):
+        if cfg.objective is not None:  # a user's Gram: its λ_max is the curvature of mean f_i·n
+            return float(np.linalg.eigvalsh(sum_in_rank_order(grams))[-1]) / len(objectives)
         return global_smoothness_from_grams(cfg, sum_in_rank_order(grams), n_rows)
-    return None
+    if cfg.objective is None and all(hasattr(o, "gram_matvec") for o in objectives):
+        pi = global_power_iteration(objectives[0].d)
+        lam = pi.run(lambda v: sum_in_rank_order([o.gram_matvec(v) for o in objectives]))
+        return smoothness_from_lambda(cfg, lam, n_rows)
+    L_i = [o.smoothness() for o in objectives]
+    if any(v is None for v in L_i):
+        return None
+    return sum(L_i) / len(L_i)
 
 
 def build_problem(cfg: RunConfig, ds: Dataset | None = None) -> Problem:
-    if cfg.problem == "quadratic":
-        objs = [quadratic_worker(cfg, i) for i in range(cfg.workers)]
-        L = global_smoothness(cfg, objs, 0)
-        assert L is not None
-        return Problem(objs, L, [o.smoothness() for o in objs], f_lower=0.0)
-    if ds is None:
-        ds = load_dataset(cfg.data, problem=cfg.problem)
-    shard_bounds(ds.n_rows, cfg.workers)  # raises a clear error when there are fewer rows than workers
-    objs = [local_objective(cfg, i, ds) for i in range(cfg.workers)]
-    # The same computation as the networked master (sum of the shards' AᵀA in rank order), so both runs get
-    # the same γ to the last bit; it equals λ_max of the whole data's AᵀA.
-    L = global_smoothness(cfg, objs, ds.n_rows)
-    if L is None:
-        lam_max = lambda_max_gram(ds.A)
-        L = lam_max / (4.0 * ds.n_rows) + 2.0 * cfg.lam if cfg.problem == "logreg" else 2.0 * lam_max / ds.n_rows
-    return Problem(objs, L, [o.smoothness() for o in objs], f_lower=0.0)
+    n = cfg.workers
+    info = None
+    if cfg.objective is None and cfg.problem == "quadratic":
+        objs: list[Any] = [quadratic_worker(cfg, i) for i in range(n)]
+        rows = 0
+    else:
+        if cfg.data is not None and ds is None:
+            if streams_shards(cfg.data):
+                info = data_info(cfg.data, problem=cfg.problem)
+            else:
+                ds = load_dataset(cfg.data, problem=cfg.problem)
+        if cfg.data is not None:
+            shard_bounds(ds.n_rows if ds is not None else info.n_rows, n)  # type: ignore[union-attr]
+        objs = [local_objective(cfg, i, ds, info=info) for i in range(n)]
+        rows = sum(getattr(o, "n_rows", 0) for o in objs)
+        dims = {o.d for o in objs}
+        if len(dims) > 1:
+            raise UserError(f"the objective's dimension differs between workers: "
+                            f"{', '.join(f'rank {i}: d={o.d}' for i, o in enumerate(objs))}")
+    L_vals = [o.smoothness() for o in objs]
+    L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]
+    L = global_smoothness(cfg, objs, rows)
+    x0 = getattr(objs[0], "x0", lambda: None)()
+    return Problem(objs, L, L_i, f_lower=0.0, x0=x0)
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Build rank 0's objective and evaluate it once at x⁰: what ``ef21 run`` does before it starts n workers, so
+    that an objective that cannot work (fails to import, raises, wrong shape, NaN, no L without --stepsize) is
+    one error line, not n."""
+    from .config import make_x0
+    from .estimators import batch_size_for
+
+    obj = local_objective(cfg, 0)
+    if cfg.stepsize is None and obj.smoothness() is None:
+        raise UserError(f"objective {cfg.objective} gives no smoothness constant (no smoothness() method), so there "
+                        f"is no theory stepsize: give --stepsize")
+    x0 = make_x0(cfg.x0, obj.d, obj.x0() if hasattr(obj, "x0") else None)
+    obj.value_and_grad(x0)
+    if cfg.estimator != "full":
+        batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, 0)
+
+
+def problem_fingerprint(cfg: RunConfig) -> str:
+    """The data's fingerprint as the master and workers compare it (the quadratic: its parameters)."""
+    if cfg.objective is None and cfg.problem == "quadratic":
+        return quadratic_fingerprint(cfg)
+    if cfg.data is None:
+        return "no-data"
+    return data_info(cfg.data, problem=cfg.problem).fingerprint

@@ -11,13 +11,16 @@ from typing import Callable
 import numpy as np
 
 from .accounting import CommLedger
-from .compressors import Compressor, Float32Values, make_compressor, theory_alpha
 from .config import RunConfig, make_x0
-from .engine import MasterNode, WorkerNode, WorkerReport
+from .engine import MasterNode, WorkerNode, WorkerReport, is_eval_round
 from .errors import UserError
-from .methods import Method, make_method
+from .plan import Plan, constants_for, make_plan, resolve_method
 from .problem import Problem, build_problem
-from .stepsize import TheoryConstants, theory_stepsize
+from .prox import gradient_mapping_sq, parse_prox
+from .stepsize import TheoryConstants
+
+__all__ = ["RoundRecord", "RunResult", "constants_for", "make_record", "resolve_method", "simulate", "stop_check",
+           "plan_for"]
 
 # Beyond this the run is declared divergent: nothing converging on these problems gets near it.
 DIVERGENCE_LIMIT = 1e100
@@ -46,6 +49,12 @@ class RoundRecord:
     """Cumulative bytes of the exact-gradient evaluations (not compressed communication)."""
     missing: list[int] | None = None
     """Ranks whose message this round left out (partial participation, stragglers); null when all took part."""
+    bits_down_per_worker: float | None = None
+    """Cumulative downlink bits each worker received, in the paper's convention (32 per value, round 0 excluded)."""
+    grad_map_norm_sq: float | None = None
+    """EF21-Prox: ‖G_γ(x^t)‖², the gradient mapping's squared norm (the stationarity measure with a prox)."""
+    metrics: dict[str, float] | None = None
+    """A plugin objective's metrics, averaged over the workers (evaluation rounds)."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -61,45 +70,42 @@ class RunResult:
     xs: list[np.ndarray] = field(default_factory=list)
 
 
-def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
-    """The method and compressor of a config, checked against each other and against d."""
-    method = make_method(cfg.method)
-    comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
-    if cfg.encoding == "compact":
-        comp = Float32Values(comp)
-    if method.needs_contractive and comp.alpha(d) is None:
-        raise UserError(
-            f"{cfg.method} needs a contractive compressor; {comp.name} is only unbiased "
-            f"(use its contractive version, e.g. crandk for urandk)"
-        )
-    return method, comp
+def plan_for(cfg: RunConfig, problem: Problem) -> Plan:
+    return make_plan(cfg, problem.d, problem.L, problem.L_i, problem.n_samples)
 
 
-def constants_for(cfg: RunConfig, method: Method, comp: Compressor, L: float, L_tilde: float, d: int) -> TheoryConstants:
-    return theory_stepsize(
-        L,
-        L_tilde,
-        theory_alpha(comp, d),
-        mu=cfg.mu,
-        uncompressed=method.uncompressed,
-        multiplier=cfg.stepsize_mult,
-        override=cfg.stepsize,
-    )
+def mean_gradient(grads: list[np.ndarray]) -> np.ndarray:
+    """(1/n)Σ∇f_i, summed in rank order."""
+    grad = np.zeros_like(grads[0])
+    for g in grads:
+        grad += g
+    grad /= len(grads)
+    return grad
+
+
+def mean_metrics(metrics: list[dict[str, float] | None] | None) -> dict[str, float] | None:
+    """The workers' metrics averaged name by name (in rank order), or None when some worker has none."""
+    if not metrics or any(m is None for m in metrics):
+        return None
+    names = sorted(set().union(*metrics))  # type: ignore[arg-type]
+    return {k: math.fsum(m.get(k, math.nan) for m in metrics) / len(metrics) for k in names}  # type: ignore[union-attr]
 
 
 def make_record(
     t: int, fs: list[float] | None, distortions: list[float] | None, grads: list[np.ndarray] | None,
-    ledger: CommLedger, elapsed_s: float, **extra: object,
+    ledger: CommLedger, elapsed_s: float, *, prox_at: tuple[object, np.ndarray, float] | None = None,
+    metrics: list[dict[str, float] | None] | None = None, **extra: object,
 ) -> RoundRecord:
     """A log line from the workers' figures, given in rank order. What is not known is null: ‖∇f‖² without
-    every gradient, f and G in a round that left workers out."""
-    grad_norm_sq = None
+    every gradient, f and G in a round that left workers out or did not evaluate. ``prox_at``: (prox, x^t, γ)
+    for EF21-Prox's gradient mapping."""
+    grad_norm_sq = grad_map = None
     if grads is not None:
-        grad = np.zeros_like(grads[0])
-        for g in grads:
-            grad += g
-        grad /= len(grads)
+        grad = mean_gradient(grads)
         grad_norm_sq = float(grad @ grad)
+        if prox_at is not None:
+            prox, x, gamma = prox_at
+            grad_map = gradient_mapping_sq(prox, x, grad, gamma)  # type: ignore[arg-type]
     return RoundRecord(
         round=t,
         f=None if fs is None else math.fsum(fs) / len(fs),  # type: ignore[arg-type]
@@ -108,14 +114,24 @@ def make_record(
         bits_per_worker=ledger.bits_per_worker,
         payload_bits_per_worker=ledger.payload_bits_per_worker,
         elapsed_s=elapsed_s,
+        bits_down_per_worker=ledger.bits_down_per_worker,
+        grad_map_norm_sq=grad_map,
+        metrics=mean_metrics(metrics),
         **extra,  # type: ignore[arg-type]
     )
 
 
 def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float,
-                    master: MasterNode) -> RoundRecord:
-    return make_record(t, [r.f for r in reports], [r.distortion for r in reports], [r.grad for r in reports],
-                       ledger, time.perf_counter() - t0, g_norm_sq=g_norm_sq(master))
+                    master: MasterNode, prox: object | None = None) -> RoundRecord:
+    """The log line of a round: figures only when every worker evaluated (an evaluation round)."""
+    evaluated = all(r.grad is not None for r in reports)
+    fs = [r.f for r in reports] if evaluated else None
+    dist = [r.distortion for r in reports] if evaluated and all(r.distortion is not None for r in reports) else None
+    grads = [r.grad for r in reports] if evaluated else None
+    prox_at = None if prox is None else (prox, master.x, master.replica.x_step)
+    return make_record(t, fs, dist, grads, ledger, time.perf_counter() - t0,  # type: ignore[arg-type]
+                       g_norm_sq=g_norm_sq(master), prox_at=prox_at,
+                       metrics=[r.metrics for r in reports] if evaluated else None)
 
 
 def g_norm_sq(master: MasterNode) -> float | None:
@@ -135,11 +151,15 @@ def divergence(rec: RoundRecord, x_finite: bool) -> str | None:
 def stop_check(rec: RoundRecord, x_finite: bool, cfg: RunConfig) -> tuple[str, str] | None:
     """Whether the run ends after this round: ("diverged" | "tol" | "rounds", message), else None.
 
-    ``x_finite``: whether every entry of x^t is finite (the caller may have found out off its critical path)."""
+    ``x_finite``: whether every entry of x^t is finite (the caller may have found out off its critical path).
+    With a prox the tolerance applies to the gradient mapping ‖G_γ(x^t)‖² (‖∇f‖² need not vanish there)."""
     bad = divergence(rec, x_finite)
     if bad is not None:
         return "diverged", bad
-    if rec.grad_norm_sq is not None and rec.grad_norm_sq < cfg.tol:
+    if cfg.prox is not None:
+        if rec.grad_map_norm_sq is not None and rec.grad_map_norm_sq < cfg.tol:
+            return "tol", f"|G_gamma|^2 = {rec.grad_map_norm_sq:.3g} < tol {cfg.tol:g} at round {rec.round}"
+    elif rec.grad_norm_sq is not None and rec.grad_norm_sq < cfg.tol:
         return "tol", f"|grad f|^2 = {rec.grad_norm_sq:.3g} < tol {cfg.tol:g} at round {rec.round}"
     if rec.round >= cfg.rounds:
         return "rounds", f"{cfg.rounds} rounds done"
@@ -153,49 +173,58 @@ def simulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     keep_iterates: bool = False,
     missing: dict[int, list[int]] | None = None,
+    eval_every: int = 1,
 ) -> RunResult:
     """Run ``cfg`` in one process. ``keep_iterates`` keeps x^t of every round (for tests and comparisons).
 
     ``missing`` replays a participation pattern (round → ranks left out, e.g. read from a networked run's log):
-    those workers still compute, but their messages are dropped and they keep their state (EF21-PP).
+    those workers still compute, but their messages are dropped and they keep their state (EF21-PP). Sampled
+    participation (``cfg.participation``) leaves out the ranks its draw leaves out, as the service does.
+    ``eval_every``: f, ‖∇f‖² and G are evaluated (and logged) every this many rounds and at the last, as the
+    networked master's ``--eval-every`` does; the tolerance can only stop the run on those rounds.
     """
     problem = problem or build_problem(cfg)
     d, n = problem.d, problem.n
-    method, comp = resolve_method(cfg, d)
-    consts = constants_for(cfg, method, comp, problem.L, problem.L_tilde, d)
-    x0 = make_x0(cfg.x0, d)
-    init = "full" if cfg.init == "full" else "compressed"
+    plan = plan_for(cfg, problem)
+    x0 = make_x0(cfg.x0, d, problem.x0)
     workers = [
-        WorkerNode(method, comp, obj, i, gamma=consts.gamma, x0=x0, init=init, seed=cfg.seed)
+        WorkerNode(plan.method, plan.compressor, obj, i, gamma=plan.gamma, x0=x0, setting=plan.worker_setting(i))
         for i, obj in enumerate(problem.objectives)
     ]
-    master = MasterNode(method, n, x0, gamma=consts.gamma)
+    master = plan.master_node(x0)
+    prox = None if cfg.prox is None else parse_prox(cfg.prox)
     ledger = CommLedger(n)
     records: list[RoundRecord] = []
     xs: list[np.ndarray] = []
     t0 = time.perf_counter()
     stop, message = "rounds", ""
     missing = missing or {}
-    if missing and not method.tolerates_missing:
+    if missing and not plan.method.tolerates_missing:
         raise UserError(f"{cfg.method} cannot leave workers out of a round (only ef21 and ef21plus can)")
     for t in range(cfg.rounds + 1):
         if keep_iterates:
             xs.append(master.x.copy())
-        reports = [w.step() for w in workers]
-        left_out = set(missing.get(t, ()))
+        evaluate = is_eval_round(t, eval_every, cfg.rounds)
+        reports = [w.step(evaluate=evaluate) for w in workers]
+        left_out = set(missing.get(t, ())) | {i for i, r in enumerate(reports) if r.message is None}
         messages = [None if i in left_out else r.message for i, r in enumerate(reports)]
         ledger.record(t, messages)
-        rec = summarize_round(t, reports, ledger, t0, master)
+        rec = summarize_round(t, reports, ledger, t0, master, prox)
         if left_out:
             rec = dataclasses.replace(rec, missing=sorted(left_out))
+        ended = stop_check(rec, bool(np.isfinite(master.x).all()), cfg)
+        if ended is not None:
+            records.append(rec)
+            if on_round is not None:
+                on_round(rec)
+            stop, message = ended
+            break
+        down = master.fold(messages)
+        ledger.record_down(t, down)
+        master.apply(down)
+        for i, w in enumerate(workers):
+            w.apply(down, included=i not in left_out)
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-        ended = stop_check(rec, bool(np.isfinite(master.x).all()), cfg)
-        if ended is not None:
-            stop, message = ended
-            break
-        down = master.aggregate(messages)
-        for i, w in enumerate(workers):
-            w.apply(down, included=i not in left_out)
-    return RunResult(master.x.copy(), records, consts, stop, message, xs)
+    return RunResult(master.x.copy(), records, plan.constants, stop, message, xs)

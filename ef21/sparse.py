@@ -41,6 +41,10 @@ class SparseVector:
         """Number of values carried (d for a dense vector): what the paper's bit count is based on."""
         return int(self.values.shape[0])
 
+    def scaled(self, w: float) -> SparseVector:
+        """w·self as a new vector (the same support)."""
+        return SparseVector(self.dim, self.indices, self.values * w)
+
     def to_dense(self) -> np.ndarray:
         if self.indices is None:
             return self.values.copy()

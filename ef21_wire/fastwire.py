@@ -33,8 +33,6 @@ class UpdateIn:
     round: int
     vector: EncodedVector
     replace: bool
-    f: float
-    distortion: float
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def _wrap(field: int, body: list[Buffer]) -> list[Buffer]:
     return [_key(field, _LEN), _varint(_size(body)), *body]
 
 
-def update_bytes(round_: int, vector: EncodedVector, replace: bool, f: float, distortion: float) -> bytes:
+def update_bytes(round_: int, vector: EncodedVector, replace: bool) -> bytes:
     """A serialized WorkerMessage carrying this Update."""
     vec = _vector_parts(vector)
     body: list[Buffer] = []
@@ -105,7 +103,6 @@ def update_bytes(round_: int, vector: EncodedVector, replace: bool, f: float, di
     body += _wrap(2, vec)
     if replace:
         body += [_key(3, _VARINT), b"\x01"]
-    body += _double(4, f) + _double(5, distortion)
     return b"".join(_wrap(_WORKER_UPDATE, body))
 
 
@@ -168,7 +165,7 @@ def _fields(buf: bytes, pos: int, end: int, layout: dict[int, int]) -> dict[int,
 
 
 _VECTOR = {1: _VARINT, 2: _LEN, 3: _LEN, 4: _VARINT, 5: _VARINT, 6: _VARINT}
-_UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _I64}
+_UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT}
 _ROUND_RESULT = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _LEN, 6: _LEN}
 
 
@@ -231,7 +228,7 @@ def read_update(raw: bytes) -> UpdateIn | None:
         u, vec = _round_message(raw, _WORKER_UPDATE, _UPDATE)
     except _NotCanonical:
         return None
-    return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1, _double_of(u, 4), _double_of(u, 5))  # type: ignore
+    return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1)  # type: ignore
 
 
 def read_round_result(raw: bytes) -> RoundResultIn | None:

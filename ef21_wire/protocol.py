@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 # 2: RoundResult.checksum covers the state the round started from (CRC-32 of x and g), not the state after it.
-PROTOCOL_VERSION = 2
+# 3: f and the distortion ride on Eval, not on every Update; PowerStep/PowerReply; Start carries EF21-HB's v,
+#    EF21-W's weight and PAGE's p; Hello carries the objective's identity.
+PROTOCOL_VERSION = 3
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 
@@ -11,6 +13,4 @@ TRAIN_METHOD = f"/{SERVICE}/Train"
 GRPC_FRAME_BYTES = 5
 
 
-def is_eval_round(t: int, eval_every: int, rounds: int) -> bool:
-    """Rounds on which workers also send their dense local gradient, for the exact ‖∇f‖² in the log."""
-    return t % eval_every == 0 or t >= rounds
+from ef21.engine import is_eval_round  # noqa: E402,F401  (re-exported: both sides use the same rule)

@@ -19,13 +19,13 @@ from .v1 import ef21_pb2 as pb
 HAND_PATH_MIN_BYTES = 4096
 
 
-def update_to_bytes(round_: int, vec: EncodedVector, replace: bool, f: float, distortion: float) -> bytes:
+def update_to_bytes(round_: int, vec: EncodedVector, replace: bool) -> bytes:
     """A serialized WorkerMessage(Update), by whichever path is faster for its size (same bytes either way)."""
     if vec.size >= HAND_PATH_MIN_BYTES:
-        return update_bytes(round_, vec, replace, f, distortion)
+        return update_bytes(round_, vec, replace)
     msg = pb.WorkerMessage()
     u = msg.update
-    u.round, u.replace, u.f, u.distortion = round_, replace, f, distortion
+    u.round, u.replace = round_, replace
     _fill_encoded(u.message, vec)
     return msg.SerializeToString()
 
@@ -85,7 +85,7 @@ def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | N
 
 
 def update_from_proto(m: pb.Update) -> UpdateIn:
-    return UpdateIn(int(m.round), encoded_from_proto(m.message), m.replace, m.f, m.distortion)
+    return UpdateIn(int(m.round), encoded_from_proto(m.message), m.replace)
 
 
 def round_result_from_proto(m: pb.RoundResult) -> RoundResultIn:
@@ -97,10 +97,12 @@ def dense_to_proto(x: np.ndarray) -> pb.SparseVector:
     return vector_to_proto(SparseVector.dense(x))
 
 
-def state_checksum(x: np.ndarray, g: np.ndarray) -> bytes:
+def state_checksum(x: np.ndarray, g: np.ndarray, v: np.ndarray | None = None) -> bytes:
     """Digest of the exact bits of a replica, to detect a worker that fell out of sync (8 bytes: CRC-32 of x and
-    of g). Not a security measure — a worker checks its own copy against the master's — so a CRC, ~5x faster than
-    a cryptographic hash over the 16·d bytes, is enough to catch drift."""
+    of g, and EF21-HB's v folded into the second). Not a security measure — a worker checks its own copy against
+    the master's — so a CRC, ~5x faster than a cryptographic hash over the 16·d bytes, is enough to catch drift."""
     cx = zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B"))
     cg = zlib.crc32(memoryview(np.ascontiguousarray(g)).cast("B"))
+    if v is not None:
+        cg = zlib.crc32(memoryview(np.ascontiguousarray(v)).cast("B"), cg)
     return cx.to_bytes(4, "little") + cg.to_bytes(4, "little")

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from ef21.errors import UserError
 
 FORMAT = "ef21-checkpoint/1"
+EXTRA = ("v", "g_tilde")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Checkpoint:
     g: np.ndarray
     rows: np.ndarray | None
     """The master's per-worker state (EF21's g_i), when the method keeps one."""
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Optional state of extensions: ``v`` (EF21-HB's direction), ``g_tilde`` (EF21-BC's uplink aggregate)."""
 
 
 def _digest(meta_bytes: bytes, arrays: dict[str, np.ndarray]) -> str:
@@ -52,7 +55,7 @@ def save(path: Path, ckpt: Checkpoint) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_bytes = json.dumps({"format": FORMAT, **ckpt.meta}, sort_keys=True).encode()
-    arrays = {"x": ckpt.x, "g": ckpt.g}
+    arrays = {"x": ckpt.x, "g": ckpt.g, **ckpt.extra}
     if ckpt.rows is not None:
         arrays["rows"] = ckpt.rows
     buf = io.BytesIO()
@@ -82,7 +85,7 @@ def load_one(path: Path) -> Checkpoint:
                 raise UserError(f"checkpoint {path}: missing arrays (has {sorted(files)})")
             meta_bytes = z["meta"].tobytes()
             stored = z["checksum"].tobytes().decode("ascii", "replace")
-            arrays = {name: z[name] for name in ("x", "g", "rows") if name in files}
+            arrays = {name: z[name] for name in ("x", "g", "rows", *EXTRA) if name in files}
     except UserError:
         raise
     except FileNotFoundError:
@@ -98,7 +101,8 @@ def load_one(path: Path) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise UserError(f"checkpoint {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return Checkpoint(meta, arrays["x"].copy(), arrays["g"].copy(),
-                      arrays["rows"].copy() if "rows" in arrays else None)
+                      arrays["rows"].copy() if "rows" in arrays else None,
+                      {k: arrays[k].copy() for k in EXTRA if k in arrays})
 
 
 def load_latest(path: Path) -> tuple[Checkpoint, Path, str | None]:

@@ -179,6 +179,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     setup_logging(ns.verbose)
     mo, lo, sec = master_options(ns)
+    if mo.config.objective is not None:
+        from ef21.problem import check_objective
+
+        check_objective(mo.config)  # a user's objective that cannot work fails here, once, not in n workers
     return eventloop.run(run_local_cluster(mo, lo, sec, quiet=ns.quiet, max_restarts=ns.max_restarts,
                                            event_loop=ns.event_loop), ns.event_loop)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,24 @@ from .master import ListenOptions, Master
 from .security import ServerSecurity
 
 WORKER_EXIT_GRACE_S = 10.0
+# A worker's own one-line error ("ef21 worker: ..."): the run reports it once, as its own, instead of relaying it.
+WORKER_ERROR_PREFIX = "ef21 worker: "
+
+
+class _DropWorkerLeft(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "worker_left", False)
+
+
+async def _relay_stderr(proc: asyncio.subprocess.Process, last_error: dict[int, str], rank: int) -> None:
+    """Forward a worker's stderr (warnings) to ours, keeping its final error line for the run's own message."""
+    assert proc.stderr is not None
+    async for raw in proc.stderr:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if line.startswith(WORKER_ERROR_PREFIX):
+            last_error[rank] = line[len(WORKER_ERROR_PREFIX):].removeprefix("error: ")
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
@@ -58,6 +77,9 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
             print(master.coord.constants.describe(), flush=True)
         bar.update(rec.round, rec.grad_norm_sq)
 
+    # A worker that leaves with an error ends the run with that error as our one line; not twice.
+    quiet_leaves = _DropWorkerLeft()
+    logging.getLogger("ef21.master").addFilter(quiet_leaves)
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,7 +87,10 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
     master = Master(mo, lo, security=sec, on_round=on_round)
     procs: list[asyncio.subprocess.Process] = []
     waiters: set[asyncio.Task] = set()
+    relays: list[asyncio.Task] = []
+    last_error: dict[int, str] = {}
     failure = ""
+    usage_error = False
     try:
         await master.start()
         host = "127.0.0.1" if lo.host in ("0.0.0.0", "") else lo.host
@@ -73,13 +98,15 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
         print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
         async def spawn(rank: int) -> asyncio.subprocess.Process:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),
                 "--event-loop", event_loop,
-                stdin=subprocess.DEVNULL, env=env,
+                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                 # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
                 start_new_session=True,
             )
+            relays.append(asyncio.create_task(_relay_stderr(proc, last_error, rank), name=f"stderr-{rank}"))
+            return proc
 
         for i in range(cfg.workers):
             if interrupted.is_set():
@@ -104,6 +131,12 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
                 if code == 0 or master.coord.done.is_set():
                     continue
                 rank = int(t.get_name().split("-")[1])
+                if code == 2:
+                    # Bad input (the objective failed on this worker): starting it again would fail the same way.
+                    await asyncio.sleep(0.1)  # let the relay read the worker's last line
+                    failure = last_error.get(rank) or f"{t.get_name()} exited with status 2"
+                    usage_error = True
+                    break
                 if restarts >= max_restarts:
                     failure = f"{t.get_name()} exited with status {code} (after {restarts} restarts)"
                     break
@@ -120,6 +153,13 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         bar.close()
         await master.shutdown()
         await _stop_workers(procs)
+        logging.getLogger("ef21.master").removeFilter(quiet_leaves)
+        for r in relays:
+            r.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+    if usage_error:
+        print(f"ef21 run: error: {failure}", file=sys.stderr)
+        return 2
     if failure:
         print(f"ef21 run: {failure}; run stopped at round {master.coord.round}", file=sys.stderr)
         return 130 if failure == "interrupted" else 1

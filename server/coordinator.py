@@ -22,25 +22,32 @@ import numpy as np
 from ef21.accounting import CommLedger
 from ef21.codec import CodecError, EncodedVector, decode, encode
 from ef21.config import RunConfig, make_x0
-from ef21.data import fingerprint, load_dataset
-from ef21.engine import MasterNode
+from ef21.data import data_info, shard_bounds
+from ef21.estimators import batch_size_for
+from ef21.engine import MasterNode, participants
 from ef21.errors import UserError
 from ef21.methods import Downlink, Message, make_method
+from ef21.plan import Plan, make_plan
 from ef21.problem import (
-    global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_fingerprint, quadratic_mean,
-    sum_in_rank_order,
+    global_power_iteration, global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_fingerprint,
+    smoothness_from_lambda, sum_in_rank_order,
 )
+from ef21.prox import parse_prox
 from ef21.runlog import JsonlWriter, ensure_parent
-from ef21.simulate import RoundRecord, constants_for, g_norm_sq, make_record, resolve_method, stop_check
+from ef21.simulate import RoundRecord, g_norm_sq, make_record, stop_check
 from ef21.sparse import SparseVector
 from ef21.stepsize import TheoryConstants
+from ef21.variants import variant_name
 from ef21_wire.protocol import GRPC_FRAME_BYTES, is_eval_round
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.serde import dense_to_proto, encoded_from_proto, round_result_to_bytes, state_checksum
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import checkpoint
-from .session import Refusal, SetupInfo, WorkerSession
+from .session import EvalInfo, Refusal, SetupInfo, WorkerSession
+
+# --master-rows: how the master keeps every worker's g_i (for hand-over and checkpoints).
+MASTER_ROWS = {"full": np.float64, "float32": np.float32, "none": None}
 
 log = logging.getLogger("ef21.master")
 
@@ -68,6 +75,11 @@ class MasterOptions:
     """Continue the run saved in this checkpoint (or its ``.prev`` if it is corrupt)."""
     max_faults: int = 3
     """Refused messages from one host before that host may no longer join."""
+    master_rows: str = "full"
+    """How the master keeps every worker's g_i (n × d): ``full`` (float64: exact hand-over and checkpoints),
+    ``float32`` (half the memory; a replacement worker or a resumed run gets g_i rounded to float32, so it
+    continues close to, not exactly on, the uninterrupted run) or ``none`` (no rows: a lost worker's rank cannot
+    be handed over and there are no checkpoints)."""
 
 
 class Coordinator:
@@ -81,18 +93,34 @@ class Coordinator:
         self.n = self.cfg.workers
         if opts.min_workers is not None and not 1 <= opts.min_workers <= self.n:
             raise UserError(f"--min-workers must lie in 1..{self.n}, got {opts.min_workers}")
+        if opts.master_rows not in MASTER_ROWS:
+            raise UserError(f"--master-rows must be one of {', '.join(MASTER_ROWS)}, got {opts.master_rows!r}")
+        if opts.master_rows == "none" and (opts.checkpoint is not None or opts.resume is not None):
+            raise UserError("--master-rows none keeps no g_i, which a checkpoint needs: drop --checkpoint/--resume "
+                            "or keep rows (full or float32)")
+        self.prox = None if self.cfg.prox is None else parse_prox(self.cfg.prox)
+        self.rows_dtype = MASTER_ROWS[opts.master_rows]
+        if self.rows_dtype is None and self.cfg.method == "ef21plus":
+            raise UserError("ef21plus needs every g_i on the master (a worker may replace its g_i): "
+                            "--master-rows none is not possible")
         self.on_round = on_round
         self.run_id = uuid.uuid4().hex[:12]
         self.state = "waiting"
         self.state_detail = f"waiting for {self.n} workers"
         self.sessions: dict[int, WorkerSession] = {}
         self.reference: tuple[str, int, int] | None = None
+        """(data fingerprint, d, rows) of the run's data."""
+        self.objective_id: str | None = None
+        """A user objective's identity, as the first worker presented it."""
         self.d: int | None = None
+        self.plan: Plan | None = None
+        self.power: tuple[int, dict[int, np.ndarray]] | None = None
+        """The power iteration for L in progress: (iteration, rank → A_iᵀA_i v received)."""
         self.ready = asyncio.Event()
         self.wake = asyncio.Event()  # anything that may let the current round close
         self.round = 0
-        self.updates: dict[int, tuple[Message, float, float, int]] = {}
-        self.evals: dict[int, tuple[np.ndarray, int]] = {}
+        self.updates: dict[int, tuple[Message, int]] = {}
+        self.evals: dict[int, EvalInfo] = {}
         self.missing_in: dict[int, list[int]] = {}  # round → ranks left out (for late messages and the log)
         self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
         self.faults: dict[str, int] = {}  # host → refused messages
@@ -118,12 +146,15 @@ class Coordinator:
         self.g_norm: float | None = None
         self.checksum = b""
         self._iterates: list[np.ndarray] = []
+        self._L_i: list[float] | None = None
+        self._n_samples: list[int | None] = [None] * self.n
         log_offset: int | None = None
         if opts.resume is not None:
             log_offset = self._resume(opts.resume)
         else:
             self.reference = self._reference_data()
-            self.d = None if self.reference is None else self.reference[1]
+            self.d = None if self.reference is None or not self.reference[1] else self.reference[1]
+        self._check_batches()
         self._writer = JsonlWriter(opts.log, offset=log_offset)
         method = make_method(self.cfg.method)
         self.tolerates_missing = method.tolerates_missing
@@ -135,21 +166,35 @@ class Coordinator:
         if not method.tolerates_missing:
             self.min_workers = self.n
 
+
     # -- data reference -------------------------------------------------------------------------------------------
 
     def _reference_data(self) -> tuple[str, int, int] | None:
-        """(fingerprint, d, rows) of the data if the master can load it; None when only the workers have it."""
+        """(fingerprint, d, rows) of the data if the master can read it (one pass over a file, no rows kept);
+        None when only the workers have it. For a user objective d is the objective's, which the first worker
+        reports (0 here)."""
         cfg = self.cfg
-        if cfg.problem == "quadratic":
+        if cfg.objective is None and cfg.problem == "quadratic":
             return quadratic_fingerprint(cfg), cfg.dim, 0
+        if cfg.data is None:
+            return "no-data", 0, 0
         try:
-            ds = load_dataset(cfg.data, problem=cfg.problem)
+            info = data_info(cfg.data, problem=cfg.problem)
         except UserError as exc:
             log.info("master has no copy of the data (%s); the first worker's fingerprint is the reference", exc)
             return None
-        if ds.n_rows < self.n:
-            raise UserError(f"{ds.n_rows} rows cannot be split over {self.n} workers")
-        return fingerprint(ds.A, ds.y), ds.d, ds.n_rows
+        if info.n_rows < self.n:
+            raise UserError(f"{info.n_rows} rows cannot be split over {self.n} workers")
+        return info.fingerprint, (0 if cfg.objective is not None else info.d), info.n_rows
+
+    def _check_batches(self) -> None:
+        """A minibatch larger than some shard is a usage error the master can see before any worker comes (for
+        the built-in objectives, whose shard sizes follow from the data's rows)."""
+        cfg = self.cfg
+        if cfg.estimator == "full" or cfg.objective is not None or self.reference is None or not self.reference[2]:
+            return
+        for rank, (start, stop) in enumerate(shard_bounds(self.reference[2], self.n)):
+            batch_size_for(stop - start, cfg.batch_size, cfg.batch_fraction, rank)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -167,11 +212,21 @@ class Coordinator:
                             f"(checkpoint: {', '.join(f'{k}={saved.to_dict()[k]!r}' for k in sorted(differ))})")
         self.run_id = meta["run_id"]
         self.reference = tuple(meta["reference"])  # type: ignore[assignment]
-        self.d = int(meta["reference"][1])
+        self.d = int(meta["d"]) if "d" in meta else int(meta["reference"][1])
+        self.objective_id = meta.get("objective_id")
         self.constants = TheoryConstants(**meta["constants"])
-        method, _ = resolve_method(self.cfg, self.d)
-        self.master = MasterNode(method, self.n, ckpt.x, gamma=self.constants.gamma)
+        p = meta.get("plan", {})
+        L_i = p.get("L_i")
+        self.plan = make_plan(self.cfg, self.d, self.constants.L, L_i, p.get("n_samples", [None] * self.n),
+                              constants=self.constants)
+        self.master = self.plan.master_node(ckpt.x, self.rows_dtype)
         self.master.replica.g[:] = ckpt.g
+        if "v" in ckpt.extra:
+            self.master.replica.v = ckpt.extra["v"].copy()
+        if self.master.downlink is not None:
+            if "g_tilde" not in ckpt.extra:
+                raise UserError(f"checkpoint {used}: EF21-BC state (g_tilde) missing")
+            self.master.downlink.g_tilde[:] = ckpt.extra["g_tilde"]
         if ckpt.rows is not None:
             if self.master.rows is None or self.master.rows.shape != ckpt.rows.shape:
                 raise UserError(f"checkpoint {used}: per-worker state of shape {ckpt.rows.shape} does not fit")
@@ -180,6 +235,9 @@ class Coordinator:
         self._state_facts()
         self.ledger.paper_total = int(meta["ledger"]["paper_total"])
         self.ledger.payload_total = int(meta["ledger"]["payload_total"])
+        self.ledger.down_total = int(meta["ledger"].get("down_total", 0))
+        self._L_i = p.get("L_i")
+        self._n_samples = p.get("n_samples", [None] * self.n)
         self.wire_up, self.wire_down, self.eval_bytes = (int(v) for v in meta["wire"])
         self.last_grad_norm_sq = meta.get("last_grad_norm_sq")
         self.state = "running"
@@ -194,15 +252,21 @@ class Coordinator:
             return
         self._settle()
         self._writer.flush()
+        plan_facts = {"L_i": self._L_i, "n_samples": self._n_samples}
         meta = {
             "config": self.cfg.to_dict(), "run_id": self.run_id, "round": self.round,
-            "reference": list(self.reference or ()), "constants": self.constants.__dict__,
-            "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total},
+            "reference": list(self.reference or ()), "constants": self.constants.__dict__, "d": self.d,
+            "objective_id": self.objective_id, "plan": plan_facts,
+            "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total,
+                       "down_total": self.ledger.down_total},
             "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
             "log_offset": self._writer.offset,
         }
         rep = self.master.replica
-        checkpoint.save(self.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, self.master.rows))
+        extra = {} if rep.v is None else {"v": rep.v}
+        if self.master.downlink is not None:
+            extra["g_tilde"] = self.master.downlink.g_tilde
+        checkpoint.save(self.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, self.master.rows, extra))
 
     # -- joining -------------------------------------------------------------------------------------------------
 
@@ -226,14 +290,22 @@ class Coordinator:
         if self.reference is None:
             # No data on the master: the first worker's data becomes the reference.
             self.reference = (msg.data_fingerprint, int(msg.dim), int(msg.n_rows))
-            self.d = int(msg.dim)
+            if msg.dim:
+                self.d = int(msg.dim)
         ref_fp, ref_d, ref_rows = self.reference
-        if msg.data_fingerprint != ref_fp:
+        if msg.data_fingerprint != ref_fp or (ref_d and msg.dim and msg.dim != ref_d):
             raise Refusal(
                 "FAILED_PRECONDITION",
                 f"data mismatch: this worker's data has fingerprint {msg.data_fingerprint} (d={msg.dim}, "
                 f"{msg.n_rows} rows) but the run's has {ref_fp} (d={ref_d}, {ref_rows} rows)",
             )
+        if self.cfg.objective is not None:
+            if self.objective_id is None:
+                self.objective_id = msg.objective_id
+            elif msg.objective_id != self.objective_id:
+                raise Refusal("FAILED_PRECONDITION",
+                              f"objective mismatch: this worker presents {msg.objective_id or 'none'}, the run's "
+                              f"workers {self.objective_id}")
         free = self.free_ranks()
         rank = msg.requested_rank
         if rank >= 0:
@@ -254,8 +326,15 @@ class Coordinator:
     def setup(self, s: WorkerSession, msg: pb.Setup) -> None:
         if s.state != "joining" or msg.rank != s.rank:
             raise Refusal("FAILED_PRECONDITION", f"unexpected Setup for rank {msg.rank} on rank {s.rank}'s stream")
+        if msg.dim:
+            if self.d is None:
+                self.d = int(msg.dim)  # a user objective: the first worker's d is the run's
+            elif msg.dim != self.d:
+                raise Refusal("FAILED_PRECONDITION", f"dimension mismatch: rank {s.rank}'s objective has "
+                                                     f"d = {msg.dim}, the run's d = {self.d}")
         d = self.d
-        assert d is not None
+        if d is None:
+            raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
         gram = diag = None
         if msg.gram:
             if len(msg.gram) != 8 * d * d:
@@ -265,12 +344,16 @@ class Coordinator:
             if len(msg.diagonal) != 8 * d:
                 raise Refusal("INVALID_ARGUMENT", f"diagonal has {len(msg.diagonal)} bytes, expected {8 * d}")
             diag = np.frombuffer(msg.diagonal, dtype="<f8")
-        if not (math.isfinite(msg.smoothness) and msg.smoothness > 0):
-            raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a positive number")
+        if not (math.isfinite(msg.smoothness) and msg.smoothness >= 0):
+            raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a non-negative number")
         for arr in (gram, diag):
             if arr is not None and not np.all(np.isfinite(arr)):
                 raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
-        s.setup = SetupInfo(msg.smoothness, int(msg.shard_rows), gram, diag)
+        x0 = self._decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
+        if x0 is not None and x0.shape[0] != d:
+            raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
+        s.setup = SetupInfo(msg.smoothness or None, int(msg.shard_rows), gram, diag,
+                            int(msg.n_samples) or None, x0, bool(msg.power_iteration))
         s.state = "ready"
         if self.state == "running":
             self._admit(s)  # a replacement (or a worker of a resumed run) starts from the current state
@@ -280,19 +363,20 @@ class Coordinator:
         if len(ready) == self.n:
             self.ready.set()
 
-    def lost(self, s: WorkerSession, why: str) -> None:
+    def lost(self, s: WorkerSession, why: str, *, quiet: bool = False) -> None:
         if self.sessions.get(s.rank) is not s or s.state in ("done", "lost"):
             return
         if self.state == "waiting":
             del self.sessions[s.rank]  # before the start a rank is simply free again
             self.ready.clear()
+            self.wake.set()  # a start-up computation waiting on this worker gives up
             log.info("rank %d left before the start (%s)", s.rank, why)
             return
         s.state = "lost"
         # Its contribution to the open round goes too: a replacement recomputes it from the same state.
         self.updates.pop(s.rank, None)
         self.evals.pop(s.rank, None)
-        log.warning("rank %d lost: %s", s.rank, why)
+        (log.info if quiet else log.warning)("rank %d lost: %s", s.rank, why)
         self.wake.set()
 
     def fault(self, peer: str) -> None:
@@ -302,22 +386,76 @@ class Coordinator:
 
     # -- rounds ----------------------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    async def _smoothness(self, infos: list[SetupInfo]) -> float | None:
+        """L of the whole problem, the way ``ef21.problem.global_smoothness`` computes it in one process: from
+        the workers' diagonals or Grams (summed in rank order), from a power iteration whose products the
+        workers compute (A_iᵀA_i v, summed in rank order), or for a user objective mean L_i; None without L_i."""
+        cfg = self.cfg
+        if all(i.diagonal is not None for i in infos):
+            return global_smoothness_from_diagonals(sum_in_rank_order([i.diagonal for i in infos]), self.n)  # type: ignore
+        if all(i.gram is not None for i in infos):
+            grams = sum_in_rank_order([i.gram for i in infos])  # type: ignore[misc]
+            if cfg.objective is not None:
+                return float(np.linalg.eigvalsh(grams)[-1]) / self.n
+            return global_smoothness_from_grams(cfg, grams, sum(i.shard_rows for i in infos))
+        if cfg.objective is None and all(i.power_iteration for i in infos):
+            return smoothness_from_lambda(cfg, await self._power_iteration(), sum(i.shard_rows for i in infos))
+        if any(i.smoothness is None for i in infos):
+            return None
+        return sum(i.smoothness for i in infos) / self.n  # type: ignore[misc]
+
+    async def _power_iteration(self) -> float:
+        """λ_max(Σ_i A_iᵀA_i) with the workers computing the products. A worker lost meanwhile restarts it once
+        all n are back (the state goes back to waiting)."""
+        assert self.d is not None
+        pi = global_power_iteration(self.d)
+        self.state_detail = f"computing L: power iteration with {self.n} workers"
+        while not pi.done:
+            replies: dict[int, np.ndarray] = {}
+            self.power = (pi.iterations, replies)
+            raw = pb.MasterMessage(power_step=pb.PowerStep(iteration=pi.iterations, v=dense_to_proto(pi.vector)))
+            data = raw.SerializeToString()
+            for r in range(self.n):
+                self.sessions[r].send(data)
+            while len(replies) < self.n:
+                if not self.ready.is_set():
+                    raise _SetupInterrupted
+                self.wake.clear()
+                await self.wake.wait()
+            pi.feed(sum_in_rank_order([replies[r] for r in range(self.n)]))
+        self.power = None
+        log.info("L: power iteration converged to %.12g in %d products", pi.value, pi.iterations)
+        return pi.value
+
+    def leave(self, s: WorkerSession, msg: pb.Leave) -> None:
+        """A worker that cannot go on (its objective failed) says why; the rank is then lost as usual."""
+        reason = msg.reason[:500]
+        s.last_error = reason
+        # ``worker_left``: `ef21 run` reports this itself, as its one error line.
+        log.warning("worker left the run: %s", reason, extra={"worker_left": True})
+        self.lost(s, f"left: {reason}", quiet=True)
+
+    def power_reply(self, s: WorkerSession, msg: pb.PowerReply) -> None:
+        if self.power is None or s.state != "ready" or msg.iteration != self.power[0] or s.rank in self.power[1]:
+            raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
+        w = self._decode(msg.w, f"PowerReply {msg.iteration}")
+        if not w.is_dense:
+            raise Refusal("INVALID_ARGUMENT", "PowerReply: the product must be dense")
+        self.power[1][s.rank] = np.array(w.values)
+        self.wake.set()
+
+    async def _start(self) -> None:
         """All n workers are set up: compute the constants from their curvature and start round 0."""
         cfg, d = self.cfg, self.d
         assert d is not None and self.reference is not None
-        infos = [self.sessions[r].setup for r in range(self.n)]
-        L_i = [i.smoothness for i in infos]  # type: ignore[union-attr]
-        if all(i.diagonal is not None for i in infos):  # type: ignore[union-attr]
-            L = global_smoothness_from_diagonals(sum_in_rank_order([i.diagonal for i in infos]), self.n)  # type: ignore
-        elif all(i.gram is not None for i in infos):  # type: ignore[union-attr]
-            rows = sum(i.shard_rows for i in infos)  # type: ignore[union-attr]
-            L = global_smoothness_from_grams(cfg, sum_in_rank_order([i.gram for i in infos]), rows)  # type: ignore
-        else:
-            raise UserError("workers sent no curvature (d too large for Gram matrices): not supported yet")
-        method, comp = resolve_method(cfg, d)
-        self.constants = constants_for(cfg, method, comp, L, quadratic_mean(L_i), d)
-        self.master = MasterNode(method, self.n, make_x0(cfg.x0, d), gamma=self.constants.gamma)
+        infos: list[SetupInfo] = [self.sessions[r].setup for r in range(self.n)]  # type: ignore[misc]
+        L = await self._smoothness(infos)
+        L_vals = [i.smoothness for i in infos]
+        self._L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]  # type: ignore[arg-type]
+        self._n_samples = [i.n_samples for i in infos]
+        self.plan = make_plan(cfg, d, L, self._L_i, self._n_samples)
+        self.constants = self.plan.constants
+        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.rows_dtype)
         self._state_facts()
         self.state = "running"
         self.state_detail = ""
@@ -327,18 +465,24 @@ class Coordinator:
             self._admit(s)
 
     def _admit(self, s: WorkerSession) -> None:
-        """Send a worker the state to start from: x, g and its rank's g_i at the current round."""
-        assert self.master is not None and self.constants is not None
+        """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
+        assert self.master is not None and self.constants is not None and self.plan is not None
         self._settle()
         rep = self.master.replica
         state = self.master.worker_state(s.rank)
         start = pb.Start(
             gamma=self.constants.gamma, x_step=rep.x_step, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g),
             constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
-            eval_every=self.opts.eval_every, round=self.round,
+            eval_every=self.opts.eval_every, round=self.round, page_p=self.plan.page_p,
+            weight=0.0 if self.plan.weights is None else float(self.plan.weights[s.rank]),
         )
+        if rep.v is not None:
+            start.momentum.CopyFrom(dense_to_proto(rep.v))
         if state is not None:
             start.worker_state.CopyFrom(dense_to_proto(state))
+        elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
+            log.warning("rank %d: --master-rows none keeps no g_i, so the replacement starts from g_i = 0 and the "
+                        "aggregate no longer equals the mean of the workers' g_i", s.rank)
         s.state = "running"
         s.send(pb.MasterMessage(start=start).SerializeToString())
         self.wake.set()
@@ -374,21 +518,27 @@ class Coordinator:
             return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
+        if not self._sampled(s.rank):
+            raise Refusal("FAILED_PRECONDITION", f"Update from rank {s.rank}, which round {msg.round}'s sampled "
+                                                 f"participation leaves out")
         vec = self._decode(msg.vector, f"Update round {msg.round}")
-        if not (math.isfinite(msg.f) and math.isfinite(msg.distortion)):
-            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite f or distortion")
-        self.updates[s.rank] = (Message(vec, msg.replace), msg.f, msg.distortion, nbytes)
+        self.updates[s.rank] = (Message(vec, msg.replace), nbytes)
         self.wake.set()
 
     def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int) -> None:
         if not self._check_stream_round(s, msg.round, "Eval"):
             return
-        if not self.is_eval_round(msg.round) or s.rank in self.evals or s.rank not in self.updates:
+        if (not self.is_eval_round(msg.round) or s.rank in self.evals
+                or (s.rank not in self.updates and self._sampled(s.rank))):
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
         grad = self._decode(msg.grad, f"Eval round {msg.round}")
         if not grad.is_dense:
             raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the gradient must be dense")
-        self.evals[s.rank] = (grad.values, nbytes)
+        dist = msg.distortion if msg.HasField("distortion") else None
+        values = [msg.f, *msg.metrics.values()] + ([] if dist is None else [dist])
+        if not all(math.isfinite(v) for v in values):
+            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: non-finite f, distortion or metric")
+        self.evals[s.rank] = EvalInfo(grad.values, msg.f, dist, dict(msg.metrics) or None, nbytes)
         self.wake.set()
 
     def resync(self, s: WorkerSession, msg: pb.ResyncRequest) -> None:
@@ -398,8 +548,23 @@ class Coordinator:
         self._settle()
         rep = self.master.replica
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
-        s.send(pb.MasterMessage(resync=pb.Resync(
-            round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))).SerializeToString())
+        resync = pb.Resync(round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))
+        if rep.v is not None:
+            resync.momentum.CopyFrom(dense_to_proto(rep.v))
+        s.send(pb.MasterMessage(resync=resync).SerializeToString())
+
+    def _sampled(self, rank: int, round_: int | None = None) -> bool:
+        """Whether sampled participation (EF21-PP) asks ``rank`` for an Update this round."""
+        chosen = self._chosen(self.round if round_ is None else round_)
+        return chosen is None or rank in chosen
+
+    def _chosen(self, round_: int) -> frozenset[int] | None:
+        plan = self.plan
+        return None if plan is None else participants(self.cfg.seed, round_, self.n, plan.participation)
+
+    def _expected(self) -> list[int]:
+        chosen = self._chosen(self.round)
+        return list(range(self.n)) if chosen is None else sorted(chosen)
 
     def _evals_in(self) -> bool:
         """Every delivered Update of an evaluation round has its Eval too (a partial round logs no ‖∇f‖²,
@@ -407,20 +572,23 @@ class Coordinator:
         return not self.is_eval_round(self.round) or all(r in self.evals for r in self.updates)
 
     def _round_complete(self) -> bool:
-        return len(self.updates) == self.n and (not self.is_eval_round(self.round) or len(self.evals) == self.n)
+        expected = self._expected()
+        return (all(r in self.updates for r in expected)
+                and (not self.is_eval_round(self.round) or len(self.evals) == self.n))
 
     def _may_close_partially(self) -> bool:
         if not self.tolerates_missing or self.opts.round_timeout is None:
             return False
-        connected_missing = [r for r in range(self.n) if r not in self.updates and r in self.sessions
+        expected = self._expected()
+        connected_missing = [r for r in expected if r not in self.updates and r in self.sessions
                              and self.sessions[r].state == "running"]
         # No point waiting out the timeout for ranks with no worker at all: they cannot deliver.
         timed_out = time.monotonic() - self.round_started_at >= self.opts.round_timeout
         if not timed_out and connected_missing:
             return False
-        if len(self.updates) >= self.min_workers and (timed_out or self._evals_in()):
+        if len(self.updates) >= min(self.min_workers, len(expected)) and (timed_out or self._evals_in()):
             return True
-        self.state_detail = (f"round {self.round}: {len(self.updates)} of {self.n} contributions after the "
+        self.state_detail = (f"round {self.round}: {len(self.updates)} of {len(expected)} contributions after the "
                              f"{self.opts.round_timeout:g} s timeout; waiting for at least {self.min_workers} "
                              f"(--min-workers)")
         return False
@@ -445,12 +613,13 @@ class Coordinator:
         ranks = range(self.n)
         messages: list[Message | None] = [self.updates[r][0] if r in self.updates else None for r in ranks]
         missing = [r for r in ranks if r not in self.updates]
-        up = [self.updates[r][3] for r in self.updates]
+        dropped = [r for r in self._expected() if r not in self.updates]  # sampled, but not in (stragglers)
+        up = [self.updates[r][1] for r in self.updates]
         self.wire_up += sum(up)
-        grads = None
-        if not missing and self.is_eval_round(t) and len(self.evals) == self.n:
-            grads = [self.evals[r][0] for r in ranks]
-        self.eval_bytes += sum(nbytes for _, nbytes in self.evals.values())
+        evals = None
+        if not dropped and self.is_eval_round(t) and len(self.evals) == self.n:
+            evals = [self.evals[r] for r in ranks]
+        self.eval_bytes += sum(e.nbytes for e in self.evals.values())
         self.ledger.record(t, messages)
         for r in ranks:
             if r in self.updates:
@@ -458,25 +627,33 @@ class Coordinator:
                 self.missed_streak[r] = 0
             else:
                 self.missed_streak[r] = self.missed_streak.get(r, 0) + 1
-        if missing:
-            self.missing_in[t] = missing
-        f = [self.updates[r][1] for r in ranks] if not missing else None
-        dist = [self.updates[r][2] for r in ranks] if not missing else None
+        if dropped:
+            self.missing_in[t] = dropped
+        dist = None
+        if evals is not None and all(e.distortion is not None for e in evals):
+            dist = [e.distortion for e in evals]
         rec = make_record(
-            t, f, dist, grads, self.ledger,
+            t, None if evals is None else [e.f for e in evals], dist,  # type: ignore[misc]
+            None if evals is None else [e.grad for e in evals], self.ledger,
             time.time() - (self.rounds_started_at or self.started_at), wire_bytes_up=self.wire_up,
             wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(up) / max(len(up), 1), eval_bytes=self.eval_bytes,
             g_norm_sq=self.g_norm, missing=missing or None,
+            prox_at=None if self.prox is None else (self.prox, self.master.x, self.master.replica.x_step),
+            metrics=None if evals is None else [e.metrics for e in evals],
         )
         return rec, messages
 
     async def run(self) -> None:
         """Wait for n workers, then run rounds until the stop rule; always ends with ``done`` set."""
         try:
-            if self.master is None:
+            while self.master is None:
                 while not self.ready.is_set():
                     await self.ready.wait()
-                self._start()
+                try:
+                    await self._start()
+                except _SetupInterrupted:
+                    log.warning("a worker left while L was being computed; waiting for %d workers again", self.n)
+                    self.power = None
             await self._rounds()
         except UserError as exc:
             self._end("failed", str(exc))
@@ -509,9 +686,11 @@ class Coordinator:
                 self._end(*ended)
                 return
             down = self.master.fold(messages)
+            self.ledger.record_down(rec.round, down)
+            dropped = self.missing_in.get(rec.round, [])
             self.updates.clear()
             self.evals.clear()
-            self._broadcast(down, rec)
+            self._broadcast(down, rec, dropped)
             self._unapplied = down
             self.round += 1
             await asyncio.sleep(0)  # let the stream writers hand the result to gRPC before the O(d) work below
@@ -520,13 +699,13 @@ class Coordinator:
             if self.round % self.opts.checkpoint_every == 0:
                 await self._checkpoint_safely()
 
-    def _broadcast(self, down: Downlink, rec: RoundRecord) -> None:
+    def _broadcast(self, down: Downlink, rec: RoundRecord, dropped: list[int]) -> None:
         # The checksum is of the state this round started from, which the workers still hold when it arrives.
         # The aggregate goes out in float64 even with the compact encoding: it is a sum of the workers' rounded
         # values, and every replica must add exactly the same bits.
         agg = encode(down.vector, packed=self.cfg.encoding == "compact")
-        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum,
-                                    rec.missing or [])
+        # Only the sampled ranks that were left out travel: everyone draws the sample itself.
+        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped)
         for s in self.sessions.values():
             if s.state == "running":
                 s.send(raw)
@@ -548,7 +727,8 @@ class Coordinator:
         rep = self.master.replica
         self.x_finite = bool(np.isfinite(rep.x).all())
         self.g_norm = g_norm_sq(self.master)
-        self.checksum = state_checksum(rep.x, rep.g) if self.master.round % self.opts.checksum_every == 0 else b""
+        self.checksum = (state_checksum(rep.x, rep.g, rep.v) if self.master.round % self.opts.checksum_every == 0
+                         else b"")
 
     def _log_round(self, rec: RoundRecord) -> None:
         self._writer.write(rec.to_dict())
@@ -631,8 +811,13 @@ class Coordinator:
             "rounds_planned": cfg.rounds,
             "rounds_per_second": rate,
             "method": cfg.method,
+            "variant": variant_name(cfg),
             "compressor": cfg.compressor,
             "k": cfg.k,
+            "downlink_k": cfg.downlink_k,
+            "estimator": cfg.estimator,
+            "participation": None if self.plan is None else self.plan.participation,
+            "objective": self.objective_id,
             "gamma": None if c is None else c.gamma,
             "constants": None if c is None else c.__dict__,
             "data": cfg.data,
@@ -650,6 +835,8 @@ class Coordinator:
                 "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,
                 "last_grad_norm_sq": self.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,
                 "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down, "missing": rec.missing,
+                "bits_down_per_worker": rec.bits_down_per_worker, "grad_map_norm_sq": rec.grad_map_norm_sq,
+                "metrics": rec.metrics,
             },
             "g_norm_sq": self.g_norm,
             "stop_reason": self.stop_reason or None,
@@ -660,3 +847,7 @@ class Coordinator:
 def peer_host(peer: str) -> str:
     """'ipv4:10.0.0.5:4312' → 'ipv4:10.0.0.5' (the host a fault is charged to)."""
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class _SetupInterrupted(Exception):
+    """A worker left while the start-up computation needed every worker; wait for n workers again."""

@@ -137,6 +137,10 @@ class MasterService:
                     self.coord.eval(s, msg.eval, len(raw) + GRPC_FRAME_BYTES)
                 elif kind == "resync_request":
                     self.coord.resync(s, msg.resync_request)
+                elif kind == "power_reply":
+                    self.coord.power_reply(s, msg.power_reply)
+                elif kind == "leave":
+                    self.coord.leave(s, msg.leave)
                 else:
                     raise Refusal("INVALID_ARGUMENT", f"unexpected {kind} after the handshake")
             self.coord.lost(s, "worker closed its stream")

@@ -11,10 +11,25 @@ import numpy as np
 
 @dataclass
 class SetupInfo:
-    smoothness: float
+    smoothness: float | None
+    """L_i; None when the objective gives none."""
     shard_rows: int
     gram: np.ndarray | None
     diagonal: np.ndarray | None
+    n_samples: int | None = None
+    x0: np.ndarray | None = None
+    power_iteration: bool = False
+
+
+@dataclass(frozen=True)
+class EvalInfo:
+    """A worker's evaluation of one round: ∇f_i(x^t), f_i(x^t), its distortion and metrics, and the bytes."""
+
+    grad: np.ndarray
+    f: float
+    distortion: float | None
+    metrics: dict[str, float] | None
+    nbytes: int
 
 
 @dataclass(eq=False)
@@ -33,6 +48,8 @@ class WorkerSession:
     """Messages that arrived after their round had closed without this worker."""
     bytes_up: int = 0
     bytes_down: int = 0
+    last_error: str = ""
+    """Why the worker left, when it said so (its objective failed)."""
     setup: SetupInfo | None = None
     outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
 
@@ -60,6 +77,7 @@ class WorkerSession:
             "late_messages": self.late,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "last_error": self.last_error or None,
         }
 
 

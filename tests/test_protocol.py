@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ef21.config import RunConfig
-from ef21.data import fingerprint, load_dataset
+from ef21.data import data_info, load_dataset
 from ef21.problem import local_objective
 from ef21.sparse import SparseVector
 from ef21_server.coordinator import MasterOptions
@@ -40,7 +40,8 @@ class HandClient:
         reply = await MasterStub(self.channel).Join(pb.JoinRequest(hostname="hand", protocol_version=PROTOCOL_VERSION))
         ds = load_dataset(cfg.data)
         await self.send(hello=pb.Hello(run_id=reply.run_id, requested_rank=rank, hostname="hand",
-                                       data_fingerprint=fingerprint(ds.A, ds.y), dim=ds.d, n_rows=ds.n_rows))
+                                       data_fingerprint=data_info(cfg.data).fingerprint, dim=ds.d,
+                                       n_rows=ds.n_rows))
         assert (await self.recv()).welcome.rank == rank
         obj = local_objective(cfg, rank, ds)
         await self.send(setup=pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows,
@@ -56,9 +57,8 @@ async def test_resync_sends_the_masters_dense_state():
             start, obj = await c.handshake(cfg, 0)
             x0 = vector_from_proto(start.x, expected_dim=112).values
             g0 = obj.grad(x0)
-            await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(g0)), replace=True,
-                                          f=obj.value(x0)))
-            await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(g0))))
+            await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(g0)), replace=True))
+            await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(g0)), f=obj.value(x0)))
             rr = (await c.recv()).round_result
             # The checksum is of the state round 0 started from: x0 and g = 0.
             assert rr.round == 0 and rr.checksum == state_checksum(x0, np.zeros(112))

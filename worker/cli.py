@@ -20,8 +20,8 @@ from .client import WorkerFailure, WorkerOptions, run_worker
 def cmd_worker(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, connect_timeout=ns.connect_timeout,
-                         delay=ns.delay, security=client_security_from_args(ns))
+    opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, objective=ns.objective,
+                         connect_timeout=ns.connect_timeout, delay=ns.delay, security=client_security_from_args(ns))
     try:
         reason = eventloop.run(_run_until_signal(opts), ns.event_loop)
     except WorkerFailure as exc:
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--master", required=True, help="HOST:PORT of the master")
     w.add_argument("--rank", type=int, default=-1, help="ask for this rank (default: any free rank)")
     w.add_argument("--data", default=None, help="path of the dataset on this machine (overrides the master's)")
+    w.add_argument("--objective", default=None, metavar="FILE.py:FUNC",
+                   help="where the run's objective is on this machine (overrides the master's path; its content "
+                        "must be the same)")
     w.add_argument("--connect-timeout", type=float, default=120.0,
                    help="keep retrying this many seconds while the master is not up (default 120)")
     w.add_argument("--delay", type=float, default=0.0, metavar="S",

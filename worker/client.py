@@ -20,13 +20,17 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ef21.codec import CodecError, decode, encode, fits_float32
-from ef21.config import RunConfig
-from ef21.data import Dataset, fingerprint, load_dataset
-from ef21.engine import WorkerNode, WorkerReport
+from ef21.config import RunConfig, participation_count
+from ef21.data import Dataset, DataInfo, data_info, load_dataset
+from ef21.engine import WorkerNode, WorkerReport, WorkerSetting
+from ef21.errors import UserError
+from ef21.estimators import batch_size_for, make_estimator
 from ef21.sparse import SparseVector
 from ef21.methods import Downlink
-from ef21.problem import local_objective, quadratic_fingerprint
-from ef21.simulate import resolve_method
+from ef21.plan import resolve_method
+from ef21.problem import local_objective, quadratic_fingerprint, streams_shards
+from ef21.prox import parse_prox
+from ef21.replica import StepRule
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.fastwire import RoundResultIn
 from ef21_wire.serde import (
@@ -55,6 +59,8 @@ class WorkerOptions:
     """Rank to ask for; -1 takes any free rank."""
     data: str | None = None
     """Path of the data on this machine, overriding the run configuration's."""
+    objective: str | None = None
+    """Path of the user objective's file on this machine (FILE.py:FUNC), overriding the run configuration's."""
     connect_timeout: float = 120.0
     """How long to keep retrying (with backoff) while the master is not up."""
     reply_timeout: float = 3600.0
@@ -83,11 +89,38 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
             delay = min(delay * 2, 5.0)
 
 
-def load_worker_data(cfg: RunConfig) -> tuple[Dataset | None, str, int, int]:
-    if cfg.problem == "quadratic":
-        return None, quadratic_fingerprint(cfg), cfg.dim, 0
+@dataclass(frozen=True, eq=False)
+class WorkerData:
+    """What a worker knows of the run's data before it has a rank: its facts (for Hello) and, for the small
+    datasets that are read whole, the dataset itself (large files are read shard by shard once the rank is
+    known)."""
+
+    fingerprint: str
+    d: int
+    n_rows: int
+    info: DataInfo | None = None
+    ds: Dataset | None = None
+    objective_id: str = ""
+
+
+def load_worker_data(cfg: RunConfig) -> WorkerData:
+    objective_id = ""
+    if cfg.objective is not None:
+        from ef21.plugins import identity, load_plugin
+
+        objective_id = identity(load_plugin(cfg.objective), cfg.objective_args)
+    if cfg.objective is None and cfg.problem == "quadratic":
+        return WorkerData(quadratic_fingerprint(cfg), cfg.dim, 0)
+    if cfg.data is None:
+        return WorkerData("no-data", 0, 0, objective_id=objective_id)
+    d_known = cfg.objective is None  # a user objective's d is its own, known once built
+    if streams_shards(cfg.data):
+        info = data_info(cfg.data, problem=cfg.problem)
+        return WorkerData(info.fingerprint, info.d if d_known else 0, info.n_rows, info=info,
+                          objective_id=objective_id)
     ds = load_dataset(cfg.data, problem=cfg.problem)
-    return ds, fingerprint(ds.A, ds.y), ds.d, ds.n_rows
+    info = data_info(cfg.data, problem=cfg.problem)
+    return WorkerData(info.fingerprint, ds.d if d_known else 0, ds.n_rows, ds=ds, objective_id=objective_id)
 
 
 class Stream:
@@ -196,7 +229,7 @@ async def run_worker(opts: WorkerOptions) -> str:
     When the connection breaks (the master restarted, the network dropped) the worker joins again with the same
     rank and continues from the state the master sends; its data stays loaded.
     """
-    loaded: dict[str, tuple[Dataset | None, str, int, int]] = {}
+    loaded: dict[str, WorkerData] = {}
     rank = opts.rank
     async with open_channel(opts.master, opts.security) as channel:
         stub = MasterStub(channel)
@@ -210,15 +243,16 @@ async def run_worker(opts: WorkerOptions) -> str:
             cfg = RunConfig.from_dict(json.loads(reply.config_json))
             if opts.data is not None:
                 cfg = dataclasses.replace(cfg, data=opts.data)
-            key = f"{cfg.problem}:{cfg.data}:{cfg.dim}:{cfg.seed}:{cfg.lam}"
+            if opts.objective is not None:
+                cfg = dataclasses.replace(cfg, objective=opts.objective)
+            key = f"{cfg.problem}:{cfg.data}:{cfg.dim}:{cfg.seed}:{cfg.lam}:{cfg.objective}:{cfg.objective_args}"
             if key not in loaded:
                 loaded[key] = await asyncio.to_thread(load_worker_data, cfg)
-            ds, fp, d, n_rows = loaded[key]
             call = channel.stream_stream(TRAIN_METHOD)(metadata=opts.security.metadata())
             session = _Session(rank)
             stream = Stream(call, opts.reply_timeout)
             try:
-                return await _train(stream, cfg, reply.run_id, ds, fp, d, n_rows, opts, session)
+                return await _train(stream, cfg, reply.run_id, loaded[key], opts, session)
             except RunStopped as stop:
                 return str(stop)
             except grpc.aio.AioRpcError as exc:
@@ -250,43 +284,75 @@ class _Session:
     started: bool = False
 
 
-async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp: str, d: int, n_rows: int,
-                 opts: WorkerOptions, session: _Session) -> str:
+async def _train(st: Stream, cfg: RunConfig, run_id: str, data: WorkerData, opts: WorkerOptions,
+                 session: _Session) -> str:
     await st.send(pb.WorkerMessage(hello=pb.Hello(
         run_id=run_id, requested_rank=-1 if session.rank is None else session.rank, hostname=opts.hostname,
-        data_fingerprint=fp, dim=d, n_rows=n_rows)))
+        data_fingerprint=data.fingerprint, dim=data.d, n_rows=data.n_rows, objective_id=data.objective_id)))
     first = await st.recv_proto()
     if first.WhichOneof("kind") != "welcome":
         raise WorkerFailure(f"expected Welcome, got {first.WhichOneof('kind')}")
     rank = session.rank = first.welcome.rank
     log.info("joined as rank %d of %d", rank, first.welcome.workers)
-    obj = local_objective(cfg, rank, ds)
+    try:
+        return await _set_up_and_train(st, cfg, data, opts, session, rank)
+    except UserError as exc:
+        # Our objective failed (a user's code, a shard that does not fit): tell the master why, then leave.
+        try:
+            await st.send(pb.WorkerMessage(leave=pb.Leave(reason=f"rank {rank}: {exc}")))
+        except (RunStopped, Reconnect, WorkerFailure):
+            pass
+        raise
+
+
+async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: WorkerOptions, session: _Session,
+                            rank: int) -> str:
+    obj = await asyncio.to_thread(local_objective, cfg, rank, data.ds, None, data.info)
+    d = obj.d
     gram, diag = obj.gram(), obj.diagonal()
-    await st.send(pb.WorkerMessage(setup=pb.Setup(
-        rank=rank, smoothness=obj.smoothness(), shard_rows=getattr(obj, "n_rows", 0),
+    L_i = obj.smoothness()
+    x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
+    setup = pb.Setup(
+        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
-        diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes())))
-    msg = await st.recv_proto()
-    if msg.WhichOneof("kind") == "stop":
-        return msg.stop.reason
-    if msg.WhichOneof("kind") != "start":
-        raise WorkerFailure(f"expected Start, got {msg.WhichOneof('kind')}")
+        diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
+        n_samples=getattr(obj, "n_samples", None) or 0, dim=d,
+        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
+    if x0 is not None:
+        fill_vector(setup.x0, SparseVector.dense(x0))
+    await st.send(pb.WorkerMessage(setup=setup))
+    while True:
+        msg = await st.recv_proto()
+        kind = msg.WhichOneof("kind")
+        if kind == "stop":
+            return msg.stop.reason
+        if kind == "start":
+            break
+        if kind != "power_step":
+            raise WorkerFailure(f"expected Start, got {kind}")
+        # One product of the master's power iteration for L: A_iᵀA_i v.
+        try:
+            v = vector_from_proto(msg.power_step.v, expected_dim=d)
+        except CodecError as exc:
+            raise WorkerFailure(f"bad PowerStep from the master: {exc}") from None
+        reply = pb.WorkerMessage()
+        reply.power_reply.iteration = msg.power_step.iteration
+        fill_vector(reply.power_reply.w, SparseVector.dense(obj.gram_matvec(v.values)))
+        await st.send(reply)
     node = _node_from_start(msg.start, cfg, obj, rank, d)
     session.started = True
     eval_every = max(1, msg.start.eval_every)
     compact = cfg.encoding == "compact"
     pause = random.Random(f"{rank}:{time.time_ns()}")
     while True:
-        report = node.step()
-        m = report.message
-        if opts.delay > 0:
-            await asyncio.sleep(pause.uniform(0.0, opts.delay))
-        await st.send(update_message(report, compact=compact))
-        if is_eval_round(report.round, eval_every, cfg.rounds):
-            ev = pb.WorkerMessage()
-            ev.eval.round = report.round
-            fill_vector(ev.eval.grad, SparseVector.dense(report.grad))
-            await st.send(ev)
+        evaluate = is_eval_round(node.round, eval_every, cfg.rounds)
+        report = node.step(evaluate=evaluate)
+        if report.message is not None:
+            if opts.delay > 0:
+                await asyncio.sleep(pause.uniform(0.0, opts.delay))
+            await st.send(update_message(report, compact=compact))
+        if evaluate:
+            await st.send(eval_message(report))
         got = await st.recv()
         if isinstance(got, RoundResultIn):
             rr = got
@@ -303,9 +369,10 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
-        in_sync = not rr.checksum or rr.checksum == state_checksum(node.replica.x, node.replica.g)
-        # Left out of the round (a straggler): keep the previous g_i, exactly as the master does.
-        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=rank not in rr.missing)
+        in_sync = not rr.checksum or rr.checksum == state_checksum(node.replica.x, node.replica.g, node.replica.v)
+        # Left out of the round (not sampled, or a straggler): keep the previous g_i, exactly as the master does.
+        included = report.message is not None and rank not in rr.missing
+        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=included)
         if not in_sync:
             await _resync(st, node, d)
 
@@ -314,21 +381,47 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
     """The uplink of one round, serialized (large vectors by ``fastwire``: their buffers copied once).
     Compact: Elias–Fano indices, and float32 values — the compressor already rounded them; round 0's
     uncompressed g_i⁰ is not rounded and goes as float64."""
+    assert report.message is not None
     v = report.message.vector
     vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
-    return update_to_bytes(report.round, vec, report.message.replace, report.f, report.distortion)
+    return update_to_bytes(report.round, vec, report.message.replace)
+
+
+def eval_message(report: WorkerReport) -> pb.WorkerMessage:
+    """An evaluation round's exact figures: the dense ∇f_i(x^t), f_i(x^t), the distortion and metrics."""
+    assert report.grad is not None and report.f is not None
+    ev = pb.WorkerMessage()
+    ev.eval.round = report.round
+    ev.eval.f = report.f
+    if report.distortion is not None:
+        ev.eval.distortion = report.distortion
+    if report.metrics:
+        ev.eval.metrics.update(report.metrics)
+    fill_vector(ev.eval.grad, SparseVector.dense(report.grad))
+    return ev
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
+    """The worker's side of the master's plan (``ef21.plan.Plan.worker_setting``), from the Start message."""
     method, comp = resolve_method(cfg, d)
     x = vector_from_proto(start.x, expected_dim=d).values
     g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None
+    v = vector_from_proto(start.momentum, expected_dim=d).values if start.HasField("momentum") else None
     state = vector_from_proto(start.worker_state, expected_dim=d).values if start.HasField("worker_state") else None
-    node = WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, init=cfg.init,  # type: ignore[arg-type]
-                      seed=cfg.seed, g=g, state=state, round_=start.round)
-    if node.replica.x_step != start.x_step:
-        raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker {node.replica.x_step}")
-    return node
+    expected_step = 1.0 if method.gamma_in_message else start.gamma
+    if start.x_step != expected_step:
+        raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker expects {expected_step}")
+    estimator = make_estimator(cfg.estimator, cfg.sgdm_eta)
+    tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
+           if estimator.stochastic else 0)
+    setting = WorkerSetting(
+        gamma=start.gamma, rule=StepRule(start.x_step, cfg.momentum, None if cfg.prox is None else parse_prox(cfg.prox)),
+        init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
+        tau=tau, page_p=start.page_p or 1.0,
+        grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),
+        participation=participation_count(cfg.participation, cfg.workers))
+    return WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, setting=setting,  # type: ignore[arg-type]
+                      g=g, v=v, state=state, round_=start.round)
 
 
 async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
@@ -339,3 +432,5 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
     node.replica.x[:] = vector_from_proto(msg.resync.x, expected_dim=d).values
     node.replica.g[:] = vector_from_proto(msg.resync.g, expected_dim=d).values
+    if msg.resync.HasField("momentum"):
+        node.replica.v = np.array(vector_from_proto(msg.resync.momentum, expected_dim=d).values)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from .base import Downlink, InitMode, Message, Method, Replica, WorkerContext
+from ..replica import Replica
+from .base import Downlink, InitMode, Message, Method, WorkerContext
 from .dcgd import DCGD
 from .ef import EF
 from .ef21 import EF21

@@ -3,10 +3,14 @@
 A round, for every method:
 
 1. every replica holds (x, g); a worker evaluates ∇f_i at its replica's x;
-2. ``worker_step`` turns that gradient and the worker's state into a ``Message`` (the uplink);
-3. ``master_aggregate`` folds the messages, in rank order, into a ``Downlink`` and its own state;
-4. master and workers apply the same ``Downlink`` to their replicas with ``Replica.apply``: g ← g + D/n (or
-   g ← D/n), then x ← x − s·g, so every replica holds the same bits as the master.
+2. ``worker_step`` turns that gradient (or a stochastic estimate of it, ``ef21.estimators``) and the worker's
+   state into a ``Message`` (the uplink);
+3. ``master_aggregate`` folds the messages, in rank order, into a ``Downlink`` and its own state (with EF21-W's
+   weights, the weighted sum Σ w_i c_i);
+4. the master may transform the downlink (EF21-BC compresses it, ``ef21.downlink``);
+5. master and workers apply the same ``Downlink`` to their replicas with ``Replica.apply``: g ← g + D·scale (or
+   g ← D·scale), then the step (x ← x − s·g, or with heavy ball or a prox, ``ef21.replica``), so every replica
+   holds the same bits as the master.
 
 Round 0 is the initialization: the first ``worker_step`` of a fresh state sends g_i⁰.
 
@@ -50,25 +54,6 @@ class Downlink:
     scale: float
 
 
-@dataclass(eq=False)
-class Replica:
-    """(x, g): the model and the aggregate direction, held identically by the master and each worker."""
-
-    x: np.ndarray
-    g: np.ndarray
-    x_step: float  # s in x ← x − s·g: γ for most methods, 1 for EF whose messages already carry γ
-
-    @staticmethod
-    def start(x0: np.ndarray, x_step: float) -> Replica:
-        return Replica(np.array(x0, dtype=np.float64, copy=True), np.zeros_like(x0, dtype=np.float64), x_step)
-
-    def apply(self, down: Downlink) -> None:
-        if down.mode == "replace":
-            self.g[:] = 0.0
-        down.vector.add_to(self.g, down.scale)
-        self.x -= self.x_step * self.g
-
-
 @dataclass(frozen=True)
 class WorkerContext:
     """What a worker's method step may use besides its gradient and state."""
@@ -88,21 +73,35 @@ class Method(Protocol):
 
     def worker_init(self, d: int) -> Any: ...
 
-    def worker_step(self, state: Any, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, Any, float]:
-        """Returns (message, new state, distortion ‖ĝ_i − ∇f_i(x)‖² of the worker's new estimate ĝ_i)."""
+    def worker_step(self, state: Any, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, Any, float | None]:
+        """Returns (message, new state, distortion ‖ĝ_i − reference‖² of the worker's new estimate ĝ_i).
 
-    def master_init(self, n: int, d: int) -> np.ndarray | None:
+        ``grad`` is what the worker compresses against (∇f_i(x) or an estimate of it); it is never modified.
+        ``reference`` is the vector the distortion is measured against: ``grad`` itself (the full-gradient case,
+        computed from the residual in hand), another vector (∇f_i(x) when ``grad`` is stochastic), or None (not
+        wanted this round)."""
+
+    def stale_distortion(self, state: Any, reference: np.ndarray) -> float | None:
+        """‖ĝ_i − reference‖² of a worker that sits out a round (its estimate unchanged); None if undefined."""
+
+    def master_init(self, n: int, d: int, dtype: Any = np.float64) -> np.ndarray | None:
         """The master's per-worker state (n × d rows), or None for methods that need none."""
 
-    def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int) -> Downlink:
-        """Fold one round's messages (rank order, None = left out) into the downlink, updating ``rows``."""
+    def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int,
+                         weights: np.ndarray | None = None) -> Downlink:
+        """Fold one round's messages (rank order, None = left out) into the downlink, updating ``rows``.
+        ``weights`` (EF21-W): the aggregate moves by Σ w_i c_i instead of (1/n)Σ c_i."""
 
     def master_worker_state(self, rows: np.ndarray | None, rank: int) -> Any:
         """Worker ``rank``'s state as the master knows it, for a replacement; None: start it fresh."""
 
 
-def sum_messages(messages: Sequence[Message | None], d: int) -> SparseVector:
-    return sparse_sum([m.vector for m in messages if m is not None], d)
+def sum_messages(messages: Sequence[Message | None], d: int, weights: np.ndarray | None = None) -> SparseVector:
+    """Σ c_i in rank order, or Σ w_i c_i: each message scaled by its weight first, then summed in rank order."""
+    if weights is None:
+        return sparse_sum([m.vector for m in messages if m is not None], d)
+    return sparse_sum([m.vector.scaled(float(weights[r])) for r, m in enumerate(messages) if m is not None], d)
 
 
 def require_all(method: str, messages: Sequence[Message | None]) -> None:
@@ -116,17 +115,29 @@ class Stateless:
     name: str
     tolerates_missing = False
 
-    def master_init(self, n: int, d: int) -> None:
+    def master_init(self, n: int, d: int, dtype: Any = np.float64) -> None:
         return None
 
-    def master_aggregate(self, rows: None, messages: Sequence[Message | None], d: int) -> Downlink:
+    def master_aggregate(self, rows: None, messages: Sequence[Message | None], d: int,
+                         weights: np.ndarray | None = None) -> Downlink:
         require_all(self.name, messages)
         return Downlink(sum_messages(messages, d), "replace", 1.0 / len(messages))
 
     def master_worker_state(self, rows: None, rank: int) -> None:
         return None
 
+    def stale_distortion(self, state: Any, reference: np.ndarray) -> None:
+        return None
+
 
 def sq_dist(a: np.ndarray, b: np.ndarray) -> float:
     r = a - b
     return float(r @ r)
+
+
+def distortion_of(estimate: SparseVector | np.ndarray, grad: np.ndarray, reference: np.ndarray | None) -> float | None:
+    """‖estimate − reference‖² (None when no reference is wanted)."""
+    if reference is None:
+        return None
+    dense = estimate.to_dense() if isinstance(estimate, SparseVector) else estimate
+    return sq_dist(dense, reference)

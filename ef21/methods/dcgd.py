@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Message, Stateless, WorkerContext, sq_dist
+from .base import Message, Stateless, WorkerContext, distortion_of
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class DCGD(Stateless):
     def worker_init(self, d: int) -> None:
         return None
 
-    def worker_step(self, state: None, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, None, float]:
+    def worker_step(self, state: None, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, None, float | None]:
         c = ctx.compressor(grad, ctx.rng)
-        return Message(c), None, sq_dist(c.to_dense(), grad)
+        return Message(c), None, distortion_of(c, grad, reference)

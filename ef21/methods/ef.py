@@ -26,11 +26,12 @@ class EF(Stateless):
     def worker_init(self, d: int) -> np.ndarray:
         return np.zeros(d)
 
-    def worker_step(self, e: np.ndarray, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, np.ndarray, float]:
+    def worker_step(self, e: np.ndarray, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
         u = e + ctx.gamma * grad
         w = ctx.compressor(u, ctx.rng)
         e_new = u.copy()
         w.add_to(e_new, -1.0)
         # The worker's contribution to the direction, in gradient units, is w/γ.
-        return Message(w), e_new, sq_dist(w.to_dense() / ctx.gamma, grad)
-
+        dist = None if reference is None else sq_dist(w.to_dense() / ctx.gamma, reference)
+        return Message(w), e_new, dist

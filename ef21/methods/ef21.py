@@ -1,4 +1,4 @@
-"""EF21: c_i = C(∇f_i(x) − g_i), g_i ← g_i + c_i; the master adds (1/n)Σ c_i to g.
+"""EF21: c_i = C(∇f_i(x) − g_i), g_i ← g_i + c_i; the master adds (1/n)Σ c_i to g (EF21-W: Σ w_i c_i).
 
 The aggregate alone needs no g_i on the master, but the master keeps a copy of each (updated with the same
 operation as the worker, so the bits agree) to hand a rank over to a replacement worker or to a resumed master.
@@ -8,7 +8,7 @@ A worker left out of a round sends nothing and keeps g_i: this is EF21-PP, still
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -16,12 +16,13 @@ from ..sparse import SparseVector
 from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
 
 
-def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool) -> tuple[Message, np.ndarray, float]:
+def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool,
+                 reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
     """Round 0: g_i⁰ is the uncompressed local gradient (``full``, the official experiments) or C(∇f_i(x⁰))
     (Algorithm 1). Sent whole, since g_i starts from 0 on the master as well."""
     vec = SparseVector.dense(grad.copy()) if ctx.init == "full" else ctx.compressor(grad, ctx.rng)
     g_new = vec.to_dense()
-    return Message(vec, replace=replace), g_new, sq_dist(g_new, grad)
+    return Message(vec, replace=replace), g_new, None if reference is None else sq_dist(g_new, reference)
 
 
 @dataclass(frozen=True)
@@ -35,29 +36,41 @@ class EF21:
     def worker_init(self, d: int) -> np.ndarray | None:
         return None  # g_i does not exist until round 0 sends it
 
-    def worker_step(
-        self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext
-    ) -> tuple[Message, np.ndarray, float]:
+    def worker_step(self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
         if g_i is None:
-            return initial_step(grad, ctx, replace=False)
+            return initial_step(grad, ctx, replace=False, reference=reference)
         r = grad - g_i
         c = ctx.compressor(r, ctx.rng)
         g_new = g_i.copy()
         c.add_to(g_new)
+        if reference is None:
+            return Message(c), g_new, None
+        if reference is not grad:
+            return Message(c), g_new, sq_dist(g_new, reference)
         # ‖g_new − ∇f_i‖² = ‖r − c‖², from the residual already in hand (compressors never alias their input):
         # one O(d) pass fewer than subtracting the gradient again.
         c.add_to(r, -1.0)
         return Message(c), g_new, float(r @ r)
 
-    def master_init(self, n: int, d: int) -> np.ndarray:
-        return np.zeros((n, d))
+    def stale_distortion(self, g_i: np.ndarray | None, reference: np.ndarray) -> float | None:
+        return None if g_i is None else sq_dist(g_i, reference)
 
-    def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int) -> Downlink:
-        for rank, msg in enumerate(messages):
-            if msg is not None:
-                msg.vector.add_to(rows[rank])
+    def master_init(self, n: int, d: int, dtype: Any = np.float64) -> np.ndarray | None:
+        return None if dtype is None else np.zeros((n, d), dtype=dtype)
+
+    def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int,
+                         weights: np.ndarray | None = None) -> Downlink:
+        if rows is not None:
+            for rank, msg in enumerate(messages):
+                if msg is not None:
+                    msg.vector.add_to(rows[rank])
+        if weights is not None:
+            return Downlink(sum_messages(messages, d, weights), "add", 1.0)
         return Downlink(sum_messages(messages, d), "add", 1.0 / len(messages))
 
-    def master_worker_state(self, rows: np.ndarray, rank: int) -> np.ndarray | None:
+    def master_worker_state(self, rows: np.ndarray | None, rank: int) -> np.ndarray | None:
+        if rows is None:
+            return None
         row = rows[rank]
-        return None if not row.any() else row.copy()
+        return None if not row.any() else np.array(row, dtype=np.float64)

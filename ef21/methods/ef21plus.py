@@ -7,10 +7,11 @@ each g_i and broadcasts the change of their mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import UserError
 from ..sparse import SparseVector
 from .base import Downlink, Message, WorkerContext, sq_dist
 from .ef21 import EF21, initial_step
@@ -22,11 +23,10 @@ class EF21Plus(EF21):
 
     name: str = "ef21plus"
 
-    def worker_step(
-        self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext
-    ) -> tuple[Message, np.ndarray, float]:
+    def worker_step(self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
         if g_i is None:
-            return initial_step(grad, ctx, replace=True)
+            return initial_step(grad, ctx, replace=True, reference=reference)
         b = ctx.compressor(grad, ctx.rng)
         c = ctx.compressor(grad - g_i, ctx.rng)
         m = g_i.copy()
@@ -37,7 +37,14 @@ class EF21Plus(EF21):
             return Message(b, replace=True), b_dense, dist_b
         return Message(c, replace=False), m, dist_m
 
-    def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int) -> Downlink:
+    def master_init(self, n: int, d: int, dtype: Any = np.float64) -> np.ndarray:
+        if dtype is None:
+            raise UserError("ef21plus needs every g_i on the master (a worker may replace its g_i): "
+                            "--master-rows none is not possible")
+        return np.zeros((n, d), dtype=dtype)
+
+    def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int,
+                         weights: np.ndarray | None = None) -> Downlink:
         if not any(m is not None and m.replace for m in messages):
             return super().master_aggregate(rows, messages, d)  # pure EF21 rounds keep the downlink sparse
         n = len(messages)

@@ -1,4 +1,5 @@
-"""GD: every worker sends its full local gradient; the master averages and steps."""
+"""GD: every worker sends its full local gradient (or, with a stochastic estimator, SGD's minibatch gradient);
+the master averages and steps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Message, Stateless, WorkerContext
+from .base import Message, Stateless, WorkerContext, distortion_of
 
 
 @dataclass(frozen=True)
@@ -19,5 +20,8 @@ class GD(Stateless):
     def worker_init(self, d: int) -> None:
         return None
 
-    def worker_step(self, state: None, grad: np.ndarray, ctx: WorkerContext) -> tuple[Message, None, float]:
-        return Message(ctx.compressor(grad, ctx.rng)), None, 0.0  # the identity (or its float32 rounding)
+    def worker_step(self, state: None, grad: np.ndarray, ctx: WorkerContext,
+                    reference: np.ndarray | None) -> tuple[Message, None, float | None]:
+        c = ctx.compressor(grad, ctx.rng)  # the identity (or its float32 rounding)
+        # The estimate is the message itself: exact against its own gradient, SGD's noise against ∇f_i.
+        return Message(c), None, 0.0 if reference is grad else distortion_of(c, grad, reference)

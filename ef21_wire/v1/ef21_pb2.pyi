@@ -51,20 +51,22 @@ class JoinReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ..., ended: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("run_id", "requested_rank", "hostname", "data_fingerprint", "dim", "n_rows")
+    __slots__ = ("run_id", "requested_rank", "hostname", "data_fingerprint", "dim", "n_rows", "objective_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_RANK_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     N_ROWS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     requested_rank: int
     hostname: str
     data_fingerprint: str
     dim: int
     n_rows: int
-    def __init__(self, run_id: _Optional[str] = ..., requested_rank: _Optional[int] = ..., hostname: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., dim: _Optional[int] = ..., n_rows: _Optional[int] = ...) -> None: ...
+    objective_id: str
+    def __init__(self, run_id: _Optional[str] = ..., requested_rank: _Optional[int] = ..., hostname: _Optional[str] = ..., data_fingerprint: _Optional[str] = ..., dim: _Optional[int] = ..., n_rows: _Optional[int] = ..., objective_id: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("rank", "workers")
@@ -75,21 +77,51 @@ class Welcome(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Setup(_message.Message):
-    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal")
+    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
     GRAM_FIELD_NUMBER: _ClassVar[int]
     DIAGONAL_FIELD_NUMBER: _ClassVar[int]
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    POWER_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
     rank: int
     smoothness: float
     shard_rows: int
     gram: bytes
     diagonal: bytes
-    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ...) -> None: ...
+    n_samples: int
+    x0: SparseVector
+    power_iteration: bool
+    dim: int
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class Leave(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class PowerStep(_message.Message):
+    __slots__ = ("iteration", "v")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    v: SparseVector
+    def __init__(self, iteration: _Optional[int] = ..., v: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+
+class PowerReply(_message.Message):
+    __slots__ = ("iteration", "w")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    W_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    w: SparseVector
+    def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +131,9 @@ class Start(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
     WORKER_STATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_P_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
     x: SparseVector
@@ -108,29 +143,41 @@ class Start(_message.Message):
     round: int
     g: SparseVector
     worker_state: SparseVector
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    momentum: SparseVector
+    weight: float
+    page_p: float
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("round", "message", "replace", "f", "distortion")
+    __slots__ = ("round", "message", "replace")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
-    F_FIELD_NUMBER: _ClassVar[int]
-    DISTORTION_FIELD_NUMBER: _ClassVar[int]
     round: int
     message: SparseVector
     replace: bool
-    f: float
-    distortion: float
-    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., f: _Optional[float] = ..., distortion: _Optional[float] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class Eval(_message.Message):
-    __slots__ = ("round", "grad")
+    __slots__ = ("round", "grad", "f", "distortion", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    F_FIELD_NUMBER: _ClassVar[int]
+    DISTORTION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     round: int
     grad: SparseVector
-    def __init__(self, round: _Optional[int] = ..., grad: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    f: float
+    distortion: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., grad: _Optional[_Union[SparseVector, _Mapping]] = ..., f: _Optional[float] = ..., distortion: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
     __slots__ = ("round", "aggregate", "replace", "scale", "checksum", "missing")
@@ -149,14 +196,16 @@ class RoundResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ..., missing: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Resync(_message.Message):
-    __slots__ = ("round", "x", "g")
+    __slots__ = ("round", "x", "g", "momentum")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     round: int
     x: SparseVector
     g: SparseVector
-    def __init__(self, round: _Optional[int] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    momentum: SparseVector
+    def __init__(self, round: _Optional[int] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("reason", "failed")
@@ -173,32 +222,38 @@ class ResyncRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "setup", "update", "eval", "resync_request")
+    __slots__ = ("hello", "setup", "update", "eval", "resync_request", "power_reply", "leave")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SETUP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     RESYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    POWER_REPLY_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     setup: Setup
     update: Update
     eval: Eval
     resync_request: ResyncRequest
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., eval: _Optional[_Union[Eval, _Mapping]] = ..., resync_request: _Optional[_Union[ResyncRequest, _Mapping]] = ...) -> None: ...
+    power_reply: PowerReply
+    leave: Leave
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., eval: _Optional[_Union[Eval, _Mapping]] = ..., resync_request: _Optional[_Union[ResyncRequest, _Mapping]] = ..., power_reply: _Optional[_Union[PowerReply, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ...) -> None: ...
 
 class MasterMessage(_message.Message):
-    __slots__ = ("welcome", "start", "round_result", "stop", "resync")
+    __slots__ = ("welcome", "start", "round_result", "stop", "resync", "power_step")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ROUND_RESULT_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    POWER_STEP_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     start: Start
     round_result: RoundResult
     stop: Stop
     resync: Resync
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ...) -> None: ...
+    power_step: PowerStep
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., power_step: _Optional[_Union[PowerStep, _Mapping]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
