@@ -149,7 +149,9 @@ class WorkerNode:
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
-        return WorkerReport(t, msg, f, full, dist if evaluate else None, metrics)
+        if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
+            return WorkerReport(t, msg, None, None, None, None)
+        return WorkerReport(t, msg, f, full, dist, metrics)
 
     def _scaled(self, v: np.ndarray) -> np.ndarray:
         scale = self.setting.grad_scale

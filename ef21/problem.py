@@ -10,7 +10,7 @@ import numpy as np
 from .config import RunConfig
 from .data import BUILTIN, Dataset, DataInfo, data_info, load_dataset, load_shard, make_shard, shard_bounds
 from .errors import UserError
-from .objectives import LeastSquares, LogisticRegression, Objective, PowerIteration, SeparableQuadratic
+from .objectives import LeastSquares, LogisticRegression, PowerIteration, SeparableQuadratic
 from .plan import quadratic_mean
 
 __all__ = ["Problem", "build_problem", "local_objective", "quadratic_mean", "problem_fingerprint"]

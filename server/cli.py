@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ef21.cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from ef21.cliargs import add_config_args, add_output_args, config_from_args
 from ef21.config import RunConfig
 from ef21.errors import UserError
 from ef21_wire import eventloop
