@@ -26,7 +26,7 @@ def write_outputs(ns: argparse.Namespace, x: np.ndarray) -> None:
     if ns.plot is not None and ns.log is not None:
         from .plotting import plot_logs
 
-        plot_logs([ns.log], ns.plot)
+        plot_logs([ns.log], ns.plot, y_axis="gradmap" if getattr(ns, "prox", None) else "grad")
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
@@ -86,7 +86,7 @@ def describe_run(cfg, compressor: str, n: int, d: int) -> str:  # type: ignore[n
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plotting import plot_logs
 
-    plot_logs(ns.logs, ns.output, x_axis=ns.x, labels=ns.labels, title=ns.title)
+    plot_logs(ns.logs, ns.output, x_axis=ns.x, y_axis=ns.y, labels=ns.labels, title=ns.title)
     print(f"wrote {ns.output}")
     return 0
 
@@ -105,7 +105,9 @@ def build_parser() -> ArgumentParser:
     pl = sub.add_parser("plot", help="plot |grad f|^2 of one or more JSONL logs on one figure")
     pl.add_argument("logs", nargs="+", type=Path)
     pl.add_argument("-o", "--output", type=Path, required=True)
-    pl.add_argument("--x", default="bits", choices=["bits", "payload", "rounds", "time", "wire"])
+    pl.add_argument("--x", default="bits", choices=["bits", "bits-both", "payload", "rounds", "time", "wire",
+                                                    "wire-both"])
+    pl.add_argument("--y", default="grad", help="grad (|grad f|^2), gradmap (with --prox), f, or metric:NAME")
     pl.add_argument("--labels", nargs="*", default=None)
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)

@@ -56,6 +56,10 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
                    help="continue the run saved in this checkpoint (PATH.prev if PATH is corrupt)")
     r.add_argument("--max-faults", type=int, default=3,
                    help="bad messages from one host before it may no longer join (default 3)")
+    r.add_argument("--master-rows", default="full", choices=("full", "float32", "none"),
+                   help="how the master keeps every worker's g_i (n x d): full (exact hand-over and checkpoints; "
+                        "default), float32 (half the memory; a replacement gets g_i rounded) or none (no hand-over, "
+                        "no checkpoints)")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM): turns TLS on")
     s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
@@ -86,7 +90,7 @@ def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions
     mo = MasterOptions(cfg, eval_every=ns.eval_every, checksum_every=ns.checksum_every, log=ns.log, out=ns.out,
                        plot=ns.plot, save_iterates=ns.save_iterates, round_timeout=ns.round_timeout,
                        min_workers=ns.min_workers, checkpoint=ns.checkpoint, checkpoint_every=ns.checkpoint_every,
-                       resume=ns.resume, max_faults=ns.max_faults)
+                       resume=ns.resume, max_faults=ns.max_faults, master_rows=ns.master_rows)
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
     sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),

@@ -792,7 +792,7 @@ class Coordinator:
             from ef21.plotting import plot_logs
 
             self._writer.close()
-            plot_logs([o.log], o.plot)
+            plot_logs([o.log], o.plot, y_axis="gradmap" if self.cfg.prox else "grad")
 
     # -- status ----------------------------------------------------------------------------------------------------
 
