@@ -23,6 +23,9 @@ from .master import ListenOptions, Master
 from .security import ServerSecurity
 
 
+DEFAULT_MASTER = "127.0.0.1:50051"
+
+
 def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
     add_config_args(p)
     add_output_args(p)
@@ -127,23 +130,17 @@ def cmd_master(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    import grpc
-
-    from ef21_wire.v1 import ef21_pb2 as pb
-    from ef21_wire.v1.ef21_pb2_grpc import MasterStub
+    from .status_client import fetch_grpc, fetch_url
 
     security = client_security_from_args(ns)
-
-    async def fetch() -> dict:
-        async with open_channel(ns.master, security) as ch:
-            reply = await MasterStub(ch).Status(pb.StatusRequest(), timeout=ns.timeout,
-                                                metadata=security.metadata())
-            return json.loads(reply.json)
-
-    try:
-        doc = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        raise UserError(f"cannot get the status of {ns.master}: {exc.code().name}: {exc.details()}") from None
+    url = ns.url
+    if ns.master is not None and ns.master.startswith(("http://", "https://")):
+        url, ns.master = (url or ns.master), None  # the status URL given to --master: take it as meant
+    if url is not None and ns.master is not None:
+        raise UserError("give --master HOST:PORT (the gRPC port) or --url http://HOST:PORT (the status port), "
+                        "not both")
+    doc = fetch_url(url, security, ns.timeout) if url else fetch_grpc(ns.master or DEFAULT_MASTER, security,
+                                                                       ns.timeout)
     if ns.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -189,7 +186,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_master)
 
     s = sub.add_parser("status", help="print a running master's status")
-    s.add_argument("--master", default="127.0.0.1:50051", help="HOST:PORT of the master's gRPC port")
+    s.add_argument("--master", default=None, metavar="HOST:PORT",
+                   help=f"the master's gRPC port (default {DEFAULT_MASTER})")
+    s.add_argument("--url", default=None, metavar="URL",
+                   help="or the master's HTTP status port, e.g. http://HOST:8080 (the dashboard's URL works too)")
     s.add_argument("--json", action="store_true", help="the raw status document")
     s.add_argument("--timeout", type=float, default=5.0)
     add_client_security_args(s)
