@@ -15,7 +15,6 @@ import bisect
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric,
 )
@@ -28,7 +27,8 @@ from ef21.simulate import RoundRecord
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format: every Prometheus 2.x (Debian's included) reads it, and our names need nothing newer.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WORKER_STATES = ("joining", "ready", "running", "done", "lost")
 RUN_STATES = ("waiting", "running", "done", "failed", "stopped")
 DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
