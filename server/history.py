@@ -15,7 +15,7 @@ from typing import NamedTuple
 from ef21.simulate import RoundRecord
 
 DEFAULT_CAP = 4096
-MAX_POINTS_PER_REPLY = 1024
+MAX_POINTS_PER_REPLY = 512
 """A reply is serialized on the event loop: a bounded slice keeps each one well under a millisecond; the page
 asks again with the last round it got."""
 

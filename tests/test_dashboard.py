@@ -181,6 +181,10 @@ async def test_dashboard_over_https_with_a_status_token(pki, tmp_path):  # noqa:
         assert await page.eval("document.getElementById('auth').hidden")
         await page.wait_for("Number(document.getElementById('chart-grad').dataset.points) > 5")
         await check_chart_drawn(page, tmp_path / "dashboard-https.png")
+        for axis, label in (("bits_per_worker", "bits per worker"), ("elapsed_s", "wall time (s)")):
+            await page.eval(f"document.querySelector('input[value={axis}]').click()")
+            assert label in await page.eval("document.getElementById('chart-grad').innerText")
+            await check_chart_drawn(page, tmp_path / f"dashboard-{axis}.png")
         assert browser.errors == []
     finally:
         if browser is not None:

@@ -117,13 +117,25 @@ function append(h) {
 const positive = (a) => a.map((v) => (v !== null && v > 0 ? v : null));  // log scale: gaps for ≤ 0
 
 const CHARTS = [
+  // ‖∇f‖² last, so that it is drawn on top: near a stationary point ‖g‖² → ‖∇f‖² and would hide it.
   { id: "chart-grad", title: "‖∇f‖², G, ‖g‖²", log: true, series: [
-    ["grad_norm_sq", "‖∇f(x)‖²", "#1f5fbf"], ["G", "G", "#e07b00"], ["g_norm_sq", "‖g‖²", "#7a4fb0"]] },
+    ["G", "G", "#e07b00", [5, 4]], ["g_norm_sq", "‖g‖²", "#9a7fc8", [2, 3]], ["grad_norm_sq", "‖∇f(x)‖²", "#1f5fbf"]] },
   { id: "chart-f", title: "f(x)", log: true, series: [["f", "f(x)", "#13803a"]] },
   { id: "chart-bytes", title: "wire bytes (cumulative)", log: true, series: [
     ["wire_bytes_up", "up", "#b0287a"], ["wire_bytes_down", "down", "#2a8f9e"]] },
 ];
 const X_LABELS = { round: "round", bits_per_worker: "bits per worker", elapsed_s: "wall time (s)" };
+
+// uPlot puts a tick and a grid line at every 1…9 × 10^k of a log axis; over many decades they run together into a
+// grey band. Ticks at the decades only, and at every n-th decade when there are more than eight.
+function decades(u, axisIdx, min, max) {
+  if (!(min > 0 && max > min && Number.isFinite(max))) return [];  // no data yet
+  const lo = Math.ceil(Math.log10(min) - 1e-9), hi = Math.floor(Math.log10(max) + 1e-9);
+  const every = Math.max(1, Math.ceil((hi - lo + 1) / 8));
+  const out = [];
+  for (let e = lo; e <= hi; e++) if (e % every === 0) out.push(10 ** e);
+  return out.length >= 2 ? out : [min, ...out, max];
+}
 
 function chartData(spec) {
   if (!columns.length) return [[], ...spec.series.map(() => [])];
@@ -139,9 +151,13 @@ function makeCharts() {
       width: Math.max(el.clientWidth, 320),
       height: 280,
       scales: { x: { time: false }, y: spec.log ? { distr: 3, log: 10 } : {} },
-      axes: [{ label: X_LABELS[xKey] }, { size: 70, values: (u, v) => v.map((x) => (x === null ? "" : x.toExponential(0))) }],
+      axes: [{ label: X_LABELS[xKey] }, spec.log ? {
+        size: 70, splits: decades, filter: (u, splits) => splits,  // (its own filter would hide some again)
+        values: (u, v) => v.map((x) => (x == null ? "" : x.toExponential(Number.isInteger(Math.log10(x)) ? 0 : 1))),
+      } : { size: 70 }],
       series: [{ label: X_LABELS[xKey] },
-        ...spec.series.map(([, label, stroke]) => ({ label, stroke, width: 1.6, spanGaps: true, points: { show: false } }))],
+        ...spec.series.map(([, label, stroke, dash]) => ({
+          label, stroke, dash, width: dash ? 1.3 : 2, spanGaps: true, points: { show: false } }))],
       legend: { live: false },
       cursor: { drag: { x: true, y: false } },
     };
