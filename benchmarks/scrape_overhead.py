@@ -1,12 +1,13 @@
-"""What watching a run costs it: rounds/s of ``ef21 run`` with nobody watching, with a Prometheus-style scraper
-polling /metrics every 100 ms, and with a dashboard-style poller (/status and /history every 100 ms, ten times
-what the page does).
+"""What watching a run costs it: rounds/s of one ``ef21 run`` while nobody watches, while a Prometheus-style
+scraper polls /metrics every 100 ms, and while a dashboard-style poller asks for /status and the new history
+every 100 ms (ten times what the page does).
 
-Runs alternate between the modes (off, metrics, dashboard, off, …) so that the shared machine's drift falls on
-all of them alike; rounds/s is read off each run's own log (rounds after the first / time between them), so
-start-up is not counted. The scraper also reports its scrape times.
+The modes take turns in windows of one run (off, metrics, off, dashboard, …) so that the shared machine's drift
+falls on all of them alike; a window's rate is the rounds /status reports at its two ends (one request each, in
+every mode). Before that, the master's own work is timed in-process: per round (history, histograms) and per
+request, since each reply is built on the event loop that runs the rounds.
 
-    python benchmarks/scrape_overhead.py [--smoke] [--json out.json] [--rounds 3000] [--repeat 3]
+    python benchmarks/scrape_overhead.py [--smoke] [--json out.json] [--windows 40] [--window-s 1.0]
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import asyncio
 import dataclasses
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -58,7 +59,7 @@ async def costs(rounds: int, workers: int) -> list[list]:
     from ef21.config import RunConfig
     from ef21_server.coordinator import MasterOptions
     from ef21_server.master import ListenOptions, Master
-    from ef21_server.history import History
+    from ef21_server.history import MAX_POINTS_PER_REPLY, History
     from ef21_server.metrics import RoundObserver, render
 
     master = Master(MasterOptions(RunConfig(workers=workers, k=2, stepsize_mult=64, rounds=rounds)),
@@ -85,72 +86,83 @@ async def costs(rounds: int, workers: int) -> list[list]:
            ["GET /status (document + JSON)", best_time(lambda: json.dumps(master.coord.status()), 200) * 1e6],
            ["GET /history, the page's poll (1 s of rounds)", best_time(
                lambda: master.history.to_json(last - 300), 200) * 1e6],
-           [f"GET /history, first load ({min(len(master.history), 1024)} points)",
+           [f"GET /history, first load ({min(len(master.history), MAX_POINTS_PER_REPLY)} points, one slice)",
             best_time(lambda: master.history.to_json(-1), 50) * 1e6]]
     await master.shutdown()
     return out
 
 
-def one_run(mode: str, rounds: int, workers: int, folder: Path) -> dict:
-    log = folder / f"{mode}-{time.monotonic_ns()}.jsonl"
+def status_round(base: str) -> int:
+    with urllib.request.urlopen(base + "status", timeout=5) as r:
+        return json.loads(r.read())["round"]
+
+
+def windows(n_windows: int, window_s: float, workers: int) -> list[dict]:
+    order = ["off", "metrics", "off", "dashboard"]
     proc = subprocess.Popen([sys.executable, "-m", "ef21.cli", "run", "--workers", str(workers), "--k", "2",
-                             "--stepsize-mult", "64", "--rounds", str(rounds), "-q", "--log", str(log)],
+                             "--stepsize-mult", "64", "--rounds", "100000000", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stop, times = threading.Event(), []
-    thread = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        m = re.search(r"dashboard (http://\S+/);", line)
-        if m:
+    out = []
+    try:
+        base = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"dashboard (http://\S+/);", line)
+            if m:
+                base = m.group(1)
+                break
+        assert base is not None, "ef21 run printed no dashboard URL"
+        while status_round(base) < 50:  # past start-up
+            time.sleep(0.1)
+        for i in range(n_windows):
+            mode = order[i % len(order)]
+            stop, times = threading.Event(), []
+            r0, t0 = status_round(base), time.perf_counter()
+            thread = threading.Thread(target=poll, args=(base, MODES[mode], stop, times))
             if MODES[mode]:
-                thread = threading.Thread(target=poll, args=(m.group(1), MODES[mode], stop, times))
                 thread.start()
-            break
-    out, err = proc.communicate(timeout=600)
-    stop.set()
-    if thread is not None:
-        thread.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"ef21 run failed: {err}")
-    recs = [json.loads(x) for x in log.read_text().splitlines()]
-    rate = (recs[-1]["round"] - recs[1]["round"]) / (recs[-1]["elapsed_s"] - recs[1]["elapsed_s"])
-    return {"mode": mode, "rounds_per_s": rate, "scrapes": len(times),
-            "scrape_ms_median": 1e3 * statistics.median(times) if times else None,
-            "scrape_ms_max": 1e3 * max(times) if times else None}
+            time.sleep(window_s)
+            stop.set()
+            if MODES[mode]:
+                thread.join()
+            r1, t1 = status_round(base), time.perf_counter()
+            out.append({"mode": mode, "rounds_per_s": (r1 - r0) / (t1 - t0), "polls": len(times),
+                        "poll_ms": [1e3 * t for t in times]})
+            print(f"  window {i + 1}/{n_windows} {mode}: {out[-1]['rounds_per_s']:.1f} rounds/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    return out
 
 
 def main() -> None:
     ap = base_parser(__doc__)
-    ap.add_argument("--rounds", type=int, default=3000)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--window-s", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    rounds, repeat = (200, 1) if args.smoke else (args.rounds, args.repeat)
-    cost_rows = asyncio.run(costs(rounds, args.workers))
-    print(f"\nthe master's work for watching ({rounds} rounds done; µs, best of 5)")
+    n_windows, window_s = (8, 0.5) if args.smoke else (args.windows, args.window_s)
+    cost_rounds = 300 if args.smoke else 3000
+    cost_rows = asyncio.run(costs(cost_rounds, args.workers))
+    print(f"\nthe master's work for watching (after {cost_rounds} rounds; µs, best of 5)")
     print_table(["what", "µs"], cost_rows)
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(repeat):
-            for mode in MODES:
-                r = one_run(mode, rounds, args.workers, Path(tmp))
-                print(f"  [{i + 1}/{repeat}] {mode}: {r['rounds_per_s']:.1f} rounds/s", flush=True)
-                runs.append(r)
+    runs = windows(n_windows, window_s, args.workers)
     base = statistics.median(r["rounds_per_s"] for r in runs if r["mode"] == "off")
     rows, results = [], []
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         rate = statistics.median(r["rounds_per_s"] for r in mine)
-        med = [r["scrape_ms_median"] for r in mine if r["scrape_ms_median"] is not None]
-        worst = [r["scrape_ms_max"] for r in mine if r["scrape_ms_max"] is not None]
-        rows.append([mode, ", ".join(MODES[mode]) or "-", rate, rate / base, sum(r["scrapes"] for r in mine),
-                     statistics.median(med) if med else "-", max(worst) if worst else "-"])
-        results.append({"mode": mode, "paths": list(MODES[mode]), "rounds_per_s_median": rate,
-                        "vs_off": rate / base, "runs": mine})
-    print(f"\nef21 run, mushrooms, n = {args.workers}, Top-2, {rounds} rounds; polling every {PERIOD_S * 1e3:.0f} ms "
-          f"(median of {repeat} runs each)")
-    print_table(["mode", "polled", "rounds/s", "vs off", "polls", "poll ms (median)", "poll ms (max)"], rows)
-    write_json(args.json, "scrape_overhead", results, rounds=rounds, workers=args.workers, period_s=PERIOD_S,
+        polls = [t for r in mine for t in r["poll_ms"]]
+        rows.append([mode, ", ".join(MODES[mode]) or "-", len(mine), rate, rate / base, len(polls),
+                     statistics.median(polls) if polls else "-", max(polls) if polls else "-"])
+        results.append({"mode": mode, "paths": list(MODES[mode]), "windows": len(mine),
+                        "rounds_per_s_median": rate, "vs_off": rate / base,
+                        "rounds_per_s": [r["rounds_per_s"] for r in mine]})
+    print(f"\nef21 run, mushrooms, n = {args.workers}, Top-2; {window_s:g} s windows taking turns; polling every "
+          f"{PERIOD_S * 1e3:.0f} ms; median over each mode's windows")
+    print_table(["mode", "polled", "windows", "rounds/s", "vs off", "polls", "poll ms (median)", "poll ms (max)"],
+                rows)
+    write_json(args.json, "scrape_overhead", results, workers=args.workers, period_s=PERIOD_S, window_s=window_s,
                costs_us={what: us for what, us in cost_rows})
 
 
