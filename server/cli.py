@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -16,7 +15,7 @@ from ef21.errors import UserError
 from ef21_wire import eventloop
 from ef21_wire.auth import resolve_token
 from ef21_wire.eventloop import EVENT_LOOPS
-from ef21_worker.channel import add_client_security_args, client_security_from_args, open_channel
+from ef21_worker.channel import add_client_security_args, client_security_from_args
 
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master

@@ -109,8 +109,12 @@ async def test_dashboard_follows_a_live_ef21_run(tmp_path):
                 if a["round"] == status["round"]:
                     break
             r = status["round"]
+            # Two polls of the page after the run stood still, so that what it shows is the frozen state.
+            polls = int(await page.eval("document.body.dataset.polls"))
+            await page.wait_for(f"Number(document.body.dataset.polls) >= {polls + 2}", what="the page to poll")
             await page.wait_for(f"document.body.dataset.round === '{r}' && "
                                 f"document.body.dataset.historyRound === '{r - 1}'", what=f"round {r} on the page")
+            _, status = await asyncio.to_thread(http_get, url + "status")
             shown = await page.eval(SHOWN)
             lat = status["latest"]
             assert int(shown["round"]) == r and shown["state"] == status["state"] == "running"

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from ef21.config import RunConfig
 from ef21.simulate import RoundRecord

@@ -187,6 +187,7 @@ async function poll() {
     } while (h.more);
     redraw();
     $("conn").textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
     document.body.dataset.round = String(status.round);
     document.body.dataset.historyRound = String(lastRound);
     ended = ENDED.has(status.state);
