@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -16,11 +15,14 @@ from ef21.errors import UserError
 from ef21_wire import eventloop
 from ef21_wire.auth import resolve_token
 from ef21_wire.eventloop import EVENT_LOOPS
-from ef21_worker.channel import add_client_security_args, client_security_from_args, open_channel
+from ef21_worker.channel import add_client_security_args, client_security_from_args
 
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
 from .security import ServerSecurity
+
+
+DEFAULT_MASTER = "127.0.0.1:50051"
 
 
 def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
@@ -131,23 +133,17 @@ def cmd_master(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    import grpc
-
-    from ef21_wire.v1 import ef21_pb2 as pb
-    from ef21_wire.v1.ef21_pb2_grpc import MasterStub
+    from .status_client import fetch_grpc, fetch_url
 
     security = client_security_from_args(ns)
-
-    async def fetch() -> dict:
-        async with open_channel(ns.master, security) as ch:
-            reply = await MasterStub(ch).Status(pb.StatusRequest(), timeout=ns.timeout,
-                                                metadata=security.metadata())
-            return json.loads(reply.json)
-
-    try:
-        doc = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        raise UserError(f"cannot get the status of {ns.master}: {exc.code().name}: {exc.details()}") from None
+    url = ns.url
+    if ns.master is not None and ns.master.startswith(("http://", "https://")):
+        url, ns.master = (url or ns.master), None  # the status URL given to --master: take it as meant
+    if url is not None and ns.master is not None:
+        raise UserError("give --master HOST:PORT (the gRPC port) or --url http://HOST:PORT (the status port), "
+                        "not both")
+    doc = fetch_url(url, security, ns.timeout) if url else fetch_grpc(ns.master or DEFAULT_MASTER, security,
+                                                                       ns.timeout)
     if ns.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -197,7 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_master)
 
     s = sub.add_parser("status", help="print a running master's status")
-    s.add_argument("--master", default="127.0.0.1:50051", help="HOST:PORT of the master's gRPC port")
+    s.add_argument("--master", default=None, metavar="HOST:PORT",
+                   help=f"the master's gRPC port (default {DEFAULT_MASTER})")
+    s.add_argument("--url", default=None, metavar="URL",
+                   help="or the master's HTTP status port, e.g. http://HOST:8080 (the dashboard's URL works too)")
     s.add_argument("--json", action="store_true", help="the raw status document")
     s.add_argument("--timeout", type=float, default=5.0)
     add_client_security_args(s)

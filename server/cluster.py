@@ -97,6 +97,10 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         target = f"{host}:{master.port}"
         status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
         print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
+        if master.status_url is not None:
+            print(f"ef21 run: dashboard {master.status_url}" + (
+                "#token=RUN_TOKEN (--status-token: the page sends the token from the URL fragment)"
+                if sec.status_token else "") + f"; Prometheus: {master.status_url}metrics", flush=True)
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),

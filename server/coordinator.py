@@ -134,6 +134,8 @@ class Coordinator:
         self.stop_message = ""
         self.wire_up = self.wire_down = self.eval_bytes = 0
         self.late_messages = 0
+        self.refused: dict[str, int] = {}  # gRPC status code → streams ended by a refusal
+        self.endpoints: dict[str, str] = {}  # filled in by the master once it listens: where to reach it
         self.started_at = time.time()
         self.rounds_started_at: float | None = None
         self.round_started_at = time.monotonic()
@@ -378,6 +380,10 @@ class Coordinator:
         self.evals.pop(s.rank, None)
         (log.info if quiet else log.warning)("rank %d lost: %s", s.rank, why)
         self.wake.set()
+
+    def refuse(self, code: str) -> None:
+        """Count a stream or call ended by a refusal (the status and /metrics show them by code)."""
+        self.refused[code] = self.refused.get(code, 0) + 1
 
     def fault(self, peer: str) -> None:
         """A refused message: charged to the sending host (see --max-faults)."""
@@ -796,10 +802,14 @@ class Coordinator:
 
     # -- status ----------------------------------------------------------------------------------------------------
 
+    @property
+    def rounds_completed(self) -> int:
+        return self.round + (1 if self.state in ("done", "failed") and self.latest is not None else 0)
+
     def status(self) -> dict:
         cfg, rec, c = self.cfg, self.latest, self.constants
         now = time.time()
-        rounds_done = self.round + (1 if self.state in ("done", "failed") and rec is not None else 0)
+        rounds_done = self.rounds_completed
         rate = None
         if self.rounds_started_at is not None and rounds_done:
             rate = rounds_done / max(now - self.rounds_started_at, 1e-9)
@@ -808,6 +818,7 @@ class Coordinator:
             "state": self.state,
             "detail": self.state_detail,
             "round": self.round,
+            "rounds_completed": rounds_done,
             "rounds_planned": cfg.rounds,
             "rounds_per_second": rate,
             "method": cfg.method,
@@ -830,6 +841,8 @@ class Coordinator:
             "min_workers": self.min_workers,
             "stale_ranks": {str(r): k for r, k in sorted(self.missed_streak.items()) if k > 0},
             "late_messages": self.late_messages,
+            "refused_messages": dict(sorted(self.refused.items())),
+            "endpoints": self.endpoints,
             "resumed_from": self.resumed_from,
             "latest": None if rec is None else {
                 "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,

@@ -13,6 +13,8 @@ from ef21.simulate import RoundRecord
 
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
+from .history import History
+from .metrics import CONTENT_TYPE, RoundObserver, make_registry, render
 from .security import ServerSecurity
 from .service import MasterService, max_worker_message_bytes
 from .status_http import StatusHTTPServer
@@ -46,7 +48,12 @@ class Master:
                  on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.listen = listen
         self.security = security or ServerSecurity()
-        self.coord = Coordinator(opts, on_round=on_round)
+        self._on_round = on_round
+        self.coord = Coordinator(opts, on_round=self._observe)
+        # The dashboard's curves and the round distributions in /metrics: fed once per round, after its downlink.
+        self.history = History()
+        self.observer = RoundObserver(self.coord.n)
+        self.registry = make_registry(self.coord, self.observer)
         self.service = MasterService(self.coord, token=self.security.token)
         d = self.coord.d
         self.server, self.port = build_server(
@@ -57,9 +64,25 @@ class Master:
             self.http = StatusHTTPServer(
                 self.coord.status, listen.status_host or listen.host, listen.status_port,
                 token=self.security.token if self.security.status_token else None,
-                ssl=self.security.http_ssl_context())
+                ssl=self.security.http_ssl_context(),
+                metrics=lambda: (render(self.registry), CONTENT_TYPE), history=self.history.to_json)
         self._engine: asyncio.Task | None = None
         self._stopping = False
+
+    def _observe(self, rec: RoundRecord) -> None:
+        self.history.add(rec)
+        self.observer.observe(rec)
+        if self._on_round is not None:
+            self._on_round(rec)
+
+    @property
+    def status_url(self) -> str | None:
+        """The dashboard's URL (``/status``, ``/metrics`` … beside it), once the status endpoint listens."""
+        if self.http is None:
+            return None
+        host = self.listen.status_host or self.listen.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+        return f"{'https' if self.security.tls else 'http'}://{host}:{self.http.port}/"
 
     @property
     def address(self) -> str:
@@ -73,10 +96,12 @@ class Master:
         await self.server.start()
         if self.http is not None:
             await self.http.start()
+        self.coord.endpoints = {"grpc": self.address}
+        if self.status_url is not None:
+            self.coord.endpoints["status_url"] = self.status_url
         self._engine = asyncio.create_task(self.coord.run(), name="round-engine")
         log.info("master listening on %s%s", self.address,
-                 "" if self.http is None else f", status on http://{self.listen.status_host or self.listen.host}:"
-                 f"{self.http.port}/status")
+                 "" if self.http is None else f", dashboard on {self.status_url} (and /status, /metrics)")
 
     async def wait(self) -> None:
         """Until the run ends (done or failed)."""

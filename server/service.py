@@ -44,11 +44,13 @@ class MasterService:
             return
         # Never log the token itself, right or wrong.
         log.warning("unauthenticated %s from %s: missing or wrong run token", rpc, context.peer())
+        self.coord.refuse("UNAUTHENTICATED")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
 
     async def join(self, req: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         await self._authorize(context, "Join")
         if req.protocol_version != PROTOCOL_VERSION:
+            self.coord.refuse("FAILED_PRECONDITION")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"protocol version {req.protocol_version} != master's {PROTOCOL_VERSION}")
         return self.coord.join_reply()
@@ -103,6 +105,7 @@ class MasterService:
         except Refusal as r:
             log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
                         r.message)
+            self.coord.refuse(r.code)
             if session is not None or r.code == "INVALID_ARGUMENT":
                 self.coord.fault(context.peer())
             if session is not None:

@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py", "constrained_link.py", "compact.py"])
+@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py", "constrained_link.py", "compact.py",
+                                    "scrape_overhead.py"])
 def test_benchmark_smoke(script, tmp_path):
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "cl")] if script == "constrained_link.py" else []
