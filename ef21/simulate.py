@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .accounting import CommLedger
+from .accounting import CommLedger, sends_selector
 from .compressors import Compressor, Float32Values, make_compressor, theory_alpha
 from .config import RunConfig, make_x0
 from .engine import MasterNode, WorkerNode, WorkerReport
@@ -170,7 +170,7 @@ def simulate(
         for i, obj in enumerate(problem.objectives)
     ]
     master = MasterNode(method, n, x0, gamma=consts.gamma)
-    ledger = CommLedger(n)
+    ledger = CommLedger(n, selector=sends_selector(method))
     records: list[RoundRecord] = []
     xs: list[np.ndarray] = []
     t0 = time.perf_counter()
@@ -187,7 +187,9 @@ def simulate(
         ledger.record(t, messages)
         rec = summarize_round(t, reports, ledger, t0, master)
         if left_out:
-            rec = dataclasses.replace(rec, missing=sorted(left_out))
+            # G is of the estimates the workers hold after the round; a left-out worker keeps its previous one,
+            # not the one its report measured, so G is unknown here (as in a networked run's partial round).
+            rec = dataclasses.replace(rec, missing=sorted(left_out), G=None)
         records.append(rec)
         if on_round is not None:
             on_round(rec)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ef21.accounting import CommLedger
+from ef21.accounting import CommLedger, sends_selector
 from ef21.codec import CodecError, EncodedVector, decode, encode
 from ef21.config import RunConfig, make_x0
 from ef21.data import fingerprint, load_dataset
@@ -99,7 +99,7 @@ class Coordinator:
         self.done = asyncio.Event()
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
-        self.ledger = CommLedger(self.n)
+        self.ledger = CommLedger(self.n, selector=sends_selector(make_method(self.cfg.method)))
         self.latest: RoundRecord | None = None
         self.last_grad_norm_sq: float | None = None
         self.stop_reason = ""
