@@ -21,6 +21,7 @@ import numpy as np
 
 from ef21.accounting import CommLedger, sends_selector
 from ef21.codec import CodecError, EncodedVector, decode, encode
+from ef21.compressors import max_entries
 from ef21.config import RunConfig, make_x0
 from ef21.data import fingerprint, load_dataset
 from ef21.engine import MasterNode
@@ -117,6 +118,8 @@ class Coordinator:
         self.x_finite = True
         self.g_norm: float | None = None
         self.checksum = b""
+        self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
+        self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
         self._iterates: list[np.ndarray] = []
         log_offset: int | None = None
         if opts.resume is not None:
@@ -169,7 +172,8 @@ class Coordinator:
         self.reference = tuple(meta["reference"])  # type: ignore[assignment]
         self.d = int(meta["reference"][1])
         self.constants = TheoryConstants(**meta["constants"])
-        method, _ = resolve_method(self.cfg, self.d)
+        method, comp = resolve_method(self.cfg, self.d)
+        self.max_entries = max_entries(comp, self.d)
         self.master = MasterNode(method, self.n, ckpt.x, gamma=self.constants.gamma)
         self.master.replica.g[:] = ckpt.g
         if ckpt.rows is not None:
@@ -317,6 +321,7 @@ class Coordinator:
             raise UserError("workers sent no curvature (d too large for Gram matrices): not supported yet")
         method, comp = resolve_method(cfg, d)
         self.constants = constants_for(cfg, method, comp, L, quadratic_mean(L_i), d)
+        self.max_entries = max_entries(comp, d)
         self.master = MasterNode(method, self.n, make_x0(cfg.x0, d), gamma=self.constants.gamma)
         self._state_facts()
         self.state = "running"
@@ -332,6 +337,11 @@ class Coordinator:
         self._settle()
         rep = self.master.replica
         state = self.master.worker_state(s.rank)
+        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i.
+        if state is None and self.master.rows is not None and self.cfg.init == "full":
+            self.g0_ranks.add(s.rank)
+        else:
+            self.g0_ranks.discard(s.rank)
         start = pb.Start(
             gamma=self.constants.gamma, x_step=rep.x_step, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g),
             constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
@@ -361,11 +371,11 @@ class Coordinator:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {self.round}")
         return True
 
-    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str) -> SparseVector:
+    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None) -> SparseVector:
         assert self.d is not None
         try:
             enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
-            return decode(enc, expected_dim=self.d)
+            return decode(enc, expected_dim=self.d, max_nnz=max_nnz)
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
@@ -374,7 +384,8 @@ class Coordinator:
             return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
-        vec = self._decode(msg.vector, f"Update round {msg.round}")
+        vec = self._decode(msg.vector, f"Update round {msg.round}",
+                           max_nnz=self.d if s.rank in self.g0_ranks else self.max_entries)
         if not (math.isfinite(msg.f) and math.isfinite(msg.distortion)):
             raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite f or distortion")
         self.updates[s.rank] = (Message(vec, msg.replace), msg.f, msg.distortion, nbytes)
@@ -454,6 +465,7 @@ class Coordinator:
         self.ledger.record(t, messages)
         for r in ranks:
             if r in self.updates:
+                self.g0_ranks.discard(r)  # the master now holds its g_i
                 self.sessions[r].rounds_done += 1
                 self.missed_streak[r] = 0
             else:

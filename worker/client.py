@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ef21.codec import CodecError, decode, encode, fits_float32
+from ef21.compressors import max_entries
 from ef21.config import RunConfig
 from ef21.data import Dataset, fingerprint, load_dataset
 from ef21.engine import WorkerNode, WorkerReport
@@ -299,7 +300,10 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, ds: Dataset | None, fp
         if rr.round != node.round:
             raise WorkerFailure(f"expected the result of round {node.round}, got round {rr.round}'s")
         try:
-            agg = decode(rr.aggregate, expected_dim=d)
+            # A sparse aggregate is the union of n messages of at most k entries each (a dense one: g_i⁰, EF21+'s
+            # replacements, has d).
+            limit = None if rr.aggregate.dense else min(d, cfg.workers * max_entries(node.compressor, d))
+            agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit)
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
