@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ef21.compressors import TopK as TopKCompressor
 from ef21.config import RunConfig
+from ef21.engine import MasterNode, WorkerNode
+from ef21.methods import EF21, EF21Plus, WorkerContext
 from ef21.objectives import LeastSquares as LsqObjective
 from ef21.problem import Problem, build_problem
 from ef21.simulate import RunResult, simulate
@@ -205,3 +208,78 @@ def test_oracle_top_k_and_bits_by_hand():
     np.testing.assert_array_equal(s.value, [2.0, -1.0, 0.0, 0.0])
     assert top.ties == 1
     assert [oracle.index_bits(d) for d in (2, 3, 4, 5, 112, 1024, 1025)] == [1, 2, 2, 3, 7, 10, 11]
+
+
+def engine(case: Case, method: object, k: int, init: str = "full") -> tuple[list[WorkerNode], MasterNode]:
+    comp = TopKCompressor(k)
+    workers = [WorkerNode(method, comp, obj, i, gamma=case.gamma, x0=case.x0, init=init)  # type: ignore[arg-type]
+               for i, obj in enumerate(case.problem.objectives)]
+    return workers, MasterNode(method, len(workers), case.x0, gamma=case.gamma)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("init", ["full", "compressed"])
+def test_ef21plus_keeps_the_candidate_closer_to_the_gradient(init, tmp_path):
+    """Each round, each worker's new g_i is whichever of b = C(∇f_i) and m = g_i + C(∇f_i − g_i) (the oracle's
+    Top-k) is closer to ∇f_i, and the master's copy is that same vector."""
+    c = make_case("quadratic", tmp_path)
+    k = 2
+    workers, master = engine(c, EF21Plus(), k, init)
+    taken = {"fresh": 0, "markov": 0}
+    for t in range(c.rounds):
+        before = [w.state for w in workers]
+        reports = [w.step() for w in workers]
+        down = master.aggregate([r.message for r in reports])
+        for w in workers:
+            w.apply(down)
+        if t == 0:
+            continue
+        for w, g_old, rep in zip(workers, before, reports):
+            grad = rep.grad
+            b = oracle.TopK(k)(grad).value
+            m = g_old + oracle.TopK(k)(grad - g_old).value
+            db, dm = float(np.sum((b - grad) ** 2)), float(np.sum((m - grad) ** 2))
+            assert abs(db - dm) > 1e-9 * dm, "a near-tie: the rounding of the distances would decide"
+            closer = "fresh" if db < dm else "markov"
+            taken[closer] += 1
+            np.testing.assert_array_equal(w.state, b if closer == "fresh" else m)
+            assert rep.message.replace == (closer == "fresh")
+        np.testing.assert_array_equal(master.rows, np.array([w.state for w in workers]))
+    assert taken["fresh"] > 0 and taken["markov"] > 0, taken
+
+
+def test_ef21plus_tie_keeps_the_markov_candidate():
+    """Method doc §3.5: equal distances keep m (the EF21 step), as the official code does. Worked by hand with
+    Top-1, ∇f_i = (3, 2): b = (3, 0) is at distance 4; the three g_i below give m at distance 4 (tie), 9, 1."""
+    grad = np.array([3.0, 2.0])
+    ctx = WorkerContext(TopKCompressor(1), gamma=1.0, init="full", rng=None)
+    for g_i, expected, replace in (([0.0, 4.0], [3.0, 4.0], False),   # grad − g_i = (3, −2): m = (3, 4), tie
+                                   ([0.0, 5.0], [3.0, 0.0], True),    # m = (3, 5) at 9: b is closer
+                                   ([0.0, 3.0], [3.0, 3.0], False)):  # m = (3, 3) at 1: m is closer
+        msg, g_new, dist = EF21Plus().worker_step(np.array(g_i), grad, ctx)
+        np.testing.assert_array_equal(g_new, expected)
+        assert msg.replace == replace and dist == float(np.sum((np.array(expected) - grad) ** 2))
+
+
+def test_ef21_pp_g_is_the_mean_of_all_n_estimates_stale_ones_included(tmp_path):
+    """Method doc §3.8: after a round that leaves workers out, the master's g is (1/n) Σ_i g_i over all n workers,
+    the left-out workers' stale g_i included — not the mean over the participants."""
+    c = make_case("mushrooms", tmp_path)
+    workers, master = engine(c, EF21(), 2)
+    pattern = participation(len(workers), c.rounds)
+    partial = 0
+    for t in range(c.rounds):
+        out = set(pattern.get(t, ()))
+        reports = [w.step() for w in workers]
+        down = master.aggregate([None if i in out else r.message for i, r in enumerate(reports)])
+        for i, w in enumerate(workers):
+            w.apply(down, included=i not in out)
+        if out:
+            partial += 1
+            estimates = np.array([w.state for w in workers])
+            np.testing.assert_allclose(master.replica.g, estimates.mean(axis=0), rtol=0,
+                                       atol=1e-12 * np.abs(estimates).max())
+            assert np.abs(master.replica.g - estimates[sorted(set(range(len(workers))) - out)].mean(axis=0)).max() \
+                > 1e-6  # the participants' mean is another vector: the test can tell them apart
+            for w in workers:
+                np.testing.assert_array_equal(w.replica.g, master.replica.g)
+    assert partial > 10
