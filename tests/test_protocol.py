@@ -83,6 +83,12 @@ async def test_resync_sends_the_masters_dense_state():
         (dict(update=pb.Update(round=0, message=pb.SparseVector(
             dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
          grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(
+            dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
         (dict(hello=pb.Hello()), grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
     ],
 )
