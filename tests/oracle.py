@@ -191,6 +191,22 @@ class Identity:
         return Sent(v.copy(), v.shape[0], False)
 
 
+@dataclass
+class Float32Rounded:
+    """The compact encoding's compressor: the inner one, its kept values rounded to float32 (the worker keeps the
+    rounded values, which are what it sends)."""
+
+    inner: TopK | RandK
+
+    @property
+    def randomized(self) -> bool:
+        return self.inner.randomized
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        s = self.inner(v, rng)
+        return Sent(s.value.astype(np.float32).astype(np.float64), s.entries, s.sparse)
+
+
 Compressor = Callable[[np.ndarray, "np.random.Generator | None"], Sent]
 
 

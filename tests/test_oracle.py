@@ -12,6 +12,7 @@ a single participant (EF21-PP).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def lsq_problem(A: list[np.ndarray], b: list[np.ndarray]) -> Problem:
     return Problem(objs, L=1.0, L_i=[1.0] * len(objs), f_lower=0.0)
 
 
-def make_case(name: str, tmp: Path) -> Case:
+@functools.cache  # read-only once built; mushrooms is parsed once for the whole file
+def make_case(name: str) -> Case:
     if name == "mushrooms":
         # Real data, d = 112, n = 4: n·k·64 ≥ d, the dense-buffer aggregation.
         cfg = RunConfig(data="mushrooms", problem="logreg", workers=4)
@@ -92,6 +94,7 @@ class Variant:
     k: int | None = 2
     init: str = "full"
     pattern: bool = False  # EF21-PP: leave workers out of some rounds
+    encoding: str = "plain"
 
 
 VARIANTS = {
@@ -107,6 +110,8 @@ VARIANTS = {
     "ef21plus-compressed": Variant("ef21plus", init="compressed"),
     "ef21-pp": Variant("ef21", pattern=True),
     "ef21plus-pp": Variant("ef21plus", pattern=True),
+    "ef21-compact": Variant("ef21", encoding="compact"),
+    "ef21plus-compact": Variant("ef21plus", init="compressed", encoding="compact"),
 }
 
 
@@ -125,12 +130,14 @@ def run_both(case: Case, v: Variant, tmp: Path, seed: int = 3) -> tuple[RunResul
     np.save(tmp / "x0.npy", case.x0)
     cfg = RunConfig(**(case.cfg.to_dict() | dict(
         method=v.method, compressor=v.compressor, k=v.k, init=v.init, stepsize=case.gamma, rounds=case.rounds,
-        x0=str(tmp / "x0.npy"), seed=seed)))
+        x0=str(tmp / "x0.npy"), seed=seed, encoding=v.encoding)))
     missing = participation(case.ref.n, case.rounds) if v.pattern else None
     sim = simulate(cfg, case.problem, keep_iterates=True, missing=missing)
     assert sim.stop_reason == "rounds", sim.message
     comp = {"topk": lambda: oracle.TopK(v.k), "randk": lambda: oracle.RandK(v.k),
             "identity": lambda: oracle.Identity()}[v.compressor]()
+    if v.encoding == "compact":
+        comp = oracle.Float32Rounded(comp)
     p, x0, gamma, T = case.ref, case.x0, case.gamma, case.rounds
     if v.method == "gd":
         ref = oracle.gd(p, x0, gamma, T)
@@ -173,7 +180,7 @@ CASES = ["mushrooms", "integer-lsq", "counterexample", "quadratic"]
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES)
 def test_simulate_equals_the_oracle(case, variant, tmp_path):
-    c = make_case(case, tmp_path)
+    c = make_case(case)
     sim, ref, _ = run_both(c, VARIANTS[variant], tmp_path)
     assert_matches_oracle(sim, ref)
     if VARIANTS[variant].pattern:
@@ -183,7 +190,7 @@ def test_simulate_equals_the_oracle(case, variant, tmp_path):
 def test_the_cases_exercise_top_k_ties(tmp_path):
     """The tie rule (lower index wins) decided real choices in these runs, so the comparison above covers it."""
     for case in ("integer-lsq", "counterexample"):
-        c = make_case(case, tmp_path)
+        c = make_case(case)
         for v in ("ef21-full", "ef21plus-compressed", "dcgd-topk"):
             _, _, comp = run_both(c, VARIANTS[v], tmp_path)
             assert comp.ties > 0, (case, v)
@@ -192,7 +199,7 @@ def test_the_cases_exercise_top_k_ties(tmp_path):
 def test_ef21plus_keeps_each_candidate_somewhere(tmp_path):
     """Both branches of EF21+'s choice are taken in the compared runs (else the comparison could not see a
     flipped comparison)."""
-    c = make_case("quadratic", tmp_path)
+    c = make_case("quadratic")
     for v in ("ef21plus-full", "ef21plus-compressed"):
         _, ref, _ = run_both(c, VARIANTS[v], tmp_path)
         choices = [f for row in ref.kept_fresh[1:] for f in row]
@@ -221,7 +228,7 @@ def engine(case: Case, method: object, k: int, init: str = "full") -> tuple[list
 def test_ef21plus_keeps_the_candidate_closer_to_the_gradient(init, tmp_path):
     """Each round, each worker's new g_i is whichever of b = C(∇f_i) and m = g_i + C(∇f_i − g_i) (the oracle's
     Top-k) is closer to ∇f_i, and the master's copy is that same vector."""
-    c = make_case("quadratic", tmp_path)
+    c = make_case("quadratic")
     k = 2
     workers, master = engine(c, EF21Plus(), k, init)
     taken = {"fresh": 0, "markov": 0}
@@ -263,7 +270,7 @@ def test_ef21plus_tie_keeps_the_markov_candidate():
 def test_ef21_pp_g_is_the_mean_of_all_n_estimates_stale_ones_included(tmp_path):
     """Method doc §3.8: after a round that leaves workers out, the master's g is (1/n) Σ_i g_i over all n workers,
     the left-out workers' stale g_i included — not the mean over the participants."""
-    c = make_case("mushrooms", tmp_path)
+    c = make_case("mushrooms")
     workers, master = engine(c, EF21(), 2)
     pattern = participation(len(workers), c.rounds)
     partial = 0
