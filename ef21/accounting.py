@@ -16,11 +16,17 @@ def paper_bits(msg: Message) -> int:
     return PAPER_BITS_PER_VALUE * msg.vector.nnz
 
 
-def payload_bits(msg: Message) -> int:
-    """32 bits per value plus ⌈log2 d⌉ per index of a sparse vector, plus EF21+'s one-bit selector."""
+def payload_bits(msg: Message, selector: bool = False) -> int:
+    """32 bits per value plus ⌈log2 d⌉ per index of a sparse vector, plus one bit for the selector of a method
+    that sends one (EF21+ says in every message which candidate it kept, whichever it was)."""
     v = msg.vector
     per_entry = PAPER_BITS_PER_VALUE + (0 if v.is_dense else log2_ceil(v.dim))
-    return per_entry * v.nnz + (1 if msg.replace else 0)
+    return per_entry * v.nnz + (1 if selector else 0)
+
+
+def sends_selector(method: object) -> bool:
+    """Whether a method's messages carry a selector bit (it says so with a true ``sends_selector``)."""
+    return bool(getattr(method, "sends_selector", False))
 
 
 @dataclass
@@ -32,6 +38,8 @@ class CommLedger:
     """
 
     n: int
+    selector: bool = False
+    """Every message carries a 1-bit selector (``sends_selector``)."""
     paper_total: int = 0
     payload_total: int = 0
     down_total: int = 0
@@ -42,7 +50,7 @@ class CommLedger:
         sent = [m for m in messages if m is not None]
         if round_ > 0:
             self.paper_total += sum(paper_bits(m) for m in sent)
-        self.payload_total += sum(payload_bits(m) for m in sent)
+        self.payload_total += sum(payload_bits(m, self.selector) for m in sent)
 
     def record_down(self, round_: int, down: Downlink) -> None:
         """Count a round's broadcast in the paper's convention: 32 bits per value, round 0 excluded. Plain EF21

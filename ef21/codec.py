@@ -135,6 +135,9 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
     """Buffers back to a SparseVector (values as float64), or CodecError saying what is wrong.
 
+    ``max_nnz`` bounds the entries of any vector (a dense one carries ``expected_dim``): what the sender's
+    compressor can produce.
+
     Each check is one vectorised pass over the arrays: this runs on every message the master receives.
     Plain float64 values are a read-only view of the buffer, which the vector keeps alive.
     """
@@ -143,6 +146,8 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
     width = 4 if e.float32 else 8
     if len(e.values) % width:
         raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
+    if max_nnz is not None and len(e.values) // width > max_nnz:  # before any pass over the values
+        raise CodecError(f"{len(e.values) // width} entries, at most {max_nnz} allowed")
     if e.float32:
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
@@ -160,8 +165,6 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
         if n != expected_dim:
             raise CodecError(f"dense vector has {n} values, expected {expected_dim}")
         return SparseVector(expected_dim, None, vals)
-    if max_nnz is not None and n > max_nnz:
-        raise CodecError(f"{n} entries, at most {max_nnz} allowed")
     if e.index_bits:
         return SparseVector(expected_dim, unpack_indices(e.indices, e.index_bits, n, expected_dim).astype(INDEX_DTYPE),
                             vals)

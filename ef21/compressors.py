@@ -290,6 +290,16 @@ def make_compressor(name: str, k: int | None, d: int) -> Compressor:
     raise UserError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
 
 
+def max_entries(comp: Compressor, d: int) -> int:
+    """The most values one output of ``comp`` carries: k for the k-sparsifiers (whatever wraps them), d for the
+    rest. A receiver refuses a message that holds more: no honest sender produces it."""
+    while isinstance(comp, (Float32Values, ContractiveUnbiased)):
+        comp = comp.inner
+    if isinstance(comp, (TopK, RandK, ScaledRandK)):
+        return min(comp.k, d)
+    return d
+
+
 def theory_alpha(comp: Compressor, d: int) -> float:
     """α used by the stepsize rule: the contraction constant, or 1/(ω+1) for an unbiased-only compressor."""
     a = comp.alpha(d)

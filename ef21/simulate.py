@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .accounting import CommLedger
+from .accounting import CommLedger, sends_selector
 from .config import RunConfig, make_x0
 from .engine import MasterNode, WorkerNode, WorkerReport, is_eval_round
 from .errors import UserError
@@ -193,7 +193,7 @@ def simulate(
     ]
     master = plan.master_node(x0)
     prox = None if cfg.prox is None else parse_prox(cfg.prox)
-    ledger = CommLedger(n)
+    ledger = CommLedger(n, selector=sends_selector(plan.method))
     records: list[RoundRecord] = []
     xs: list[np.ndarray] = []
     t0 = time.perf_counter()
@@ -206,12 +206,19 @@ def simulate(
             xs.append(master.x.copy())
         evaluate = is_eval_round(t, eval_every, cfg.rounds)
         reports = [w.step(evaluate=evaluate) for w in workers]
-        left_out = set(missing.get(t, ())) | {i for i, r in enumerate(reports) if r.message is None}
+        replayed = set(missing.get(t, ()))
+        sampled_out = {i for i, r in enumerate(reports) if r.message is None}
+        left_out = replayed | sampled_out
         messages = [None if i in left_out else r.message for i, r in enumerate(reports)]
         ledger.record(t, messages)
         rec = summarize_round(t, reports, ledger, t0, master, prox)
         if left_out:
             rec = dataclasses.replace(rec, missing=sorted(left_out))
+            if replayed - sampled_out:
+                # G is of the estimates the workers hold after the round; a worker whose message was dropped
+                # keeps its previous estimate, not the one its report measured, so G is unknown here (as in a
+                # networked run's partial round). A worker that sampling left out measured its kept estimate.
+                rec = dataclasses.replace(rec, G=None)
         ended = stop_check(rec, bool(np.isfinite(master.x).all()), cfg)
         if ended is not None:
             records.append(rec)

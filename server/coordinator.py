@@ -19,8 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from ef21.accounting import CommLedger
+from ef21.accounting import CommLedger, sends_selector
 from ef21.codec import CodecError, EncodedVector, decode, encode
+from ef21.compressors import max_entries
 from ef21.config import RunConfig, make_x0
 from ef21.data import data_info, shard_bounds
 from ef21.estimators import batch_size_for
@@ -127,7 +128,7 @@ class Coordinator:
         self.done = asyncio.Event()
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
-        self.ledger = CommLedger(self.n)
+        self.ledger = CommLedger(self.n, selector=sends_selector(make_method(self.cfg.method)))
         self.latest: RoundRecord | None = None
         self.last_grad_norm_sq: float | None = None
         self.stop_reason = ""
@@ -147,6 +148,8 @@ class Coordinator:
         self.x_finite = True
         self.g_norm: float | None = None
         self.checksum = b""
+        self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
+        self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
         self._iterates: list[np.ndarray] = []
         self._L_i: list[float] | None = None
         self._n_samples: list[int | None] = [None] * self.n
@@ -221,6 +224,7 @@ class Coordinator:
         L_i = p.get("L_i")
         self.plan = make_plan(self.cfg, self.d, self.constants.L, L_i, p.get("n_samples", [None] * self.n),
                               constants=self.constants)
+        self.max_entries = max_entries(self.plan.compressor, self.d)
         self.master = self.plan.master_node(ckpt.x, self.rows_dtype)
         self.master.replica.g[:] = ckpt.g
         if "v" in ckpt.extra:
@@ -461,6 +465,7 @@ class Coordinator:
         self._n_samples = [i.n_samples for i in infos]
         self.plan = make_plan(cfg, d, L, self._L_i, self._n_samples)
         self.constants = self.plan.constants
+        self.max_entries = max_entries(self.plan.compressor, d)
         self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.rows_dtype)
         self._state_facts()
         self.state = "running"
@@ -476,6 +481,11 @@ class Coordinator:
         self._settle()
         rep = self.master.replica
         state = self.master.worker_state(s.rank)
+        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i.
+        if state is None and self.master.rows is not None and self.cfg.init == "full":
+            self.g0_ranks.add(s.rank)
+        else:
+            self.g0_ranks.discard(s.rank)
         start = pb.Start(
             gamma=self.constants.gamma, x_step=rep.x_step, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g),
             constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
@@ -511,11 +521,11 @@ class Coordinator:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {self.round}")
         return True
 
-    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str) -> SparseVector:
+    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None) -> SparseVector:
         assert self.d is not None
         try:
             enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
-            return decode(enc, expected_dim=self.d)
+            return decode(enc, expected_dim=self.d, max_nnz=max_nnz)
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
@@ -527,7 +537,8 @@ class Coordinator:
         if not self._sampled(s.rank):
             raise Refusal("FAILED_PRECONDITION", f"Update from rank {s.rank}, which round {msg.round}'s sampled "
                                                  f"participation leaves out")
-        vec = self._decode(msg.vector, f"Update round {msg.round}")
+        vec = self._decode(msg.vector, f"Update round {msg.round}",
+                           max_nnz=self.d if s.rank in self.g0_ranks else self.max_entries)
         self.updates[s.rank] = (Message(vec, msg.replace), nbytes)
         self.wake.set()
 
@@ -629,6 +640,7 @@ class Coordinator:
         self.ledger.record(t, messages)
         for r in ranks:
             if r in self.updates:
+                self.g0_ranks.discard(r)  # the master now holds its g_i
                 self.sessions[r].rounds_done += 1
                 self.missed_streak[r] = 0
             else:

@@ -1,20 +1,85 @@
-"""The benchmark scripts still run (tiny sizes), so they do not rot. Their numbers are not checked here."""
+"""The benchmark scripts run (tiny sizes) and what they report holds: byte counts within the payload's bounds,
+memory within its target, the service's run equal to the simulated one. Timings are never checked here: speed
+targets belong to the full benchmark runs, not to tests on a shared machine."""
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# A Top-k Update is k (uint32 index, float64 value) pairs plus the message's own fields (round, dim, replace,
+# tags, length prefixes, gRPC's 5-byte frame): under 64 bytes on top of the 12·k payload.
+OVERHEAD = 64
+
+
+def check_round_rate(results: list[dict]) -> None:
+    for r in results:
+        assert 12 * r["k"] <= r["up_bytes"] <= 12 * r["k"] + OVERHEAD
+        # The downlink is the sparse sum of n Top-k messages: at most n·k entries.
+        assert r["down_bytes"] <= 12 * r["n"] * r["k"] + OVERHEAD
+        assert r["ours_rps"] > 0 and r["floor_rps"] > 0 and math.isfinite(r["ratio"])
+
+
+def check_wire(results: list[dict]) -> None:
+    up = [r for r in results if "uplink_wire_bytes" in r]
+    down = [r for r in results if "downlink_wire_bytes" in r]
+    assert up and down
+    for r in up:
+        assert 12 * r["k"] <= r["uplink_wire_bytes"] <= 12 * r["k"] + OVERHEAD
+        if r["k"] >= 100:  # Elias–Fano indices and float32 values: under 6 bytes an entry
+            assert r["compact_wire_bytes"] <= 6 * r["k"] + OVERHEAD
+    for r in down:  # bytes follow the distinct indices, whatever d is
+        assert r["distinct"] <= r["n"] * r["k"]
+        assert 12 * r["distinct"] <= r["downlink_wire_bytes"] <= 12 * r["distinct"] + OVERHEAD
+
+
+def check_master_cost(results: list[dict]) -> None:
+    for r in results:
+        assert 0 < r["held_bytes"] <= r["target_bytes"] == (r["n"] + 3) * 8 * r["d"]
+
+
+def check_compact(results: list[dict]) -> None:
+    runs = {(r["run"], r["encoding"]): r for r in results}
+    assert {enc for _, enc in runs} == {"plain", "compact"}
+    for (run, enc), r in runs.items():
+        if enc == "compact":  # float32 uplink values: the same convergence to ~float32 precision
+            plain = runs[(run, "plain")]
+            assert r["rounds_run"] == plain["rounds_run"]
+            assert r["min_grad_norm_sq"] == pytest.approx(plain["min_grad_norm_sq"], rel=1e-5)
+
+
+def check_constrained_link(results: list[dict]) -> None:
+    assert all(r["same_as_simulation"] and r["reached"] for r in results)
+    by = {(r["link"], r["method"]): r for r in results}
+    for (link, method), r in by.items():
+        if method != "gd":  # the point of compression: fewer bytes to the same tolerance
+            assert r["bytes"] < by[(link, "gd")]["bytes"]
+
+
+def check_scrape_overhead(results: list[dict]) -> None:
+    modes = {r["mode"]: r for r in results}
+    assert modes["off"]["vs_off"] == 1.0
+    for r in results:  # every mode ran windows and made rounds (the ratios themselves are for the full run)
+        assert r["windows"] > 0 and r["rounds_per_s_median"] > 0 and math.isfinite(r["vs_off"])
+
+
+CHECKS: dict[str, Callable[[list[dict]], None]] = {
+    "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
+    "constrained_link.py": check_constrained_link, "compact.py": check_compact,
+    "scrape_overhead.py": check_scrape_overhead,
+}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["round_rate.py", "wire.py", "master_cost.py", "constrained_link.py", "compact.py",
-                                    "scrape_overhead.py"])
+@pytest.mark.parametrize("script", list(CHECKS))
 def test_benchmark_smoke(script, tmp_path):
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "cl")] if script == "constrained_link.py" else []
@@ -23,3 +88,4 @@ def test_benchmark_smoke(script, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert doc["results"] and doc["date"]
+    CHECKS[script](doc["results"])

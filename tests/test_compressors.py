@@ -122,7 +122,7 @@ def test_unbiased_made_contractive(rng, inner):
 
 def test_identity_and_constants():
     assert Identity().alpha(10) == 1.0
-    assert theory_alpha(ScaledRandK(5), 50) == pytest.approx(0.1)
+    assert theory_alpha(ScaledRandK(5), 50) == pytest.approx(0.1)  # method doc §2: ω = d/k − 1 = 9, α = 1/(ω + 1)
     assert theory_alpha(TopK(2), 112) == 2 / 112
 
 

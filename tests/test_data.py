@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ef21.data import (
-    Dataset, load_dataset, make_shard, map_labels, save_npz, shard_bounds, split, synthetic_dataset,
+    load_dataset, make_shard, map_labels, save_npz, shard_bounds, split, synthetic_dataset,
 )
 from ef21.errors import UserError
 
@@ -41,13 +41,13 @@ def test_label_mapping_rules():
 
 def test_shipped_mushrooms():
     ds = load_dataset("mushrooms")
-    assert ds.A.shape == (8124, 112)
-    assert int((ds.y == 1).sum()) == 4208 and int((ds.y == -1).sum()) == 3916
+    assert ds.A.shape == (8124, 112)  # method doc §5 (and LIBSVM's page for mushrooms)
+    assert int((ds.y == 1).sum()) == 4208 and int((ds.y == -1).sum()) == 3916  # the UCI data set's two classes
 
 
 def test_official_split():
     assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert shard_bounds(8124, 20)[-1] == (19 * 406, 8124)
+    assert shard_bounds(8124, 20)[-1] == (19 * 406, 8124)  # method doc §5: N_i = 406, the last worker 410
     ds = synthetic_dataset(10, 2, seed=0)
     shards = split(ds, 3)
     np.testing.assert_array_equal(np.concatenate([s.A for s in shards]), ds.A)

@@ -10,14 +10,13 @@ import pytest
 
 from ef21.config import RunConfig
 from ef21.data import synthetic_dataset
-from ef21.objectives import LeastSquares
 from ef21.problem import Problem, build_problem
 from ef21.simulate import simulate
 from ef21.stepsize import theta_beta, theory_stepsize
 
 
 def test_theta_beta_and_stepsizes():
-    theta, beta = theta_beta(0.19)
+    theta, beta = theta_beta(0.19)  # by hand: √(1 − 0.19) = 0.9, so θ = 0.1 and β = 0.81/0.1
     assert theta == pytest.approx(0.1) and beta == pytest.approx(0.81 / 0.1)
     assert theta_beta(1.0) == (1.0, 0.0)
     c = theory_stepsize(2.0, 3.0, 0.19)
@@ -76,15 +75,37 @@ def test_theorem3_lyapunov_decreases_linearly_on_least_squares(init):
     assert psi[-1] < 0.5 * psi[0]  # the rate actually bites over 3000 rounds
 
 
-def test_theorem2_bound_on_logistic_regression():
-    cfg = RunConfig(workers=20, k=1, rounds=400, x0="normal:0", init="compressed")
-    r = simulate(cfg)
-    T = cfg.rounds
-    gamma, theta = r.constants.gamma, r.constants.theta
-    mean_sq = np.mean([rec.grad_norm_sq for rec in r.records[:T]])
-    bound = 2 * (r.records[0].f - 0.0) / (gamma * T) + r.records[0].G / (theta * T)
-    assert r.records[0].G > 0
-    assert mean_sq <= bound
+@pytest.mark.parametrize("init", ["full", "compressed"])
+def test_theorem2_round_by_round_on_logistic_regression(init):
+    """Theorem 2 (EF21, nonconvex) through the two inequalities its proof chains, checked at every round: Top-k
+    is deterministic, so they hold for each run, not only in expectation.
+
+    Key lemma: G^{t+1} ≤ (1−θ)G^t + βL̃²‖x^{t+1} − x^t‖². Descent: Φ^t = f(x^t) + (γ/(2θ))G^t satisfies
+    Φ^{t+1} ≤ Φ^t − (γ/2)‖∇f(x^t)‖² when γ ≤ 1/(L + L̃√(β/θ)). Summed over t the descent is the theorem's bound,
+    which is ~20x loose here (it charges the whole of f(x⁰) − 0); round by round a wrong rule breaks it (EF21 with
+    the global g in place of g_i makes Φ grow). L, L_i, θ and β are computed here from the data and α = k/d.
+    """
+    from . import oracle
+
+    cfg = RunConfig(workers=20, k=1, rounds=400, x0="normal:0", init=init)
+    p = build_problem(cfg)
+    r = simulate(cfg, p, keep_iterates=True)
+    L = oracle.logreg_smoothness(np.vstack([o.A for o in p.objectives]), cfg.lam)
+    L_tilde = math.sqrt(np.mean([oracle.logreg_smoothness(o.A, cfg.lam) ** 2 for o in p.objectives]))
+    alpha = 1 / 112
+    theta = 1 - math.sqrt(1 - alpha)
+    beta = (1 - alpha) / theta
+    gamma = r.constants.gamma
+    assert gamma <= 1 / (L + L_tilde * math.sqrt(beta / theta)) * (1 + 1e-12)  # the theorem's condition
+    f = np.array([rec.f for rec in r.records])
+    G = np.array([rec.G for rec in r.records])
+    grad_sq = np.array([rec.grad_norm_sq for rec in r.records])
+    step_sq = np.sum(np.diff(np.array(r.xs), axis=0) ** 2, axis=1)
+    assert np.all(G[1:] <= ((1 - theta) * G[:-1] + beta * L_tilde**2 * step_sq) * (1 + 1e-9))
+    phi = f + gamma / (2 * theta) * G
+    assert np.all(phi[1:] - phi[:-1] <= -(gamma / 2) * grad_sq[:-1] + 1e-12 * phi[0])
+    T = cfg.rounds  # and the statement itself, with f^inf = 0 (both losses are nonnegative)
+    assert np.mean(grad_sq[:T]) <= 2 * f[0] / (gamma * T) + G[0] / (theta * T)
 
 
 @dataclass
@@ -131,6 +152,7 @@ def test_bits_accounting_topk():
     r = simulate(RunConfig(workers=20, k=2, rounds=10))
     for rec in r.records:
         assert rec.bits_per_worker == 32 * 2 * rec.round  # paper: 32 bits per value, round 0 excluded
+        # Round 0 sends the dense g_i⁰ (112 values, no indices); then 2 entries of 32 + ⌈log2 112⌉ = 39 bits.
         assert rec.payload_bits_per_worker == 32 * 112 + rec.round * 2 * (32 + 7)
 
 
@@ -165,12 +187,24 @@ def test_randomized_runs_replay_from_seed():
     assert not np.array_equal(a, c)
 
 
+# Method doc §8 (an independent re-run): EF21 Top-2 1024x on mushrooms, n = 20, needs these bits per worker to
+# reach each tolerance, i.e. k·32 = 64 bits a round for rounds 477, 3188 and 3286.
+PAPER_EF21_BITS = {1e-4: 30_528, 1e-6: 204_032, 1e-7: 210_304}
+# How far the crossing may move: float64 sums in another order (another BLAS build, another machine, a change of
+# summation order in the code) change Top-k's near-ties and, over thousands of rounds, the crossing by a few
+# rounds (3286 and 3288 have both been seen for 1e-7). A wrong rule moves it by far more, or never crosses.
+CROSSING_WINDOW_ROUNDS = 20
+
+
 @pytest.mark.slow
 def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
     common = dict(workers=20, compressor="topk", k=2, x0="normal:0", rounds=7000)
     ef21 = simulate(RunConfig(method="ef21", stepsize_mult=1024, tol=1e-7, **common))
     assert ef21.stop_reason == "tol"
-    assert ef21.records[-1].round < 7000
+    for tol, bits in PAPER_EF21_BITS.items():
+        first = next(rec for rec in ef21.records if rec.grad_norm_sq < tol)
+        assert first.bits_per_worker == 32 * 2 * first.round  # exactly, whichever round it is
+        assert abs(first.round - bits // 64) <= CROSSING_WINDOW_ROUNDS, (tol, first.round, bits // 64)
     ef = simulate(RunConfig(method="ef", stepsize_mult=64, **common))
     assert ef.stop_reason == "rounds"
     assert min(rec.grad_norm_sq for rec in ef.records) > 1e-4

@@ -14,11 +14,11 @@ from ef21.problem import local_objective
 from ef21.sparse import SparseVector
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
-from ef21_wire.serde import state_checksum, vector_from_proto, vector_to_proto
+from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
-from .helpers import running_master
+from .helpers import finish, running_master, spawn_worker
 
 
 class HandClient:
@@ -83,6 +83,12 @@ async def test_resync_sends_the_masters_dense_state():
         (dict(update=pb.Update(round=0, message=pb.SparseVector(
             dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
          grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(
+            dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
+        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
+         grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
         (dict(hello=pb.Hello()), grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
     ],
 )
@@ -121,3 +127,68 @@ async def test_garbage_bytes_are_invalid_argument():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call.read()
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "init,bad_round,bad,match",
+    [
+        # --init full: round 0 carries the dense g_i⁰; after it, Top-2 gives at most 2 entries.
+        ("full", 1, SparseVector(112, np.array([1, 5, 9], dtype="<u4"), np.ones(3)), "3 entries, at most 2 allowed"),
+        ("full", 1, SparseVector.dense(np.ones(112)), "112 entries, at most 2 allowed"),
+        # --init compressed: even round 0 is C(∇f_i(x⁰)).
+        ("compressed", 0, SparseVector.dense(np.ones(112)), "112 entries, at most 2 allowed"),
+    ],
+)
+async def test_an_update_larger_than_the_compressor_makes_is_refused(init, bad_round, bad, match):
+    cfg = RunConfig(workers=1, rounds=10, k=2, init=init)
+    async with running_master(MasterOptions(cfg, eval_every=100)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = HandClient(ch)
+            start, obj = await c.handshake(cfg, 0)
+            if bad_round == 1:
+                x0 = vector_from_proto(start.x, expected_dim=112).values
+                await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(obj.grad(x0)))))
+                await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(obj.grad(x0)))))
+                assert (await c.recv()).round_result.round == 0  # the dense g_i⁰ was accepted
+            await c.send(update=pb.Update(round=bad_round, message=vector_to_proto(bad)))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.recv()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"Update round {bad_round}: {match}" in err.value.details()
+        assert master.coord.sessions[0].state == "lost" and master.coord.state == "running"
+
+
+async def test_a_worker_refuses_an_aggregate_larger_than_n_messages_make():
+    """A rogue master whose round-1 result carries 5 entries: 2 workers' Top-2 messages sum to at most 4."""
+    cfg = RunConfig(workers=2, k=2, rounds=10)
+    zeros = dense_to_proto(np.zeros(112))
+    results = {0: pb.RoundResult(round=0, aggregate=dense_to_proto(np.ones(112)), scale=0.5),  # g_i⁰: dense is fine
+               1: pb.RoundResult(round=1, aggregate=vector_to_proto(SparseVector(
+                   112, np.arange(5, dtype="<u4"), np.ones(5))), scale=0.5)}
+
+    async def join(request, context):
+        return pb.JoinReply(run_id="rogue", config_json=json.dumps(cfg.to_dict()), workers=2)
+
+    async def train(requests, context):
+        async for raw in requests:
+            kind = pb.WorkerMessage.FromString(raw)
+            if kind.HasField("hello"):
+                yield pb.MasterMessage(welcome=pb.Welcome(rank=0, workers=2)).SerializeToString()
+            elif kind.HasField("setup"):
+                yield pb.MasterMessage(start=pb.Start(gamma=0.1, x_step=0.1, x=zeros, g=zeros, eval_every=100,
+                                                      round=0)).SerializeToString()
+            elif kind.HasField("update"):
+                yield pb.MasterMessage(round_result=results[kind.update.round]).SerializeToString()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ef21.v1.Master", {
+        "Join": grpc.unary_unary_rpc_method_handler(join, request_deserializer=pb.JoinRequest.FromString,
+                                                    response_serializer=pb.JoinReply.SerializeToString),
+        "Train": grpc.stream_stream_rpc_method_handler(train)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        (code, err), = await finish([await spawn_worker(f"127.0.0.1:{port}", "--connect-timeout", "10")])
+    finally:
+        await server.stop(0)
+    assert code == 1 and "bad aggregate from the master: 5 entries, at most 4 allowed" in err, err

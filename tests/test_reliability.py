@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,13 +126,18 @@ def test_master_killed_and_resumed_ends_with_the_same_x(tmp_path):
             time.sleep(0.05)
         master.send_signal(signal.SIGKILL)
         master.wait(timeout=10)
-        killed_at = checkpoint.load_one(ck).meta["round"]
+        saved = checkpoint.load_one(ck).meta
+        killed_at = saved["round"]
         assert 75 <= killed_at < 300
+        # The log as the checkpoint left it: rounds 0..killed_at − 1, which the resumed run must not rewrite.
+        logged = (tmp_path / "l.jsonl").read_bytes()[: saved["log_offset"]]
+        assert logged.count(b"\n") == killed_at
         resumed = subprocess.Popen(master_cmd(port, tmp_path, "--resume", str(ck), "-v"), stderr=subprocess.PIPE,
                                    text=True)
         _, err = resumed.communicate(timeout=120)
         assert resumed.returncode == 0, err
-        assert "resumed run" in err
+        # It started from the checkpoint's round (a resume from round 0 would end with the same x, too).
+        assert re.search(rf"resumed run \w+ at round {killed_at} from ", err), err
         for w in workers:
             _, werr = w.communicate(timeout=30)
             assert w.returncode == 0, werr
@@ -144,6 +150,7 @@ def test_master_killed_and_resumed_ends_with_the_same_x(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), sim.x)
     log = rows(tmp_path / "l.jsonl")
     assert [r["round"] for r in log] == list(range(301))  # the log continues where the checkpoint left it
+    assert (tmp_path / "l.jsonl").read_bytes().startswith(logged)  # elapsed_s differ in a rerun: byte for byte
     assert log[-1]["f"] == sim.records[-1].f
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
+import re
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import grpc
@@ -75,6 +79,31 @@ async def test_tls_run(pki, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), simulate(CFG).x)
 
 
+async def test_status_endpoint_speaks_https_under_tls(pki):
+    """With TLS the status endpoint serves HTTPS with the gRPC certificate: a client that trusts the CA reads
+    /status and /healthz; plain HTTP gets no document."""
+    sec = ServerSecurity(pki / "server.pem", pki / "server.key")
+    master = Master(MasterOptions(CFG), ListenOptions(port=0, status_port=0, drain_s=1.0), security=sec)
+    await master.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))  # verifies the chain and 127.0.0.1
+
+        def get(url: str, context=None) -> tuple[int, bytes]:
+            with urllib.request.urlopen(url, timeout=5, context=context) as r:
+                return r.status, r.read()
+
+        base = f"127.0.0.1:{master.http.port}"
+        code, body = await asyncio.to_thread(get, f"https://{base}/status", ctx)
+        assert code == 200 and json.loads(body)["state"] == "waiting"
+        assert (await asyncio.to_thread(get, f"https://{base}/healthz", ctx))[0] == 200
+        with pytest.raises(urllib.error.URLError):  # an unknown CA: the certificate is really checked
+            await asyncio.to_thread(get, f"https://{base}/status", ssl.create_default_context())
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            await asyncio.to_thread(get, f"http://{base}/status")
+    finally:
+        await master.shutdown()
+
+
 async def test_plaintext_client_cannot_talk_to_a_tls_master(pki, tmp_path):
     sec = ServerSecurity(pki / "server.pem", pki / "server.key")
     master, results = await run_with(sec, [[]], tmp_path)
@@ -117,6 +146,10 @@ async def test_token_required_and_never_logged(tmp_path, caplog):
         url = f"http://127.0.0.1:{master.http.port}/status"
         code, doc = await asyncio.to_thread(http_get, url)
         assert code == 401
+        wrong = urllib.request.Request(url, headers={"Authorization": "Bearer http-guess"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(urllib.request.urlopen, wrong, timeout=5)
+        assert refused.value.code == 401
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
         with await asyncio.to_thread(urllib.request.urlopen, req, timeout=5) as r:
             assert r.status == 200 and json.loads(r.read())["state"] == "waiting"
@@ -128,7 +161,14 @@ async def test_token_required_and_never_logged(tmp_path, caplog):
         assert [c for c, _ in await finish(procs)] == [0, 0]
     finally:
         await master.shutdown()
-    assert "unauthenticated Join" in caplog.text and TOKEN not in caplog.text and "guess" not in caplog.text
+    # Each refusal is logged with the peer's address (gRPC's ipv4:HOST:PORT; the status endpoint's (HOST, PORT))
+    # and never with a token, right or wrong.
+    refusals = [r.getMessage() for r in caplog.records if "unauthenticated" in r.getMessage()]
+    assert sum(bool(re.fullmatch(r"unauthenticated Join from ipv4:127\.0\.0\.1:\d+: missing or wrong run token", m))
+               for m in refusals) >= 2, refusals  # the wrong token and the missing one
+    assert sum(bool(re.fullmatch(r"unauthenticated status request from \('127\.0\.0\.1', \d+\)", m))
+               for m in refusals) == 2, refusals
+    assert TOKEN not in caplog.text and "guess" not in caplog.text
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), simulate(CFG).x)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ef21.codec import CodecError, decode, encode, fits_float32
+from ef21.compressors import max_entries
 from ef21.config import RunConfig, participation_count
 from ef21.data import Dataset, DataInfo, data_info, load_dataset
 from ef21.engine import WorkerNode, WorkerReport, WorkerSetting
@@ -365,7 +366,10 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
         if rr.round != node.round:
             raise WorkerFailure(f"expected the result of round {node.round}, got round {rr.round}'s")
         try:
-            agg = decode(rr.aggregate, expected_dim=d)
+            # A sparse aggregate is the union of n messages of at most k entries each (a dense one: g_i⁰, EF21+'s
+            # replacements, has d).
+            limit = None if rr.aggregate.dense else aggregate_bound(cfg, node, d)
+            agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit)
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
@@ -385,6 +389,14 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
     v = report.message.vector
     vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
     return update_to_bytes(report.round, vec, report.message.replace)
+
+
+def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
+    """The most entries an honest sparse RoundResult holds: K with EF21-BC (its broadcast compressor's output),
+    else the union of n messages of at most k entries each."""
+    if cfg.downlink_k is not None:
+        return min(d, cfg.downlink_k)
+    return min(d, cfg.workers * max_entries(node.compressor, d))
 
 
 def eval_message(report: WorkerReport) -> pb.WorkerMessage:

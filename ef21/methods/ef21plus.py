@@ -7,7 +7,7 @@ each g_i and broadcasts the change of their mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class EF21Plus(EF21):
     """EF21's master rows, round 0 and hand-over; its own worker choice and the master's replacement rule."""
 
     name: str = "ef21plus"
+    sends_selector: ClassVar[bool] = True  # the 1-bit ``replace`` flag is part of every message's payload
 
     def worker_step(self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext,
                     reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:

@@ -1,0 +1,426 @@
+"""An independent oracle: every update rule of the method doc, written out plainly, densely, in one process.
+
+The tests compare ``ef21.simulate`` with these functions. They share no code with ``ef21.methods``,
+``ef21.engine``, ``ef21.simulate``, ``ef21.compressors`` or ``ef21.sparse``: the compressors, the bit counts and
+the objectives' f_i and ∇f_i are written again here, from the method doc (``ef21-method.md`` §2, §3.1–3.5,
+§3.8, §7) and the README's definitions of the log. Every vector is a dense numpy array and every rule is one
+function whose loop reads like the doc's; nothing is optimised, so that a reader can check it line by line.
+
+Round t of every rule, as the simulator logs it: the workers evaluate ∇f_i(x^t) and send their message (round 0:
+the initialization), the log records the state x^t, then the master forms its direction and moves to x^{t+1}.
+A rule runs rounds 0..T and returns a ``Trace`` with one entry per round.
+
+To add a rule (SGD/PAGE/SGDM with a given minibatch sequence, BC, HB, Prox, W): one more function of the same
+shape, with its math in the docstring, using ``Recorder`` for the log and the compressors below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+# -- problems: f = (1/n) Σ f_i, each f_i with its own value and gradient formula -------------------------------------
+
+
+class Problem(Protocol):
+    n: int
+    d: int
+
+    def value(self, i: int, x: np.ndarray) -> float: ...
+
+    def grad(self, i: int, x: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LogReg:
+    """f_i(x) = (1/N_i) Σ_j log(1 + exp(−y_j a_jᵀx)) + λ Σ_l x_l²/(1 + x_l²)  (method doc §5).
+
+    ∇f_i(x) = −(1/N_i) Σ_j y_j a_j / (1 + exp(y_j a_jᵀx)) + 2λ x/(1 + x²)²."""
+
+    A: Sequence[np.ndarray]
+    y: Sequence[np.ndarray]
+    lam: float
+
+    @property
+    def n(self) -> int:
+        return len(self.A)
+
+    @property
+    def d(self) -> int:
+        return self.A[0].shape[1]
+
+    def value(self, i: int, x: np.ndarray) -> float:
+        margins = self.y[i] * (self.A[i] @ x)
+        return float(np.mean(np.logaddexp(0.0, -margins)) + self.lam * np.sum(x**2 / (1.0 + x**2)))
+
+    def grad(self, i: int, x: np.ndarray) -> np.ndarray:
+        margins = self.y[i] * (self.A[i] @ x)
+        weights = -self.y[i] * np.exp(-np.logaddexp(0.0, margins))  # −y_j / (1 + e^{m_j}), without overflow
+        return self.A[i].T @ weights / self.A[i].shape[0] + 2.0 * self.lam * x / (1.0 + x**2) ** 2
+
+
+@dataclass(frozen=True)
+class LeastSquares:
+    """f_i(x) = (1/N_i)‖A_i x − b_i‖², ∇f_i(x) = (2/N_i) A_iᵀ(A_i x − b_i)  (README: ``--problem lsq``)."""
+
+    A: Sequence[np.ndarray]
+    b: Sequence[np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.A)
+
+    @property
+    def d(self) -> int:
+        return self.A[0].shape[1]
+
+    def value(self, i: int, x: np.ndarray) -> float:
+        r = self.A[i] @ x - self.b[i]
+        return float(np.sum(r**2)) / self.A[i].shape[0]
+
+    def grad(self, i: int, x: np.ndarray) -> np.ndarray:
+        return 2.0 * (self.A[i].T @ (self.A[i] @ x - self.b[i])) / self.A[i].shape[0]
+
+
+@dataclass(frozen=True)
+class Quadratic:
+    """f_i(x) = ½ Σ_j h_ij (x_j − c_ij)², ∇f_i(x) = h_i ⊙ (x − c_i)  (the synthetic ``quadratic`` problem)."""
+
+    h: Sequence[np.ndarray]
+    c: Sequence[np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.h)
+
+    @property
+    def d(self) -> int:
+        return self.h[0].shape[0]
+
+    def value(self, i: int, x: np.ndarray) -> float:
+        return 0.5 * float(np.sum(self.h[i] * (x - self.c[i]) ** 2))
+
+    def grad(self, i: int, x: np.ndarray) -> np.ndarray:
+        return self.h[i] * (x - self.c[i])
+
+
+@dataclass(frozen=True)
+class RankOne:
+    """f_i(x) = ⟨a_i, x⟩² + ¼‖x‖², ∇f_i(x) = 2⟨a_i, x⟩ a_i + ½x: the DCGD counterexample of the method doc §3.2."""
+
+    a: Sequence[np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.a)
+
+    @property
+    def d(self) -> int:
+        return self.a[0].shape[0]
+
+    def value(self, i: int, x: np.ndarray) -> float:
+        return float(np.dot(self.a[i], x)) ** 2 + 0.25 * float(np.sum(x**2))
+
+    def grad(self, i: int, x: np.ndarray) -> np.ndarray:
+        return 2.0 * float(np.dot(self.a[i], x)) * self.a[i] + 0.5 * x
+
+
+# -- compressors (method doc §2): dense in, dense out, plus what the message costs -----------------------------------
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A compressed vector as the receiver sees it (dense), and its cost: ``entries`` values sent, ``sparse``
+    when each carries an index."""
+
+    value: np.ndarray
+    entries: int
+    sparse: bool
+
+
+@dataclass
+class TopK:
+    """Keep the k largest |v_j|, zero the rest; among equal magnitudes the lower index wins. Deterministic.
+
+    ``ties`` counts the calls where the k-th and the (k+1)-th largest magnitudes were equal, i.e. where the tie
+    rule decided what was kept (the tests check that their problems exercise it)."""
+
+    k: int
+    randomized: bool = False
+    ties: int = 0
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        d = v.shape[0]
+        # lexsort sorts by the last key first: by −|v_j| (largest first), then by index j (lowest first).
+        order = np.lexsort((np.arange(d), -np.abs(v)))
+        if self.k < d and abs(v[order[self.k - 1]]) == abs(v[order[self.k]]):
+            self.ties += 1
+        out = np.zeros(d)
+        keep = order[: self.k]
+        out[keep] = v[keep]
+        return Sent(out, self.k, True)
+
+
+@dataclass
+class RandK:
+    """Keep k coordinates drawn uniformly without replacement, unscaled (contractive, α = k/d).
+
+    The draw is the project's documented convention: ``rng.choice(d, k, replace=False)`` from the generator
+    ``default_rng([seed, rank, round])`` of the worker and round (README: randomized compressors)."""
+
+    k: int
+    randomized: bool = True
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        assert rng is not None
+        keep = rng.choice(v.shape[0], size=self.k, replace=False)
+        out = np.zeros(v.shape[0])
+        out[keep] = v[keep]
+        return Sent(out, self.k, True)
+
+
+@dataclass
+class Identity:
+    """C(v) = v: a dense vector of d values."""
+
+    randomized: bool = False
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        return Sent(v.copy(), v.shape[0], False)
+
+
+@dataclass
+class Float32Rounded:
+    """The compact encoding's compressor: the inner one, its kept values rounded to float32 (the worker keeps the
+    rounded values, which are what it sends)."""
+
+    inner: TopK | RandK
+
+    @property
+    def randomized(self) -> bool:
+        return self.inner.randomized
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        s = self.inner(v, rng)
+        return Sent(s.value.astype(np.float32).astype(np.float64), s.entries, s.sparse)
+
+
+Compressor = Callable[[np.ndarray, "np.random.Generator | None"], Sent]
+
+
+def worker_rng(comp: object, seed: int, rank: int, round_: int) -> np.random.Generator | None:
+    """The generator a randomized compressor draws from in one worker's round (None for deterministic ones)."""
+    return np.random.default_rng([seed, rank, round_]) if getattr(comp, "randomized", False) else None
+
+
+def dense(v: np.ndarray) -> Sent:
+    """An uncompressed vector: d values, no indices (EF21's g_i⁰ = ∇f_i(x⁰) under ``--init full``)."""
+    return Sent(v.copy(), v.shape[0], False)
+
+
+# -- the log (README "The log"; method doc §7 for the paper's bit convention) ----------------------------------------
+
+
+def index_bits(d: int) -> int:
+    """⌈log2 d⌉ for d ≥ 2: the bits that name one of d coordinates."""
+    return (d - 1).bit_length()
+
+
+@dataclass
+class Trace:
+    """One entry per round t = 0..T: the state x^t and what the log says about it."""
+
+    x: list[np.ndarray] = field(default_factory=list)
+    f: list[float] = field(default_factory=list)
+    grad_norm_sq: list[float] = field(default_factory=list)
+    G: list[float] = field(default_factory=list)
+    bits_per_worker: list[float] = field(default_factory=list)
+    payload_bits_per_worker: list[float] = field(default_factory=list)
+    g_norm_sq: list[float | None] = field(default_factory=list)
+    grad_scale: list[float] = field(default_factory=list)
+    """(1/n) Σ ‖∇f_i(x^t)‖²: the scale against which G and ‖∇f‖² can be resolved in float64."""
+    kept_fresh: list[list[bool]] = field(default_factory=list)
+    """EF21+ only: for each round and worker, whether the fresh C(∇f_i) was kept (else the EF21 candidate)."""
+
+
+@dataclass
+class Recorder:
+    """Builds the log of a run, round by round.
+
+    f = (1/n) Σ f_i(x^t); ‖∇f‖² of (1/n) Σ ∇f_i(x^t); G = (1/n) Σ ‖ĝ_i − ∇f_i(x^t)‖² over the workers' current
+    estimates ĝ_i; paper bits: 32 per value sent, round 0 excluded, no index bits; payload bits: 32 per value plus
+    ⌈log2 d⌉ per index of a sparse message, round 0 included, plus 1 selector bit per message of a method that
+    sends one (EF21+). Both per worker: the total over all workers divided by n. A worker left out of a round
+    (``None``) sends nothing.
+    """
+
+    problem: Problem
+    selector: bool = False
+    trace: Trace = field(default_factory=Trace)
+    paper_total: int = 0
+    payload_total: int = 0
+
+    def record(self, t: int, x: np.ndarray, grads: list[np.ndarray], estimates: list[np.ndarray],
+               sent: list[Sent | None], g_prev: np.ndarray | None) -> None:
+        p, n = self.problem, self.problem.n
+        for s in sent:
+            if s is None:
+                continue
+            if t > 0:
+                self.paper_total += 32 * s.entries
+            self.payload_total += s.entries * (32 + (index_bits(p.d) if s.sparse else 0)) + (1 if self.selector else 0)
+        mean_grad = sum(grads) / n
+        tr = self.trace
+        tr.x.append(x.copy())
+        tr.f.append(sum(p.value(i, x) for i in range(n)) / n)
+        tr.grad_norm_sq.append(float(np.sum(mean_grad**2)))
+        tr.G.append(sum(float(np.sum((e - g) ** 2)) for e, g in zip(estimates, grads)) / n)
+        tr.bits_per_worker.append(self.paper_total / n)
+        tr.payload_bits_per_worker.append(self.payload_total / n)
+        tr.g_norm_sq.append(None if g_prev is None else float(np.sum(g_prev**2)))
+        tr.grad_scale.append(sum(float(np.sum(g**2)) for g in grads) / n)
+
+
+def all_grads(p: Problem, x: np.ndarray) -> list[np.ndarray]:
+    return [p.grad(i, x) for i in range(p.n)]
+
+
+# -- the update rules ------------------------------------------------------------------------------------------------
+
+
+def gd(p: Problem, x0: np.ndarray, gamma: float, T: int) -> Trace:
+    """GD (§3.1): x^{t+1} = x^t − γ (1/n) Σ ∇f_i(x^t); every worker sends its d values."""
+    rec, x, g = Recorder(p), x0.copy(), None
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        rec.record(t, x, grads, grads, [dense(v) for v in grads], g)
+        g = sum(grads) / p.n
+        x = x - gamma * g
+    return rec.trace
+
+
+def dcgd(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, seed: int = 0) -> Trace:
+    """DCGD (§3.2): x^{t+1} = x^t − γ (1/n) Σ C(∇f_i(x^t)); no state. G is the distortion of C(∇f_i)."""
+    rec, x, g = Recorder(p), x0.copy(), None
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        sent = [comp(grads[i], worker_rng(comp, seed, i, t)) for i in range(p.n)]
+        rec.record(t, x, grads, [s.value for s in sent], sent, g)
+        g = sum(s.value for s in sent) / p.n
+        x = x - gamma * g
+    return rec.trace
+
+
+def ef(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, seed: int = 0) -> Trace:
+    """EF14 in the official code's form (§3.3): γ inside the compressed vector.
+
+    e_i⁰ = 0; each round w_i^t = C(e_i^t + γ∇f_i(x^t)), e_i^{t+1} = e_i^t + γ∇f_i(x^t) − w_i^t, and the master
+    moves x^{t+1} = x^t − (1/n) Σ w_i^t (no second γ). The worker's estimate of ∇f_i is w_i^t/γ (for G), and the
+    aggregate in the log is (1/n) Σ w_i^t, the vector x actually moved by.
+    """
+    rec, x, g = Recorder(p), x0.copy(), None
+    e = [np.zeros(p.d) for _ in range(p.n)]
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        sent = [comp(e[i] + gamma * grads[i], worker_rng(comp, seed, i, t)) for i in range(p.n)]
+        rec.record(t, x, grads, [s.value / gamma for s in sent], sent, g)
+        for i in range(p.n):
+            e[i] = e[i] + gamma * grads[i] - sent[i].value
+        g = sum(s.value for s in sent) / p.n
+        x = x - g
+    return rec.trace
+
+
+def ef21(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, init: str = "full", seed: int = 0,
+         missing: dict[int, Sequence[int]] | None = None) -> Trace:
+    """EF21 (§3.4), and EF21-PP (§3.8) when ``missing`` gives the participation pattern (round → ranks left out).
+
+    g_i⁰ = ∇f_i(x⁰) (``init="full"``, sent whole) or C(∇f_i(x⁰)) (``"compressed"``); g⁰ = (1/n) Σ g_i⁰. Then each
+    round a participating worker sends c_i^t = C(∇f_i(x^t) − g_i^{t−1}) and sets g_i^t = g_i^{t−1} + c_i^t; a
+    worker left out sends nothing and keeps g_i; the master adds (1/n) Σ_{participants} c_i^t to g — still
+    divided by n, so g is the mean of all n g_i, stale ones included — and moves x^{t+1} = x^t − γ g^t.
+    """
+    missing = missing or {}
+    rec, x = Recorder(p), x0.copy()
+    g_i: list[np.ndarray] = []
+    g = np.zeros(p.d)
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        out = set(missing.get(t, ()))
+        sent: list[Sent | None] = []
+        for i in range(p.n):
+            rng = worker_rng(comp, seed, i, t)
+            if t == 0:
+                s = dense(grads[i]) if init == "full" else comp(grads[i], rng)
+            else:
+                s = comp(grads[i] - g_i[i], rng)
+            sent.append(None if i in out else s)
+        if t == 0:
+            if out:
+                raise ValueError("the oracle starts every worker at round 0")
+            g_i = [s.value for s in sent]  # type: ignore[union-attr]
+        else:
+            g_i = [g_i[i] if s is None else g_i[i] + s.value for i, s in enumerate(sent)]
+        rec.record(t, x, grads, g_i, sent, None if t == 0 else g)
+        g = g + sum(s.value for s in sent if s is not None) / p.n
+        x = x - gamma * g
+    return rec.trace
+
+
+def ef21_plus(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, init: str = "full",
+              missing: dict[int, Sequence[int]] | None = None) -> Trace:
+    """EF21+ (§3.5): each worker keeps the closer to ∇f_i(x^t), in ‖·‖², of two candidates:
+
+    b_i = C(∇f_i(x^t)) (fresh) and m_i = g_i^{t−1} + C(∇f_i(x^t) − g_i^{t−1}) (the EF21 / Markov step); equal
+    distances keep m_i. g_i^t is the one kept; the master holds every g_i and moves x^{t+1} = x^t − γ (1/n) Σ g_i^t.
+    Each message is k values and a 1-bit selector. Round 0 is EF21's. With ``missing`` a left-out worker keeps g_i.
+    C must be deterministic (the theory's condition).
+    """
+    missing = missing or {}
+    rec, x = Recorder(p, selector=True), x0.copy()
+    g_i: list[np.ndarray] = []
+    g = None
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        out = set(missing.get(t, ()))
+        sent: list[Sent | None] = []
+        new: list[np.ndarray] = []
+        fresh: list[bool] = []
+        for i in range(p.n):
+            if t == 0:
+                s = dense(grads[i]) if init == "full" else comp(grads[i], None)
+                kept, took_fresh = s.value, True
+            else:
+                b = comp(grads[i], None)
+                c = comp(grads[i] - g_i[i], None)
+                m = g_i[i] + c.value
+                took_fresh = float(np.sum((b.value - grads[i]) ** 2)) < float(np.sum((m - grads[i]) ** 2))
+                s, kept = (b, b.value) if took_fresh else (c, m)
+            sent.append(None if i in out else s)
+            new.append(g_i[i] if i in out else kept)
+            fresh.append(took_fresh and i not in out)
+        if t == 0 and out:
+            raise ValueError("the oracle starts every worker at round 0")
+        g_i = new
+        rec.record(t, x, grads, g_i, sent, g)
+        rec.trace.kept_fresh.append(fresh)
+        g = sum(g_i) / p.n
+        x = x - gamma * g
+    return rec.trace
+
+
+# -- theory constants (method doc §4, §5), for pinned figures --------------------------------------------------------
+
+
+def theory_gamma(L: float, L_tilde: float, alpha: float) -> float:
+    """γ = 1/(L + L̃ √(β/θ)) with θ = 1 − √(1 − α), β = (1 − α)/θ (Theorem 2 of the EF21 paper)."""
+    theta = 1.0 - np.sqrt(1.0 - alpha)
+    beta = (1.0 - alpha) / theta
+    return float(1.0 / (L + L_tilde * np.sqrt(beta / theta)))
+
+
+def logreg_smoothness(A: np.ndarray, lam: float) -> float:
+    """λ_max(AᵀA/(4N)) + 2λ (method doc §5)."""
+    return float(np.linalg.eigvalsh(A.T @ A / (4.0 * A.shape[0]))[-1]) + 2.0 * lam

@@ -1,0 +1,120 @@
+"""Every refusal of the codec, triggered; and the entry bound a receiver derives from the compressor."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+
+import numpy as np
+import pytest
+
+import ef21.codec
+from ef21.codec import CodecError, EncodedVector, decode, encode, pack_indices
+from ef21.compressors import (
+    ContractiveUnbiased, Float32Values, Identity, Natural, RandK, ScaledRandK, ScaledSign, TopK, make_compressor,
+    max_entries,
+)
+from ef21.sparse import SparseVector
+
+
+def u32(*idx: int) -> bytes:
+    return np.array(idx, dtype="<u4").tobytes()
+
+
+def f64(*vals: float) -> bytes:
+    return np.array(vals, dtype="<f8").tobytes()
+
+
+PACKED_BITS, PACKED = pack_indices(np.array([2, 5, 9], dtype=np.uint32), 10)
+F32x3 = np.ones(3, dtype="<f4").tobytes()
+
+# (what is wrong, the encoded vector, max_nnz, the refusal it must get). One value at three indices would land on
+# all three coordinates if the count check were missing: SparseVector.add_to broadcasts.
+REFUSALS = [
+    ("dimension", EncodedVector(9, u32(1), f64(1.0), False), None, "dimension 9 != 10"),
+    ("value width", EncodedVector(10, u32(1), f64(1.0)[:7], False), None,
+     "values field has 7 bytes, not a multiple of 8"),
+    ("float32 width", EncodedVector(10, u32(1), b"\0" * 6, False, True), None,
+     "values field has 6 bytes, not a multiple of 4"),
+    ("too many entries", EncodedVector(10, u32(1, 2, 3), f64(1, 2, 3), False), 2, "3 entries, at most 2 allowed"),
+    ("dense beyond the bound", EncodedVector(10, b"", f64(*range(10)), True), 3, "10 entries, at most 3 allowed"),
+    ("NaN", EncodedVector(10, u32(1), f64(np.nan), False), None, r"non-finite value \(NaN or Inf\)"),
+    ("dense with indices", EncodedVector(10, u32(1), f64(*range(10)), True), None,
+     "a dense vector carries no indices"),
+    ("dense short", EncodedVector(10, b"", f64(1, 2, 3), True), None, "dense vector has 3 values, expected 10"),
+    ("index width", EncodedVector(10, u32(1)[:3], f64(1.0), False), None,
+     "indices field has 3 bytes, not a multiple of 4"),
+    ("count mismatch", EncodedVector(10, u32(1, 4, 7), f64(5.0), False), None, "3 indices but 1 values"),
+    ("unsorted", EncodedVector(10, u32(4, 1), f64(1, 2), False), None,
+     r"indices are not strictly increasing \(unsorted or duplicate\)"),
+    ("duplicate", EncodedVector(10, u32(4, 4), f64(1, 2), False), None, "not strictly increasing"),
+    ("out of range", EncodedVector(10, u32(3, 10), f64(1, 2), False), None, "index 10 out of range for dimension 10"),
+    ("packed index bits", EncodedVector(10, PACKED, F32x3, False, True, 33), None, "index_bits 33 outside 1..32"),
+    ("packed length", EncodedVector(10, PACKED + b"\0" * 8, F32x3, False, True, PACKED_BITS), None,
+     r"packed indices have \d+ bytes, not within \d+\.\.\d+ for 3 entries of \d+ low bits"),
+    ("packed count", EncodedVector(10, PACKED, F32x3[:8], False, True, PACKED_BITS), None,
+     "packed indices hold 3 entries, the values 2"),
+    # 0 low bits: the bit vector alone; ones at bits 0, 2, 7 → indices 0, 1, 5, and 5 ≥ dim 4.
+    ("packed out of range", EncodedVector(4, b"\x85", F32x3, False, True, 1), None, "index 5 out of range"),
+]
+
+
+@pytest.mark.parametrize("what,enc,max_nnz,match", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_each_malformed_vector_is_refused_with_its_message(what, enc, max_nnz, match):
+    with pytest.raises(CodecError, match=match):
+        decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz)
+
+
+def refusal_patterns() -> list[str]:
+    """Every ``raise CodecError(...)`` message in the codec's source, as a regex (placeholders match anything)."""
+    src = inspect.getsource(ef21.codec)
+    patterns = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                getattr(node.exc.func, "id", None) == "CodecError":
+            arg = node.exc.args[0]
+            parts = arg.values if isinstance(arg, ast.JoinedStr) else [arg]
+            patterns.append("".join(re.escape(p.value) if isinstance(p, ast.Constant) else ".*" for p in parts))
+    assert len(patterns) == src.count("raise CodecError(")
+    return patterns
+
+
+def test_every_refusal_of_the_codec_has_a_test_above():
+    """A refusal added to the codec without a case in REFUSALS fails here."""
+    tested = []
+    for what, enc, max_nnz, _ in REFUSALS:
+        try:
+            decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz)
+        except CodecError as exc:
+            tested.append(str(exc))
+    patterns = refusal_patterns()
+    assert len(patterns) >= 12
+    for p in patterns:
+        assert any(re.fullmatch(p, msg) for msg in tested), f"no test triggers the refusal {p!r}"
+
+
+def test_honest_vectors_at_the_bound_are_accepted(rng):
+    v = TopK(3)(rng.standard_normal(10))
+    for packed in (False, True):
+        got = decode(encode(v, packed=packed), expected_dim=10, max_nnz=3)
+        np.testing.assert_array_equal(got.to_dense(), v.to_dense())
+    dense = SparseVector.dense(rng.standard_normal(10))
+    np.testing.assert_array_equal(decode(encode(dense), expected_dim=10, max_nnz=10).values, dense.values)
+    assert decode(encode(SparseVector.zeros(10)), expected_dim=10, max_nnz=0).nnz == 0
+
+
+def test_max_entries_is_what_each_compressor_can_produce(rng):
+    """The bound equals the largest output each compressor actually gives, so it refuses only dishonest
+    messages: checked by running every compressor on random vectors."""
+    d = 40
+    cases = {
+        "topk": TopK(3), "randk": RandK(5), "urandk": ScaledRandK(7), "crandk": ContractiveUnbiased(ScaledRandK(4)),
+        "compact topk": Float32Values(TopK(6)), "identity": Identity(), "natural": Natural(), "sign": ScaledSign(),
+        "cnatural": ContractiveUnbiased(Natural()),
+    }
+    expected = {"topk": 3, "randk": 5, "urandk": 7, "crandk": 4, "compact topk": 6}
+    for name, comp in cases.items():
+        produced = max(comp(rng.standard_normal(d), np.random.default_rng(s)).nnz for s in range(20))
+        assert max_entries(comp, d) == produced == expected.get(name, d), name
+    assert max_entries(make_compressor("topk", 40, 40), 40) == 40
