@@ -10,8 +10,9 @@ Round t of every rule, as the simulator logs it: the workers evaluate ∇f_i(x^t
 the initialization), the log records the state x^t, then the master forms its direction and moves to x^{t+1}.
 A rule runs rounds 0..T and returns a ``Trace`` with one entry per round.
 
-To add a rule (SGD/PAGE/SGDM with a given minibatch sequence, BC, HB, Prox, W): one more function of the same
-shape, with its math in the docstring, using ``Recorder`` for the log and the compressors below.
+Rules for the extensions (§3.6–3.12: SGD, PAGE and SGDM with a given minibatch sequence and coins, BC, HB, Prox,
+W, and PP by sampling, which is EF21-PP with the sampled pattern) follow the same shape. To add a rule: one more
+function, with its math in the docstring, using ``Recorder`` for the log and the compressors below.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ class LogReg:
         return float(np.mean(np.logaddexp(0.0, -margins)) + self.lam * np.sum(x**2 / (1.0 + x**2)))
 
     def grad(self, i: int, x: np.ndarray) -> np.ndarray:
-        margins = self.y[i] * (self.A[i] @ x)
-        weights = -self.y[i] * np.exp(-np.logaddexp(0.0, margins))  # −y_j / (1 + e^{m_j}), without overflow
-        return self.A[i].T @ weights / self.A[i].shape[0] + 2.0 * self.lam * x / (1.0 + x**2) ** 2
+        return self.grad_rows(i, x, np.arange(self.A[i].shape[0]))
+
+    def grad_rows(self, i: int, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The mean loss gradient over ``rows`` of worker i's data, plus the whole regularizer's (§3.6)."""
+        A, y = self.A[i][rows], self.y[i][rows]
+        weights = -y * np.exp(-np.logaddexp(0.0, y * (A @ x)))  # −y_j / (1 + e^{m_j}), without overflow
+        return A.T @ weights / rows.shape[0] + 2.0 * self.lam * x / (1.0 + x**2) ** 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class LeastSquares:
 
     def grad(self, i: int, x: np.ndarray) -> np.ndarray:
         return 2.0 * (self.A[i].T @ (self.A[i] @ x - self.b[i])) / self.A[i].shape[0]
+
+    def grad_rows(self, i: int, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        A = self.A[i][rows]
+        return 2.0 * (A.T @ (A @ x - self.b[i][rows])) / rows.shape[0]
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,8 @@ class Sent:
     value: np.ndarray
     entries: int
     sparse: bool
+    support: np.ndarray | None = None
+    """The kept coordinates of a sparse message (a kept value may be 0); None for a dense one."""
 
 
 @dataclass
@@ -160,7 +171,7 @@ class TopK:
         out = np.zeros(d)
         keep = order[: self.k]
         out[keep] = v[keep]
-        return Sent(out, self.k, True)
+        return Sent(out, self.k, True, np.sort(keep))
 
 
 @dataclass
@@ -178,7 +189,7 @@ class RandK:
         keep = rng.choice(v.shape[0], size=self.k, replace=False)
         out = np.zeros(v.shape[0])
         out[keep] = v[keep]
-        return Sent(out, self.k, True)
+        return Sent(out, self.k, True, np.sort(keep))
 
 
 @dataclass
@@ -204,7 +215,7 @@ class Float32Rounded:
 
     def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
         s = self.inner(v, rng)
-        return Sent(s.value.astype(np.float32).astype(np.float64), s.entries, s.sparse)
+        return Sent(s.value.astype(np.float32).astype(np.float64), s.entries, s.sparse, s.support)
 
 
 Compressor = Callable[[np.ndarray, "np.random.Generator | None"], Sent]
@@ -241,6 +252,10 @@ class Trace:
     g_norm_sq: list[float | None] = field(default_factory=list)
     grad_scale: list[float] = field(default_factory=list)
     """(1/n) Σ ‖∇f_i(x^t)‖²: the scale against which G and ‖∇f‖² can be resolved in float64."""
+    bits_down_per_worker: list[float] = field(default_factory=list)
+    """The broadcasts each worker received, 32 bits a value, round 0 excluded (up to x^t)."""
+    grad_map_norm_sq: list[float | None] = field(default_factory=list)
+    """EF21-Prox: ‖(x^t − prox_{γr}(x^t − γ∇f(x^t)))/γ‖²."""
     kept_fresh: list[list[bool]] = field(default_factory=list)
     """EF21+ only: for each round and worker, whether the fresh C(∇f_i) was kept (else the EF21 candidate)."""
 
@@ -261,9 +276,17 @@ class Recorder:
     trace: Trace = field(default_factory=Trace)
     paper_total: int = 0
     payload_total: int = 0
+    down_total: int = 0
+
+    def broadcast(self, t: int, entries: int) -> None:
+        """A round's broadcast of ``entries`` values reaches every worker (counted from round 1 on)."""
+        if t > 0:
+            self.down_total += 32 * entries
 
     def record(self, t: int, x: np.ndarray, grads: list[np.ndarray], estimates: list[np.ndarray],
-               sent: list[Sent | None], g_prev: np.ndarray | None) -> None:
+               sent: list[Sent | None], g_prev: np.ndarray | None, *, targets: list[np.ndarray] | None = None,
+               grad_map: float | None = None) -> None:
+        """``targets``: what G measures the estimates against (∇f_i, or EF21-W's ∇f_i/(n·w_i))."""
         p, n = self.problem, self.problem.n
         for s in sent:
             if s is None:
@@ -276,11 +299,21 @@ class Recorder:
         tr.x.append(x.copy())
         tr.f.append(sum(p.value(i, x) for i in range(n)) / n)
         tr.grad_norm_sq.append(float(np.sum(mean_grad**2)))
-        tr.G.append(sum(float(np.sum((e - g) ** 2)) for e, g in zip(estimates, grads)) / n)
+        tr.G.append(sum(float(np.sum((e - g) ** 2)) for e, g in zip(estimates, targets or grads)) / n)
         tr.bits_per_worker.append(self.paper_total / n)
         tr.payload_bits_per_worker.append(self.payload_total / n)
         tr.g_norm_sq.append(None if g_prev is None else float(np.sum(g_prev**2)))
         tr.grad_scale.append(sum(float(np.sum(g**2)) for g in grads) / n)
+        tr.bits_down_per_worker.append(float(self.down_total))
+        tr.grad_map_norm_sq.append(grad_map)
+
+
+def union_entries(sent: list[Sent | None]) -> int:
+    """The values in the sum of the round's messages: the union of their supports, or d if one is dense."""
+    kept = [s for s in sent if s is not None]
+    if any(s.support is None for s in kept):
+        return kept[0].value.shape[0]
+    return int(np.unique(np.concatenate([s.support for s in kept])).shape[0]) if kept else 0
 
 
 def all_grads(p: Problem, x: np.ndarray) -> list[np.ndarray]:
@@ -296,6 +329,7 @@ def gd(p: Problem, x0: np.ndarray, gamma: float, T: int) -> Trace:
     for t in range(T + 1):
         grads = all_grads(p, x)
         rec.record(t, x, grads, grads, [dense(v) for v in grads], g)
+        rec.broadcast(t, p.d)
         g = sum(grads) / p.n
         x = x - gamma * g
     return rec.trace
@@ -308,6 +342,7 @@ def dcgd(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, see
         grads = all_grads(p, x)
         sent = [comp(grads[i], worker_rng(comp, seed, i, t)) for i in range(p.n)]
         rec.record(t, x, grads, [s.value for s in sent], sent, g)
+        rec.broadcast(t, union_entries(sent))
         g = sum(s.value for s in sent) / p.n
         x = x - gamma * g
     return rec.trace
@@ -326,6 +361,7 @@ def ef(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, seed:
         grads = all_grads(p, x)
         sent = [comp(e[i] + gamma * grads[i], worker_rng(comp, seed, i, t)) for i in range(p.n)]
         rec.record(t, x, grads, [s.value / gamma for s in sent], sent, g)
+        rec.broadcast(t, union_entries(sent))
         for i in range(p.n):
             e[i] = e[i] + gamma * grads[i] - sent[i].value
         g = sum(s.value for s in sent) / p.n
@@ -364,6 +400,7 @@ def ef21(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, 
         else:
             g_i = [g_i[i] if s is None else g_i[i] + s.value for i, s in enumerate(sent)]
         rec.record(t, x, grads, g_i, sent, None if t == 0 else g)
+        rec.broadcast(t, union_entries(sent))
         g = g + sum(s.value for s in sent if s is not None) / p.n
         x = x - gamma * g
     return rec.trace
@@ -406,9 +443,173 @@ def ef21_plus(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor
         g_i = new
         rec.record(t, x, grads, g_i, sent, g)
         rec.trace.kept_fresh.append(fresh)
+        # A replaced g_i changes the mean in every coordinate: the broadcast is dense; otherwise EF21's sparse sum.
+        rec.broadcast(t, p.d if any(f for f, s in zip(fresh, sent) if s is not None) else union_entries(sent))
         g = sum(g_i) / p.n
         x = x - gamma * g
     return rec.trace
+
+
+# -- the extensions (method doc §3.6–3.12) ---------------------------------------------------------------------------
+
+Batches = dict[int, list[np.ndarray]]
+"""round → each worker's minibatch (rows of its data), for rounds 1..T."""
+
+
+def _ef21_with(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, seed: int,
+               estimate: Callable[[int, int, np.ndarray, list[np.ndarray]], np.ndarray] | None = None,
+               scale: Sequence[float] | None = None, weights: Sequence[float] | None = None,
+               down: Compressor | None = None, step: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+               gmap: Callable[[np.ndarray, np.ndarray], float] | None = None) -> Trace:
+    """EF21 with the pieces the extensions change, each written out by the rule that uses it:
+    ``estimate(t, i, x, grads)`` the vector worker i compresses against (t ≥ 1; round 0 is ∇f_i(x⁰) whole);
+    ``scale`` EF21-W's 1/(n·w_i) on it; ``weights`` g = Σ w_i g_i instead of the mean; ``down`` EF21-BC's master
+    compressor; ``step(x, g, t)`` the move of x; ``gmap(x, mean ∇f)`` the logged gradient mapping."""
+    rec, x = Recorder(p), x0.copy()
+    n = p.n
+    s_i = [1.0] * n if scale is None else list(scale)
+    g_i: list[np.ndarray] = []
+    g_tilde = np.zeros(p.d)  # the workers' mean estimate (EF21-BC's g̃; plain EF21's g)
+    g = np.zeros(p.d)  # what moves x: g̃, or with BC the master's own EF21 on it
+    for t in range(T + 1):
+        grads = all_grads(p, x)
+        targets = [s_i[i] * grads[i] for i in range(n)]
+        if t == 0:
+            sent = [dense(targets[i]) for i in range(n)]
+            g_i = [v.value for v in sent]
+        else:
+            sent = []
+            for i in range(n):
+                v = s_i[i] * (grads[i] if estimate is None else estimate(t, i, x, grads))
+                sent.append(comp(v - g_i[i], worker_rng(comp, seed, i, t)))
+            g_i = [g_i[i] + sent[i].value for i in range(n)]
+        mean_grad = sum(grads) / n
+        rec.record(t, x, grads, g_i, sent, None if t == 0 else g, targets=targets,
+                   grad_map=None if gmap is None else gmap(x, mean_grad))
+        # g̃ moves by the round's messages (Σ w_i c_i with weights, else their mean), as the master adds them.
+        if weights is None:
+            # (1/n)·Σ rather than Σ/n: the same number, rounded as the master rounds it, so that EF21-BC's Top-K on
+            # g̃ − g meets its exact ties (integer data, a duplicated column) on the same side.
+            g_tilde = g_tilde + (1.0 / n) * sum(v.value for v in sent)
+        else:
+            g_tilde = g_tilde + sum(w * v.value for w, v in zip(weights, sent))
+        if down is None:
+            rec.broadcast(t, union_entries(sent))
+            g = g_tilde
+        elif t == 0:
+            rec.broadcast(t, p.d)
+            g = g_tilde.copy()
+        else:
+            b = down(g_tilde - g, None)
+            rec.broadcast(t, b.entries)
+            g = g + b.value
+        x = step(x, g, t)
+    return rec.trace
+
+
+def _plain_step(gamma: float) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
+    return lambda x, g, t: x - gamma * g
+
+
+def ef21_sgd(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, batches: Batches,
+             seed: int = 0) -> Trace:
+    """EF21-SGD (§3.6): from round 1, worker i compresses ĝ_i(x^t) − g_i with ĝ_i the mean gradient over its
+    minibatch I_i^t (the regularizer taken whole); g_i⁰ = ∇f_i(x⁰), the full gradient."""
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=_plain_step(gamma),
+                      estimate=lambda t, i, x, grads: p.grad_rows(i, x, batches[t][i]))  # type: ignore[attr-defined]
+
+
+def ef21_page(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, batches: Batches,
+              coins: dict[int, bool], seed: int = 0) -> Trace:
+    """EF21-PAGE (§3.7): v_i⁰ = g_i⁰ = ∇f_i(x⁰); from round 1, if the round's coin (one for all workers) is up,
+    v_i = ∇f_i(x^t), else v_i = v_i + ĝ_I(x^t) − ĝ_I(x^{t−1}) over the same minibatch I = I_i^t at both points;
+    then c_i = C(v_i − g_i)."""
+    v: list[np.ndarray] = []
+    prev: list[np.ndarray] = []
+
+    def estimate(t: int, i: int, x: np.ndarray, grads: list[np.ndarray]) -> np.ndarray:
+        if coins[t]:
+            v[i] = grads[i]
+        else:
+            rows = batches[t][i]
+            v[i] = v[i] + p.grad_rows(i, x, rows) - p.grad_rows(i, prev[0], rows)  # type: ignore[attr-defined]
+        if i == p.n - 1:
+            prev[0] = x.copy()
+        return v[i]
+
+    def step(x: np.ndarray, g: np.ndarray, t: int) -> np.ndarray:
+        if t == 0:
+            v.extend(all_grads(p, x))
+            prev.append(x.copy())
+        return x - gamma * g
+
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=step, estimate=estimate)
+
+
+def ef21_sgdm(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, batches: Batches, eta: float,
+              seed: int = 0) -> Trace:
+    """EF21-SGDM (§3.13): v_i⁰ = g_i⁰ = ∇f_i(x⁰); from round 1, v_i = (1 − η)v_i + η·ĝ_i(x^t) over the round's
+    minibatch, then c_i = C(v_i − g_i)."""
+    v: list[np.ndarray] = []
+
+    def estimate(t: int, i: int, x: np.ndarray, grads: list[np.ndarray]) -> np.ndarray:
+        v[i] = (1.0 - eta) * v[i] + eta * p.grad_rows(i, x, batches[t][i])  # type: ignore[attr-defined]
+        return v[i]
+
+    def step(x: np.ndarray, g: np.ndarray, t: int) -> np.ndarray:
+        if t == 0:
+            v.extend(all_grads(p, x))
+        return x - gamma * g
+
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=step, estimate=estimate)
+
+
+def ef21_bc(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, down: Compressor,
+            seed: int = 0) -> Trace:
+    """EF21-BC (§3.9): the workers' g̃_i follow EF21 with C_w; the master keeps g̃ = (1/n) Σ g̃_i and its own g,
+    broadcasts b = C_M(g̃ − g) and sets g = g + b (round 0: g⁰ = g̃⁰, sent whole); x^{t+1} = x^t − γ g."""
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, down=down, step=_plain_step(gamma))
+
+
+def ef21_hb(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, eta: float, seed: int = 0) -> Trace:
+    """EF21-HB (§3.10): g from EF21; v⁰ = g⁰, v = ηv + g after every later round; x^{t+1} = x^t − γ v (one γ)."""
+    v: list[np.ndarray] = []
+
+    def step(x: np.ndarray, g: np.ndarray, t: int) -> np.ndarray:
+        if t == 0:
+            v.append(g.copy())
+        else:
+            v[0] = eta * v[0] + g
+        return x - gamma * v[0]
+
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=step)
+
+
+def prox_box(lo: float, hi: float) -> Callable[[np.ndarray, float], np.ndarray]:
+    """prox of the indicator of [lo, hi]^d: the projection, whatever the step."""
+    return lambda y, gamma: np.minimum(np.maximum(y, lo), hi)
+
+
+def prox_l1(lam: float) -> Callable[[np.ndarray, float], np.ndarray]:
+    """prox of γλ‖·‖₁: soft thresholding at γλ."""
+    return lambda y, gamma: np.sign(y) * np.maximum(np.abs(y) - gamma * lam, 0.0)
+
+
+def ef21_prox(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor,
+              prox: Callable[[np.ndarray, float], np.ndarray], seed: int = 0) -> Trace:
+    """EF21-Prox (§3.11): x^{t+1} = prox_{γr}(x^t − γ g^t), g from EF21; logs ‖G_γ(x^t)‖² with
+    G_γ(x) = (x − prox_{γr}(x − γ∇f(x)))/γ."""
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=lambda x, g, t: prox(x - gamma * g, gamma),
+                      gmap=lambda x, grad: float(np.sum(((x - prox(x - gamma * grad, gamma)) / gamma) ** 2)))
+
+
+def ef21_w(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, weights: Sequence[float],
+           seed: int = 0) -> Trace:
+    """EF21-W (§3.12): worker i compresses ∇f_i/(n·w_i) − g_i, g = Σ w_i g_i; G measures g_i against
+    ∇f_i/(n·w_i)."""
+    n = p.n
+    return _ef21_with(p, x0, gamma, T, comp, seed=seed, step=_plain_step(gamma), weights=weights,
+                      scale=[1.0 / (n * w) for w in weights])
 
 
 # -- theory constants (method doc §4, §5), for pinned figures --------------------------------------------------------
