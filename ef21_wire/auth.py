@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from pathlib import Path
 from typing import Iterable
 
@@ -19,6 +20,28 @@ def read_credential(path: Path, flag: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+
+
+def check_cert_and_key(cert: Path, key: Path, cert_flag: str = "--tls-cert", key_flag: str = "--tls-key") -> None:
+    """A readable PEM certificate and its private key, or a one-line UserError. Checked here because gRPC's own
+    loader only logs to stderr and then fails with a message about binding or connecting."""
+    read_credential(cert, cert_flag)
+    read_credential(key, key_flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise UserError(f"{cert_flag} {cert} / {key_flag} {key}: not a PEM certificate and its private key"
+                        + (f" ({exc.reason})" if exc.reason else "")) from None
+
+
+def check_ca(path: Path, flag: str = "--tls-ca") -> None:
+    """A readable file of PEM CA certificates, or a one-line UserError."""
+    read_credential(path, flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise UserError(f"{flag} {path}: no PEM certificate in it" + (f" ({exc.reason})" if exc.reason else "")) \
+            from None
 
 
 def resolve_token(token: str | None, token_file: Path | None) -> str | None:

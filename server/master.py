@@ -9,10 +9,12 @@ import signal
 from dataclasses import dataclass
 from typing import Callable
 
+from ef21.errors import UserError
 from ef21.simulate import RoundRecord
 
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
+from .listen import check_can_listen
 from .security import ServerSecurity
 from .service import MasterService, max_worker_message_bytes
 from .status_http import StatusHTTPServer
@@ -47,11 +49,16 @@ class Master:
         self.listen = listen
         self.security = security or ServerSecurity()
         self.coord = Coordinator(opts, on_round=on_round)
-        self.service = MasterService(self.coord, token=self.security.token)
+        self.service = MasterService(self.coord, token=self.security.token, mutual_tls=self.security.tls_ca is not None)
         d = self.coord.d
-        self.server, self.port = build_server(
-            self.service.handler(), f"{listen.host}:{listen.port}", credentials=self.security.grpc_credentials(),
-            max_message=None if d is None else max_worker_message_bytes(d))
+        credentials = self.security.grpc_credentials()
+        self._check_ports()
+        try:
+            self.server, self.port = build_server(
+                self.service.handler(), f"{listen.host}:{listen.port}", credentials=credentials,
+                max_message=None if d is None else max_worker_message_bytes(d))
+        except OSError as exc:
+            raise UserError(f"--port {listen.port}: {exc}") from None
         self.http: StatusHTTPServer | None = None
         if listen.status_port is not None:
             self.http = StatusHTTPServer(
@@ -60,6 +67,16 @@ class Master:
                 ssl=self.security.http_ssl_context())
         self._engine: asyncio.Task | None = None
         self._stopping = False
+
+    def _check_ports(self) -> None:
+        lo = self.listen
+        check_can_listen(lo.host, lo.port, "--port")
+        if lo.status_port is not None:
+            status_host = lo.status_host or lo.host
+            if lo.status_port == lo.port != 0 and status_host == lo.host:
+                raise UserError(f"--status-port {lo.status_port} is the gRPC port too; give them different ports")
+            check_can_listen(status_host, lo.status_port, "--status-port",
+                             "--host" if lo.status_host is None else "--status-host")
 
     @property
     def address(self) -> str:
@@ -70,9 +87,15 @@ class Master:
             log.warning("listening on %s without TLS: traffic%s is readable on the network%s", self.address,
                         " and the run token" if self.security.token else "",
                         "" if self.security.token else " and anyone who can reach this port can join the run")
-        await self.server.start()
-        if self.http is not None:
-            await self.http.start()
+        try:
+            if self.http is not None:
+                await self.http.start()
+            await self.server.start()
+        except OSError as exc:  # lost a race for a port checked free a moment ago
+            await self.server.stop(None)
+            if self.http is not None:
+                await self.http.stop()
+            raise UserError(f"cannot listen: {exc.strerror or exc}") from None
         self._engine = asyncio.create_task(self.coord.run(), name="round-engine")
         log.info("master listening on %s%s", self.address,
                  "" if self.http is None else f", status on http://{self.listen.status_host or self.listen.host}:"
@@ -97,8 +120,11 @@ class Master:
         if self.http is not None:
             await self.http.stop()
 
-    async def serve(self) -> int:
-        """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status."""
+    async def serve(self, *, linger: bool = False) -> int:
+        """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status.
+
+        ``linger``: once the run has ended, keep serving (the status, and the run's end to workers that come
+        late) until a signal — for schedulers that restart a process that exits (a Kubernetes StatefulSet)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,6 +137,9 @@ class Master:
         signalled = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if linger and not stop.is_set():
+                log.info("run %s; serving its status until stopped (--linger)", self.coord.state)
+                await signalled
         finally:
             done.cancel()
             signalled.cancel()

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from ef21.codec import CodecError, decode, encode, fits_float32
 from ef21.config import RunConfig
 from ef21.data import Dataset, fingerprint, load_dataset
+from ef21.errors import UserError
 from ef21.engine import WorkerNode, WorkerReport
 from ef21.sparse import SparseVector
 from ef21.methods import Downlink
@@ -207,6 +208,9 @@ async def run_worker(opts: WorkerOptions) -> str:
             reply = await join_with_backoff(stub, opts)
             if reply.ended:
                 return reply.ended  # e.g. the Stop was lost with a broken stream: the run is over all the same
+            if rank >= reply.workers:
+                raise UserError(f"--rank {rank} is out of range: the run has {reply.workers} workers "
+                                f"(ranks 0..{reply.workers - 1})")
             cfg = RunConfig.from_dict(json.loads(reply.config_json))
             if opts.data is not None:
                 cfg = dataclasses.replace(cfg, data=opts.data)
