@@ -1,5 +1,6 @@
 """A read-only HTTP endpoint: GET /status (JSON) and GET /healthz. Plain asyncio, HTTP/1.1, one request per
-connection; it reads at most a few KiB from a client and gives up on slow ones."""
+connection; it reads at most a few KiB from a client and gives up on slow ones. With a token, /status requires it
+and /healthz does not (see ``_handle``)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,12 @@ class StatusHTTPServer:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split()
+            # /healthz answers without the token: probes (Docker, Kubernetes) carry none, and it tells only
+            # whether the master is up and its run not failed.
+            health = len(parts) == 3 and parts[1].split("?", 1)[0] == "/healthz"
             if len(parts) != 3:
                 await self._reply(writer, 400, {"error": "bad request line"})
-            elif self._token is not None and not self._authorized(head):
+            elif self._token is not None and not health and not self._authorized(head):
                 log.warning("unauthenticated status request from %s", writer.get_extra_info("peername"))
                 await self._reply(writer, 401, {"error": "missing or wrong run token"})
             elif parts[0] not in ("GET", "HEAD"):
