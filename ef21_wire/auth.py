@@ -51,6 +51,15 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     if token_file is not None:
         try:
             token = token_file.read_text().strip()
+        except PermissionError as exc:
+            # In a container the reader's uid is often not the file owner's: say both (see README, compose).
+            try:
+                st = token_file.stat()
+                owner = f", the file belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}"
+            except OSError:
+                owner = ""
+            raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror}: this process runs as uid "
+                            f"{os.getuid()}{owner})") from None
         except OSError as exc:
             raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
         if not token:

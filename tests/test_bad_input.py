@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -215,3 +216,25 @@ def test_bad_input_is_one_line_and_exit_2(results, busy_port, command, case, arg
     if (command, case) not in results:
         pytest.skip("openssl is needed to make a certificate")
     check_one_line(results[(command, case)], command, *_args(needles, busy_port))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_token_file_of_another_user_says_whose_it_is():
+    """What a container meets when the secret's owner is not its uid (docker compose bind-mounts it as it is)."""
+    folder = Path(tempfile.mkdtemp(prefix="ef21-token-"))  # pytest's own folders are root's alone (0700)
+    folder.chmod(0o755)
+    token = folder / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    os.chown(token, 4242, 4242)
+    as_other = ["setpriv", "--reuid", "1234", "--regid", "1234", "--clear-groups", sys.executable]
+    try:
+        if subprocess.run([*as_other, "-c", "import ef21"], capture_output=True, cwd="/").returncode != 0:
+            pytest.skip("uid 1234 cannot run this Python (its folders are root's alone)")
+        p = subprocess.run([*as_other, "-m", "ef21.cli", "worker", "--master", "127.0.0.1:1", "--token-file",
+                            str(token)], capture_output=True, text=True, timeout=TIMEOUT_S, cwd="/")
+    finally:
+        shutil.rmtree(folder)
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f"ef21 worker: error: --token-file {token}: cannot read (Permission denied: this process runs as uid 1234, "
+        f"the file belongs to uid 4242 with mode 600)"]
