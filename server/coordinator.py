@@ -448,10 +448,14 @@ class Coordinator:
             return False
         if len(self.updates) >= self.min_workers and (timed_out or self._evals_in()):
             return True
-        if timed_out:  # only then is --min-workers what holds the round (else it is an Eval still on its way)
+        # Only --min-workers is worth a word; enough contributions with an Eval still on its way is a healthy round.
+        if timed_out:
             self.state_detail = (f"round {self.round}: {len(self.updates)} of {self.n} contributions after the "
                                  f"{self.opts.round_timeout:g} s timeout; waiting for at least {self.min_workers} "
                                  f"(--min-workers)")
+        elif len(self.updates) < self.min_workers:
+            self.state_detail = (f"round {self.round}: {len(self.updates)} of {self.n} contributions, the other "
+                                 f"ranks have no worker; waiting for at least {self.min_workers} (--min-workers)")
         return False
 
     async def _collect_round(self) -> None:
