@@ -181,7 +181,7 @@ def command_line(command: str, case: str, args: list[str]) -> list[str]:
 def live_master(files):
     """A real master (2 workers, mushrooms) for the worker cases that only a master can reveal."""
     p = subprocess.Popen([sys.executable, "-m", "ef21.cli", "master", "--port", "0", "--status-port", "-1",
-                          "--workers", "2", "--rounds", "3", "--join-timeout", "120"], cwd=files,
+                          "--workers", "2", "--rounds", "3", "--join-timeout", "600"], cwd=files,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
@@ -206,8 +206,11 @@ def results(files, busy_port, live_master) -> dict[tuple[str, str], tuple[int, s
             continue
         args = [a.replace("{busy}", str(busy_port)).replace("{master}", live_master) for a in args]
         jobs[(command, case)] = command_line(command, case, args)
+    # The cases that need the live master first, while it surely still waits for its workers.
+    order = sorted(jobs, key=lambda key: "{master}" not in " ".join(dict(
+        ((c, k), a) for c, k, a, _ in MATRIX)[key]))
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {key: pool.submit(run_cli, argv, files) for key, argv in jobs.items()}
+        futures = {key: pool.submit(run_cli, jobs[key], files) for key in order}
         return {key: f.result() for key, f in futures.items()}
 
 
