@@ -1,7 +1,10 @@
 # One image for both roles: `ef21 master ...` or `ef21 worker ...` (see docker-compose.yml).
-FROM python:3.11-slim
+# BASE: any image with Python >= 3.11 and pip (tests/test_compose_e2e.py builds on a local one: no registry there).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# MPLCONFIGDIR: compose runs the containers as the invoking user's uid, which has no home in the image.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MPLCONFIGDIR=/tmp/matplotlib
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ef21 ./ef21

@@ -421,15 +421,16 @@ class SparseSpec:
 
 # -- by name or path ---------------------------------------------------------------------------------------------
 
-def data_info(spec: str, *, problem: str = "logreg") -> DataInfo:
-    """The facts of a dataset by name or path, without holding its rows in memory (files are scanned once)."""
+def data_info(spec: str, *, problem: str = "logreg", loaded: Dataset | None = None) -> DataInfo:
+    """The facts of a dataset by name or path, without holding its rows in memory (files are scanned once).
+    ``loaded``: the dataset already in memory (a shipped or synthetic one), to take its facts from."""
     if spec in BUILTIN:
-        ds = load_builtin(spec)
+        ds = loaded or load_builtin(spec)
         return DataInfo(spec, ds.n_rows, ds.d, BUILTIN[spec][1][:16], tuple(np.unique(ds.y)), _nnz(ds.A))
     if spec.startswith(SPARSE_PREFIX):
         return SparseSpec.parse(spec).info()
     if spec.startswith("synthetic:"):
-        ds = synthetic_from_spec(spec, problem)
+        ds = loaded or synthetic_from_spec(spec, problem)
         return DataInfo(ds.name, ds.n_rows, ds.d, hashlib.sha256(f"{ds.name}:{problem}".encode()).hexdigest()[:16])
     path = Path(spec)
     if path.suffix == ".npz":

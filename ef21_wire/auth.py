@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +22,28 @@ def read_credential(path: Path, flag: str) -> bytes:
         raise UserError(f"{flag} {path}: cannot read ({exc.strerror})") from None
 
 
+def check_cert_and_key(cert: Path, key: Path, cert_flag: str = "--tls-cert", key_flag: str = "--tls-key") -> None:
+    """A readable PEM certificate and its private key, or a one-line UserError. Checked here because gRPC's own
+    loader only logs to stderr and then fails with a message about binding or connecting."""
+    read_credential(cert, cert_flag)
+    read_credential(key, key_flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise UserError(f"{cert_flag} {cert} / {key_flag} {key}: not a PEM certificate and its private key"
+                        + (f" ({exc.reason})" if exc.reason else "")) from None
+
+
+def check_ca(path: Path, flag: str = "--tls-ca") -> None:
+    """A readable file of PEM CA certificates, or a one-line UserError."""
+    read_credential(path, flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise UserError(f"{flag} {path}: no PEM certificate in it" + (f" ({exc.reason})" if exc.reason else "")) \
+            from None
+
+
 def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     """--token, else --token-file (e.g. a Docker/Kubernetes secret), else $EF21_TOKEN, else None."""
     if token and token_file:
@@ -28,6 +51,15 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
     if token_file is not None:
         try:
             token = token_file.read_text().strip()
+        except PermissionError as exc:
+            # In a container the reader's uid is often not the file owner's: say both (see README, compose).
+            try:
+                st = token_file.stat()
+                owner = f", the file belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}"
+            except OSError:
+                owner = ""
+            raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror}: this process runs as uid "
+                            f"{os.getuid()}{owner})") from None
         except OSError as exc:
             raise UserError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
         if not token:

@@ -12,17 +12,21 @@ from typing import Sequence
 from ef21.cliargs import add_config_args, add_output_args, config_from_args
 from ef21.config import RunConfig
 from ef21.errors import UserError
+from ef21.runlog import ensure_parent
 from ef21_wire import eventloop
 from ef21_wire.auth import resolve_token
 from ef21_wire.eventloop import EVENT_LOOPS
 from ef21_worker.channel import add_client_security_args, client_security_from_args
 
+from . import checkpoint
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
 from .security import ServerSecurity
 
 
 DEFAULT_MASTER = "127.0.0.1:50051"
+EXIT_JOIN_TIMEOUT = 4
+"""The workers did not come within --join-timeout (distinct from 1, a run that failed, and 2, bad input)."""
 
 
 def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
@@ -56,8 +60,19 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
     r.add_argument("--checkpoint-every", type=int, default=100, metavar="R")
     r.add_argument("--resume", type=Path, default=None, metavar="PATH",
                    help="continue the run saved in this checkpoint (PATH.prev if PATH is corrupt)")
+    r.add_argument("--resume-if-exists", action="store_true",
+                   help="continue from --checkpoint if it (or its .prev) exists, else start the run: for a master "
+                        "that a scheduler restarts (a finished run is then reported done, not run again)")
+    r.add_argument("--join-timeout", type=float, default=600.0, metavar="S",
+                   help="fail with exit status %d when the workers have not all come S seconds after the start "
+                        "(a resumed run: when no round has closed by then); default 600" % EXIT_JOIN_TIMEOUT)
+    if not local:
+        r.add_argument("--linger", action="store_true",
+                       help="once the run has ended, keep serving its status (and its end to late workers) until "
+                            "SIGTERM: for schedulers that restart a master that exits (Kubernetes)")
     r.add_argument("--max-faults", type=int, default=3,
-                   help="bad messages from one host before it may no longer join (default 3)")
+                   help="bad messages from one client before it may no longer join (default 3); a client is its "
+                        "certificate under mutual TLS (--tls-ca), else its host")
     r.add_argument("--master-rows", default="full", choices=("full", "float32", "none"),
                    help="how the master keeps every worker's g_i (n x d): full (exact hand-over and checkpoints; "
                         "default), float32 (half the memory; a replacement gets g_i rounded) or none (no hand-over, "
@@ -86,13 +101,26 @@ def resumed_config(ns: argparse.Namespace) -> RunConfig:
 
 
 def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions, ServerSecurity]:
+    if ns.resume_if_exists:
+        if ns.checkpoint is None:
+            raise UserError("--resume-if-exists needs --checkpoint PATH (the checkpoint to look for)")
+        if ns.resume is not None:
+            raise UserError("give --resume PATH or --resume-if-exists, not both")
+        if ns.checkpoint.exists() or checkpoint.previous_path(ns.checkpoint).exists():
+            ns.resume = ns.checkpoint
     cfg = resumed_config(ns) if ns.resume is not None else config_from_args(ns)
     if ns.plot is not None and ns.log is None:
         ns.log = ns.plot.with_suffix(".jsonl")
+    # The run's files are written at the end; a folder that cannot exist is bad input now, not then.
+    for flag in ("--out", "--plot", "--checkpoint", "--save-iterates"):
+        path = getattr(ns, flag[2:].replace("-", "_"))
+        if path is not None:
+            ensure_parent(path, flag)
     mo = MasterOptions(cfg, eval_every=ns.eval_every, checksum_every=ns.checksum_every, log=ns.log, out=ns.out,
                        plot=ns.plot, save_iterates=ns.save_iterates, round_timeout=ns.round_timeout,
                        min_workers=ns.min_workers, checkpoint=ns.checkpoint, checkpoint_every=ns.checkpoint_every,
-                       resume=ns.resume, max_faults=ns.max_faults, master_rows=ns.master_rows)
+                       resume=ns.resume, max_faults=ns.max_faults, join_timeout=ns.join_timeout,
+                       require_data=ns.command == "run", master_rows=ns.master_rows)
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
     sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),
@@ -123,10 +151,15 @@ def cmd_master(ns: argparse.Namespace) -> int:
 
     async def main() -> int:
         master = Master(mo, lo, security=sec)
-        print(f"ef21 master: run {master.coord.run_id}, listening on {master.address}; "
-              f"waiting for {mo.config.workers} workers", flush=True)
-        rc = await master.serve()
+        c = master.coord
+        print(f"ef21 master: run {c.run_id}, listening on {master.address}; "
+              + (f"resumed from {c.resumed_from}; " if c.resumed_from else "")
+              + f"waiting for {mo.config.workers} workers", flush=True)
+        rc = await master.serve(linger=ns.linger)
         print_summary(master)
+        if c.stop_reason == "join-timeout":
+            print(f"ef21 master: error: {c.stop_message}", file=sys.stderr)
+            return EXIT_JOIN_TIMEOUT
         return rc
 
     return eventloop.run(main(), ns.event_loop)

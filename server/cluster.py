@@ -15,7 +15,7 @@ from ef21_wire.auth import TOKEN_ENV
 from ef21.progress import Progress
 from ef21.simulate import RoundRecord
 
-from .cli import print_summary
+from .cli import EXIT_JOIN_TIMEOUT, print_summary
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
 from .security import ServerSecurity
@@ -168,6 +168,9 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         print(f"ef21 run: {failure}; run stopped at round {master.coord.round}", file=sys.stderr)
         return 130 if failure == "interrupted" else 1
     print_summary(master)
+    if master.coord.stop_reason == "join-timeout":
+        print(f"ef21 run: error: {master.coord.stop_message}", file=sys.stderr)
+        return EXIT_JOIN_TIMEOUT
     if master.coord.stop_reason == "diverged":
         print(f"error: {master.coord.stop_message}; try a smaller --stepsize-mult", file=sys.stderr)
         return 3

@@ -28,7 +28,7 @@ from ef21.estimators import batch_size_for
 from ef21.engine import MasterNode, participants
 from ef21.errors import UserError
 from ef21.methods import Downlink, Message, make_method
-from ef21.plan import Plan, make_plan
+from ef21.plan import Plan, make_plan, resolve_downlink, resolve_method
 from ef21.problem import (
     global_power_iteration, global_smoothness_from_diagonals, global_smoothness_from_grams, quadratic_fingerprint,
     smoothness_from_lambda, sum_in_rank_order,
@@ -45,6 +45,7 @@ from ef21_wire.serde import dense_to_proto, encoded_from_proto, round_result_to_
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import checkpoint
+from .bans import Bans, peer_host
 from .session import EvalInfo, Refusal, SetupInfo, WorkerSession
 
 # --master-rows: how the master keeps every worker's g_i (for hand-over and checkpoints).
@@ -75,12 +76,23 @@ class MasterOptions:
     resume: Path | None = None
     """Continue the run saved in this checkpoint (or its ``.prev`` if it is corrupt)."""
     max_faults: int = 3
-    """Refused messages from one host before that host may no longer join."""
+    """Refused messages from one client (its certificate under mutual TLS, else its host) before it may no longer
+    join."""
     master_rows: str = "full"
     """How the master keeps every worker's g_i (n × d): ``full`` (float64: exact hand-over and checkpoints),
     ``float32`` (half the memory; a replacement worker or a resumed run gets g_i rounded to float32, so it
     continues close to, not exactly on, the uninterrupted run) or ``none`` (no rows: a lost worker's rank cannot
     be handed over and there are no checkpoints)."""
+    join_timeout: float | None = 600.0
+    """Fail the run (``join-timeout``) when the workers have not all come this many seconds after the start (a
+    resumed run: when no round has closed by then). None waits for ever."""
+    require_data: bool = False
+    """The master must load the data itself (``ef21 run``: its workers read the same files)."""
+
+
+# Stop reasons after which a run is over for good: resuming its final checkpoint with the same stopping rule has
+# nothing left to do. A run stopped by a signal ("stopped") goes on when resumed.
+FINISHED_REASONS = ("rounds", "tol")
 
 
 class Coordinator:
@@ -89,6 +101,8 @@ class Coordinator:
             raise UserError("--eval-every, --checksum-every and --checkpoint-every must be >= 1")
         if opts.round_timeout is not None and not opts.round_timeout > 0:
             raise UserError(f"--round-timeout must be positive, got {opts.round_timeout}")
+        if opts.join_timeout is not None and not opts.join_timeout > 0:
+            raise UserError(f"--join-timeout must be positive, got {opts.join_timeout:g}")
         self.opts = opts
         self.cfg = opts.config
         self.n = self.cfg.workers
@@ -124,7 +138,7 @@ class Coordinator:
         self.evals: dict[int, EvalInfo] = {}
         self.missing_in: dict[int, list[int]] = {}  # round → ranks left out (for late messages and the log)
         self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
-        self.faults: dict[str, int] = {}  # host → refused messages
+        self.bans = Bans(opts.max_faults)
         self.done = asyncio.Event()
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
@@ -153,12 +167,19 @@ class Coordinator:
         self._iterates: list[np.ndarray] = []
         self._L_i: list[float] | None = None
         self._n_samples: list[int | None] = [None] * self.n
+        self.finished_before: str | None = None  # the stop message of a finished run this master resumed
+        self.rounds_closed = 0  # by this process (a resumed run's workers have come once one closes)
         log_offset: int | None = None
         if opts.resume is not None:
             log_offset = self._resume(opts.resume)
         else:
             self.reference = self._reference_data()
             self.d = None if self.reference is None or not self.reference[1] else self.reference[1]
+            if self.d is not None:
+                # Everything that d decides is checked now, not when the workers have come (exit 2 at once).
+                resolve_method(self.cfg, self.d)
+                resolve_downlink(self.cfg, self.d)
+                make_x0(self.cfg.x0, self.d)
         self._check_batches()
         self._writer = JsonlWriter(opts.log, offset=log_offset)
         method = make_method(self.cfg.method)
@@ -186,6 +207,9 @@ class Coordinator:
         try:
             info = data_info(cfg.data, problem=cfg.problem)
         except UserError as exc:
+            # A file that is not here is the workers' business; one that is here but unreadable is a mistake.
+            if self.opts.require_data or Path(cfg.data).exists():
+                raise
             log.info("master has no copy of the data (%s); the first worker's fingerprint is the reference", exc)
             return None
         if info.n_rows < self.n:
@@ -249,11 +273,16 @@ class Coordinator:
         self.state = "running"
         self.resumed_from = f"{used} (round {self.round})"
         self.state_detail = f"resumed from {self.resumed_from}; waiting for workers"
+        ended = meta.get("ended")
+        if ended and ended["reason"] in FINISHED_REASONS and (saved.rounds, saved.tol) == (self.cfg.rounds,
+                                                                                          self.cfg.tol):
+            # Finished before a restart (e.g. a rescheduled pod): nothing to run again, and no worker to wait for.
+            self.finished_before = ended["message"]
         self.rounds_started_at = time.time()
         log.info("resumed run %s at round %d from %s", self.run_id, self.round, used)
         return meta.get("log_offset")
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, ended: tuple[str, str] | None = None) -> None:
         if self.opts.checkpoint is None or self.master is None or self.constants is None:
             return
         self._settle()
@@ -268,6 +297,8 @@ class Coordinator:
             "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
             "log_offset": self._writer.offset,
         }
+        if ended is not None:
+            meta["ended"] = {"reason": ended[0], "message": ended[1]}
         rep = self.master.replica
         extra = {} if rep.v is None else {"v": rep.v}
         if self.master.downlink is not None:
@@ -284,10 +315,9 @@ class Coordinator:
     def free_ranks(self) -> list[int]:
         return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].state == "lost"]
 
-    def hello(self, msg: pb.Hello, peer: str) -> WorkerSession:
-        host = peer_host(peer)
-        if self.faults.get(host, 0) >= self.opts.max_faults:
-            raise Refusal("PERMISSION_DENIED", f"{host} sent {self.faults[host]} bad messages; it may not rejoin")
+    def hello(self, msg: pb.Hello, peer: str, identity: str | None = None) -> WorkerSession:
+        """``identity``: who the stream is charged to (see ``bans``); default its host."""
+        self.bans.admit(identity or f"host {peer_host(peer)}", self.free_ranks())
         if msg.run_id != self.run_id:
             # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
             raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({self.run_id}); join again")
@@ -389,10 +419,9 @@ class Coordinator:
         """Count a stream or call ended by a refusal (the status and /metrics show them by code)."""
         self.refused[code] = self.refused.get(code, 0) + 1
 
-    def fault(self, peer: str) -> None:
-        """A refused message: charged to the sending host (see --max-faults)."""
-        host = peer_host(peer)
-        self.faults[host] = self.faults.get(host, 0) + 1
+    def fault(self, identity: str) -> None:
+        """A refused message: charged to its sender (see ``bans`` and --max-faults)."""
+        self.bans.charge(identity)
 
     # -- rounds ----------------------------------------------------------------------------------------------------
 
@@ -605,9 +634,15 @@ class Coordinator:
             return False
         if len(self.updates) >= min(self.min_workers, len(expected)) and (timed_out or self._evals_in()):
             return True
-        self.state_detail = (f"round {self.round}: {len(self.updates)} of {len(expected)} contributions after the "
-                             f"{self.opts.round_timeout:g} s timeout; waiting for at least {self.min_workers} "
-                             f"(--min-workers)")
+        # Only --min-workers is worth a word; enough contributions with an Eval still on its way is a healthy round.
+        if timed_out:
+            self.state_detail = (f"round {self.round}: {len(self.updates)} of {len(expected)} contributions after "
+                                 f"the {self.opts.round_timeout:g} s timeout; waiting for at least "
+                                 f"{min(self.min_workers, len(expected))} (--min-workers)")
+        elif len(self.updates) < min(self.min_workers, len(expected)):
+            self.state_detail = (f"round {self.round}: {len(self.updates)} of {len(expected)} contributions, the "
+                                 f"other ranks have no worker; waiting for at least "
+                                 f"{min(self.min_workers, len(expected))} (--min-workers)")
         return False
 
     async def _collect_round(self) -> None:
@@ -664,15 +699,19 @@ class Coordinator:
     async def run(self) -> None:
         """Wait for n workers, then run rounds until the stop rule; always ends with ``done`` set."""
         try:
+            if self.finished_before is not None:
+                self._end_finished()
+                return
             while self.master is None:
-                while not self.ready.is_set():
-                    await self.ready.wait()
+                await self._wait_for_workers()
                 try:
                     await self._start()
                 except _SetupInterrupted:
                     log.warning("a worker left while L was being computed; waiting for %d workers again", self.n)
                     self.power = None
             await self._rounds()
+        except JoinTimeout as exc:
+            self._end("join-timeout", str(exc))
         except UserError as exc:
             self._end("failed", str(exc))
         except asyncio.CancelledError:
@@ -685,6 +724,36 @@ class Coordinator:
             self._writer.close()
             self.done.set()
 
+    async def _wait_for_workers(self) -> None:
+        try:
+            async with asyncio.timeout(self.opts.join_timeout):
+                while not self.ready.is_set():
+                    await self.ready.wait()
+        except TimeoutError:
+            raise JoinTimeout(self._join_timeout_message()) from None
+
+    def _join_timeout_message(self) -> str:
+        ready = sorted(r for r, s in self.sessions.items() if s.state in ("ready", "running"))
+        missing = [r for r in range(self.n) if r not in ready]
+        return (f"{len(ready)} of {self.n} workers came within --join-timeout {self.opts.join_timeout:g} s "
+                f"(no worker for rank(s) {', '.join(map(str, missing))}); are the workers started, and can they "
+                f"reach this master?")
+
+    async def _first_round_in_time(self) -> None:
+        """A resumed run: its workers must be back (the first round closed) within --join-timeout."""
+        try:
+            async with asyncio.timeout(self.opts.join_timeout):
+                await self._collect_round()
+        except TimeoutError:
+            raise JoinTimeout(self._join_timeout_message()) from None
+
+    def _end_finished(self) -> None:
+        assert self.finished_before is not None and self.master is not None
+        self.state, self.stop_reason = "done", "finished"
+        self.stop_message = self.state_detail = f"the run had finished before this restart ({self.finished_before})"
+        self.x_final = self.master.x.copy()
+        log.info("run %s: %s", self.run_id, self.stop_message)
+
     async def _rounds(self) -> None:
         """One round: collect, decide whether to stop, send the downlink, then catch up on everything that is not
         on the round's critical path (the master's own O(d) replica update, the log, checkpoints)."""
@@ -693,7 +762,11 @@ class Coordinator:
             if self.opts.save_iterates is not None:
                 self._iterates.append(self.master.x.copy())
             self.round_started_at = time.monotonic()
-            await self._collect_round()
+            if self.rounds_closed == 0 and self.resumed_from is not None:
+                await self._first_round_in_time()
+            else:
+                await self._collect_round()
+            self.rounds_closed += 1
             rec, messages = self._finish_round()
             self.latest = rec
             if rec.grad_norm_sq is not None:
@@ -774,16 +847,16 @@ class Coordinator:
             log.error("checkpoint %s not written: %s", self.opts.checkpoint, exc)
 
     def _end(self, reason: str, message: str) -> None:
-        failed = reason in ("failed", "diverged")
+        failed = reason in ("failed", "diverged", "join-timeout")
         self.state = "failed" if failed else "stopped" if reason == "stopped" else "done"
         self.stop_reason, self.stop_message = reason, message
         self.state_detail = message
         if self.master is not None:
             self._settle()
             self.x_final = self.master.x.copy()
-        if self.master is not None and reason != "failed":
+        if self.master is not None and reason not in ("failed", "join-timeout"):
             try:
-                self.save_checkpoint()
+                self.save_checkpoint(ended=(reason, message))
             except OSError as exc:
                 log.error("final checkpoint not written: %s", exc)
         raw = pb.MasterMessage(stop=pb.Stop(reason=f"{reason}: {message}", failed=failed)).SerializeToString()
@@ -817,6 +890,9 @@ class Coordinator:
     @property
     def rounds_completed(self) -> int:
         return self.round + (1 if self.state in ("done", "failed") and self.latest is not None else 0)
+    def _detail(self) -> str:
+        banned = self.bans.note(self.free_ranks()) if self.state in ("waiting", "running") else ""
+        return "; ".join(x for x in (self.state_detail, banned) if x)
 
     def status(self) -> dict:
         cfg, rec, c = self.cfg, self.latest, self.constants
@@ -828,7 +904,7 @@ class Coordinator:
         return {
             "run_id": self.run_id,
             "state": self.state,
-            "detail": self.state_detail,
+            "detail": self._detail(),
             "round": self.round,
             "rounds_completed": rounds_done,
             "rounds_planned": cfg.rounds,
@@ -852,6 +928,7 @@ class Coordinator:
             "round_timeout_s": self.opts.round_timeout,
             "min_workers": self.min_workers,
             "stale_ranks": {str(r): k for r, k in sorted(self.missed_streak.items()) if k > 0},
+            "bans": self.bans.describe(),
             "late_messages": self.late_messages,
             "refused_messages": dict(sorted(self.refused.items())),
             "endpoints": self.endpoints,
@@ -869,9 +946,8 @@ class Coordinator:
         }
 
 
-def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.5:4312' → 'ipv4:10.0.0.5' (the host a fault is charged to)."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+class JoinTimeout(Exception):
+    """The workers did not come within --join-timeout."""
 
 
 class _SetupInterrupted(Exception):

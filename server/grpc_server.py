@@ -17,6 +17,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # ceiling, well above any message of a d ≤ 2048 Gram or a dense vector of d ≤ 10^7 (80 MB).
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default: a second master on the same port would then bind too and the kernel
+    # would share the workers between the two runs. One port, one master.
+    ("grpc.so_reuseport", 0),
 ]
 
 

@@ -9,11 +9,13 @@ import signal
 from dataclasses import dataclass
 from typing import Callable
 
+from ef21.errors import UserError
 from ef21.simulate import RoundRecord
 
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
 from .history import History
+from .listen import check_can_listen
 from .metrics import CONTENT_TYPE, RoundObserver, make_registry, render
 from .security import ServerSecurity
 from .service import MasterService, max_worker_message_bytes
@@ -54,11 +56,16 @@ class Master:
         self.history = History()
         self.observer = RoundObserver(self.coord.n)
         self.registry = make_registry(self.coord, self.observer)
-        self.service = MasterService(self.coord, token=self.security.token)
+        self.service = MasterService(self.coord, token=self.security.token, mutual_tls=self.security.tls_ca is not None)
         d = self.coord.d
-        self.server, self.port = build_server(
-            self.service.handler(), f"{listen.host}:{listen.port}", credentials=self.security.grpc_credentials(),
-            max_message=None if d is None else max_worker_message_bytes(d))
+        credentials = self.security.grpc_credentials()
+        self._check_ports()
+        try:
+            self.server, self.port = build_server(
+                self.service.handler(), f"{listen.host}:{listen.port}", credentials=credentials,
+                max_message=None if d is None else max_worker_message_bytes(d))
+        except OSError as exc:
+            raise UserError(f"--port {listen.port}: {exc}") from None
         self.http: StatusHTTPServer | None = None
         if listen.status_port is not None:
             self.http = StatusHTTPServer(
@@ -83,6 +90,15 @@ class Master:
         host = self.listen.status_host or self.listen.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
         return f"{'https' if self.security.tls else 'http'}://{host}:{self.http.port}/"
+    def _check_ports(self) -> None:
+        lo = self.listen
+        check_can_listen(lo.host, lo.port, "--port")
+        if lo.status_port is not None:
+            status_host = lo.status_host or lo.host
+            if lo.status_port == lo.port != 0 and status_host == lo.host:
+                raise UserError(f"--status-port {lo.status_port} is the gRPC port too; give them different ports")
+            check_can_listen(status_host, lo.status_port, "--status-port",
+                             "--host" if lo.status_host is None else "--status-host")
 
     @property
     def address(self) -> str:
@@ -93,9 +109,15 @@ class Master:
             log.warning("listening on %s without TLS: traffic%s is readable on the network%s", self.address,
                         " and the run token" if self.security.token else "",
                         "" if self.security.token else " and anyone who can reach this port can join the run")
-        await self.server.start()
-        if self.http is not None:
-            await self.http.start()
+        try:
+            if self.http is not None:
+                await self.http.start()
+            await self.server.start()
+        except OSError as exc:  # lost a race for a port checked free a moment ago
+            await self.server.stop(None)
+            if self.http is not None:
+                await self.http.stop()
+            raise UserError(f"cannot listen: {exc.strerror or exc}") from None
         self.coord.endpoints = {"grpc": self.address}
         if self.status_url is not None:
             self.coord.endpoints["status_url"] = self.status_url
@@ -122,8 +144,11 @@ class Master:
         if self.http is not None:
             await self.http.stop()
 
-    async def serve(self) -> int:
-        """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status."""
+    async def serve(self, *, linger: bool = False) -> int:
+        """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status.
+
+        ``linger``: once the run has ended, keep serving (the status, and the run's end to workers that come
+        late) until a signal — for schedulers that restart a process that exits (a Kubernetes StatefulSet)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,6 +161,9 @@ class Master:
         signalled = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if linger and not stop.is_set():
+                log.info("run %s; serving its status until stopped (--linger)", self.coord.state)
+                await signalled
         finally:
             done.cancel()
             signalled.cancel()

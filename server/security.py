@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from ef21.errors import UserError
-from ef21_wire.auth import read_credential
+from ef21_wire.auth import check_ca, check_cert_and_key, read_credential
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,18 @@ class ServerSecurity:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    def check(self) -> None:
+        """The certificate, key and CA are readable and valid, or a one-line UserError naming the flag."""
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_cert_and_key(self.tls_cert, self.tls_key)
+        if self.tls_ca is not None:
+            check_ca(self.tls_ca)
+
     def grpc_credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls:
             return None
         assert self.tls_cert is not None and self.tls_key is not None
+        self.check()
         ca = None if self.tls_ca is None else read_credential(self.tls_ca, "--tls-ca")
         return grpc.ssl_server_credentials(
             [(read_credential(self.tls_key, "--tls-key"), read_credential(self.tls_cert, "--tls-cert"))],

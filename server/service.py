@@ -20,6 +20,7 @@ from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
 from ef21_wire.serde import read_update_fast, update_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
+from .bans import identity_of
 from .coordinator import Coordinator
 from .session import Refusal, WorkerSession
 
@@ -34,10 +35,12 @@ def max_worker_message_bytes(d: int) -> int:
 
 
 class MasterService:
-    def __init__(self, coord: Coordinator, *, token: str | None = None, handshake_timeout: float = 120.0) -> None:
+    def __init__(self, coord: Coordinator, *, token: str | None = None, handshake_timeout: float = 120.0,
+                 mutual_tls: bool = False) -> None:
         self.coord = coord
         self.token = token
         self.handshake_timeout = handshake_timeout
+        self.mutual_tls = mutual_tls  # charge faults to the client's certificate rather than its host
 
     async def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
         if self.token is None or token_matches(self.token, context.invocation_metadata()):
@@ -88,7 +91,7 @@ class MasterService:
             msg = self._parse(raw)
             if msg.WhichOneof("kind") != "hello":
                 raise Refusal("FAILED_PRECONDITION", f"first message must be Hello, got {msg.WhichOneof('kind')}")
-            session = self.coord.hello(msg.hello, context.peer())
+            session = self.coord.hello(msg.hello, context.peer(), identity_of(context, self.mutual_tls))
             session.bytes_up += len(raw)
             session.send(pb.MasterMessage(welcome=pb.Welcome(rank=session.rank, workers=self.coord.n))
                          .SerializeToString())
@@ -107,7 +110,7 @@ class MasterService:
                         r.message)
             self.coord.refuse(r.code)
             if session is not None or r.code == "INVALID_ARGUMENT":
-                self.coord.fault(context.peer())
+                self.coord.fault(identity_of(context, self.mutual_tls))
             if session is not None:
                 self.coord.lost(session, r.message)
             await context.abort(getattr(grpc.StatusCode, r.code), r.message)

@@ -8,7 +8,8 @@ under a millisecond.
 
 With ``--status-token`` the data paths need ``Authorization: Bearer TOKEN``; the page and its static files do
 not (they hold no run data), and the page sends the token it was given in its URL fragment (``/#token=…``,
-which browsers never send to the server) with each of its requests.
+which browsers never send to the server) with each of its requests. ``/healthz`` needs no token either: probes
+(Docker, Kubernetes) carry none, and it tells only whether the master is up and its run not failed.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class StatusHTTPServer:
         if path in self._static:
             body, ctype = self._static[path]
             return await self._reply(writer, 200, body, ctype, head_only=head_only, extra=PAGE_HEADERS)
-        if self._token is not None and not self._authorized(head):
+        if self._token is not None and path != "/healthz" and not self._authorized(head):
             log.warning("unauthenticated status request from %s", writer.get_extra_info("peername"))
             return await self._reply(writer, 401, _json_bytes({"error": "missing or wrong run token"}),
                                      extra='WWW-Authenticate: Bearer realm="ef21"\r\n')

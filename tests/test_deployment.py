@@ -145,3 +145,23 @@ def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
     np.testing.assert_array_equal(xs, np.array(sim.xs))
     rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert rows[-1]["f"] == sim.records[-1].f
+
+
+def test_compose_example_reaches_its_own_tol():
+    """The compose run, replayed by the simulator (the service reproduces it bit for bit): it must stop on --tol,
+    not run out of rounds (with the paper's 1024x for n = 20 it levels off near 1e-2 with 4 workers)."""
+    from ef21.cliargs import config_from_args
+
+    m = parse_command(compose()["services"]["master"]["command"])
+    result = simulate(config_from_args(m))
+    assert result.stop_reason == "tol" and result.records[-1].round < m.rounds / 2, result.message
+
+
+def test_compose_runs_as_the_invoking_user_and_never_pulls_the_worker():
+    services = compose()["services"]
+    for svc in ("master", "worker"):
+        # The token file may be 0600 and ./runs stays the user's: both containers run as the user in .env.
+        assert services[svc]["user"] == "${UID:-1000}:${GID:-1000}"
+    assert services["worker"]["pull_policy"] == "never"
+    m = parse_command(services["master"]["command"])
+    assert 0 < m.join_timeout <= 600

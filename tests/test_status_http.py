@@ -98,9 +98,12 @@ async def test_dashboard_files_history_and_the_status_token():
             code, _, body = await asyncio.to_thread(get, base + path)
             assert code == 200 and body
         assert (await asyncio.to_thread(get, base + "/static/vendor/uplot.lock.json"))[0] == 401  # not served
-        for path in ("/status", "/history?since=-1", "/metrics", "/healthz"):
+        for path in ("/status", "/history?since=-1", "/metrics"):
             code, headers, _ = await asyncio.to_thread(get, base + path)
             assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
+        # /healthz answers probes, which carry no token; it says only up or failed.
+        code, _, body = await asyncio.to_thread(get, base + "/healthz")
+        assert code == 200 and set(json.loads(body)) == {"ok", "state"}
         auth = {"Authorization": "Bearer tok"}
         code, _, body = await asyncio.to_thread(get, base + "/history?since=-1", auth)
         doc = json.loads(body)

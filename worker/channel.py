@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from ef21.errors import UserError
-from ef21_wire.auth import read_credential, token_metadata
+from ef21_wire.auth import check_ca, check_cert_and_key, read_credential, token_metadata
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # A worker may wait minutes for a slow round; pings keep NATs from dropping the connection and detect a
@@ -42,6 +42,16 @@ class ClientSecurity:
     @property
     def tls(self) -> bool:
         return self.tls_ca is not None or self.tls_cert is not None
+
+    def check(self) -> None:
+        """Certificates and key readable and valid, or a one-line UserError naming the flag (gRPC's own loader
+        only logs to stderr, and the worker would then report an unreachable master)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UserError("--tls-cert and --tls-key go together")
+        if self.tls_ca is not None:
+            check_ca(self.tls_ca)
+        if self.tls_cert is not None and self.tls_key is not None:
+            check_cert_and_key(self.tls_cert, self.tls_key)
 
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         return token_metadata(self.token)
@@ -79,5 +89,7 @@ def add_client_security_args(p) -> None:  # type: ignore[no-untyped-def]
 def client_security_from_args(ns) -> ClientSecurity:  # type: ignore[no-untyped-def]
     from ef21_wire.auth import resolve_token
 
-    return ClientSecurity(ns.tls_ca, ns.tls_cert, ns.tls_key, ns.tls_server_name,
-                          resolve_token(ns.token, ns.token_file))
+    security = ClientSecurity(ns.tls_ca, ns.tls_cert, ns.tls_key, ns.tls_server_name,
+                              resolve_token(ns.token, ns.token_file))
+    security.check()
+    return security

@@ -17,7 +17,21 @@ from .channel import add_client_security_args, client_security_from_args
 from .client import WorkerFailure, WorkerOptions, run_worker
 
 
+def check_master_address(target: str) -> None:
+    """HOST:PORT (or a gRPC target with a scheme, e.g. unix:PATH or dns:///HOST:PORT), else a one-line error."""
+    if target.split(":", 1)[0] in ("unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock"):
+        return
+    host, sep, port = target.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"--master {target}: expected HOST:PORT, e.g. 10.0.0.5:50051")
+
+
 def cmd_worker(ns: argparse.Namespace) -> int:
+    check_master_address(ns.master)
+    if ns.rank < -1:
+        raise UserError(f"--rank must be a rank (0, 1, ...) or -1 for any, got {ns.rank}")
+    if not ns.connect_timeout > 0:
+        raise UserError(f"--connect-timeout must be positive, got {ns.connect_timeout:g}")
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, objective=ns.objective,

@@ -120,7 +120,7 @@ def load_worker_data(cfg: RunConfig) -> WorkerData:
         return WorkerData(info.fingerprint, info.d if d_known else 0, info.n_rows, info=info,
                           objective_id=objective_id)
     ds = load_dataset(cfg.data, problem=cfg.problem)
-    info = data_info(cfg.data, problem=cfg.problem)
+    info = data_info(cfg.data, problem=cfg.problem, loaded=ds)
     return WorkerData(info.fingerprint, ds.d if d_known else 0, ds.n_rows, ds=ds, objective_id=objective_id)
 
 
@@ -241,6 +241,9 @@ async def run_worker(opts: WorkerOptions) -> str:
             reply = await join_with_backoff(stub, opts)
             if reply.ended:
                 return reply.ended  # e.g. the Stop was lost with a broken stream: the run is over all the same
+            if rank >= reply.workers:
+                raise UserError(f"--rank {rank} is out of range: the run has {reply.workers} workers "
+                                f"(ranks 0..{reply.workers - 1})")
             cfg = RunConfig.from_dict(json.loads(reply.config_json))
             if opts.data is not None:
                 cfg = dataclasses.replace(cfg, data=opts.data)
