@@ -122,7 +122,11 @@ def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     try:
         from ef21_server.cli import register as register_server
         from ef21_worker.cli import register as register_worker
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        # Only the service's own packages may be absent (a core-only install); anything else they fail to import
+        # is a broken install that must say so, not turn into "invalid choice: 'master'".
+        if exc.name not in ("ef21_server", "ef21_worker"):
+            raise
         return []
     return [register_server, register_worker]
 
