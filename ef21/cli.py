@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from .cliconfig import add_config_flag, parse_command_line, print_config
 from .errors import UserError
 from .runlog import ensure_parent
 
@@ -35,6 +36,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from .simulate import constants_for, resolve_method, simulate
     from .problem import build_problem
 
+    print_config(ns)
     cfg = config_from_args(ns)
     problem = build_problem(cfg)
     method, comp = resolve_method(cfg, problem.d)
@@ -71,6 +73,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plotting import plot_logs
 
+    if ns.config is not None:  # stdout is the command's own output; say what the file set on stderr
+        print_config(ns, file=sys.stderr)
     plot_logs(ns.logs, ns.output, x_axis=ns.x, labels=ns.labels, title=ns.title)
     print(f"wrote {ns.output}")
     return 0
@@ -95,6 +99,7 @@ def build_parser() -> ArgumentParser:
 
     for register in _service_commands():
         register(sub)
+    add_config_flag(p)
     return p
 
 
@@ -109,8 +114,7 @@ def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_command_line(build_parser, argv)
     try:
         return int(ns.func(ns) or 0)
     except UserError as exc:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ef21.cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from ef21.cliconfig import effective_config, explicit_dests, print_config
+from ef21.cliconfig import info as cli_info
 from ef21.config import RunConfig
 from ef21.errors import UserError
 from ef21_wire import eventloop
@@ -66,17 +68,26 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
 
 
 def resumed_config(ns: argparse.Namespace) -> RunConfig:
-    """With --resume, the run's configuration comes from the checkpoint; flags given on the command line must
-    agree with it (only --rounds and --tol may change), which the coordinator checks."""
-    from ef21.cli import build_parser
-
+    """With --resume, the run's configuration is the checkpoint's. Flags given explicitly (on the command line or
+    in the config file) must agree with it, even where they repeat a default: only --rounds and --tol may change.
+    The options left out take the checkpoint's values, written back into ``ns`` so that the effective
+    configuration shows what runs."""
     from .checkpoint import load_latest
 
-    saved = RunConfig.from_dict(load_latest(ns.resume)[0].meta["config"]).to_dict()
-    given = config_from_args(ns).to_dict()
-    defaults = config_from_args(build_parser().parse_args([ns.command])).to_dict()
-    merged = {k: (given[k] if given[k] != defaults[k] else saved[k]) for k in saved}
-    return RunConfig.from_dict(merged)
+    ckpt, used, _ = load_latest(ns.resume)
+    saved = RunConfig.from_dict(ckpt.meta["config"]).to_dict()
+    explicit = explicit_dests(ns)
+    for dest, value in saved.items():
+        if dest not in explicit and hasattr(ns, dest):
+            setattr(ns, dest, value)
+    cfg = config_from_args(ns).to_dict()
+    differ = [k for k in saved if k not in ("rounds", "tol") and cfg[k] != saved[k]]
+    if differ:
+        flag = {dest: key for key, dest in (cli_info(ns).keys.items() if cli_info(ns) else ())}
+        raise UserError(f"--resume {used}: the checkpoint is of another run: " + ", ".join(
+            f"--{flag.get(k, k)} {cfg[k]} (checkpoint: {saved[k]})" for k in differ)
+            + "; only --rounds and --tol may change on resume")
+    return RunConfig.from_dict(cfg)
 
 
 def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions, ServerSecurity]:
@@ -86,7 +97,7 @@ def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions
     mo = MasterOptions(cfg, eval_every=ns.eval_every, checksum_every=ns.checksum_every, log=ns.log, out=ns.out,
                        plot=ns.plot, save_iterates=ns.save_iterates, round_timeout=ns.round_timeout,
                        min_workers=ns.min_workers, checkpoint=ns.checkpoint, checkpoint_every=ns.checkpoint_every,
-                       resume=ns.resume, max_faults=ns.max_faults)
+                       resume=ns.resume, max_faults=ns.max_faults, effective_config=effective_config(ns))
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
     sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),
@@ -114,6 +125,7 @@ def print_summary(master: Master) -> None:
 def cmd_master(ns: argparse.Namespace) -> int:
     setup_logging(ns.verbose)
     mo, lo, sec = master_options(ns)
+    print_config(ns)
 
     async def main() -> int:
         master = Master(mo, lo, security=sec)
@@ -133,6 +145,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
     security = client_security_from_args(ns)
+    if ns.config is not None:  # stdout is the status itself; say what the file set on stderr
+        print_config(ns, file=sys.stderr)
 
     async def fetch() -> dict:
         async with open_channel(ns.master, security) as ch:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from ef21.cliconfig import format_config
 from ef21.errors import UserError
 from ef21_wire.auth import TOKEN_ENV
 
@@ -72,6 +73,8 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         target = f"{host}:{master.port}"
         status = "" if master.http is None else f"; status: http://{lo.status_host or host}:{master.http.port}/status"
         print(f"ef21 run: master {target}, {cfg.workers} worker processes{status}", flush=True)
+        if mo.effective_config:  # after the address line, which scripts read first
+            print(f"ef21 run: configuration: {format_config(mo.effective_config)}", flush=True)
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),

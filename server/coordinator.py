@@ -68,6 +68,9 @@ class MasterOptions:
     """Continue the run saved in this checkpoint (or its ``.prev`` if it is corrupt)."""
     max_faults: int = 3
     """Refused messages from one host before that host may no longer join."""
+    effective_config: dict | None = None
+    """Every option of the command that started the master, as it took effect (defaults, config file, command
+    line; secrets redacted): shown in the status and kept in the checkpoint."""
 
 
 class Coordinator:
@@ -199,7 +202,7 @@ class Coordinator:
             "reference": list(self.reference or ()), "constants": self.constants.__dict__,
             "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total},
             "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
-            "log_offset": self._writer.offset,
+            "log_offset": self._writer.offset, "effective_config": self.opts.effective_config,
         }
         rep = self.master.replica
         checkpoint.save(self.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, self.master.rows))
@@ -646,6 +649,7 @@ class Coordinator:
             "stale_ranks": {str(r): k for r, k in sorted(self.missed_streak.items()) if k > 0},
             "late_messages": self.late_messages,
             "resumed_from": self.resumed_from,
+            "effective_config": self.opts.effective_config,
             "latest": None if rec is None else {
                 "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,
                 "last_grad_norm_sq": self.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,
