@@ -97,6 +97,9 @@ def build_parser() -> ArgumentParser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+    from .experiments.cli import register as register_experiment
+
+    register_experiment(sub)
     for register in _service_commands():
         register(sub)
     add_config_flag(p)

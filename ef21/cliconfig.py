@@ -44,7 +44,7 @@ class CliInfo:
 
 
 @dataclass(frozen=True)
-class _Option:
+class Option:
     key: str
     action: argparse.Action
 
@@ -59,7 +59,7 @@ class _Relaxation:
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     """Give every subcommand of ``parser`` a ``--config FILE`` flag (subcommands added later get it too)."""
-    for sub in _subparsers(parser).values():
+    for sub in subcommands(parser).values():
         if not any(a.dest == CONFIG_DEST for a in sub._actions):
             sub.add_argument("--config", type=Path, default=None, metavar="FILE",
                              help="read flags from this TOML file (keys: long flag names; the command line wins)")
@@ -67,26 +67,26 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 
 def option_key(action: argparse.Action) -> str:
     longs = [s for s in action.option_strings if s.startswith("--")]
-    return _canon(longs[0][2:] if longs else action.dest)
+    return canonical_key(longs[0][2:] if longs else action.dest)
 
 
-def _canon(key: str) -> str:
+def canonical_key(key: str) -> str:
     return key.replace("_", "-")
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
             return dict(a.choices)
     return {}
 
 
-def _options(sub: argparse.ArgumentParser) -> dict[str, _Option]:
-    out: dict[str, _Option] = {}
+def command_options(sub: argparse.ArgumentParser) -> dict[str, Option]:
+    out: dict[str, Option] = {}
     for a in sub._actions:
         if isinstance(a, (argparse._HelpAction, argparse._VersionAction)) or a.dest == CONFIG_DEST:
             continue
-        out[option_key(a)] = _Option(option_key(a), a)
+        out[option_key(a)] = Option(option_key(a), a)
     return out
 
 
@@ -101,20 +101,20 @@ def parse_command_line(build_parser: Callable[[], argparse.ArgumentParser],
     if "-h" in args or "--help" in args:
         return build_parser().parse_args(args)
     first = build_parser()
-    for sub in _subparsers(first).values():
+    for sub in subcommands(first).values():
         _relax(sub, _Relaxation(suppress_defaults=True, provided={a.dest for a in sub._actions}))
     given = first.parse_args(args)
     command = given.command
     final = build_parser()
-    sub = _subparsers(final)[command]
-    options = _options(sub)
+    sub = subcommands(final)[command]
+    options = command_options(sub)
     cli_dests = {o.action.dest for o in options.values() if hasattr(given, o.action.dest)}
     path = getattr(given, CONFIG_DEST, None)
     file_values: dict[str, Any] = {}
     skipped: list[str] = []
     if path is not None:
         try:
-            file_values, skipped = values_from_file(Path(path), command, _subparsers(final))
+            file_values, skipped = values_from_file(Path(path), command, subcommands(final))
         except ConfigError as exc:
             sub.error(str(exc))
         _relax(sub, _Relaxation(suppress_defaults=False, provided=set(file_values)))
@@ -177,12 +177,12 @@ def values_from_file(path: Path, command: str,
             _merge(top, _flatten(value, f"{where} [{key}]"), f"{where} [{key}]")
         else:
             _merge(top, {key: value}, where)
-    all_keys = {k for sub in commands.values() for k in _options(sub)}
-    mine = _options(commands[command])
+    all_keys = {k for sub in commands.values() for k in command_options(sub)}
+    mine = command_options(commands[command])
     values: dict[str, Any] = {}
     skipped: list[str] = []
     for key, value in top.items():
-        k = _canon(key)
+        k = canonical_key(key)
         if k == CONFIG_DEST:
             raise ConfigError(f"{where}: key 'config' cannot be set in a config file")
         if k in mine:
@@ -192,9 +192,9 @@ def values_from_file(path: Path, command: str,
         else:
             raise ConfigError(f"{where}: unknown key '{key}' (not an option of any ef21 command)")
     for name, table in tables.items():
-        theirs = _options(commands[name])
+        theirs = command_options(commands[name])
         for key, value in table.items():
-            k = _canon(key)
+            k = canonical_key(key)
             if k not in theirs:
                 raise ConfigError(f"{where} [{name}]: unknown key '{key}' (not an option of ef21 {name})")
             converted = convert(theirs[k], value, f"{where} [{name}]")
@@ -211,12 +211,12 @@ def _flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    seen = {_canon(k): k for k in into}
+    seen = {canonical_key(k): k for k in into}
     for key, value in new.items():
-        if _canon(key) in seen:
-            raise ConfigError(f"{where}: key '{key}' is given twice (as '{seen[_canon(key)]}')")
+        if canonical_key(key) in seen:
+            raise ConfigError(f"{where}: key '{key}' is given twice (as '{seen[canonical_key(key)]}')")
         into[key] = value
-        seen[_canon(key)] = key
+        seen[canonical_key(key)] = key
 
 
 # -- values ---------------------------------------------------------------------------------------------------------
@@ -248,12 +248,12 @@ def _plural(action: argparse.Action) -> str:
     return "strings"
 
 
-def _bad(opt: _Option, where: str, value: Any, expected: str) -> ConfigError:
+def _bad(opt: Option, where: str, value: Any, expected: str) -> ConfigError:
     got = _toml_type(value) if isinstance(value, (list, dict)) else f"{_toml_type(value)} ({value!r})"
     return ConfigError(f"{where}: key '{opt.key}' must be {expected}, got {got}")
 
 
-def convert(opt: _Option, value: Any, where: str) -> Any:
+def convert(opt: Option, value: Any, where: str) -> Any:
     """A TOML value as the option's argparse value; a wrong type names the key and the type expected."""
     a = opt.action
     if isinstance(a, argparse._CountAction):
@@ -289,7 +289,7 @@ def _custom_type(a: argparse.Action) -> bool:
     return t not in (None, int, float, str) and not (isinstance(t, type) and issubclass(t, PurePath))
 
 
-def _scalar(opt: _Option, value: Any, where: str) -> Any:
+def _scalar(opt: Option, value: Any, where: str) -> Any:
     a = opt.action
     t = a.type
     if t is int:
