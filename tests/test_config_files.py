@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -274,3 +273,15 @@ def test_resume_takes_unstated_flags_from_the_checkpoint_and_may_change_the_stop
     # that round was counted. A matter of the checkpoint, not of the configuration checked here.)
     assert rows[0]["round"] == 0 and rows[-1]["round"] == 25
     assert checkpoint.load_one(tmp_path / "ck.npz").meta["effective_config"]["rounds"] == 25
+
+
+def test_the_readme_example_serves_master_and_worker(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Config files"):]
+    block = section[section.index("```toml") + len("```toml"):section.index("```", section.index("```toml") + 7)]
+    (tmp_path / "run.toml").write_text(block)
+    master = parse("master", "--config", str(tmp_path / "run.toml"))
+    assert (master.workers, master.k, master.stepsize_mult, master.host) == (8, 2, 1024.0, "0.0.0.0")
+    assert master.checkpoint == Path("runs/ck.npz") and master.tol == 1e-7
+    worker = parse("worker", "--config", str(tmp_path / "run.toml"))
+    assert worker.master == "10.0.0.1:50051" and "method" in info(worker).skipped

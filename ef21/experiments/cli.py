@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,15 @@ def cmd_experiment(ns: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"--output-dir {out}: cannot create it ({exc.strerror})") from None
     progress = Progress(sum(j.rounds + 1 for j in todo.values()), len(todo), desc=exp.name, quiet=ns.quiet)
+
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the runs are in sessions of their own: stop them, as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         outcomes = Runner(out, jobs=n_jobs).run_all(list(todo.values()), progress)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         progress.close()
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
