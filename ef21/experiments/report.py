@@ -112,6 +112,13 @@ def draw(exp: Experiment, curves: list[Curve], stem: Path) -> list[Path]:
                 if pts:
                     ax.semilogy([p[0] for p in pts], [p[1] for p in pts], label=c.job.spec.label, lw=1.4)
             ax.set_xlabel(X_LABELS[exp.x])
+            if panel.x_max is not None:
+                starts = [r[key] for c in mine for r in c.rows[:1] if r.get(key) is not None]
+                ax.set_xlim(min(starts, default=0), panel.x_max)
+                visible = [m for c in mine for r, m in zip(c.rows, c.metric)
+                           if m is not None and m > 0 and (r.get(key) or 0) <= panel.x_max]
+                if visible:
+                    ax.set_ylim(min(visible) / 2, max(visible) * 2)
             if exp.x in ("bits", "payload"):
                 ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: long counts do not collide
         else:
@@ -200,7 +207,8 @@ def write_report(exp: Experiment, curves: list[Curve], path: Path, *, invocation
           f"Definition `{exp.name}` version {exp.version}; every run through {mode}. Regenerate with:", "",
           "```bash", invocation, "```", "",
           f"![{exp.name}]({figure.name})", "",
-          f"Curves: [`{csv_path.name}`]({csv_path.name}) (one row per run and round).", ""]
+          f"Curves: [`{csv_path.name}`]({csv_path.name}) (one row per run and round). {len(curves)} runs, "
+          f"{sum(c.record.get('elapsed_s', 0.0) for c in curves) / 60:.1f} min of run time in all.", ""]
     metric = METRIC_TEXT[exp.metric]
     for panel in exp.panels:
         mine = [c for c in curves if c.job.spec.panel == panel.name]

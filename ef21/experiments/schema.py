@@ -27,6 +27,7 @@ to the simulator is usable in a definition without a change here. Layout::
     name = "phishing"
     data = "phishing"               # a shipped name, synthetic:N:D[:SEED], or a LIBSVM file name looked up in --data-dir
     note = "…"                      # shown under the panel's table (e.g. what the reference says, in its words)
+    x-max = 130000                  # curves: the figure's x axis ends here (GD's long tail would squash the rest)
     [panel.defaults]                # flags of this panel's runs
     [[panel.run]]                   # runs of this panel only
     label = "EF21 (k=1, 16×)"
@@ -58,7 +59,7 @@ RUNNER_FLAGS = ("log", "out", "plot", "quiet", "config")
 """Flags the runner sets itself (each run's log goes under the output folder); a definition may not."""
 TOP_KEYS = {"name", "version", "title", "description", "kind", "metric", "x", "thresholds", "reference-label",
             "defaults", "sweep", "run", "panel"}
-PANEL_KEYS = {"name", "data", "title", "note", "source", "defaults", "run"}
+PANEL_KEYS = {"name", "data", "title", "note", "source", "x-max", "defaults", "run"}
 RUN_KEYS = {"label", "reference"}
 
 
@@ -70,6 +71,8 @@ class Panel:
     note: str = ""
     source: str = ""
     """Where to get the data file, for the error when it is missing."""
+    x_max: float | None = None
+    """The figure's x axis ends here (the runs still go their full length, and the tables and CSV hold it all)."""
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,11 @@ def _parse(doc: dict[str, Any], path: Path) -> Experiment:
         pname = _get(p, "name", str, pw)
         if pname in {q.name for q in panels}:
             raise ConfigError(f"{pw}: panel name {pname!r} is used twice")
+        x_max = _get(p, "x-max", (int, float), pw, None)
+        if x_max is not None and not x_max > 0:
+            raise ConfigError(f"{pw}: 'x-max' must be positive, got {x_max!r}")
         panel = Panel(pname, _get(p, "data", str, pw), _get(p, "title", str, pw, pname), _get(p, "note", str, pw, ""),
-                      _get(p, "source", str, pw, ""))
+                      _get(p, "source", str, pw, ""), None if x_max is None else float(x_max))
         panels.append(panel)
         pdefaults = _flags(_get(p, "defaults", dict, pw, {}), f"{pw} defaults", options)
         own = _get(p, "run", list, pw, [])
