@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .cliargs import ArgumentParser, add_config_args, add_output_args, config_from_args
+from .cliconfig import add_config_flag, parse_command_line, print_config
 from .errors import UserError
 from .runlog import ensure_parent
 
@@ -35,6 +36,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from .simulate import plan_for, simulate
     from .problem import build_problem
 
+    print_config(ns)
     cfg = config_from_args(ns)
     if ns.eval_every < 1:
         raise UserError(f"--eval-every must be >= 1, got {ns.eval_every}")
@@ -86,6 +88,8 @@ def describe_run(cfg, compressor: str, n: int, d: int) -> str:  # type: ignore[n
 def cmd_plot(ns: argparse.Namespace) -> int:
     from .plotting import plot_logs
 
+    if ns.config is not None:  # stdout is the command's own output; say what the file set on stderr
+        print_config(ns, file=sys.stderr)
     plot_logs(ns.logs, ns.output, x_axis=ns.x, y_axis=ns.y, labels=ns.labels, title=ns.title)
     print(f"wrote {ns.output}")
     return 0
@@ -112,8 +116,12 @@ def build_parser() -> ArgumentParser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
+    from .experiments.cli import register as register_experiment
+
+    register_experiment(sub)
     for register in _service_commands():
         register(sub)
+    add_config_flag(p)
     return p
 
 
@@ -132,8 +140,7 @@ def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_command_line(build_parser, argv)
     try:
         return int(ns.func(ns) or 0)
     except UserError as exc:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ef21.cliargs import add_config_args, add_output_args, config_from_args
+from ef21.cliconfig import effective_config, explicit_dests, print_config
+from ef21.cliconfig import info as cli_info
 from ef21.config import RunConfig
 from ef21.errors import UserError
 from ef21.runlog import ensure_parent
@@ -87,17 +89,37 @@ def add_master_args(p: argparse.ArgumentParser, *, local: bool = False) -> None:
 
 
 def resumed_config(ns: argparse.Namespace) -> RunConfig:
-    """With --resume, the run's configuration comes from the checkpoint; flags given on the command line must
-    agree with it (only --rounds and --tol may change), which the coordinator checks."""
-    from ef21.cli import build_parser
-
+    """With --resume, the run's configuration is the checkpoint's. Flags given explicitly (on the command line or
+    in the config file) must agree with it, even where they repeat a default: only --rounds and --tol may change.
+    The options left out take the checkpoint's values, written back into ``ns`` so that the effective
+    configuration shows what runs."""
     from .checkpoint import load_latest
 
-    saved = RunConfig.from_dict(load_latest(ns.resume)[0].meta["config"]).to_dict()
-    given = config_from_args(ns).to_dict()
-    defaults = config_from_args(build_parser().parse_args([ns.command])).to_dict()
-    merged = {k: (given[k] if given[k] != defaults[k] else saved[k]) for k in saved}
-    return RunConfig.from_dict(merged)
+    ckpt, used, _ = load_latest(ns.resume)
+    saved = RunConfig.from_dict(ckpt.meta["config"]).to_dict()
+    explicit = explicit_dests(ns)
+    for dest, value in saved.items():
+        if dest not in explicit and hasattr(ns, dest):
+            setattr(ns, dest, value)
+    cfg = config_from_args(ns).to_dict()
+    differ = [k for k in saved if k not in ("rounds", "tol") and cfg[k] != saved[k]]
+    if differ:
+        flag = {dest: key for key, dest in (cli_info(ns).keys.items() if cli_info(ns) else ())}
+        raise UserError(f"--resume {used}: the checkpoint is of another run: " + ", ".join(
+            f"--{flag.get(k, k)} {cfg[k]} (checkpoint: {saved[k]})" for k in differ)
+            + "; only --rounds and --tol may change on resume")
+    return RunConfig.from_dict(cfg)
+
+
+def resolved_effective_config(ns: argparse.Namespace, cfg: RunConfig) -> dict:
+    """The options as they took effect: the command's, with the run configuration's values as the run resolved
+    them (a default the configuration fills in, e.g. --data's shipped mushrooms, or a resumed run's)."""
+    eff = effective_config(ns)
+    for name, value in cfg.to_dict().items():
+        key = name.replace("_", "-")
+        if key in eff:
+            eff[key] = value
+    return eff
 
 
 def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions, ServerSecurity]:
@@ -120,7 +142,8 @@ def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions
                        plot=ns.plot, save_iterates=ns.save_iterates, round_timeout=ns.round_timeout,
                        min_workers=ns.min_workers, checkpoint=ns.checkpoint, checkpoint_every=ns.checkpoint_every,
                        resume=ns.resume, max_faults=ns.max_faults, join_timeout=ns.join_timeout,
-                       require_data=ns.command == "run", master_rows=ns.master_rows)
+                       require_data=ns.command == "run", master_rows=ns.master_rows,
+                       effective_config=resolved_effective_config(ns, cfg))
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
     sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),
@@ -155,6 +178,7 @@ def cmd_master(ns: argparse.Namespace) -> int:
         print(f"ef21 master: run {c.run_id}, listening on {master.address}; "
               + (f"resumed from {c.resumed_from}; " if c.resumed_from else "")
               + f"waiting for {mo.config.workers} workers", flush=True)
+        print_config(ns)  # after the address line, which scripts read first
         rc = await master.serve(linger=ns.linger)
         print_summary(master)
         if c.stop_reason == "join-timeout":
@@ -169,6 +193,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from .status_client import fetch_grpc, fetch_url
 
     security = client_security_from_args(ns)
+    if ns.config is not None:  # stdout is the status itself; say what the file set on stderr
+        print_config(ns, file=sys.stderr)
     url = ns.url
     if ns.master is not None and ns.master.startswith(("http://", "https://")):
         url, ns.master = (url or ns.master), None  # the status URL given to --master: take it as meant

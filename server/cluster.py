@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+from ef21.cliconfig import format_config
 from ef21.errors import UserError
 from ef21_wire.auth import TOKEN_ENV
 
@@ -101,6 +102,8 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
             print(f"ef21 run: dashboard {master.status_url}" + (
                 "#token=RUN_TOKEN (--status-token: the page sends the token from the URL fragment)"
                 if sec.status_token else "") + f"; Prometheus: {master.status_url}metrics", flush=True)
+        if mo.effective_config:  # after the address line, which scripts read first
+            print(f"ef21 run: configuration: {format_config(mo.effective_config)}", flush=True)
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),

@@ -88,6 +88,9 @@ class MasterOptions:
     resumed run: when no round has closed by then). None waits for ever."""
     require_data: bool = False
     """The master must load the data itself (``ef21 run``: its workers read the same files)."""
+    effective_config: dict | None = None
+    """Every option of the command that started the master, as it took effect (defaults, config file, command
+    line; secrets redacted): shown in the status and kept in the checkpoint."""
 
 
 # Stop reasons after which a run is over for good: resuming its final checkpoint with the same stopping rule has
@@ -295,7 +298,7 @@ class Coordinator:
             "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total,
                        "down_total": self.ledger.down_total},
             "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
-            "log_offset": self._writer.offset,
+            "log_offset": self._writer.offset, "effective_config": self.opts.effective_config,
         }
         if ended is not None:
             meta["ended"] = {"reason": ended[0], "message": ended[1]}
@@ -933,6 +936,7 @@ class Coordinator:
             "refused_messages": dict(sorted(self.refused.items())),
             "endpoints": self.endpoints,
             "resumed_from": self.resumed_from,
+            "effective_config": self.opts.effective_config,
             "latest": None if rec is None else {
                 "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,
                 "last_grad_norm_sq": self.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,

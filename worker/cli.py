@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Sequence
 
+from ef21.cliconfig import print_config
 from ef21.errors import UserError
 from ef21_wire import eventloop
 from ef21_wire.eventloop import EVENT_LOOPS
@@ -34,6 +35,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         raise UserError(f"--connect-timeout must be positive, got {ns.connect_timeout:g}")
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print_config(ns)
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, objective=ns.objective,
                          connect_timeout=ns.connect_timeout, delay=ns.delay, security=client_security_from_args(ns))
     try:
