@@ -170,6 +170,8 @@ class Coordinator:
         self._iterates: list[np.ndarray] = []
         self._L_i: list[float] | None = None
         self._n_samples: list[int | None] = [None] * self.n
+        self._round_start: dict | None = None  # the counters as the round in progress began (see save_checkpoint)
+        self._pending_log: RoundRecord | None = None  # a closed round not yet logged (its log line is off the path)
         self.finished_before: str | None = None  # the stop message of a finished run this master resumed
         self.rounds_closed = 0  # by this process (a resumed run's workers have come once one closes)
         log_offset: int | None = None
@@ -279,8 +281,11 @@ class Coordinator:
         ended = meta.get("ended")
         if ended and ended["reason"] in FINISHED_REASONS and (saved.rounds, saved.tol) == (self.cfg.rounds,
                                                                                           self.cfg.tol):
-            # Finished before a restart (e.g. a rescheduled pod): nothing to run again, and no worker to wait for.
+            # Finished before a restart (e.g. a rescheduled pod): nothing to run again, and no worker to wait for;
+            # its log keeps its last round (which an extended run would redo, hence the two offsets).
             self.finished_before = ended["message"]
+            self.rounds_started_at = time.time()
+            return meta.get("log_end", meta.get("log_offset"))
         self.rounds_started_at = time.time()
         log.info("resumed run %s at round %d from %s", self.run_id, self.round, used)
         return meta.get("log_offset")
@@ -291,22 +296,33 @@ class Coordinator:
         self._settle()
         self._writer.flush()
         plan_facts = {"L_i": self._L_i, "n_samples": self._n_samples}
+        # The state saved is x at ``self.round``. If that round was already counted and logged (the final round
+        # of a run: it ends before its downlink), save the counters and the log offset from before it, so that a
+        # resumed (extended) run redoes the round once instead of counting and logging it twice.
+        counts = self._counters()
+        if self._round_start is not None and self._round_start["round"] == self.round:
+            counts = self._round_start
         meta = {
             "config": self.cfg.to_dict(), "run_id": self.run_id, "round": self.round,
             "reference": list(self.reference or ()), "constants": self.constants.__dict__, "d": self.d,
             "objective_id": self.objective_id, "plan": plan_facts,
-            "ledger": {"paper_total": self.ledger.paper_total, "payload_total": self.ledger.payload_total,
-                       "down_total": self.ledger.down_total},
-            "wire": [self.wire_up, self.wire_down, self.eval_bytes], "last_grad_norm_sq": self.last_grad_norm_sq,
-            "log_offset": self._writer.offset, "effective_config": self.opts.effective_config,
+            "ledger": {k: counts[k] for k in ("paper_total", "payload_total", "down_total")},
+            "wire": counts["wire"], "last_grad_norm_sq": self.last_grad_norm_sq,
+            "log_offset": counts["log_offset"], "effective_config": self.opts.effective_config,
         }
         if ended is not None:
             meta["ended"] = {"reason": ended[0], "message": ended[1]}
+            meta["log_end"] = self._writer.offset
         rep = self.master.replica
         extra = {} if rep.v is None else {"v": rep.v}
         if self.master.downlink is not None:
             extra["g_tilde"] = self.master.downlink.g_tilde
         checkpoint.save(self.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, self.master.rows, extra))
+
+    def _counters(self) -> dict:
+        return {"round": self.round, "paper_total": self.ledger.paper_total,
+                "payload_total": self.ledger.payload_total, "down_total": self.ledger.down_total,
+                "wire": [self.wire_up, self.wire_down, self.eval_bytes], "log_offset": self._writer.offset}
 
     # -- joining -------------------------------------------------------------------------------------------------
 
@@ -765,6 +781,7 @@ class Coordinator:
             if self.opts.save_iterates is not None:
                 self._iterates.append(self.master.x.copy())
             self.round_started_at = time.monotonic()
+            self._round_start = self._counters()
             if self.rounds_closed == 0 and self.resumed_from is not None:
                 await self._first_round_in_time()
             else:
@@ -787,8 +804,10 @@ class Coordinator:
             self._broadcast(down, rec, dropped)
             self._unapplied = down
             self.round += 1
+            self._pending_log = rec
             await asyncio.sleep(0)  # let the stream writers hand the result to gRPC before the O(d) work below
             self._settle()
+            self._pending_log = None
             self._log_round(rec)
             if self.round % self.opts.checkpoint_every == 0:
                 await self._checkpoint_safely()
@@ -854,6 +873,9 @@ class Coordinator:
         self.state = "failed" if failed else "stopped" if reason == "stopped" else "done"
         self.stop_reason, self.stop_message = reason, message
         self.state_detail = message
+        if self._pending_log is not None:  # stopped between a round's close and its log line: write it now
+            rec, self._pending_log = self._pending_log, None
+            self._log_round(rec)
         if self.master is not None:
             self._settle()
             self.x_final = self.master.x.copy()

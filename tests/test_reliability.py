@@ -262,3 +262,22 @@ def test_summary_line_of_a_run_whose_last_round_left_workers_out(capsys):
     print_summary(SimpleNamespace(coord=coord))
     out = capsys.readouterr().out
     assert "round 7: f=- |grad f|^2=- G=-" in out and "7 rounds done" in out
+
+
+def test_extending_a_finished_run_logs_and_counts_each_round_once(tmp_path):
+    """A run that ended at its --rounds, resumed with more: the final round (whose downlink was never sent) is
+    redone once — one log line per round, bits 32·k a round — and the result is the longer run's, bit for bit."""
+    ck, log, out = tmp_path / "ck.npz", tmp_path / "l.jsonl", tmp_path / "x.npy"
+    common = ["--workers", "3", "--k", "2", "--stepsize-mult", "64", "--x0", "normal:0", "-q", "--status-port", "-1",
+              "--checkpoint", str(ck), "--log", str(log), "--out", str(out)]
+    first = subprocess.run([PY, "-m", "ef21.cli", "run", *common, "--rounds", "40"], capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([PY, "-m", "ef21.cli", "run", *common, "--rounds", "70", "--resume", str(ck)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    lines = rows(log)
+    assert [r["round"] for r in lines] == list(range(71))
+    assert [r["bits_per_worker"] for r in lines] == [32 * 2 * t for t in range(71)]
+    sim = simulate(RunConfig(workers=3, k=2, stepsize_mult=64, x0="normal:0", rounds=70))
+    np.testing.assert_array_equal(np.load(out), sim.x)
