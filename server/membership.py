@@ -1,0 +1,164 @@
+"""Who takes part: the run's data and objective as the reference every worker must match, the ranks and their
+sessions, and who may no longer join (``bans``). Handshake messages are validated here before any session or
+state exists for them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ef21.config import RunConfig
+from ef21.data import data_info
+from ef21.errors import UserError
+from ef21.problem import quadratic_fingerprint
+from ef21.sparse import SparseVector
+from ef21_wire.v1 import ef21_pb2 as pb
+
+from .bans import Bans, peer_host
+from .session import Refusal, SetupInfo, WorkerSession
+
+log = logging.getLogger("ef21.master")
+
+
+def reference_data(cfg: RunConfig, require_data: bool) -> tuple[str, int, int] | None:
+    """(fingerprint, d, rows) of the data if the master can read it (one pass over a file, no rows kept); None
+    when only the workers have it. For a user objective d is the objective's, which the first worker reports (0
+    here)."""
+    if cfg.objective is None and cfg.problem == "quadratic":
+        return quadratic_fingerprint(cfg), cfg.dim, 0
+    if cfg.data is None:
+        return "no-data", 0, 0
+    try:
+        info = data_info(cfg.data, problem=cfg.problem)
+    except UserError as exc:
+        # A file that is not here is the workers' business; one that is here but unreadable is a mistake.
+        if require_data or Path(cfg.data).exists():
+            raise
+        log.info("master has no copy of the data (%s); the first worker's fingerprint is the reference", exc)
+        return None
+    if info.n_rows < cfg.workers:
+        raise UserError(f"{info.n_rows} rows cannot be split over {cfg.workers} workers")
+    return info.fingerprint, (0 if cfg.objective is not None else info.d), info.n_rows
+
+
+class Membership:
+    """The ranks of a run and what every worker must present to hold one."""
+
+    def __init__(self, cfg: RunConfig, max_faults: int) -> None:
+        self.cfg = cfg
+        self.n = cfg.workers
+        self.sessions: dict[int, WorkerSession] = {}
+        self.reference: tuple[str, int, int] | None = None
+        """(data fingerprint, d, rows) of the run's data."""
+        self.objective_id: str | None = None
+        """A user objective's identity, as the first worker presented it."""
+        self.d: int | None = None
+        self.bans = Bans(max_faults)
+        self.refused: dict[str, int] = {}  # gRPC status code → streams ended by a refusal
+        self.ready = asyncio.Event()  # all n workers set up (before the start)
+
+    def free_ranks(self) -> list[int]:
+        return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].state == "lost"]
+
+    def ready_ranks(self) -> list[int]:
+        return sorted(r for r, s in self.sessions.items() if s.state in ("ready", "running"))
+
+    def connected(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.state in ("joining", "ready", "running"))
+
+    def hello(self, msg: pb.Hello, peer: str, identity: str | None, run_id: str, run_state: str) -> WorkerSession:
+        """A new stream's Hello: the same run, still taking workers, the same data and objective, a free rank.
+        ``identity``: who the stream is charged to (see ``bans``); default its host."""
+        self.bans.admit(identity or f"host {peer_host(peer)}", self.free_ranks())
+        if msg.run_id != run_id:
+            # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
+            raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({run_id}); join again")
+        if run_state not in ("waiting", "running"):
+            raise Refusal("FAILED_PRECONDITION", f"the run is {run_state}; it takes no new workers")
+        if self.reference is None:
+            # No data on the master: the first worker's data becomes the reference.
+            self.reference = (msg.data_fingerprint, int(msg.dim), int(msg.n_rows))
+            if msg.dim:
+                self.d = int(msg.dim)
+        ref_fp, ref_d, ref_rows = self.reference
+        if msg.data_fingerprint != ref_fp or (ref_d and msg.dim and msg.dim != ref_d):
+            raise Refusal(
+                "FAILED_PRECONDITION",
+                f"data mismatch: this worker's data has fingerprint {msg.data_fingerprint} (d={msg.dim}, "
+                f"{msg.n_rows} rows) but the run's has {ref_fp} (d={ref_d}, {ref_rows} rows)",
+            )
+        if self.cfg.objective is not None:
+            if self.objective_id is None:
+                self.objective_id = msg.objective_id
+            elif msg.objective_id != self.objective_id:
+                raise Refusal("FAILED_PRECONDITION",
+                              f"objective mismatch: this worker presents {msg.objective_id or 'none'}, the run's "
+                              f"workers {self.objective_id}")
+        free = self.free_ranks()
+        rank = msg.requested_rank
+        if rank >= 0:
+            if rank >= self.n:
+                raise Refusal("INVALID_ARGUMENT", f"rank {rank} out of range (workers = {self.n})")
+            if rank not in free:
+                raise Refusal("ALREADY_EXISTS", f"rank {rank} is taken")
+        elif not free:
+            raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
+        else:
+            rank = free[0]
+        session = WorkerSession(rank, peer, msg.hostname)
+        self.sessions[rank] = session
+        return session
+
+    def setup_info(self, s: WorkerSession, msg: pb.Setup, decode: Callable[[pb.SparseVector, str], SparseVector]
+                   ) -> SetupInfo:
+        """A worker's Setup, checked: its objective's d against the run's, its curvature and start."""
+        if s.state != "joining" or msg.rank != s.rank:
+            raise Refusal("FAILED_PRECONDITION", f"unexpected Setup for rank {msg.rank} on rank {s.rank}'s stream")
+        if msg.dim:
+            if self.d is None:
+                self.d = int(msg.dim)  # a user objective: the first worker's d is the run's
+            elif msg.dim != self.d:
+                raise Refusal("FAILED_PRECONDITION", f"dimension mismatch: rank {s.rank}'s objective has "
+                                                     f"d = {msg.dim}, the run's d = {self.d}")
+        d = self.d
+        if d is None:
+            raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
+        gram = diag = None
+        if msg.gram:
+            if len(msg.gram) != 8 * d * d:
+                raise Refusal("INVALID_ARGUMENT", f"gram has {len(msg.gram)} bytes, expected {8 * d * d}")
+            gram = np.frombuffer(msg.gram, dtype="<f8").reshape(d, d)
+        if msg.diagonal:
+            if len(msg.diagonal) != 8 * d:
+                raise Refusal("INVALID_ARGUMENT", f"diagonal has {len(msg.diagonal)} bytes, expected {8 * d}")
+            diag = np.frombuffer(msg.diagonal, dtype="<f8")
+        if not (math.isfinite(msg.smoothness) and msg.smoothness >= 0):
+            raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a non-negative number")
+        for arr in (gram, diag):
+            if arr is not None and not np.all(np.isfinite(arr)):
+                raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
+        x0 = decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
+        if x0 is not None and x0.shape[0] != d:
+            raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
+        return SetupInfo(msg.smoothness or None, int(msg.shard_rows), gram, diag, int(msg.n_samples) or None, x0,
+                         bool(msg.power_iteration))
+
+    def refuse(self, code: str) -> None:
+        """Count a stream or call ended by a refusal (the status and /metrics show them by code)."""
+        self.refused[code] = self.refused.get(code, 0) + 1
+
+    def fault(self, identity: str) -> None:
+        """A refused message: charged to its sender (see ``bans`` and --max-faults)."""
+        self.bans.charge(identity)
+
+    def join_timeout_message(self, timeout: float | None) -> str:
+        ready = self.ready_ranks()
+        missing = [r for r in range(self.n) if r not in ready]
+        return (f"{len(ready)} of {self.n} workers came within --join-timeout {timeout:g} s "
+                f"(no worker for rank(s) {', '.join(map(str, missing))}); are the workers started, and can they "
+                f"reach this master?")

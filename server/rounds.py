@@ -1,0 +1,206 @@
+"""The round in progress: who is asked (sampled participation), what has come in, when the round may close
+(everyone, or a timeout with enough contributions), and who was left out of which round. Messages are checked
+here against the round they claim before they reach any state."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ef21.engine import is_eval_round, participants
+from ef21.methods import Message
+from ef21.sparse import SparseVector
+from ef21_wire.fastwire import UpdateIn
+from ef21_wire.v1 import ef21_pb2 as pb
+
+from .session import EvalInfo, Refusal, WorkerSession
+
+Decode = Callable[..., SparseVector]
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    """How rounds close, fixed for a run."""
+
+    n: int
+    rounds: int
+    eval_every: int
+    round_timeout: float | None
+    """Close without the workers that have not delivered after this many seconds (methods that tolerate it)."""
+    min_workers: int
+    tolerates_missing: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """What a closed round leaves for the log and the fold."""
+
+    messages: list[Message | None]
+    """In rank order; None for a rank left out."""
+    missing: list[int]
+    """Every rank left out (not sampled, or a straggler)."""
+    dropped: list[int]
+    """Sampled ranks that did not deliver (the RoundResult names only these: every worker draws the sample)."""
+    up_bytes: list[int]
+    evals: list[EvalInfo] | None
+    """Every rank's evaluation, on an evaluation round that nobody was dropped from."""
+    eval_bytes: int
+
+
+class RoundBook:
+    def __init__(self, rules: RoundRules) -> None:
+        self.rules = rules
+        self.participation: int | None = None  # sampled participation's count, once the plan is known
+        self.updates: dict[int, tuple[Message, int]] = {}
+        self.evals: dict[int, EvalInfo] = {}
+        self.missing_in: dict[int, list[int]] = {}  # round → ranks dropped (for late messages)
+        self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
+        self.late_messages = 0
+        self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
+        self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
+        self.started_at = time.monotonic()
+
+    # -- who is asked ----------------------------------------------------------------------------------------
+
+    def is_eval_round(self, t: int) -> bool:
+        return is_eval_round(t, self.rules.eval_every, self.rules.rounds)
+
+    def chosen(self, t: int) -> frozenset[int] | None:
+        return participants(self.rules.seed, t, self.rules.n, self.participation)
+
+    def sampled(self, rank: int, t: int) -> bool:
+        """Whether sampled participation (EF21-PP) asks ``rank`` for an Update in round t."""
+        chosen = self.chosen(t)
+        return chosen is None or rank in chosen
+
+    def expected(self, t: int) -> list[int]:
+        chosen = self.chosen(t)
+        return list(range(self.rules.n)) if chosen is None else sorted(chosen)
+
+    # -- what comes in -----------------------------------------------------------------------------------------
+
+    def counts(self, s: WorkerSession, round_: int, t: int, what: str, run_state: str) -> bool:
+        """Whether a message about ``round_`` counts in round t; False for a straggler's message of a round that
+        closed without it (counted, dropped)."""
+        if run_state != "running" or s.state != "running":
+            raise Refusal("FAILED_PRECONDITION", f"{what} while the run is {run_state} and the worker {s.state}")
+        if round_ < t and (s.rank in self.missing_in.get(round_, ()) or (what == "Eval" and round_ == t - 1)):
+            # A straggler's message of a round that closed without it (or closed on the timeout before its
+            # evaluation arrived): expected with --round-timeout, counted, and dropped.
+            self.late_messages += 1
+            s.late += 1
+            return False
+        if round_ != t:
+            raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {t}")
+        return True
+
+    def update(self, s: WorkerSession, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode) -> None:
+        if s.rank in self.updates:
+            raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
+        if not self.sampled(s.rank, t):
+            raise Refusal("FAILED_PRECONDITION", f"Update from rank {s.rank}, which round {msg.round}'s sampled "
+                                                 f"participation leaves out")
+        vec = decode(msg.vector, f"Update round {msg.round}",
+                     max_nnz=d if s.rank in self.g0_ranks else self.max_entries)
+        self.updates[s.rank] = (Message(vec, msg.replace), nbytes)
+
+    def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int, t: int, decode: Decode) -> None:
+        if (not self.is_eval_round(msg.round) or s.rank in self.evals
+                or (s.rank not in self.updates and self.sampled(s.rank, t))):
+            raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
+        grad = decode(msg.grad, f"Eval round {msg.round}")
+        if not grad.is_dense:
+            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the gradient must be dense")
+        dist = msg.distortion if msg.HasField("distortion") else None
+        values = [msg.f, *msg.metrics.values()] + ([] if dist is None else [dist])
+        if not all(math.isfinite(v) for v in values):
+            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: non-finite f, distortion or metric")
+        self.evals[s.rank] = EvalInfo(grad.values, msg.f, dist, dict(msg.metrics) or None, nbytes)
+
+    def forget(self, rank: int) -> None:
+        """A lost worker's contribution to the open round goes too: a replacement recomputes it."""
+        self.updates.pop(rank, None)
+        self.evals.pop(rank, None)
+
+    # -- when it closes --------------------------------------------------------------------------------------
+
+    def complete(self, t: int) -> bool:
+        return (all(r in self.updates for r in self.expected(t))
+                and (not self.is_eval_round(t) or len(self.evals) == self.rules.n))
+
+    def _evals_in(self, t: int) -> bool:
+        """Every delivered Update of an evaluation round has its Eval too (a partial round logs no ‖∇f‖², but
+        closing before a connected worker's Eval arrives would turn it into a late message)."""
+        return not self.is_eval_round(t) or all(r in self.evals for r in self.updates)
+
+    def may_close_partially(self, t: int, sessions: dict[int, WorkerSession]) -> tuple[bool, str | None]:
+        """(whether the round may close without everyone, what to say in the status while it may not)."""
+        rules = self.rules
+        if not rules.tolerates_missing or rules.round_timeout is None:
+            return False, None
+        expected = self.expected(t)
+        connected_missing = [r for r in expected if r not in self.updates and r in sessions
+                             and sessions[r].state == "running"]
+        # No point waiting out the timeout for ranks with no worker at all: they cannot deliver.
+        timed_out = time.monotonic() - self.started_at >= rules.round_timeout
+        if not timed_out and connected_missing:
+            return False, None
+        least = min(rules.min_workers, len(expected))
+        if len(self.updates) >= least and (timed_out or self._evals_in(t)):
+            return True, None
+        # Only --min-workers is worth a word; enough contributions with an Eval still on its way is a healthy round.
+        if timed_out:
+            return False, (f"round {t}: {len(self.updates)} of {len(expected)} contributions after the "
+                           f"{rules.round_timeout:g} s timeout; waiting for at least {least} (--min-workers)")
+        if len(self.updates) < least:
+            return False, (f"round {t}: {len(self.updates)} of {len(expected)} contributions, the other ranks have "
+                           f"no worker; waiting for at least {least} (--min-workers)")
+        return False, None
+
+    def wait_s(self) -> float | None:
+        """How long the collection may sleep before it must look at the clock again (None: until woken)."""
+        rules = self.rules
+        if rules.round_timeout is None or not rules.tolerates_missing:
+            return None
+        left = rules.round_timeout - (time.monotonic() - self.started_at)
+        # Past the deadline but below --min-workers: re-check as workers come back.
+        return max(0.0, left) + 0.001 if left > 0 else 0.25
+
+    def close(self, t: int, sessions: dict[int, WorkerSession]) -> ClosedRound:
+        """Close round t with what came in; the next round starts empty."""
+        n = self.rules.n
+        messages: list[Message | None] = [self.updates[r][0] if r in self.updates else None for r in range(n)]
+        missing = [r for r in range(n) if r not in self.updates]
+        dropped = [r for r in self.expected(t) if r not in self.updates]
+        evals = None
+        if not dropped and self.is_eval_round(t) and len(self.evals) == n:
+            evals = [self.evals[r] for r in range(n)]
+        for r in range(n):
+            if r in self.updates:
+                self.g0_ranks.discard(r)  # the master now holds its g_i
+                sessions[r].rounds_done += 1
+                self.missed_streak[r] = 0
+            else:
+                self.missed_streak[r] = self.missed_streak.get(r, 0) + 1
+        if dropped:
+            self.missing_in[t] = dropped
+        closed = ClosedRound(messages, missing, dropped, [nb for _, nb in self.updates.values()], evals,
+                             sum(e.nbytes for e in self.evals.values()))
+        self.updates.clear()
+        self.evals.clear()
+        return closed
+
+    def staleness(self) -> tuple[str, int] | None:
+        """(what to say about ranks left out of recent rounds, the longest streak), or None when none is."""
+        stale = {r: k for r, k in self.missed_streak.items() if k > 0}
+        if not stale:
+            return None
+        worst = ", ".join(f"rank {r} ({k} rounds)" for r, k in sorted(stale.items()))
+        return (f"left out of recent rounds: {worst}. A rank that does not come back keeps a stale g_i in the "
+                f"mean, and the run then converges to a point that is not stationary for f"), max(stale.values())
+
+    def stale_ranks(self) -> dict[str, int]:
+        return {str(r): k for r, k in sorted(self.missed_streak.items()) if k > 0}
