@@ -104,3 +104,27 @@ def test_run_and_master_refuse_bad_extension_flags_before_starting(command):
                             "--status-port", "-1", *args], capture_output=True, text=True, timeout=60)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
+
+
+async def test_a_replaced_sgd_worker_continues_the_same_minibatch_stream(tmp_path):
+    """Minibatches are keyed by (seed, rank, round): a worker killed mid-run and replaced (the run waits for its
+    rank) draws the batches the dead one would have drawn, so the run is the simulator's bit for bit."""
+    import asyncio
+    import signal
+
+    from ef21_server.coordinator import MasterOptions
+
+    from .helpers import eventually, finish, running_master, spawn_worker
+
+    cfg = RunConfig(workers=3, k=2, stepsize_mult=16, rounds=150, x0="normal:0", estimator="sgd", batch_size=30)
+    opts = MasterOptions(cfg, save_iterates=tmp_path / "xs.npy")
+    async with running_master(opts) as master:
+        procs = [await spawn_worker(master.address, "--rank", str(r), "--delay", "0.002") for r in range(3)]
+        await eventually(lambda: master.coord.round >= 40, what="round 40")
+        procs[1].send_signal(signal.SIGKILL)
+        await eventually(lambda: master.coord.sessions[1].state == "lost", what="rank 1 lost")
+        procs[1] = await spawn_worker(master.address, "--rank", "1")
+        results = await finish(procs, timeout=120)
+        assert [c for c, _ in results[:1] + results[2:]] == [0, 0] and results[1][0] == 0, results
+        await asyncio.wait_for(master.wait(), 10)
+    np.testing.assert_array_equal(np.load(tmp_path / "xs.npy"), np.array(simulate(cfg, keep_iterates=True).xs))
