@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,20 @@ def test_bad_input_in_simulate_is_one_line_exit_2(tmp_path, capsys, hook, flags,
                  *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.parametrize("example,option", [("digits_mlp.py", "hidden=8"), ("digits_cnn.py", "channels=2")])
+def test_the_digits_examples_shard_the_training_rows_and_train(example, option, capsys):
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install -e '.[torch]')")
+    from ef21.plugins import build_objective
+
+    spec = f"{Path(__file__).resolve().parents[1] / 'examples' / example}:make"
+    opts = (tuple(option.split("=")),)
+    objs = [build_objective(spec, opts, r, 3, 0).inner for r in range(3)]
+    assert sum(o.n_samples for o in objs) == 1437  # 80 % of 1797, split by rank without overlap
+    assert len({o.X[:1].numpy().tobytes() for o in objs}) == 3
+    for o in objs[1:]:  # the same held-out set and initial weights everywhere
+        assert torch.equal(o.test[0], objs[0].test[0]) and np.array_equal(o.x0(), objs[0].x0())
+    code = main(["simulate", "--objective", spec, "--objective-arg", option, "--workers", "3", "--k", "2",
+                 "--stepsize", "0.5", "--rounds", "3", "-q"])
+    assert code == 0, capsys.readouterr().err
