@@ -14,6 +14,7 @@ traffic apart). Gloo's are counted: its all-reduce of CPU tensors is a ring (red
 which each of the N processes sends 2(N − 1)/N · 4d bytes per step, 2(N − 1)·4d in all — the least any
 all-reduce can move, so DDP is given its best case — plus DDP's one broadcast of the initial weights from rank 0,
 (N − 1)·4d. A parameter server (ef21's topology) moving the same dense float32 gradients would send 8Nd a step.
+``--measure-loopback``, run alone in a network namespace, also measures every run's bytes on the wire.
 
 Time runs from step 0 (after every process has started and joined) and includes evaluations, every
 ``--eval-every`` steps on both sides: DDP's rank 0 evaluates the held-out set while the others wait at the next
@@ -42,6 +43,16 @@ def ring_allreduce_bytes(n: int, d: int, steps: int) -> int:
     """Bytes all N processes send for DDP: the initial broadcast of the weights and ``steps`` ring all-reduces of
     d float32 values (reduce-scatter and all-gather: 2(N − 1) chunks of d/N values from each process)."""
     return (n - 1) * 4 * d + steps * 2 * (n - 1) * 4 * d
+
+
+def loopback_tx_bytes() -> int:
+    """Bytes sent on ``lo`` so far (/proc/net/dev): everything a run sends — TCP/IP headers, rendezvous, HTTP/2,
+    evaluations — when it is alone in its network namespace (``--measure-loopback``)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            return int(fields.split()[8])
+    raise RuntimeError("no lo interface in /proc/net/dev")
 
 
 def _load_example(model: str) -> Any:
@@ -168,6 +179,9 @@ def main() -> int:
                          "local gradients, BC and compact; EF21-SGDM on DDP's minibatches, compact")
     ap.add_argument("--plot", type=Path, default=None, help="figure (PNG): accuracy against bytes and time")
     ap.add_argument("--work-dir", type=Path, default=Path("runs/vs_ddp"), help="where the ef21 logs go")
+    ap.add_argument("--measure-loopback", action="store_true",
+                    help="also measure each run's bytes on lo; meaningful only alone in a network namespace: "
+                         "sudo unshare -n sh -c 'ip link set lo up && python benchmarks/vs_ddp.py --measure-loopback'")
     ns = ap.parse_args()
     try:
         import torch  # noqa: F401
@@ -190,23 +204,32 @@ def main() -> int:
     k = max(1, round(d / 100))
     sgd_flags = ["--method", "gd", "--estimator", "sgd", "--batch-size", str(ns.batch_size),
                  "--stepsize", str(ns.stepsize)]
-    curves = [run_ddp(ns.model, ns.workers, ns.rounds, ns.eval_every, ns.stepsize, ns.batch_size, objective_args,
-                      ns.work_dir)]
+    lo_bytes: list[int | None] = []
+
+    def measured(run: Any, *args: Any) -> Curve:
+        before = loopback_tx_bytes() if ns.measure_loopback else 0
+        c = run(*args)
+        lo_bytes.append(loopback_tx_bytes() - before if ns.measure_loopback else None)
+        return c
+
+    curves = [measured(run_ddp, ns.model, ns.workers, ns.rounds, ns.eval_every, ns.stepsize, ns.batch_size,
+                       objective_args, ns.work_dir)]
     if not ns.smoke:
-        curves.append(run_ef21("ef21 service, same SGD", ns.model, ns.workers, ns.rounds, ns.eval_every, sgd_flags,
-                               ns.work_dir, objective_args))
+        curves.append(measured(run_ef21, "ef21 service, same SGD", ns.model, ns.workers, ns.rounds, ns.eval_every,
+                               sgd_flags, ns.work_dir, objective_args))
     for label, flags in ef21_runs:
         flags = flags.format(k=k)
         label = f"EF21 ({flags})" if label is None else label.format(k=k)
-        curves.append(run_ef21(label, ns.model, ns.workers, ns.ef21_rounds, ns.ef21_eval_every, flags.split(),
-                               ns.work_dir, objective_args))
+        curves.append(measured(run_ef21, label, ns.model, ns.workers, ns.ef21_rounds, ns.ef21_eval_every,
+                               flags.split(), ns.work_dir, objective_args))
     for c in curves:
         c.d = d
     target = max(curves[0].acc) - 0.01  # DDP's best held-out accuracy, less one point
     ddp = curves[0].summary(target)
     rows, results = [], []
-    for c in curves:
+    for c, lo in zip(curves, lo_bytes):
         s = c.summary(target)
+        s["loopback_bytes"] = lo
         tt = s["to_target"]
         ratio = None
         if tt is not None and ddp["to_target"] is not None:
@@ -216,11 +239,13 @@ def main() -> int:
         rows.append([c.label, f"{100 * s['best_acc']:.1f}", f"{100 * s['final_acc']:.1f}",
                      "-" if tt is None else tt["round"], "-" if tt is None else f"{tt['time_s']:.2f}",
                      "-" if tt is None else f"{mb(tt['wire_bytes']):.3g}", "-" if ratio is None else f"{ratio:.1f}",
-                     f"{mb(s['wire_bytes']):.3g}", f"{s['time_s']:.1f}"])
+                     f"{mb(s['wire_bytes']):.3g}", "-" if lo is None else f"{mb(lo):.3g}", f"{s['time_s']:.1f}"])
     print(f"{ns.model}, d = {d}, N = {ns.workers}; target = DDP's best accuracy - 1 point = {100 * target:.1f} %")
-    print(f"bytes: {GLOO_NOTE}; ef21 measured (up + down, evaluation apart)")
+    print(f"bytes: {GLOO_NOTE}; ef21 measured (up + down, evaluation apart)"
+          + ("; lo: everything sent on loopback, headers, set-up and evaluation included" if ns.measure_loopback
+             else ""))
     print_table(["run", "best %", "final %", "round@target", "s@target", "MB@target", "DDP MB / MB",
-                 "MB total", "s total"], rows)
+                 "MB total", "lo MB total", "s total"], rows)
     write_json(ns.json, "vs_ddp", results, model=ns.model, d=d, workers=ns.workers, target_acc=target,
                gloo_bytes=GLOO_NOTE, curves=[c.to_dict() for c in curves])
     if ns.plot is not None:
