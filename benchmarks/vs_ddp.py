@@ -111,6 +111,8 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -
     if rank == 0:
         curve["d"] = d
         Path(out).write_text(json.dumps(curve))
+    # Everyone leaves together: a rank tearing Gloo down while a peer is still in a collective aborts the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 
