@@ -89,3 +89,19 @@ def test_benchmark_smoke(script, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["results"] and doc["date"]
     CHECKS[script](doc["results"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["vs_ddp.py", "torch_digits.py", "torch_dtype.py"])
+def test_torch_benchmark_smoke(script, tmp_path):
+    pytest.importorskip("torch", reason="PyTorch is not installed: the torch benchmarks are not run")
+    out = tmp_path / "out.json"
+    extra = [] if script == "torch_dtype.py" else ["--work-dir", str(tmp_path / "runs"), "--plot",
+                                                   str(tmp_path / "fig.png")]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],
+                       capture_output=True, text=True, timeout=200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["results"] and doc["date"]
+    if script != "torch_dtype.py":
+        assert (tmp_path / "fig.png").stat().st_size > 0
