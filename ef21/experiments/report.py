@@ -16,7 +16,8 @@ from .runner import Job, display_command, log_path, record_path
 from .schema import METRIC_TEXT, METRICS, X_AXES, Experiment
 
 X_LABELS = {"bits": "bits per worker (32 per value, the paper's count)", "payload": "payload bits per worker",
-            "rounds": "round", "time": "wall time (s)"}
+            "bits-both": "uplink + downlink bits per worker (32 per value)", "rounds": "round",
+            "time": "wall time (s)"}
 
 
 @dataclass
@@ -64,6 +65,9 @@ def load_curves(exp: Experiment, jobs: list[Job], out: Path) -> list[Curve]:
     curves = []
     for job in jobs:
         rows = read_jsonl(log_path(out, job.key))
+        for r in rows:
+            if r.get("bits_down_per_worker") is not None:
+                r["bits_both"] = r["bits_per_worker"] + r["bits_down_per_worker"]
         record = json.loads(record_path(out, job.key).read_text())
         key = "grad_norm_sq" if exp.metric == "grad_norm_sq" else "f"
         curves.append(Curve(job, rows, [r.get(key) for r in rows], bool(record.get("diverged")), record))
@@ -119,7 +123,7 @@ def draw(exp: Experiment, curves: list[Curve], stem: Path) -> list[Path]:
                            if m is not None and m > 0 and (r.get(key) or 0) <= panel.x_max]
                 if visible:
                     ax.set_ylim(min(visible) / 2, max(visible) * 2)
-            if exp.x in ("bits", "payload"):
+            if exp.x in ("bits", "bits-both", "payload"):
                 ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: long counts do not collide
         else:
             finals = [c.final for c in mine if c.final is not None and c.final > 0]
@@ -245,7 +249,8 @@ def _curves_table(exp: Experiment, mine: list[Curve], summary: Summary, ref: str
         cells = [c.job.spec.label]
         for i, t in enumerate(thr):
             row = c.first_below(t)
-            ours = None if row is None else float(row["bits_per_worker"])
+            bits = X_AXES[exp.x] if exp.x in ("bits", "bits-both", "payload") else "bits_per_worker"
+            ours = None if row is None else float(row[bits])
             cell = _bits(ours)
             if c.job.spec.reference is not None:
                 theirs = c.job.spec.reference[i]

@@ -10,7 +10,7 @@ to the simulator is usable in a definition without a change here. Layout::
     description = "…"               # a paragraph for the report (markdown)
     kind = "curves"                 # curves: metric against x per run; sweep: final metric against a swept flag
     metric = "grad_norm_sq"         # or "f_gap" (f − f*, least squares only)
-    x = "bits"                      # curves: bits | payload | rounds | time
+    x = "bits"                      # curves: bits | bits-both (up + down) | payload | rounds | time
     thresholds = [1e-4, 1e-6, 1e-7] # report bits/n (and rounds) to metric < each threshold
     reference-label = "§8"          # what the reference numbers are called in the report
 
@@ -54,7 +54,10 @@ from ..errors import UserError
 KINDS = ("curves", "sweep")
 METRICS = {"grad_norm_sq": r"$\|\nabla f(x^t)\|^2$", "f_gap": r"$f(x^t) - f^\star$"}
 METRIC_TEXT = {"grad_norm_sq": "‖∇f‖²", "f_gap": "f − f*"}
-X_AXES = {"bits": "bits_per_worker", "payload": "payload_bits_per_worker", "rounds": "round", "time": "elapsed_s"}
+X_AXES = {"bits": "bits_per_worker", "bits-both": "bits_both", "payload": "payload_bits_per_worker",
+          "rounds": "round", "time": "elapsed_s"}
+"""``bits-both``: uplink + downlink bits per worker (derived from the log's ``bits_down_per_worker``): what
+EF21-BC is about."""
 RUNNER_FLAGS = ("log", "out", "plot", "quiet", "config")
 """Flags the runner sets itself (each run's log goes under the output folder); a definition may not."""
 TOP_KEYS = {"name", "version", "title", "description", "kind", "metric", "x", "thresholds", "reference-label",
