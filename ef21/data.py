@@ -175,6 +175,12 @@ def libsvm_info(path: Path, n_features: int | None = None) -> DataInfo:
             hi = max(hi, int(idx.max()))
     if rows == 0:
         raise UserError(f"{origin}: no data rows")
+    zero_based, d = _dimension(lo, hi, n_features, origin)
+    return DataInfo(path.name, rows, d, _file_digest(path), tuple(sorted(classes)), nnz, zero_based)
+
+
+def _dimension(lo: int | None, hi: int, n_features: int | None, origin: str) -> tuple[bool, int]:
+    """(whether indices are 0-based, d) from the smallest and largest feature index a file holds."""
     if lo is not None and lo < 0:
         raise UserError(f"{origin}: negative feature index")
     zero_based = lo == 0
@@ -185,7 +191,7 @@ def libsvm_info(path: Path, n_features: int | None = None) -> DataInfo:
         d = n_features
     if d <= 0:
         raise UserError(f"{origin}: no features")
-    return DataInfo(path.name, rows, d, _file_digest(path), tuple(sorted(classes)), nnz, zero_based)
+    return zero_based, d
 
 
 def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
@@ -238,17 +244,8 @@ def parse_libsvm(text: str, origin: str, n_features: int | None = None) -> tuple
     if not parsed:
         raise UserError(f"{origin}: no data rows")
     mins = [int(p[1].min()) for p in parsed if p[1].size]
-    if mins and min(mins) < 0:
-        raise UserError(f"{origin}: negative feature index")
-    zero_based = bool(mins) and min(mins) == 0
     hi = max((int(p[1].max()) for p in parsed if p[1].size), default=-1)
-    d = hi + 1 if zero_based else hi
-    if n_features is not None:
-        if d > n_features:
-            raise UserError(f"{origin}: feature index {d} exceeds --features {n_features}")
-        d = n_features
-    if d <= 0:
-        raise UserError(f"{origin}: no features")
+    zero_based, d = _dimension(min(mins) if mins else None, hi, n_features, origin)
     y = np.array([p[0] for p in parsed])
     A = _assemble([(p[1] if zero_based else p[1] - 1, p[2]) for p in parsed], d)
     values = A.data if sp.issparse(A) else A
