@@ -188,6 +188,10 @@ def libsvm_info(path: Path, n_features: int | None = None) -> DataInfo:
     return DataInfo(path.name, rows, d, _file_digest(path), tuple(sorted(classes)), nnz, zero_based)
 
 
+def _index_dtype(d: int) -> type:
+    return np.int32 if d < 2**31 else np.int64
+
+
 def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
     """Rows (column indices, values) to a CSR matrix, or dense when d is small."""
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -199,7 +203,7 @@ def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
         # Repeated indices in a line: the last one wins, as with a dense assignment.
         A[np.repeat(np.arange(len(rows)), np.diff(indptr)), cols] = vals
         return A
-    A = sp.csr_matrix((vals, cols.astype(np.int32 if d < 2**31 else np.int64), indptr), shape=(len(rows), d))
+    A = sp.csr_matrix((vals, cols.astype(_index_dtype(d), copy=False), indptr), shape=(len(rows), d))
     A.sum_duplicates()
     return A
 
@@ -398,6 +402,7 @@ class SparseSpec:
             for i, j in slots[b]:
                 cols, vals, labels[i] = block[j]
                 out[i] = (cols, vals)
+        del cdf, perm, w  # three vectors of d: gone before the rows are joined (a worker's peak memory)
         return _assemble(out, self.d), labels
 
     def _block(self, b: int, cdf: np.ndarray, perm: np.ndarray, w: np.ndarray, per_row: int
@@ -411,7 +416,7 @@ class SparseSpec:
             vals /= np.sqrt(vals @ vals)
             margin = float(vals @ w[cols]) * 4.0
             label = 1.0 if margin + 0.3 * rng.standard_normal() >= 0.0 else -1.0
-            rows.append((cols.astype(np.int64), vals, label))
+            rows.append((cols.astype(_index_dtype(self.d)), vals, label))
         return rows
 
     def info(self) -> DataInfo:
