@@ -194,6 +194,10 @@ def _dimension(lo: int | None, hi: int, n_features: int | None, origin: str) -> 
     return zero_based, d
 
 
+def _index_dtype(d: int) -> type:
+    return np.int32 if d < 2**31 else np.int64
+
+
 def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
     """Rows (column indices, values) to a CSR matrix, or dense when d is small."""
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -205,7 +209,7 @@ def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
         # Repeated indices in a line: the last one wins, as with a dense assignment.
         A[np.repeat(np.arange(len(rows)), np.diff(indptr)), cols] = vals
         return A
-    A = sp.csr_matrix((vals, cols.astype(np.int32 if d < 2**31 else np.int64), indptr), shape=(len(rows), d))
+    A = sp.csr_matrix((vals, cols.astype(_index_dtype(d), copy=False), indptr), shape=(len(rows), d))
     A.sum_duplicates()
     return A
 
@@ -395,6 +399,7 @@ class SparseSpec:
             for i, j in slots[b]:
                 cols, vals, labels[i] = block[j]
                 out[i] = (cols, vals)
+        del cdf, perm, w  # three vectors of d: gone before the rows are joined (a worker's peak memory)
         return _assemble(out, self.d), labels
 
     def _block(self, b: int, cdf: np.ndarray, perm: np.ndarray, w: np.ndarray, per_row: int
@@ -408,7 +413,7 @@ class SparseSpec:
             vals /= np.sqrt(vals @ vals)
             margin = float(vals @ w[cols]) * 4.0
             label = 1.0 if margin + 0.3 * rng.standard_normal() >= 0.0 else -1.0
-            rows.append((cols.astype(np.int64), vals, label))
+            rows.append((cols.astype(_index_dtype(self.d)), vals, label))
         return rows
 
     def info(self) -> DataInfo:
