@@ -91,8 +91,12 @@ def logistic_loss_and_slope(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """log(1 + e^−m) and σ(−m) = 1/(1 + e^m), elementwise, from e^−|m| only: no overflow for any margin."""
     e = np.exp(-np.abs(m))
     loss = np.maximum(-m, 0.0) + np.log1p(e)
-    slope = np.where(m >= 0, e, 1.0) / (1.0 + e)
-    return loss, slope
+    return loss, _slope(m, e)
+
+
+def _slope(m: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """σ(−m) from e = e^−|m|."""
+    return np.where(m >= 0, e, 1.0) / (1.0 + e)
 
 
 class _DesignMatrix:
@@ -153,13 +157,20 @@ class LogisticRegression(_DesignMatrix):
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         m = self.y * (self.A @ x)
         loss, slope = logistic_loss_and_slope(m)
-        # d/dm log(1 + e^−m) = −σ(−m)
-        coef = (-1.0 / self.n_rows) * (self.y * slope)
         x2 = x * x
         q = 1.0 + x2
-        g = self._transpose_times(coef, self.A) + (2.0 * self.lam) * x / (q * q)
         f = float(loss.sum()) / self.n_rows + self.lam * float((x2 / q).sum())
-        return f, g
+        return f, self._grad_at(x, slope, q)
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        """The gradient of ``value_and_grad`` (the same bits) without the loss's log1p pass and sums."""
+        m = self.y * (self.A @ x)
+        return self._grad_at(x, _slope(m, np.exp(-np.abs(m))), 1.0 + x * x)
+
+    def _grad_at(self, x: np.ndarray, slope: np.ndarray, q: np.ndarray) -> np.ndarray:
+        # d/dm log(1 + e^−m) = −σ(−m)
+        coef = (-1.0 / self.n_rows) * (self.y * slope)
+        return self._transpose_times(coef, self.A) + (2.0 * self.lam) * x / (q * q)
 
     def grad_batch(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The gradient of the mean loss over ``rows`` of the shard, plus the whole regularizer's (EF21-SGD)."""
