@@ -85,10 +85,19 @@ def check_scrape_overhead(results: list[dict]) -> None:
         assert r["windows"] > 0 and r["rounds_per_s_median"] > 0 and math.isfinite(r["vs_off"])
 
 
+
+def check_round_cpu(results: list[dict]) -> None:
+    for r in results:  # every process and thread was seen working, and the floor ran
+        ours = r["ours"]
+        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0
+        assert {"master main", "worker main"} <= set(ours["split"])
+        assert ours["cpu_ms"] == pytest.approx(sum(v["user_ms"] + v["sys_ms"] for v in ours["split"].values()))
+
+
 CHECKS: dict[str, Callable[[list[dict]], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
-    "scrape_overhead.py": check_scrape_overhead,
+    "scrape_overhead.py": check_scrape_overhead, "round_cpu.py": check_round_cpu,
 }
 
 
