@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import timeit
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -41,3 +48,101 @@ def write_json(path: Path | None, name: str, results: list[dict[str, Any]], **ex
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1))
     print(f"wrote {path}")
+
+
+# -- raw logs: scratch by default ------------------------------------------------------------------------------------
+
+def add_logs_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--logs", type=Path, default=None, metavar="DIR",
+                    help="keep the runs' per-round logs here (default: a scratch folder, deleted at exit); "
+                         "benchmarks/results keeps summaries and figures only")
+
+
+@contextlib.contextmanager
+def logs_dir(path: Path | None) -> Iterator[Path]:
+    """The folder the runs write their JSONL logs to: ``path``, or a scratch folder removed afterwards."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ef21-bench-") as tmp:
+        yield Path(tmp)
+
+
+def thin(values: Sequence[Any], points: int = 200) -> list[int]:
+    """Up to ``points`` indices of a per-round series, denser at the start (log-spaced) and always keeping the
+    first and the last: enough to redraw a curve from a summary without its raw log."""
+    n = len(values)
+    if n <= points:
+        return list(range(n))
+    idx = np.unique(np.round(np.geomspace(1, n, points)).astype(int) - 1)
+    return sorted({0, n - 1, *idx.tolist()})
+
+
+# -- process memory --------------------------------------------------------------------------------------------------
+
+def _status_kib(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+class PeakMemory:
+    """Samples VmHWM (the kernel's own peak resident set) of a process and its children until stopped.
+
+    VmHWM only grows, so sampling misses nothing but a peak reached in a process's last interval before it exits.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_kib: dict[int, int] = {}
+        self.argv: dict[int, list[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in [self.pid, *children(self.pid)]:
+                kib = _status_kib(pid, "VmHWM")
+                if kib is not None:
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), kib)
+                    if pid not in self.argv:
+                        self.argv[pid] = cmdline(pid)
+            self._stop.wait(self.interval)
+
+
+def idle_rss_mib(imports: Sequence[str]) -> float:
+    """Peak RSS of a fresh interpreter that only imports ``imports``: what the process costs before any data."""
+    code = "import " + ", ".join(imports) + "\nprint(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024

@@ -175,6 +175,12 @@ def libsvm_info(path: Path, n_features: int | None = None) -> DataInfo:
             hi = max(hi, int(idx.max()))
     if rows == 0:
         raise UserError(f"{origin}: no data rows")
+    zero_based, d = _dimension(lo, hi, n_features, origin)
+    return DataInfo(path.name, rows, d, _file_digest(path), tuple(sorted(classes)), nnz, zero_based)
+
+
+def _dimension(lo: int | None, hi: int, n_features: int | None, origin: str) -> tuple[bool, int]:
+    """(whether indices are 0-based, d) from the smallest and largest feature index a file holds."""
     if lo is not None and lo < 0:
         raise UserError(f"{origin}: negative feature index")
     zero_based = lo == 0
@@ -185,7 +191,11 @@ def libsvm_info(path: Path, n_features: int | None = None) -> DataInfo:
         d = n_features
     if d <= 0:
         raise UserError(f"{origin}: no features")
-    return DataInfo(path.name, rows, d, _file_digest(path), tuple(sorted(classes)), nnz, zero_based)
+    return zero_based, d
+
+
+def _index_dtype(d: int) -> type:
+    return np.int32 if d < 2**31 else np.int64
 
 
 def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
@@ -199,7 +209,7 @@ def _assemble(rows: list[tuple[np.ndarray, np.ndarray]], d: int) -> Any:
         # Repeated indices in a line: the last one wins, as with a dense assignment.
         A[np.repeat(np.arange(len(rows)), np.diff(indptr)), cols] = vals
         return A
-    A = sp.csr_matrix((vals, cols.astype(np.int32 if d < 2**31 else np.int64), indptr), shape=(len(rows), d))
+    A = sp.csr_matrix((vals, cols.astype(_index_dtype(d), copy=False), indptr), shape=(len(rows), d))
     A.sum_duplicates()
     return A
 
@@ -238,17 +248,8 @@ def parse_libsvm(text: str, origin: str, n_features: int | None = None) -> tuple
     if not parsed:
         raise UserError(f"{origin}: no data rows")
     mins = [int(p[1].min()) for p in parsed if p[1].size]
-    if mins and min(mins) < 0:
-        raise UserError(f"{origin}: negative feature index")
-    zero_based = bool(mins) and min(mins) == 0
     hi = max((int(p[1].max()) for p in parsed if p[1].size), default=-1)
-    d = hi + 1 if zero_based else hi
-    if n_features is not None:
-        if d > n_features:
-            raise UserError(f"{origin}: feature index {d} exceeds --features {n_features}")
-        d = n_features
-    if d <= 0:
-        raise UserError(f"{origin}: no features")
+    zero_based, d = _dimension(min(mins) if mins else None, hi, n_features, origin)
     y = np.array([p[0] for p in parsed])
     A = _assemble([(p[1] if zero_based else p[1] - 1, p[2]) for p in parsed], d)
     values = A.data if sp.issparse(A) else A
@@ -398,6 +399,7 @@ class SparseSpec:
             for i, j in slots[b]:
                 cols, vals, labels[i] = block[j]
                 out[i] = (cols, vals)
+        del cdf, perm, w  # three vectors of d: gone before the rows are joined (a worker's peak memory)
         return _assemble(out, self.d), labels
 
     def _block(self, b: int, cdf: np.ndarray, perm: np.ndarray, w: np.ndarray, per_row: int
@@ -411,7 +413,7 @@ class SparseSpec:
             vals /= np.sqrt(vals @ vals)
             margin = float(vals @ w[cols]) * 4.0
             label = 1.0 if margin + 0.3 * rng.standard_normal() >= 0.0 else -1.0
-            rows.append((cols.astype(np.int64), vals, label))
+            rows.append((cols.astype(_index_dtype(self.d)), vals, label))
         return rows
 
     def info(self) -> DataInfo:

@@ -1,5 +1,6 @@
 """The two messages of every round — a worker's Update and the master's RoundResult — written and read in the
-protobuf wire format by hand.
+protobuf wire format by hand; so are the worker's two other messages that carry a dense vector of d (Eval and
+PowerReply), whose copies otherwise set a worker's peak memory at d = 10⁶.
 
 Why: the generated protobuf classes copy a bytes field when it is assigned, again when the message is
 serialized, and again when it is read back; a round's vectors are the bulk of the traffic, so those copies cost
@@ -23,6 +24,8 @@ _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 # Field numbers, as in proto/ef21_wire/v1/ef21.proto.
 _WORKER_UPDATE = 3
+_WORKER_EVAL = 4
+_WORKER_POWER_REPLY = 6
 _MASTER_ROUND_RESULT = 3
 
 
@@ -122,6 +125,26 @@ def round_result_bytes(round_: int, aggregate: EncodedVector, replace: bool, sca
         packed = b"".join(_varint(r) for r in missing)
         body += [_key(6, _LEN), _varint(len(packed)), packed]
     return b"".join(_wrap(_MASTER_ROUND_RESULT, body))
+
+
+def eval_bytes(round_: int, grad: EncodedVector, rest: bytes) -> bytes:
+    """A serialized WorkerMessage carrying an Eval: ``rest`` is the generated code's serialization of an Eval
+    holding only the fields after ``grad`` (f, distortion, metrics), which follow it in field order."""
+    body: list[Buffer] = []
+    if round_:
+        body += [_key(1, _VARINT), _varint(round_)]
+    body += _wrap(2, _vector_parts(grad))
+    body.append(rest)
+    return b"".join(_wrap(_WORKER_EVAL, body))
+
+
+def power_reply_bytes(iteration: int, w: EncodedVector) -> bytes:
+    """A serialized WorkerMessage carrying a PowerReply."""
+    body: list[Buffer] = []
+    if iteration:
+        body += [_key(1, _VARINT), _varint(iteration)]
+    body += _wrap(2, _vector_parts(w))
+    return b"".join(_wrap(_WORKER_POWER_REPLY, body))
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------

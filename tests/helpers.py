@@ -59,3 +59,17 @@ async def eventually(pred: Callable[[], bool], timeout: float = 30.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def ef21_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    """The ``ef21`` command line, run for real in a new process (output captured as text)."""
+    return subprocess.run([sys.executable, "-m", "ef21.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """Bad input's promise: exit status 2 and exactly one line on stderr, no traceback. Returns the line."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]

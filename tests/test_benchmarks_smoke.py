@@ -1,12 +1,14 @@
 """The benchmark scripts run (tiny sizes) and what they report holds: byte counts within the payload's bounds,
-memory within its target, the service's run equal to the simulated one. Timings are never checked here: speed
-targets belong to the full benchmark runs, not to tests on a shared machine."""
+memory within its target, the service's run equal to the simulated one; benchmarks/results keeps summaries, not raw
+logs. Timings are never checked here: speed targets belong to the full benchmark runs, not to tests on a shared
+machine."""
 
 from __future__ import annotations
 
 import json
 import math
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import Callable
@@ -28,8 +30,8 @@ def _torch_installed() -> bool:
     return True
 
 
-def check_round_rate(results: list[dict]) -> None:
-    for r in results:
+def check_round_rate(doc: dict) -> None:
+    for r in doc["results"]:
         assert 12 * r["k"] <= r["up_bytes"] <= 12 * r["k"] + OVERHEAD
         # The downlink is the sparse sum of n Top-k messages: at most n·k entries.
         assert r["down_bytes"] <= 12 * r["n"] * r["k"] + OVERHEAD
@@ -42,7 +44,16 @@ def check_round_rate(results: list[dict]) -> None:
             assert r["gloo_star_ms"] is None and r["gloo_allreduce_ms"] is None
 
 
-def check_wire(results: list[dict]) -> None:
+def check_round_cpu(doc: dict) -> None:
+    for r in doc["results"]:  # every process and thread was seen working, and the floor ran
+        ours = r["ours"]
+        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0
+        assert {"master main", "worker main"} <= set(ours["split"])
+        assert ours["cpu_ms"] == pytest.approx(sum(v["user_ms"] + v["sys_ms"] for v in ours["split"].values()))
+
+
+def check_wire(doc: dict) -> None:
+    results = doc["results"]
     up = [r for r in results if "uplink_wire_bytes" in r]
     down = [r for r in results if "downlink_wire_bytes" in r]
     assert up and down
@@ -55,12 +66,8 @@ def check_wire(results: list[dict]) -> None:
         assert 12 * r["distinct"] <= r["downlink_wire_bytes"] <= 12 * r["distinct"] + OVERHEAD
 
 
-def check_master_cost(results: list[dict]) -> None:
-    for r in results:
-        assert 0 < r["held_bytes"] <= r["target_bytes"] == (r["n"] + 3) * 8 * r["d"]
-
-
-def check_compact(results: list[dict]) -> None:
+def check_compact(doc: dict) -> None:
+    results = doc["results"]
     runs = {(r["run"], r["encoding"]): r for r in results}
     assert {enc for _, enc in runs} == {"plain", "compact"}
     for (run, enc), r in runs.items():
@@ -70,34 +77,59 @@ def check_compact(results: list[dict]) -> None:
             assert r["min_grad_norm_sq"] == pytest.approx(plain["min_grad_norm_sq"], rel=1e-5)
 
 
-def check_constrained_link(results: list[dict]) -> None:
-    assert all(r["same_as_simulation"] and r["reached"] for r in results)
-    by = {(r["link"], r["method"]): r for r in results}
-    for (link, method), r in by.items():
-        if method != "gd":  # the point of compression: fewer bytes to the same tolerance
-            assert r["bytes"] < by[(link, "gd")]["bytes"]
-
-
-def check_scrape_overhead(results: list[dict]) -> None:
+def check_scrape_overhead(doc: dict) -> None:
+    results = doc["results"]
     modes = {r["mode"]: r for r in results}
     assert modes["off"]["vs_off"] == 1.0
     for r in results:  # every mode ran windows and made rounds (the ratios themselves are for the full run)
         assert r["windows"] > 0 and r["rounds_per_s_median"] > 0 and math.isfinite(r["vs_off"])
 
 
+def check_sparse_scale(doc: dict) -> None:
+    assert doc["same_as_simulation"]
+    assert doc["grad_norm_sq_start"] / doc["grad_norm_sq_final"] >= doc["reduction"]
+    n, k = doc["workers"], doc["k"]
+    assert n * 12 * k <= doc["up_bytes_per_round"] <= n * (12 * k + OVERHEAD)
+    assert doc["down_bytes_per_round"] <= n * (12 * n * k + OVERHEAD)  # the union of n supports, to each worker
+    assert sorted(r["rank"] for r in doc["results"]) == list(range(n))
+    for r in doc["results"]:  # every worker's memory was sampled, and the target follows from its shard
+        assert r["peak_rss_mib"] > doc["idle_worker_mib"] > 0
+        assert r["target_mib"] == pytest.approx((3 * r["shard_csr_bytes"] + 80 * doc["d"]) / 2**20)
 
-def check_round_cpu(results: list[dict]) -> None:
-    for r in results:  # every process and thread was seen working, and the floor ran
-        ours = r["ours"]
-        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0
-        assert {"master main", "worker main"} <= set(ours["split"])
-        assert ours["cpu_ms"] == pytest.approx(sum(v["user_ms"] + v["sys_ms"] for v in ours["split"].values()))
+
+def check_master_cost(doc: dict) -> None:
+    for r in doc["results"]:
+        assert 0 < r["held_bytes"] <= r["target_bytes"] == (r["n"] + 3) * 8 * r["d"]
+    rows = {r["master_rows"]: r for r in doc["rows_settings"]}
+    assert set(rows) == {"full", "float32", "none"}
+    d, n = rows["full"]["d"], rows["full"]["n"]
+    # The per-worker copies of g_i are what the setting changes: 8, 4 and 0 bytes an entry of the n × d rows.
+    for setting, width in (("full", 8), ("float32", 4), ("none", 0)):
+        extra = rows[setting]["held_bytes"] - rows["none"]["held_bytes"]
+        assert extra == pytest.approx(width * n * d, rel=0.01, abs=4096)
+    drift = {r["master_rows"]: r for r in doc["handover"]}
+    assert drift["full"]["x_rel_diff"] == 0.0 < drift["float32"]["x_rel_diff"]
+    assert drift["float32"]["reached"] and drift["full"]["reached"]
 
 
-CHECKS: dict[str, Callable[[list[dict]], None]] = {
+def check_constrained_link(doc: dict) -> None:
+    results = doc["results"]
+    assert all(r["same_as_simulation"] and r["reached"] for r in results)
+    assert {r["method"] for r in results} >= {"gd", "ef21", "ef21-bc"}
+    by = {(r["link"], r["method"]): r for r in results}
+    for (link, method), r in by.items():
+        if method != "gd":  # the point of compression: fewer bytes to the same tolerance
+            assert r["bytes"] < by[(link, "gd")]["bytes"]
+        if method == "ef21-bc":  # the broadcast carries K entries, whatever the union of the workers' supports
+            assert r["result_bytes"] <= 12 * r["settings"]["downlink_k"] + OVERHEAD
+        assert len(r["trace"]) >= 2 and r["trace"][-1][0] == r["rounds"]  # the figure redraws from the JSON
+
+
+CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
-    "scrape_overhead.py": check_scrape_overhead, "round_cpu.py": check_round_cpu,
+    "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
+    "round_cpu.py": check_round_cpu,
 }
 
 
@@ -111,7 +143,7 @@ def test_benchmark_smoke(script, tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert doc["results"] and doc["date"]
-    CHECKS[script](doc["results"])
+    CHECKS[script](doc)
 
 
 @pytest.mark.slow
@@ -128,3 +160,14 @@ def test_torch_benchmark_smoke(script, tmp_path):
     assert doc["results"] and doc["date"]
     if script != "torch_dtype.py":
         assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def test_no_raw_logs_under_benchmark_results():
+    """Results keep summaries (JSON) and figures; per-round logs are regenerated on demand (--logs DIR)."""
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        listed = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split()
+    else:
+        listed = [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks" / "results").rglob("*")]
+    assert listed, "benchmarks/results is empty: the summaries are missing"
+    assert [p for p in listed if p.endswith(".jsonl")] == []

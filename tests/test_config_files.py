@@ -18,7 +18,7 @@ from ef21.cli import build_parser
 from ef21.cliconfig import CliInfo, INFO_ATTR, REDACTED, info, option_key, parse_command_line
 from ef21_server import checkpoint
 
-from .helpers import http_get
+from .helpers import http_get, one_error_line
 
 PY = sys.executable
 COMMANDS = ("simulate", "plot", "master", "status", "run", "worker", "experiment")
@@ -42,12 +42,6 @@ def plain(ns: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(ns).items() if k != INFO_ATTR}
 
 
-def one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 # -- every flag of every command, from the parser itself ------------------------------------------------------------

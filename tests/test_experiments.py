@@ -26,6 +26,8 @@ from ef21.experiments.report import least_squares_solution
 from ef21.experiments.schema import command_args, load, simulate_namespace
 from ef21.problem import build_problem
 
+from .helpers import one_error_line
+
 PY = sys.executable
 
 
@@ -34,12 +36,6 @@ def ef21(*args: str, cwd: Path | None = None, timeout: float = 240, **kw) -> sub
                           **kw)
 
 
-def one_error_line(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -16,7 +15,9 @@ from ef21.config import RunConfig
 from ef21.simulate import simulate
 from ef21_server.coordinator import MasterOptions
 
+from .helpers import ef21_cli as cli
 from .helpers import eventually, finish, running_master, spawn_worker
+from .helpers import one_error_line as one_line_error
 
 PY = sys.executable
 
@@ -58,17 +59,6 @@ def write_plugin(tmp_path, hook: str = "pass", name: str = "myobj.py") -> str:
     path = tmp_path / name
     path.write_text(PLUGIN.replace("RANK_HOOK", textwrap.indent(hook, "    ").strip()))
     return f"{path}:make"
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def test_plugin_run_equals_simulate_with_metrics_and_x0(tmp_path):

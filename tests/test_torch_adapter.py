@@ -4,7 +4,6 @@ rows, metrics, ``ef21 run`` == ``ef21 simulate`` bit for bit through real worker
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,9 @@ from ef21.simulate import simulate
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 
 from ef21.torch_adapter import TorchObjective, seeded  # noqa: E402
+
+from .helpers import ef21_cli as cli
+from .helpers import one_error_line as one_line_error
 
 PY = sys.executable
 
@@ -52,15 +54,6 @@ def write_plugin(tmp_path, hook: str = "pass") -> str:
     return f"{path}:make"
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 def tiny(seed: int = 0) -> torch.nn.Module:

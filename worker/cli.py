@@ -16,6 +16,7 @@ from ef21_wire.eventloop import EVENT_LOOPS
 
 from .channel import add_client_security_args, client_security_from_args
 from .client import WorkerFailure, WorkerOptions, run_worker
+from .memory import unmap_large_blocks
 
 
 def check_master_address(target: str) -> None:
@@ -36,6 +37,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print_config(ns)
+    unmap_large_blocks()
     opts = WorkerOptions(master=ns.master, rank=ns.rank, data=ns.data, objective=ns.objective,
                          connect_timeout=ns.connect_timeout, delay=ns.delay, security=client_security_from_args(ns))
     try:

@@ -14,6 +14,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -33,7 +34,7 @@ from ef21.problem import local_objective, quadratic_fingerprint, streams_shards
 from ef21.prox import parse_prox
 from ef21.replica import StepRule
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
-from ef21_wire.fastwire import RoundResultIn
+from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
 from ef21_wire.serde import (
     fill_vector, read_round_result_fast, round_result_from_proto, state_checksum, update_to_bytes, vector_from_proto,
 )
@@ -41,6 +42,7 @@ from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
 from .channel import ClientSecurity, open_channel
+from .memory import release_free_heap
 
 log = logging.getLogger("ef21.worker")
 
@@ -298,40 +300,15 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, data: WorkerData, opts
 async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: WorkerOptions, session: _Session,
                             rank: int) -> str:
     obj = await asyncio.to_thread(local_objective, cfg, rank, data.ds, None, data.info)
+    release_free_heap()  # the loader's scratch (rows parsed one by one) is garbage from here on
     d = obj.d
-    gram, diag = obj.gram(), obj.diagonal()
-    L_i = obj.smoothness()
-    x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
-    setup = pb.Setup(
-        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
-        gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
-        diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
-        n_samples=getattr(obj, "n_samples", None) or 0, dim=d,
-        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
-    if x0 is not None:
-        fill_vector(setup.x0, SparseVector.dense(x0))
-    await st.send(pb.WorkerMessage(setup=setup))
-    while True:
-        msg = await st.recv_proto()
-        kind = msg.WhichOneof("kind")
-        if kind == "stop":
-            return msg.stop.reason
-        if kind == "start":
-            break
-        if kind != "power_step":
-            raise WorkerFailure(f"expected Start, got {kind}")
-        # One product of the master's power iteration for L: A_iᵀA_i v.
-        try:
-            v = vector_from_proto(msg.power_step.v, expected_dim=d)
-        except CodecError as exc:
-            raise WorkerFailure(f"bad PowerStep from the master: {exc}") from None
-        reply = pb.WorkerMessage()
-        reply.power_reply.iteration = msg.power_step.iteration
-        fill_vector(reply.power_reply.w, SparseVector.dense(obj.gram_matvec(v.values)))
-        await st.send(reply)
-    node = _node_from_start(msg.start, cfg, obj, rank, d)
+    first = await _set_up(st, obj, rank)
+    if first.WhichOneof("kind") == "stop":
+        return first.stop.reason
+    node = _node_from_start(first.start, cfg, obj, rank, d)
     session.started = True
-    eval_every = max(1, msg.start.eval_every)
+    eval_every = max(1, first.start.eval_every)
+    del first  # its dense x and g: the replica holds its own copies
     compact = cfg.encoding == "compact"
     pause = random.Random(f"{rank}:{time.time_ns()}")
     while True:
@@ -366,8 +343,45 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
         # Left out of the round (not sampled, or a straggler): keep the previous g_i, exactly as the master does.
         included = report.message is not None and rank not in rr.missing
         node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=included)
+        del report  # an evaluation round's dense gradient: not kept while the next round computes another
         if not in_sync:
             await _resync(st, node, d)
+
+
+async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
+    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
+    d = obj.d
+    gram, diag = obj.gram(), obj.diagonal()
+    L_i = obj.smoothness()
+    x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
+    setup = pb.Setup(
+        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
+        gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
+        diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
+        n_samples=getattr(obj, "n_samples", None) or 0, dim=d,
+        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
+    if x0 is not None:
+        fill_vector(setup.x0, SparseVector.dense(x0))
+    await st.send(pb.WorkerMessage(setup=setup))
+    del setup, gram, diag
+    while True:
+        msg = await st.recv_proto()
+        kind = msg.WhichOneof("kind")
+        if kind in ("start", "stop"):
+            return msg
+        if kind != "power_step":
+            raise WorkerFailure(f"expected Start, got {kind}")
+        # One product of the master's power iteration for L: A_iᵀA_i v.
+        try:
+            v = vector_from_proto(msg.power_step.v, expected_dim=d).values
+        except CodecError as exc:
+            raise WorkerFailure(f"bad PowerStep from the master: {exc}") from None
+        iteration = msg.power_step.iteration
+        del msg  # each step's vectors of d are released before the next one arrives
+        w = obj.gram_matvec(v)
+        del v
+        await st.send(power_reply_bytes(iteration, encode(SparseVector.dense(w))))
+        del w
 
 
 def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
@@ -388,18 +402,12 @@ def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
     return min(d, cfg.workers * max_entries(node.compressor, d))
 
 
-def eval_message(report: WorkerReport) -> pb.WorkerMessage:
-    """An evaluation round's exact figures: the dense ∇f_i(x^t), f_i(x^t), the distortion and metrics."""
+def eval_message(report: WorkerReport) -> bytes:
+    """An evaluation round's exact figures, serialized: the dense ∇f_i(x^t) (joined into the message by hand,
+    one copy), f_i(x^t), the distortion and metrics."""
     assert report.grad is not None and report.f is not None
-    ev = pb.WorkerMessage()
-    ev.eval.round = report.round
-    ev.eval.f = report.f
-    if report.distortion is not None:
-        ev.eval.distortion = report.distortion
-    if report.metrics:
-        ev.eval.metrics.update(report.metrics)
-    fill_vector(ev.eval.grad, SparseVector.dense(report.grad))
-    return ev
+    rest = pb.Eval(f=report.f, distortion=report.distortion, metrics=report.metrics or None)
+    return eval_bytes(report.round, encode(SparseVector.dense(report.grad)), rest.SerializeToString())
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
