@@ -16,7 +16,7 @@ from .compressors import Compressor
 from .downlink import BroadcastCompressor
 from .estimators import PARTICIPATION_STREAM, EstimateContext, Estimator, Full
 from .methods import Downlink, InitMode, Message, Method, WorkerContext
-from .objectives import Objective
+from .objectives import Objective, SeparableQuadratic, _DesignMatrix
 from .replica import Replica, StepRule
 
 
@@ -70,6 +70,18 @@ class WorkerSetting:
     grad_scale: float = 1.0
     """1/(n·w_i) for EF21-W, else 1: the worker compresses against ∇f_i/(n·w_i)."""
     participation: int | None = None
+
+
+# Objectives whose ``grad`` is known to give value_and_grad's gradient bit for bit (a plugin's might not).
+_GRAD_ONLY = (_DesignMatrix, SeparableQuadratic)
+
+
+def gradient(objective: Any, x: np.ndarray) -> np.ndarray:
+    """∇f_i(x) alone, for rounds that do not log f_i: the built-in objectives' ``grad`` skips the value's O(d) or
+    O(N_i) passes and returns the same bits as ``value_and_grad``; other objectives (plugins, PyTorch) are asked
+    for both."""
+    grad = getattr(objective, "grad", None)
+    return grad(x) if isinstance(objective, _GRAD_ONLY) and grad is not None else objective.value_and_grad(x)[1]
 
 
 class WorkerNode:
@@ -128,8 +140,10 @@ class WorkerNode:
         participate = self.participates()
         ectx = EstimateContext(t, self.rank, s.seed, s.tau, s.page_p)
         f = full = None
-        if evaluate or (participate and s.estimator.needs_full(self.est_state, ectx)):
+        if evaluate:
             f, full = self.objective.value_and_grad(x)
+        elif participate and s.estimator.needs_full(self.est_state, ectx):
+            full = gradient(self.objective, x)
         metrics = self._metrics(x) if evaluate else None
         if not participate:
             self._pending, self._pending_est = self.state, self.est_state

@@ -91,8 +91,12 @@ def logistic_loss_and_slope(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """log(1 + e^−m) and σ(−m) = 1/(1 + e^m), elementwise, from e^−|m| only: no overflow for any margin."""
     e = np.exp(-np.abs(m))
     loss = np.maximum(-m, 0.0) + np.log1p(e)
-    slope = np.where(m >= 0, e, 1.0) / (1.0 + e)
-    return loss, slope
+    return loss, _slope(m, e)
+
+
+def _slope(m: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """σ(−m) from e = e^−|m|."""
+    return np.where(m >= 0, e, 1.0) / (1.0 + e)
 
 
 class _DesignMatrix:
@@ -153,23 +157,34 @@ class LogisticRegression(_DesignMatrix):
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         m = self.y * (self.A @ x)
         loss, slope = logistic_loss_and_slope(m)
+        g, reg = self._grad_at(x, slope, with_reg=True)
+        assert reg is not None
+        return float(loss.sum()) / self.n_rows + self.lam * reg, g
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        """The gradient of ``value_and_grad`` (the same bits) without the loss's log1p pass and sums."""
+        m = self.y * (self.A @ x)
+        return self._grad_at(x, _slope(m, np.exp(-np.abs(m))), with_reg=False)[0]
+
+    def _grad_at(self, x: np.ndarray, slope: np.ndarray, *, with_reg: bool) -> tuple[np.ndarray, float | None]:
+        """g = coef·A + 2λx/(q·q) with q = 1 + x² (and the regularizer Σ x²/q when asked), in two scratch vectors
+        of d instead of five: at d = 10⁶ the temporaries, not the data, set a worker's peak memory
+        (benchmarks/sparse_scale.py). Only commutative swaps of the plain formula, so the bits are the same."""
         # d/dm log(1 + e^−m) = −σ(−m)
         coef = (-1.0 / self.n_rows) * (self.y * slope)
-        # The same operations as  g = coef·A + 2λx/(q·q),  f = mean loss + λ Σ x²/q  with q = 1 + x², done in two
-        # scratch vectors of d instead of five: at d = 10⁶ the temporaries, not the data, set a worker's peak
-        # memory (benchmarks/sparse_scale.py). Only commutative swaps, so the bits are the same.
         x2 = x * x
         q = x2 + 1.0
-        np.divide(x2, q, out=x2)
-        reg = float(x2.sum())
+        reg = None
+        if with_reg:
+            np.divide(x2, q, out=x2)
+            reg = float(x2.sum())
         np.multiply(q, q, out=q)
         np.multiply(x, 2.0 * self.lam, out=x2)
         np.divide(x2, q, out=x2)
         del q
         g = self._transpose_times(coef, self.A)
         g += x2
-        f = float(loss.sum()) / self.n_rows + self.lam * reg
-        return f, g
+        return g, reg
 
     def grad_batch(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The gradient of the mean loss over ``rows`` of the shard, plus the whole regularizer's (EF21-SGD)."""

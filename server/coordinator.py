@@ -305,7 +305,8 @@ class Coordinator:
         if self.book.counts(s, msg.round, self.round, "Update", self.state):
             assert self.d is not None
             self.book.update(s, msg, nbytes, self.round, self.d, self._decode)
-            self.wake.set()
+            if self.book.may_move(self.round):
+                self.wake.set()
 
     def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int) -> None:
         if self.book.counts(s, msg.round, self.round, "Eval", self.state):

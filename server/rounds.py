@@ -62,6 +62,7 @@ class RoundBook:
         self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
         self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
         self.started_at = time.monotonic()
+        self._asked: tuple[int, int | None, frozenset[int] | None] | None = None  # (t, participation, chosen(t))
 
     # -- who is asked ----------------------------------------------------------------------------------------
 
@@ -69,7 +70,12 @@ class RoundBook:
         return is_eval_round(t, self.rules.eval_every, self.rules.rounds)
 
     def chosen(self, t: int) -> frozenset[int] | None:
-        return participants(self.rules.seed, t, self.rules.n, self.participation)
+        # Asked for every message of a round: the draw is made once per round.
+        asked = self._asked
+        if asked is None or asked[0] != t or asked[1] != self.participation:
+            asked = self._asked = (t, self.participation,
+                                   participants(self.rules.seed, t, self.rules.n, self.participation))
+        return asked[2]
 
     def sampled(self, rank: int, t: int) -> bool:
         """Whether sampled participation (EF21-PP) asks ``rank`` for an Update in round t."""
@@ -124,6 +130,15 @@ class RoundBook:
         """A lost worker's contribution to the open round goes too: a replacement recomputes it."""
         self.updates.pop(rank, None)
         self.evals.pop(rank, None)
+
+    def may_move(self, t: int) -> bool:
+        """Whether the Update just recorded may let round t close: every Update it asks for is in, or rounds may
+        close without everyone (then the engine decides). Otherwise waking the engine would only find the round
+        still open, once per message."""
+        if self.rules.round_timeout is not None and self.rules.tolerates_missing:
+            return True
+        chosen = self.chosen(t)
+        return len(self.updates) >= (self.rules.n if chosen is None else len(chosen))
 
     # -- when it closes --------------------------------------------------------------------------------------
 

@@ -22,13 +22,34 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERHEAD = 64
 
 
+def _torch_installed() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_round_rate(doc: dict) -> None:
-    results = doc["results"]
-    for r in results:
+    for r in doc["results"]:
         assert 12 * r["k"] <= r["up_bytes"] <= 12 * r["k"] + OVERHEAD
         # The downlink is the sparse sum of n Top-k messages: at most n·k entries.
         assert r["down_bytes"] <= 12 * r["n"] * r["k"] + OVERHEAD
-        assert r["ours_rps"] > 0 and r["floor_rps"] > 0 and math.isfinite(r["ratio"])
+        assert r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["floor_ms"] / r["ours_ms"])
+        # The PyTorch peer runs in the same invocation wherever torch is installed (CI installs it).
+        if _torch_installed():
+            assert r["gloo_star_ms"] > 0 and r["gloo_allreduce_ms"] > 0
+            assert r["allreduce_vs_ours"] == pytest.approx(r["gloo_allreduce_ms"] / r["ours_ms"])
+        else:
+            assert r["gloo_star_ms"] is None and r["gloo_allreduce_ms"] is None
+
+
+def check_round_cpu(doc: dict) -> None:
+    for r in doc["results"]:  # every process and thread was seen working, and the floor ran
+        ours = r["ours"]
+        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0
+        assert {"master main", "worker main"} <= set(ours["split"])
+        assert ours["cpu_ms"] == pytest.approx(sum(v["user_ms"] + v["sys_ms"] for v in ours["split"].values()))
 
 
 def check_wire(doc: dict) -> None:
@@ -108,6 +129,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
+    "round_cpu.py": check_round_cpu,
 }
 
 
