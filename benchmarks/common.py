@@ -136,8 +136,10 @@ class PeakMemory:
                 kib = _status_kib(pid, "VmHWM")
                 if kib is not None:
                     self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), kib)
-                    if pid not in self.argv:
-                        self.argv[pid] = cmdline(pid)
+                    # Read again each time: a child seen between fork and exec still shows its parent's argv.
+                    argv = cmdline(pid)
+                    if argv:
+                        self.argv[pid] = argv
             self._stop.wait(self.interval)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from ef21_server.security import ServerSecurity
 from ef21_wire.protocol import TRAIN_METHOD
 
 from .helpers import finish, http_get, spawn_worker
+from .pki import make_pki, needs_openssl
 
 PY = sys.executable
 CFG = RunConfig(workers=2, method="ef21", k=2, stepsize_mult=64, x0="normal:0", rounds=40)
@@ -98,26 +98,10 @@ async def test_status_detail_is_empty_during_healthy_rounds(tmp_path):
 
 # -- bans -------------------------------------------------------------------------------------------------------
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed for certificates")
-
-
-def openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA; a server certificate for 127.0.0.1; two client certificates, "honest" and "rogue"."""
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=ef21 ops CA", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, ext in (("server", ["-extfile", "server.ext"]), ("honest", []), ("rogue", [])):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), "ef21 ops CA", {"server": "server", "honest": "honest", "rogue": "rogue"})
 
 
 async def send_garbage(channel: grpc.aio.Channel) -> grpc.StatusCode:
