@@ -129,18 +129,29 @@ def load_worker_data(cfg: RunConfig) -> WorkerData:
 class Stream:
     """The Train stream as raw bytes in and out.
 
-    The worker's loop reads the master's messages itself, when it expects one: a reader task handing them over
-    through a queue cost each round a task switch and a queue hand-off on a 2-core machine where every
-    microsecond of Python counts n times. A Stop that arrives while the worker computes waits in gRPC's buffer
-    and is read at the next ``recv``, or, when the master already closed the stream and the next write fails,
-    by ``_pending_stop``. Every read has a timeout (the master is a peer too).
+    A reader task pulls the master's messages as they arrive, so a Stop is seen even while this worker is busy
+    computing or its next write fails because the master already closed the stream. Every read has a timeout
+    (the master is a peer too).
     """
 
     def __init__(self, call: grpc.aio.StreamStreamCall, reply_timeout: float) -> None:
         self.call = call
         self.reply_timeout = reply_timeout
+        self._inbox: asyncio.Queue[pb.MasterMessage | RoundResultIn | BaseException] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._pump(), name="stream-reader")
 
-    async def _read(self) -> pb.MasterMessage | RoundResultIn:
+    async def _pump(self) -> None:
+        try:
+            while True:
+                # No local keeps a message past its hand-over: a Start or PowerStep carries dense vectors of d,
+                # which would otherwise stay alive until the next message arrives.
+                await self._inbox.put(await self._read_one())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which raises it in its own task
+            await self._inbox.put(exc)
+
+    async def _read_one(self) -> pb.MasterMessage | RoundResultIn:
         raw = await self.call.read()
         if raw is grpc.aio.EOF:
             code = await self.call.code()
@@ -158,7 +169,11 @@ class Stream:
         return item
 
     async def close(self) -> None:
-        pass  # nothing of ours runs in the background; the caller cancels the call
+        self._reader.cancel()
+        try:
+            await self._reader
+        except (asyncio.CancelledError, Exception):
+            pass
 
     async def send(self, msg: pb.WorkerMessage | bytes) -> int:
         raw = msg if isinstance(msg, bytes) else msg.SerializeToString()
@@ -175,22 +190,26 @@ class Stream:
         return len(raw)
 
     async def _pending_stop(self) -> str | None:
-        """A Stop among the messages the master sent that we have not read yet (reading for at most 2 s)."""
+        """A Stop among the messages received but not yet consumed (waiting briefly for the reader to finish)."""
         try:
-            async with asyncio.timeout(2.0):
-                while True:
-                    item = await self._read()
-                    if isinstance(item, pb.MasterMessage) and item.WhichOneof("kind") == "stop":
-                        return item.stop.reason
-        except (TimeoutError, Exception):
-            return None
+            await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, pb.MasterMessage) and item.WhichOneof("kind") == "stop":
+                return item.stop.reason
+        return None
 
     async def recv(self) -> pb.MasterMessage | RoundResultIn:
         try:
             async with asyncio.timeout(self.reply_timeout):  # no extra task per read, unlike wait_for
-                return await self._read()
+                item = await self._inbox.get()
         except TimeoutError:
             raise Reconnect(f"no message from the master in {self.reply_timeout:g} s") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def recv_proto(self) -> pb.MasterMessage:
         """The next message where a RoundResult is not expected (handshake, resync)."""
