@@ -7,7 +7,8 @@ divided by the cores; this script measures that CPU, so that a round time can be
   thread of the master and the workers over a window, divided by the rounds closed in it (read from the log),
   by role and thread: the event loop's thread ("main"), gRPC's threads (event_engine, the poller).
 * floor — `round_rate.py`'s bare barrier with the same n and message sizes: its CPU (this process and its
-  children, from getrusage) for two run lengths, the difference divided by the difference in rounds.
+  children, from getrusage) for two run lengths, the difference divided by the difference in rounds; then the same
+  with its clients on grpc's synchronous API ("floor, sync clients").
 
 Linux only (/proc).
 
@@ -105,11 +106,11 @@ def _cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def floor(n: int, up: int, down: int, loop: str, short: int, long: int) -> dict:
+def floor(n: int, up: int, down: int, loop: str, short: int, long: int, client: str = "aio") -> dict:
     runs = []
     for rounds in (short, long):
         c0, t0 = _cpu_s(), time.monotonic()
-        median = floor_run(n, up, down, rounds, loop)
+        median = floor_run(n, up, down, rounds, loop, client)
         runs.append((_cpu_s() - c0, time.monotonic() - t0, median))
     return {"cpu_ms": 1e3 * (runs[1][0] - runs[0][0]) / (long - short),
             "wall_ms": 1e3 * (runs[1][1] - runs[0][1]) / (long - short), "median_ms": 1e3 * runs[1][2]}
@@ -128,15 +129,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="round_cpu-") as tmp:
         for n in ns:
             o = ours(n, args.k, args.event_loop, warm, window, Path(tmp))
-            f = floor(n, int(round(o["up_bytes"])) - GRPC_FRAME_BYTES, int(round(o["down_bytes"])) - GRPC_FRAME_BYTES,
-                      args.event_loop, short, long)
+            sizes = (int(round(o["up_bytes"])) - GRPC_FRAME_BYTES,
+                     int(round(o["down_bytes"])) - GRPC_FRAME_BYTES)
+            f = floor(n, *sizes, args.event_loop, short, long)
+            # The same floor with its clients on grpc's synchronous API (round_rate.py's "floor sync").
+            fs = floor(n, *sizes, args.event_loop, short, long, client="sync")
             cores = os.cpu_count() or 1
             results.append({"n": n, "k": args.k, "event_loop": args.event_loop, "cpus": cores, "ours": o, "floor": f,
+                            "floor_sync": fs,
                             "ours_cpu_per_core_ms": o["cpu_ms"] / cores, "floor_cpu_per_core_ms": f["cpu_ms"] / cores})
             for name, v in sorted(o["split"].items()):
                 rows.append([n, f"ours: {name}", v["user_ms"], v["sys_ms"], v["user_ms"] + v["sys_ms"], "-"])
             rows.append([n, "ours: total", "-", "-", o["cpu_ms"], o["wall_ms"]])
             rows.append([n, "floor: total", "-", "-", f["cpu_ms"], f["wall_ms"]])
+            rows.append([n, "floor, sync clients: total", "-", "-", fs["cpu_ms"], fs["wall_ms"]])
     print(f"CPU ms a round, mushrooms EF21 Top-{args.k}, {args.event_loop} loop, {os.cpu_count()} CPUs "
           f"(workers: the sum over all n)")
     print_table(["n", "what", "user ms", "sys ms", "CPU ms", "wall ms/round"], rows)

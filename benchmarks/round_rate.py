@@ -7,7 +7,10 @@ same number n of worker processes:
   JSONL log on): the median time between the closes of consecutive rounds, steady state only.
 * floor — a bare grpc.aio barrier: this process serves, n client processes each send a message of our Update's
   size, the server waits for all n and answers each with a message of our RoundResult's size (sizes measured from
-  ours). No arithmetic, no validation, no state: what the transport alone costs a round.
+  ours). No arithmetic, no validation, no state: what the transport alone costs a round. It runs twice (or
+  --floor-pairs times each, alternating): with grpc.aio clients ("floor ms") and with clients on grpc's synchronous
+  API, a blocking bidirectional stream fed from a queue ("floor sync ms") — what a worker whose loop ran on a plain
+  thread instead of an event loop would pay for the transport (the server is grpc.aio in both).
 * Gloo all-reduce — the data-parallel GD loop a PyTorch user writes: the gradient of the same objective on the
   same shard by autograd, ``dist.all_reduce``, the step; n processes (rank 0 is a worker too), float64.
 * Gloo star — ef21's pattern on Gloo's transport: every rank's message of our Update's size gathered to rank 0
@@ -164,14 +167,38 @@ eventloop.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])), sys.argv[4]
 '''
 
 
-async def _floor(n: int, up_bytes: int, down_bytes: int, rounds: int, loop: str) -> float:
+# The same client on grpc's synchronous API: what a worker whose loop ran on a plain thread (not an event loop)
+# would pay for the transport. A blocking bidirectional stream: gRPC's own thread consumes the request iterator
+# (fed through a queue), this thread writes into the queue and blocks on the response iterator.
+FLOOR_CLIENT_SYNC = r'''
+import queue, sys, grpc
+target, up, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+q = queue.SimpleQueue()
+def requests():
+    while (m := q.get()) is not None:
+        yield m
+with grpc.insecure_channel(target) as ch:
+    responses = ch.stream_stream("/floor.Barrier/Round")(requests())
+    msg = b"\x02" * up
+    for _ in range(rounds):
+        q.put(msg)
+        next(responses)
+    q.put(None)
+    for _ in responses:
+        pass
+'''
+
+FLOOR_CLIENTS = {"aio": FLOOR_CLIENT, "sync": FLOOR_CLIENT_SYNC}
+
+
+async def _floor(n: int, up_bytes: int, down_bytes: int, rounds: int, loop: str, client: str = "aio") -> float:
     barrier = Barrier(n, down_bytes)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "floor.Barrier", {"Round": grpc.stream_stream_rpc_method_handler(barrier.handle)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_CLIENT, f"127.0.0.1:{port}",
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_CLIENTS[client], f"127.0.0.1:{port}",
                                                   str(up_bytes), str(rounds), loop, stdin=subprocess.DEVNULL)
              for _ in range(n)]
     for p in procs:
@@ -180,9 +207,10 @@ async def _floor(n: int, up_bytes: int, down_bytes: int, rounds: int, loop: str)
     return float(np.median(steady(barrier.times)))
 
 
-def floor_run(n: int, up_bytes: int, down_bytes: int, rounds: int, loop: str) -> float:
-    """Median seconds a round of the bare barrier (message sizes without gRPC's 5-byte frame prefix)."""
-    return eventloop.run(_floor(n, up_bytes, down_bytes, rounds, loop), loop)
+def floor_run(n: int, up_bytes: int, down_bytes: int, rounds: int, loop: str, client: str = "aio") -> float:
+    """Median seconds a round of the bare barrier (message sizes without gRPC's 5-byte frame prefix); its server
+    is always grpc.aio, its n clients grpc.aio (``client="aio"``) or grpc's synchronous API (``"sync"``)."""
+    return eventloop.run(_floor(n, up_bytes, down_bytes, rounds, loop, client), loop)
 
 
 # -- the peer: torch.distributed over Gloo -----------------------------------------------------------------------------
@@ -298,6 +326,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n", type=int, nargs="+", default=[4, 8], help="numbers of workers for --case")
     ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     ap.add_argument("--no-gloo", action="store_true", help="leave torch.distributed out")
+    ap.add_argument("--floor-pairs", type=int, default=1,
+                    help="alternating (aio clients, sync clients) floor runs per case; each floor is the median")
     return ap.parse_args()
 
 
@@ -321,7 +351,11 @@ def main() -> None:
             r = rounds if case.d * n <= 4_000_000 else max(40, rounds // 10)
             ours, up, down = ef21_run(case, n, r, args.event_loop, tmp)
             up_msg, down_msg = int(round(up)) - GRPC_FRAME_BYTES, int(round(down)) - GRPC_FRAME_BYTES
-            floor = floor_run(n, up_msg, down_msg, r, args.event_loop)
+            floors: dict[str, list[float]] = {"aio": [], "sync": []}
+            for _ in range(args.floor_pairs):  # A/B/A/B: the aio and the sync clients' floors alternate
+                for client in floors:
+                    floors[client].append(floor_run(n, up_msg, down_msg, r, args.event_loop, client))
+            floor, floor_sync = float(np.median(floors["aio"])), float(np.median(floors["sync"]))
             star = allreduce = None
             if gloo:
                 star, allreduce = gloo_run(case, n, r, up_msg, down_msg, tmp)
@@ -329,6 +363,9 @@ def main() -> None:
             res = {"case": str(case), "problem": case.problem, "method": case.method, "n": n, "d": case.d,
                    "k": case.k, "rounds": r, "event_loop": args.event_loop, "ours_ms": ours * 1e3,
                    "floor_ms": floor * 1e3, "ratio": floor / ours, "compute_ms": compute * 1e3,
+                   "floor_sync_ms": floor_sync * 1e3, "floor_sync_vs_aio": floor_sync / floor,
+                   "floor_runs_ms": [t * 1e3 for t in floors["aio"]],
+                   "floor_sync_runs_ms": [t * 1e3 for t in floors["sync"]],
                    "gloo_star_ms": None if star is None else star * 1e3,
                    "gloo_allreduce_ms": None if allreduce is None else allreduce * 1e3,
                    "allreduce_vs_ours": None if allreduce is None else allreduce / ours,
@@ -337,18 +374,19 @@ def main() -> None:
                    "ours_rps": 1 / ours, "floor_rps": 1 / floor}
             results.append(res)
             print(f"  {case} n={n}: ours {ours * 1e3:.3g} ms, floor {floor * 1e3:.3g} ms"
+                  f" (sync clients {floor_sync * 1e3:.3g} ms)"
                   + ("" if star is None else f", Gloo star {star * 1e3:.3g} ms, all-reduce {allreduce * 1e3:.3g} ms"),
                   flush=True)
             dash = "-"
-            rows.append([str(case), n, res["ours_ms"], res["floor_ms"], res["ratio"],
+            rows.append([str(case), n, res["ours_ms"], res["floor_ms"], res["ratio"], res["floor_sync_ms"],
                          dash if star is None else res["gloo_star_ms"],
                          dash if allreduce is None else res["gloo_allreduce_ms"],
                          dash if allreduce is None else res["allreduce_vs_ours"],
                          res["compute_ms"], int(up), int(down)])
     print(f"\nMedian ms a round ({args.event_loop} loop, {cpus} CPUs); floor/ours: 1 = no cost beyond the transport; "
           f"all-reduce/ours > 1: ef21's round is faster than the PyTorch loop")
-    print_table(["case", "n", "ours ms", "floor ms", "floor/ours", "Gloo star ms", "Gloo all-reduce ms",
-                 "all-reduce/ours", "compute ms", "up B", "down B"], rows)
+    print_table(["case", "n", "ours ms", "floor ms", "floor/ours", "floor sync ms", "Gloo star ms",
+                 "Gloo all-reduce ms", "all-reduce/ours", "compute ms", "up B", "down B"], rows)
     write_json(args.json, "round_rate", results, cpus=cpus, event_loop=args.event_loop, gloo=gloo,
                gloo_note=None if gloo else "torch not installed: Gloo not measured")
 

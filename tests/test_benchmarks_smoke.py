@@ -36,6 +36,8 @@ def check_round_rate(doc: dict) -> None:
         # The downlink is the sparse sum of n Top-k messages: at most n·k entries.
         assert r["down_bytes"] <= 12 * r["n"] * r["k"] + OVERHEAD
         assert r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["floor_ms"] / r["ours_ms"])
+        # The floor with clients on grpc's synchronous API ran next to the grpc.aio clients' floor.
+        assert r["floor_sync_ms"] > 0 and r["floor_sync_vs_aio"] == pytest.approx(r["floor_sync_ms"] / r["floor_ms"])
         # The PyTorch peer runs in the same invocation wherever torch is installed (CI installs it).
         if _torch_installed():
             assert r["gloo_star_ms"] > 0 and r["gloo_allreduce_ms"] > 0
@@ -47,7 +49,7 @@ def check_round_rate(doc: dict) -> None:
 def check_round_cpu(doc: dict) -> None:
     for r in doc["results"]:  # every process and thread was seen working, and the floor ran
         ours = r["ours"]
-        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0
+        assert ours["rounds"] > 0 and ours["cpu_ms"] > 0 and r["floor"]["cpu_ms"] > 0 and r["floor_sync"]["cpu_ms"] > 0
         assert {"master main", "worker main"} <= set(ours["split"])
         assert ours["cpu_ms"] == pytest.approx(sum(v["user_ms"] + v["sys_ms"] for v in ours["split"].values()))
 
