@@ -148,23 +148,25 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message is one line and names the file and the key."""
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, name: str, missing: str = "no such file") -> dict[str, Any]:
+    """A TOML file's document; a missing, unreadable or malformed file is a one-line ConfigError that starts with
+    ``name`` (how the user knows the file, e.g. "--config run.toml")."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigError(f"{name}: {missing}") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{name}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{name}: not valid TOML ({exc})") from None
 
 
 def values_from_file(path: Path, command: str,
                      commands: dict[str, argparse.ArgumentParser]) -> tuple[dict[str, Any], list[str]]:
     """The values (by dest) that ``path`` gives ``command``, checked and converted; and the top-level keys that
     belong to other commands only. Every command table in the file is checked, used or not."""
-    doc = read_toml(path)
+    doc = read_toml(path, f"--config {path}")
     where = str(path)
     top: dict[str, Any] = {}
     tables: dict[str, dict[str, Any]] = {}

@@ -43,12 +43,11 @@ import argparse
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cliconfig import ConfigError, Option, canonical_key, command_options, convert, subcommands
+from ..cliconfig import ConfigError, Option, canonical_key, command_options, convert, read_toml, subcommands
 from ..errors import UserError
 
 KINDS = ("curves", "sweep")
@@ -137,16 +136,7 @@ def _simulate_options() -> dict[str, Option]:
 def load(path: Path) -> Experiment:
     """Read and check a definition; errors are one line naming the file and the key."""
     try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such experiment definition") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from None
-    try:
-        return _parse(doc, path)
+        return _parse(read_toml(path, str(path), missing="no such experiment definition"), path)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
