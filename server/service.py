@@ -41,7 +41,6 @@ class MasterService:
         self.token = token
         self.handshake_timeout = handshake_timeout
         self.mutual_tls = mutual_tls  # charge faults to the client's certificate rather than its host
-        self._bound: tuple[int, int] | None = None  # (d, max_worker_message_bytes(d)), checked on every message
 
     async def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
         if self.token is None or token_matches(self.token, context.invocation_metadata()):
@@ -65,11 +64,7 @@ class MasterService:
 
     def _check_size(self, raw: bytes) -> None:
         d = self.coord.d
-        if d is None:
-            return
-        if self._bound is None or self._bound[0] != d:
-            self._bound = (d, max_worker_message_bytes(d))
-        if len(raw) > self._bound[1]:
+        if d is not None and len(raw) > max_worker_message_bytes(d):
             raise Refusal("RESOURCE_EXHAUSTED", f"message of {len(raw)} bytes exceeds the bound for d = {d}")
 
     def _parse(self, raw: bytes) -> pb.WorkerMessage:
