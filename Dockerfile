@@ -11,7 +11,7 @@ COPY ef21 ./ef21
 COPY ef21_wire ./ef21_wire
 COPY server ./server
 COPY worker ./worker
-# The [fast] extra (uvloop) lets master and workers take --event-loop uvloop (see README, Benchmarks).
+# The [fast] extra (uvloop) lets master and workers take --event-loop uvloop (see docs/benchmarks/round-rate.md).
 RUN pip install '.[fast]' && useradd --create-home --uid 10001 ef21
 USER ef21
 WORKDIR /home/ef21

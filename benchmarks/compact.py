@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, print_table, write_json  # noqa: E402
 
-from ef21.config import RunConfig  # noqa: E402
-from ef21.simulate import simulate  # noqa: E402
+from ef21.engine.config import RunConfig  # noqa: E402
+from ef21.engine.simulate import simulate  # noqa: E402
 
 THRESHOLDS = (1e-7, 1e-12, 1e-17, 1e-20)
 

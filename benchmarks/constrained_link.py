@@ -45,7 +45,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_logs_arg, logs_dir, print_table, thin, write_json  # noqa: E402
 
-from ef21.config import RunConfig  # noqa: E402
+from ef21.engine.config import RunConfig  # noqa: E402
 
 PY = sys.executable
 
@@ -190,7 +190,7 @@ def namespaces_available() -> str | None:
 
 def simulate_to_target(p: Problem, m: Method, n: int, max_rounds: int) -> tuple[int, list[float], float]:
     """(R, ‖∇f(x^t)‖² for t = 0..R, the target): the rounds the method needs, from the simulator."""
-    from ef21.simulate import simulate
+    from ef21.engine.simulate import simulate
 
     tol = p.tol
     if tol is None:
@@ -205,7 +205,7 @@ def run_once(link: Link | None, cfg: RunConfig, log: Path) -> dict:
     """Exactly ``cfg.rounds`` rounds through the service; ‖∇f‖² is evaluated at the last round only."""
     host = "10.222.0.1" if link else "127.0.0.1"
     port = "50051" if link else str(_free_port())
-    master = [PY, "-m", "ef21.cli", "master", "--host", "0.0.0.0" if link else host, "--port", port,
+    master = [PY, "-m", "ef21", "master", "--host", "0.0.0.0" if link else host, "--port", port,
               "--status-port", "-1", *cli_flags(cfg), "--eval-every", str(10**9), "--log", str(log)]
     worker = [PY, "-m", "ef21_worker", "--master", f"{host}:{port}", "--connect-timeout", "60"]
     mp = subprocess.Popen((link.prefix("master") if link else []) + master, stdout=subprocess.DEVNULL,

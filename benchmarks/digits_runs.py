@@ -68,7 +68,7 @@ def run_ef21(label: str, model: str, workers: int, rounds: int, eval_every: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
     shown = ef21_command(model, workers, rounds, eval_every, flags, objective_args)
-    cmd = [sys.executable, "-m", "ef21.cli", *ef21_command(model, workers, rounds, eval_every, flags,
+    cmd = [sys.executable, "-m", "ef21", *ef21_command(model, workers, rounds, eval_every, flags,
                                                            objective_args, log)[1:], "-q", "--status-port", "-1"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
@@ -92,7 +92,7 @@ def run_ef21(label: str, model: str, workers: int, rounds: int, eval_every: int,
 
 def example_dim(model: str, objective_args: Sequence[str] = ()) -> int:
     """d of an example's model (builds rank 0's objective in this process)."""
-    from ef21.plugins import build_objective
+    from ef21.problems.plugins import build_objective
 
     opts = tuple(tuple(kv.split("=", 1)) for kv in objective_args)
     return build_objective(f"{EXAMPLES[model]}:make", opts, 0, 1, 0).d  # type: ignore[arg-type]

@@ -30,13 +30,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
-from ef21.compressors import TopK  # noqa: E402
-from ef21.config import RunConfig, make_x0  # noqa: E402
-from ef21.engine import MasterNode, WorkerNode  # noqa: E402
+from ef21.compression.compressors import TopK  # noqa: E402
+from ef21.compression.sparse import sparse_sum  # noqa: E402
+from ef21.engine.config import RunConfig, make_x0  # noqa: E402
+from ef21.engine.nodes import MasterNode, WorkerNode  # noqa: E402
+from ef21.engine.records import mean_gradient  # noqa: E402
+from ef21.engine.simulate import plan_for  # noqa: E402
 from ef21.methods import EF21, Message  # noqa: E402
-from ef21.problem import build_problem  # noqa: E402
-from ef21.simulate import mean_gradient, plan_for  # noqa: E402
-from ef21.sparse import sparse_sum  # noqa: E402
+from ef21.problems.problem import build_problem  # noqa: E402
 from ef21_server.coordinator import MASTER_ROWS  # noqa: E402
 
 

@@ -75,7 +75,7 @@ def _last_round(log: Path, at_least: int = 0) -> tuple[int, float, float]:
 
 def ours(n: int, k: int, loop: str, warm: float, window: float, tmp: Path) -> dict:
     log = tmp / f"ours-{n}.jsonl"
-    cmd = [sys.executable, "-m", "ef21.cli", "run", "--workers", str(n), "--data", "mushrooms", "--method", "ef21",
+    cmd = [sys.executable, "-m", "ef21", "run", "--workers", str(n), "--data", "mushrooms", "--method", "ef21",
            "--k", str(k), "--rounds", "10000000", "--eval-every", str(10**9), "--quiet", "--log", str(log),
            "--event-loop", loop]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
-from ef21.config import RunConfig  # noqa: E402
-from ef21.engine import MasterNode, WorkerNode  # noqa: E402
-from ef21.problem import build_problem  # noqa: E402
-from ef21.simulate import resolve_method  # noqa: E402
+from ef21.engine.config import RunConfig  # noqa: E402
+from ef21.engine.nodes import MasterNode, WorkerNode  # noqa: E402
+from ef21.engine.plan import resolve_method  # noqa: E402
+from ef21.problems.problem import build_problem  # noqa: E402
 from ef21_wire import eventloop  # noqa: E402
 from ef21_wire.eventloop import EVENT_LOOPS  # noqa: E402
 from ef21_wire.protocol import GRPC_FRAME_BYTES  # noqa: E402
@@ -105,7 +105,7 @@ def steady(times: list[float]) -> list[float]:
 def ef21_run(case: Case, n: int, rounds: int, loop: str, tmp: Path) -> tuple[float, float, float]:
     """Median seconds a round of `ef21 run`, and the mean Update and RoundResult sizes on the wire (bytes)."""
     log = tmp / f"ef21-{case.problem}-{case.method}-{n}.jsonl"
-    cmd = [sys.executable, "-m", "ef21.cli", "run", "--workers", str(n), *case.flags(), "--rounds", str(rounds),
+    cmd = [sys.executable, "-m", "ef21", "run", "--workers", str(n), *case.flags(), "--rounds", str(rounds),
            "--eval-every", str(10**9), "--quiet", "--log", str(log), "--event-loop", loop]
     r = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
@@ -220,8 +220,8 @@ import json, os, sys, time
 import numpy as np
 import torch
 import torch.distributed as dist
-from ef21.config import RunConfig
-from ef21.problem import local_objective
+from ef21.engine.config import RunConfig
+from ef21.problems.problem import local_objective
 torch.set_num_threads(1)  # n processes share the cores, as ef21's workers do
 rank, n, port, problem, d, rounds, up, down, out = sys.argv[1:10]
 rank, n, d, rounds, up, down = int(rank), int(n), int(d), int(rounds), int(up), int(down)

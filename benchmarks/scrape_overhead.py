@@ -56,10 +56,10 @@ async def costs(rounds: int, workers: int) -> list[list]:
     request (each reply is built on the event loop, so this is how long a request holds a round up)."""
     from common import best_time
 
-    from ef21.config import RunConfig
+    from ef21.engine.config import RunConfig
     from ef21_server.coordinator import MasterOptions
-    from ef21_server.master import ListenOptions, Master
     from ef21_server.history import MAX_POINTS_PER_REPLY, History
+    from ef21_server.master import ListenOptions, Master
     from ef21_server.metrics import RoundObserver, render
 
     master = Master(MasterOptions(RunConfig(workers=workers, k=2, stepsize_mult=64, rounds=rounds)),
@@ -83,7 +83,7 @@ async def costs(rounds: int, workers: int) -> list[list]:
     per_round = best_time(one_round, 2000)
     out = [["per round: history + histograms", per_round * 1e6],
            ["GET /metrics (render)", best_time(lambda: render(master.registry), 200) * 1e6],
-           ["GET /status (document + JSON)", best_time(lambda: json.dumps(master.coord.status()), 200) * 1e6],
+           ["GET /status (document + JSON)", best_time(lambda: json.dumps(master.status()), 200) * 1e6],
            ["GET /history, the page's poll (1 s of rounds)", best_time(
                lambda: master.history.to_json(last - 300), 200) * 1e6],
            [f"GET /history, first load ({min(len(master.history), MAX_POINTS_PER_REPLY)} points, one slice)",
@@ -99,7 +99,7 @@ def status_round(base: str) -> int:
 
 def windows(n_windows: int, window_s: float, workers: int) -> list[dict]:
     order = ["off", "metrics", "off", "dashboard"]
-    proc = subprocess.Popen([sys.executable, "-m", "ef21.cli", "run", "--workers", str(workers), "--k", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "ef21", "run", "--workers", str(workers), "--k", "2",
                              "--stepsize-mult", "64", "--rounds", "100000000", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = []

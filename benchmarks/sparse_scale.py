@@ -31,16 +31,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    PeakMemory, add_logs_arg, base_parser, idle_rss_mib, logs_dir, print_table, thin, write_json,
+    PeakMemory,
+    add_logs_arg,
+    base_parser,
+    idle_rss_mib,
+    logs_dir,
+    print_table,
+    thin,
+    write_json,
 )
 
-from ef21.config import RunConfig  # noqa: E402
-from ef21.data import load_shard  # noqa: E402
-from ef21.simulate import simulate  # noqa: E402
+from ef21.engine.config import RunConfig  # noqa: E402
+from ef21.engine.simulate import simulate  # noqa: E402
+from ef21.problems.data import load_shard  # noqa: E402
 
 MIB = 2**20
 # What `python -m ef21_worker` imports before it reads any data.
-WORKER_IMPORTS = ("ef21.cli", "ef21_worker.cli", "ef21_worker.client")
+WORKER_IMPORTS = ("ef21.__main__", "ef21_worker.cli", "ef21_worker.client")
 
 
 def shard_csr_bytes(data: str, rank: int, n: int) -> int:
@@ -62,7 +69,7 @@ def rounds_to_reduce(cfg: RunConfig, reduction: float) -> tuple[int, list[float]
 
 
 def run_service(cfg: RunConfig, eval_every: int, log: Path) -> tuple[dict, PeakMemory, float]:
-    cmd = [sys.executable, "-m", "ef21.cli", "run", "--workers", str(cfg.workers), "--data", str(cfg.data),
+    cmd = [sys.executable, "-m", "ef21", "run", "--workers", str(cfg.workers), "--data", str(cfg.data),
            "--k", str(cfg.k), "--stepsize-mult", str(cfg.stepsize_mult), "--rounds", str(cfg.rounds),
            "--eval-every", str(eval_every), "--log", str(log), "-q"]
     t0 = time.perf_counter()

@@ -33,9 +33,9 @@ def main() -> int:
     except ImportError:
         print("torch_dtype: skipped: PyTorch is not installed (pip install torch==2.13.0)")
         return 0
-    from ef21.config import RunConfig
-    from ef21.plugins import build_objective
-    from ef21.simulate import simulate
+    from ef21.engine.config import RunConfig
+    from ef21.engine.simulate import simulate
+    from ef21.problems.plugins import build_objective
 
     rounds = 5 if ns.smoke else ns.rounds
     number = 2 if ns.smoke else 20

@@ -72,9 +72,9 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ef21.estimators import batch_rng, draw_batch
-    from ef21.plugins import ObjectiveContext
-    from ef21.torch_adapter import seeded
+    from ef21.methods.estimators import batch_rng, draw_batch
+    from ef21.problems.plugins import ObjectiveContext
+    from ef21.problems.torch import seeded
 
     torch.set_num_threads(1)  # N processes share the cores, as ef21's workers do
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

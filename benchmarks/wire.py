@@ -19,10 +19,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
-from ef21.codec import decode, encode  # noqa: E402
-from ef21.compressors import Float32Values, TopK  # noqa: E402
+from ef21.compression.codec import decode, encode  # noqa: E402
+from ef21.compression.compressors import Float32Values, TopK  # noqa: E402
+from ef21.engine.nodes import WorkerReport  # noqa: E402
 from ef21.methods import EF21, Message  # noqa: E402
-from ef21.engine import WorkerReport  # noqa: E402
 from ef21_wire.protocol import GRPC_FRAME_BYTES  # noqa: E402
 from ef21_wire.serde import read_update_fast, round_result_to_bytes, update_from_proto  # noqa: E402
 from ef21_wire.v1 import ef21_pb2 as pb  # noqa: E402

@@ -52,7 +52,7 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
         try:
             token = token_file.read_text().strip()
         except PermissionError as exc:
-            # In a container the reader's uid is often not the file owner's: say both (see README, compose).
+            # In a container the reader's uid is often not the file owner's: say both (see docs/deployment.md, compose).
             try:
                 st = token_file.stat()
                 owner = f", the file belongs to uid {st.st_uid} with mode {st.st_mode & 0o777:o}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ef21.codec import Buffer, EncodedVector
+from ef21.compression.codec import Buffer, EncodedVector
 
 _DOUBLE = struct.Struct("<d")
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5

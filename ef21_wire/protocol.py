@@ -13,4 +13,4 @@ TRAIN_METHOD = f"/{SERVICE}/Train"
 GRPC_FRAME_BYTES = 5
 
 
-from ef21.engine import is_eval_round  # noqa: E402,F401  (re-exported: both sides use the same rule)
+from ef21.engine.nodes import is_eval_round  # noqa: E402,F401  (re-exported: both sides use the same rule)

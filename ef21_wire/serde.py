@@ -6,13 +6,12 @@ import zlib
 
 import numpy as np
 
-from ef21.codec import EncodedVector, decode, encode
-from ef21.sparse import SparseVector
+from ef21.compression.codec import EncodedVector, decode, encode
+from ef21.compression.sparse import SparseVector
 
 from .fastwire import RoundResultIn, UpdateIn, read_round_result, read_update, round_result_bytes, update_bytes
 from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
 from .v1 import ef21_pb2 as pb
-
 
 # Below this many vector bytes the generated (C) code's fixed cost per message is lower than the hand-written
 # path's; above it, the generated code's extra copies cost more (benchmarks/wire.py shows both).
@@ -80,7 +79,7 @@ def encoded_from_proto(m: pb.SparseVector) -> EncodedVector:
 
 
 def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
-    """Decode and validate (raises ef21.codec.CodecError)."""
+    """Decode and validate (raises ef21.compression.codec.CodecError)."""
     return decode(encoded_from_proto(m), expected_dim=expected_dim, max_nnz=max_nnz)
 
 

@@ -18,7 +18,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ef21.torch_adapter import TorchObjective, seeded
+from ef21.problems.torch import TorchObjective, seeded
 
 
 def digits_split(ctx, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

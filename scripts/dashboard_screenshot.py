@@ -1,4 +1,4 @@
-"""Take the README's dashboard screenshot: an ``ef21 run`` and Debian's headless Chromium, nothing else.
+"""Take the dashboard screenshot (docs/dashboard.png): an ``ef21 run`` and Debian's headless Chromium, nothing else.
 
     python scripts/dashboard_screenshot.py [--at-round 2000] [-o docs/dashboard.png] [-- extra ef21 run flags]
 """
@@ -24,7 +24,7 @@ def main() -> int:
     ap.add_argument("run_flags", nargs="*", default=["--workers", "4", "--k", "2", "--stepsize-mult", "256",
                                                      "--x0", "normal:0", "--rounds", "100000"])
     args = ap.parse_args()
-    run = subprocess.Popen([sys.executable, "-m", "ef21.cli", "run", "-q", *args.run_flags], stdout=subprocess.PIPE,
+    run = subprocess.Popen([sys.executable, "-m", "ef21", "run", "-q", *args.run_flags], stdout=subprocess.PIPE,
                            text=True)
     try:
         url = None

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ef21.__main__ import master_main
 
-sys.exit(main())
+sys.exit(master_main())

@@ -7,27 +7,26 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
 
-from ef21.cliargs import add_config_args, add_output_args, config_from_args
-from ef21.cliconfig import effective_config, explicit_dests, print_config
-from ef21.cliconfig import info as cli_info
-from ef21.config import RunConfig
+from ef21.cli.args import add_config_args, add_output_args, config_from_args
+from ef21.cli.configfile import effective_config, explicit_dests, print_config
+from ef21.cli.configfile import info as cli_info
+from ef21.cli.exits import EXIT_JOIN_TIMEOUT
+from ef21.cli.runlog import ensure_parent
+from ef21.engine.config import RunConfig
 from ef21.errors import UserError
-from ef21.runlog import ensure_parent
 from ef21_wire import eventloop
 from ef21_wire.auth import resolve_token
 from ef21_wire.eventloop import EVENT_LOOPS
 from ef21_worker.channel import add_client_security_args, client_security_from_args
 
 from . import checkpoint
+from .console import format_status, print_summary
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
 from .security import ServerSecurity
 
-
 DEFAULT_MASTER = "127.0.0.1:50051"
-EXIT_JOIN_TIMEOUT = 4
 """The workers did not come within --join-timeout (distinct from 1, a run that failed, and 2, bad input)."""
 
 
@@ -156,18 +155,6 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def print_summary(master: Master) -> None:
-    c = master.coord
-    rec = c.latest
-    if rec is None:
-        print(f"run {c.state}: {c.stop_message}")
-        return
-    # f and G are unknown (None) when the last round left workers out.
-    print(f"round {rec.round}: f={_fmt(rec.f, '.10g')} |grad f|^2={_fmt(c.last_grad_norm_sq, '.6e')} "
-          f"G={_fmt(rec.G, '.3e')} bits/worker={rec.bits_per_worker:.0f} "
-          f"wire up={rec.wire_bytes_up} B down={rec.wire_bytes_down} B ({c.stop_message})")
-
-
 def cmd_master(ns: argparse.Namespace) -> int:
     setup_logging(ns.verbose)
     mo, lo, sec = master_options(ns)
@@ -210,39 +197,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(v: object, spec: str = ".4g") -> str:
-    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
-def format_status(doc: dict) -> str:
-    lat = doc.get("latest") or {}
-    lines = [
-        f"run {doc['run_id']}: {doc['state']}" + (f" ({doc['detail']})" if doc.get("detail") else ""),
-        f"  {doc['method']} / {doc['compressor']} k={doc['k']}  gamma={_fmt(doc['gamma'])}  on {doc['data']} "
-        f"({doc['problem']})",
-        f"  round {doc['round']} of {doc['rounds_planned']}  {_fmt(doc['rounds_per_second'], '.1f')} rounds/s  "
-        f"elapsed {_fmt(doc['elapsed_s'], '.1f')} s",
-        f"  f={_fmt(lat.get('f'), '.8g')}  |grad f|^2={_fmt(lat.get('last_grad_norm_sq'), '.3e')}  "
-        f"G={_fmt(lat.get('G'), '.3e')}  bits/worker={_fmt(lat.get('bits_per_worker'), '.0f')}",
-        f"  workers {doc['workers_connected']}/{doc['workers_expected']} connected",
-    ]
-    for w in doc["workers"]:
-        lines.append(f"    rank {w['rank']:>3}  {w['state']:<8} {w['hostname']:<20} {w['address']:<24} "
-                     f"rounds {w['rounds_done']:>6}  up {w['bytes_up']:>10} B  down {w['bytes_down']:>10} B  "
-                     f"seen {w['last_seen_ago_s']:.1f} s ago")
-    return "\n".join(lines)
-
-
 def cmd_run(ns: argparse.Namespace) -> int:
     from .cluster import run_local_cluster
 
     setup_logging(ns.verbose)
     mo, lo, sec = master_options(ns)
     if mo.config.objective is not None:
-        from ef21.problem import check_objective
+        from ef21.engine.plan import check_objective
 
         check_objective(mo.config)  # a user's objective that cannot work fails here, once, not in n workers
     return eventloop.run(run_local_cluster(mo, lo, sec, quiet=ns.quiet, max_restarts=ns.max_restarts,
+                                           verbose=ns.verbose,
                                            event_loop=ns.event_loop), ns.event_loop)
 
 
@@ -266,10 +231,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-restarts", type=int, default=3,
                    help="restart a worker process that dies, at most this many times in all (default 3)")
     r.set_defaults(func=cmd_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ef21-master``: the same as ``ef21 master``."""
-    from ef21.cli import main as ef21_main
-
-    return ef21_main(["master", *(sys.argv[1:] if argv is None else argv)])

@@ -9,14 +9,14 @@ import signal
 import subprocess
 import sys
 
-from ef21.cliconfig import format_config
+from ef21.cli.configfile import format_config
+from ef21.cli.exits import EXIT_JOIN_TIMEOUT
+from ef21.cli.progress import Progress
+from ef21.engine.records import RoundRecord
 from ef21.errors import UserError
 from ef21_wire.auth import TOKEN_ENV
 
-from ef21.progress import Progress
-from ef21.simulate import RoundRecord
-
-from .cli import EXIT_JOIN_TIMEOUT, print_summary
+from .console import print_summary
 from .coordinator import MasterOptions
 from .master import ListenOptions, Master
 from .security import ServerSecurity
@@ -59,9 +59,13 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
 
 
 async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSecurity | None = None, *,
-                            quiet: bool = False, max_restarts: int = 3, event_loop: str = "asyncio") -> int:
+                            quiet: bool = False, max_restarts: int = 3, event_loop: str = "asyncio",
+                            verbose: bool = False) -> int:
     """Master here, workers as child processes. A worker that dies is started again (same rank: it continues
-    from the master's copy of its state), up to ``max_restarts`` times in all."""
+    from the master's copy of its state), up to ``max_restarts`` times in all.
+
+    The run's effective configuration is printed once, then one line per worker process; ``verbose`` passes
+    ``-v`` on to the workers, whose own output (their configuration, their logs) then shows too."""
     cfg = mo.config
     sec = sec or ServerSecurity()
     if sec.tls:
@@ -107,12 +111,15 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),
-                "--event-loop", event_loop,
+                "--event-loop", event_loop, *(["-v"] if verbose else []),
                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                # The run's configuration was printed once above; a worker's would repeat it n times.
+                stdout=None if verbose else subprocess.DEVNULL,
                 # Own session: a Ctrl-C in the terminal reaches only this process, which stops the run in order.
                 start_new_session=True,
             )
             relays.append(asyncio.create_task(_relay_stderr(proc, last_error, rank), name=f"stderr-{rank}"))
+            print(f"ef21 run: worker rank {rank}: pid {proc.pid}", flush=True)
             return proc
 
         for i in range(cfg.workers):

@@ -15,25 +15,26 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ef21.accounting import CommLedger, sends_selector
-from ef21.codec import CodecError, EncodedVector, decode, encode
-from ef21.compressors import max_entries
-from ef21.config import make_x0
-from ef21.data import shard_bounds
-from ef21.engine import MasterNode
+from ef21.cli.runlog import JsonlWriter, ensure_parent
+from ef21.compression.codec import CodecError, EncodedVector, decode, encode
+from ef21.compression.compressors import max_entries
+from ef21.compression.sparse import SparseVector
+from ef21.engine.accounting import CommLedger, sends_selector
+from ef21.engine.config import make_x0
+from ef21.engine.nodes import MasterNode
+from ef21.engine.plan import Plan, make_plan, resolve_downlink, resolve_method
+from ef21.engine.records import RoundRecord, g_norm_sq, make_record, stop_check
 from ef21.errors import UserError
-from ef21.estimators import batch_size_for
 from ef21.methods import Downlink, make_method
-from ef21.plan import Plan, make_plan, resolve_downlink, resolve_method
-from ef21.prox import parse_prox
-from ef21.runlog import JsonlWriter, ensure_parent
-from ef21.simulate import RoundRecord, g_norm_sq, make_record, stop_check
-from ef21.sparse import SparseVector
-from ef21.stepsize import TheoryConstants
+from ef21.methods.estimators import batch_size_for
+from ef21.methods.prox import parse_prox
+from ef21.methods.stepsize import TheoryConstants
+from ef21.problems.data import shard_bounds
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.protocol import GRPC_FRAME_BYTES
 from ef21_wire.serde import dense_to_proto, encoded_from_proto, round_result_to_bytes, state_checksum
@@ -45,7 +46,6 @@ from .membership import Membership, reference_data
 from .options import FINISHED_REASONS, MASTER_ROWS, MasterOptions
 from .rounds import RoundBook, RoundRules
 from .session import Refusal, SetupInfo, WorkerSession
-from .status_doc import status_document
 
 __all__ = ["Coordinator", "JoinTimeout", "MasterOptions", "MASTER_ROWS", "FINISHED_REASONS"]
 
@@ -107,12 +107,12 @@ class Coordinator:
         self.g_norm: float | None = None
         self.checksum = b""
         self._iterates: list[np.ndarray] = []
-        self.round_start: dict | None = None  # the counters as the round in progress began (see persistence)
+        self.round_start: persistence.Counters | None = None  # the counters as the round in progress began
         self._pending_log: RoundRecord | None = None  # a closed round not yet logged (its line is off the path)
         self.writer = JsonlWriter(None)
         log_offset: int | None = None
         if opts.resume is not None:
-            log_offset = persistence.restore(self, opts.resume)
+            log_offset = self._restore(opts.resume)
         else:
             self.members.reference = reference_data(cfg, opts.require_data)
             ref = self.members.reference
@@ -155,9 +155,6 @@ class Coordinator:
     def rounds_completed(self) -> int:
         return self.round + (1 if self.state in ("done", "failed") and self.latest is not None else 0)
 
-    def status(self) -> dict:
-        return status_document(self)
-
     def _check_batches(self) -> None:
         """A minibatch larger than some shard is a usage error the master can see before any worker comes (for
         the built-in objectives, whose shard sizes follow from the data's rows)."""
@@ -167,8 +164,80 @@ class Coordinator:
         for rank, (start, stop) in enumerate(shard_bounds(ref[2], self.n)):
             batch_size_for(stop - start, cfg.batch_size, cfg.batch_fraction, rank)
 
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def counters(self) -> persistence.Counters:
+        """The counters a checkpoint restores, as they are now."""
+        return persistence.Counters(self.round, self.ledger.paper_total, self.ledger.payload_total,
+                                    self.ledger.down_total, (self.wire_up, self.wire_down, self.eval_bytes),
+                                    self.writer.offset)
+
     def save_checkpoint(self, ended: tuple[str, str] | None = None) -> None:
-        persistence.save(self, ended)
+        if self.opts.checkpoint is None or self.master is None or self.constants is None:
+            return
+        self.settle()
+        self.writer.flush()
+        # The state saved is x at ``self.round``. If that round was already counted and logged (the final round of
+        # a run: it ends before its downlink), save the counters and the log offset from before it, so that a
+        # resumed (extended) run redoes the round once instead of counting and logging it twice.
+        counts = self.counters()
+        if self.round_start is not None and self.round_start.round == self.round:
+            counts = self.round_start
+        rep, m = self.master.replica, self.members
+        assert self.d is not None and m.reference is not None
+        persistence.save(self.opts.checkpoint, persistence.SavedRun(
+            cfg=self.cfg, run_id=self.run_id, round=self.round, reference=tuple(m.reference), d=self.d,
+            objective_id=m.objective_id, constants=self.constants, L_i=self.L_i, n_samples=self.n_samples,
+            counters=counts, last_grad_norm_sq=self.last_grad_norm_sq, effective_config=self.opts.effective_config,
+            x=rep.x, g=rep.g, rows=self.master.rows, v=rep.v,
+            g_tilde=None if self.master.downlink is None else self.master.downlink.g_tilde,
+            ended=ended, log_end=None if ended is None else self.writer.offset))
+
+    def _restore(self, path: Path) -> int | None:
+        """Put the run saved at ``path`` (or its ``.prev``) into this master; returns where its log continues."""
+        run, used, warning = persistence.load(path, self.cfg)
+        if warning:
+            log.warning("%s", warning)
+        self.run_id = run.run_id
+        self.members.reference = run.reference  # type: ignore[assignment]
+        self.members.d = d = run.d
+        self.members.objective_id = run.objective_id
+        self.constants = run.constants
+        self.L_i, self.n_samples = run.L_i, run.n_samples
+        self.plan = make_plan(self.cfg, d, self.constants.L, self.L_i, self.n_samples, constants=self.constants)
+        self.book.participation = self.plan.participation
+        self.book.max_entries = max_entries(self.plan.compressor, d)
+        self.master = self.plan.master_node(run.x, self.opts.rows_dtype)
+        self.master.replica.g[:] = run.g
+        if run.v is not None:
+            self.master.replica.v = run.v.copy()
+        if self.master.downlink is not None:
+            if run.g_tilde is None:
+                raise UserError(f"checkpoint {used}: EF21-BC state (g_tilde) missing")
+            self.master.downlink.g_tilde[:] = run.g_tilde
+        if run.rows is not None:
+            if self.master.rows is None or self.master.rows.shape != run.rows.shape:
+                raise UserError(f"checkpoint {used}: per-worker state of shape {run.rows.shape} does not fit")
+            self.master.rows[:] = run.rows
+        self.round = self.master.round = run.round
+        self.state_facts()
+        c = run.counters
+        self.ledger.paper_total, self.ledger.payload_total, self.ledger.down_total = (
+            c.paper_total, c.payload_total, c.down_total)
+        self.wire_up, self.wire_down, self.eval_bytes = c.wire
+        self.last_grad_norm_sq = run.last_grad_norm_sq
+        self.state = "running"
+        self.resumed_from = f"{used} (round {self.round})"
+        self.state_detail = f"resumed from {self.resumed_from}; waiting for workers"
+        self.rounds_started_at = time.time()
+        if run.finished(self.cfg):
+            # Finished before a restart (e.g. a rescheduled pod): nothing to run again, and no worker to wait for;
+            # its log keeps its last round (which an extended run would redo, hence the two offsets).
+            assert run.ended is not None
+            self.finished_before = run.ended[1]
+            return run.log_end
+        log.info("resumed run %s at round %d from %s", self.run_id, self.round, used)
+        return c.log_offset
 
     # -- joining (the service calls these as the handshake's messages arrive) -------------------------------------
 
@@ -399,7 +468,7 @@ class Coordinator:
             if self.opts.save_iterates is not None:
                 self._iterates.append(self.master.x.copy())
             self.book.started_at = time.monotonic()
-            self.round_start = persistence.counters(self)
+            self.round_start = self.counters()
             if self.rounds_closed == 0 and self.resumed_from is not None:
                 await self._first_round_in_time()
             else:
@@ -539,7 +608,7 @@ class Coordinator:
         if o.save_iterates is not None and self._iterates:
             np.save(ensure_parent(o.save_iterates, "--save-iterates"), np.array(self._iterates))
         if o.plot is not None and o.log is not None and self.latest is not None:
-            from ef21.plotting import plot_logs
+            from ef21.cli.plotting import plot_logs
 
             self.writer.close()
             plot_logs([o.log], o.plot, y_axis="gradmap" if self.cfg.prox else "grad")

@@ -1,6 +1,6 @@
 """L of the whole problem at set-up, from what the workers report: their diagonals or Grams (summed in rank
 order), a power iteration whose products they compute (``PowerStep``/``PowerReply``: the master sends v, each
-worker returns A_iᵀA_i v), or for a user objective mean L_i. The same computations as ``ef21.problem`` in one
+worker returns A_iᵀA_i v), or for a user objective mean L_i. The same computations as ``ef21.problems.problem`` in one
 process, so the master and the simulator get the same L to the last bit."""
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import logging
 
 import numpy as np
 
-from ef21.config import RunConfig
-from ef21.problem import (
-    global_power_iteration, global_smoothness_from_diagonals, global_smoothness_from_grams, smoothness_from_lambda,
+from ef21.engine.config import RunConfig
+from ef21.problems.problem import (
+    global_power_iteration,
+    global_smoothness_from_diagonals,
+    global_smoothness_from_grams,
+    smoothness_from_lambda,
     sum_in_rank_order,
 )
 from ef21_wire.serde import dense_to_proto

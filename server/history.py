@@ -12,7 +12,7 @@ import json
 import math
 from typing import NamedTuple
 
-from ef21.simulate import RoundRecord
+from ef21.engine.records import RoundRecord
 
 DEFAULT_CAP = 4096
 MAX_POINTS_PER_REPLY = 512

@@ -9,8 +9,8 @@ import signal
 from dataclasses import dataclass
 from typing import Callable
 
+from ef21.engine.records import RoundRecord
 from ef21.errors import UserError
-from ef21.simulate import RoundRecord
 
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
@@ -19,6 +19,7 @@ from .listen import check_can_listen
 from .metrics import CONTENT_TYPE, RoundObserver, make_registry, render
 from .security import ServerSecurity
 from .service import MasterService, max_worker_message_bytes
+from .status_doc import status_document
 from .status_http import StatusHTTPServer
 
 log = logging.getLogger("ef21.master")
@@ -56,7 +57,8 @@ class Master:
         self.history = History()
         self.observer = RoundObserver(self.coord.n)
         self.registry = make_registry(self.coord, self.observer)
-        self.service = MasterService(self.coord, token=self.security.token, mutual_tls=self.security.tls_ca is not None)
+        self.service = MasterService(self.coord, self.status, token=self.security.token,
+                                     mutual_tls=self.security.tls_ca is not None)
         d = self.coord.d
         credentials = self.security.grpc_credentials()
         self._check_ports()
@@ -69,12 +71,16 @@ class Master:
         self.http: StatusHTTPServer | None = None
         if listen.status_port is not None:
             self.http = StatusHTTPServer(
-                self.coord.status, listen.status_host or listen.host, listen.status_port,
+                self.status, listen.status_host or listen.host, listen.status_port,
                 token=self.security.token if self.security.status_token else None,
                 ssl=self.security.http_ssl_context(),
                 metrics=lambda: (render(self.registry), CONTENT_TYPE), history=self.history.to_json)
         self._engine: asyncio.Task | None = None
         self._stopping = False
+
+    def status(self) -> dict:
+        """The status document (``GET /status``, the ``Status`` call, ``ef21 status``)."""
+        return status_document(self.coord)
 
     def _observe(self, rec: RoundRecord) -> None:
         self.history.add(rec)

@@ -12,11 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from ef21.config import RunConfig
-from ef21.data import data_info
+from ef21.compression.sparse import SparseVector
+from ef21.engine.config import RunConfig
 from ef21.errors import UserError
-from ef21.problem import quadratic_fingerprint
-from ef21.sparse import SparseVector
+from ef21.problems.data import data_info
+from ef21.problems.problem import quadratic_fingerprint
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .bans import Bans, peer_host

@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
-    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ef21.accounting import PAPER_BITS_PER_VALUE
-from ef21.simulate import RoundRecord
+from ef21.engine.accounting import PAPER_BITS_PER_VALUE
+from ef21.engine.records import RoundRecord
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator

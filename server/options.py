@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 
 # --master-rows: how the master keeps every worker's g_i (for hand-over and checkpoints).

@@ -1,115 +1,113 @@
-"""A running master as a checkpoint and back: what ``--checkpoint`` writes and ``--resume`` reads (the file format
+"""A run's state as a checkpoint and back: what ``--checkpoint`` writes and ``--resume`` reads (the file format
 itself is ``checkpoint.py``). Everything the run needs to continue exactly: x, g, every g_i, EF21-HB's v and
-EF21-BC's g̃, the round, the constants and the plan's facts, the counters and where the log ends."""
+EF21-BC's g̃, the round, the constants and the plan's facts, the counters and where the log ends.
+
+It knows nothing of the master that holds the state: the coordinator hands it a ``SavedRun`` and gets one back.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ef21.compressors import max_entries
-from ef21.config import RunConfig
+import numpy as np
+
+from ef21.engine.config import RunConfig
 from ef21.errors import UserError
-from ef21.plan import make_plan
-from ef21.stepsize import TheoryConstants
+from ef21.methods.stepsize import TheoryConstants
 
 from . import checkpoint
 from .options import FINISHED_REASONS
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
 
-log = logging.getLogger("ef21.master")
+@dataclass(frozen=True)
+class Counters:
+    """What a run has counted up to a round: restored with the state, so a resumed run counts on from there."""
+
+    round: int
+    paper_total: int
+    payload_total: int
+    down_total: int
+    wire: tuple[int, int, int]
+    """Wire bytes up, down and of the dense evaluations."""
+    log_offset: int
+    """Where the log ends (bytes), so a resumed run appends after the last round it keeps."""
 
 
-def counters(c: Coordinator) -> dict:
-    """The counters a checkpoint restores, as they are now."""
-    return {"round": c.round, "paper_total": c.ledger.paper_total, "payload_total": c.ledger.payload_total,
-            "down_total": c.ledger.down_total, "wire": [c.wire_up, c.wire_down, c.eval_bytes],
-            "log_offset": c.writer.offset}
+@dataclass(frozen=True, eq=False)
+class SavedRun:
+    """A run as a checkpoint holds it."""
+
+    cfg: RunConfig
+    run_id: str
+    round: int
+    reference: tuple[Any, ...]
+    d: int
+    objective_id: str | None
+    constants: TheoryConstants
+    L_i: list[float] | None
+    n_samples: list[int | None]
+    counters: Counters
+    last_grad_norm_sq: float | None
+    effective_config: dict[str, Any] | None
+    x: np.ndarray
+    g: np.ndarray
+    rows: np.ndarray | None
+    v: np.ndarray | None = None
+    g_tilde: np.ndarray | None = None
+    ended: tuple[str, str] | None = None
+    """(reason, message) of a run that ended; None while it runs."""
+    log_end: int | None = None
+    """Where the log of an ended run ends (its last round included)."""
+
+    def finished(self, cfg: RunConfig) -> bool:
+        """Whether this run had finished under the same stopping rule as ``cfg`` (nothing left to run)."""
+        return (self.ended is not None and self.ended[0] in FINISHED_REASONS
+                and (self.cfg.rounds, self.cfg.tol) == (cfg.rounds, cfg.tol))
 
 
-def save(c: Coordinator, ended: tuple[str, str] | None = None) -> None:
-    if c.opts.checkpoint is None or c.master is None or c.constants is None:
-        return
-    c.settle()
-    c.writer.flush()
-    # The state saved is x at ``c.round``. If that round was already counted and logged (the final round of a
-    # run: it ends before its downlink), save the counters and the log offset from before it, so that a resumed
-    # (extended) run redoes the round once instead of counting and logging it twice.
-    counts = counters(c)
-    if c.round_start is not None and c.round_start["round"] == c.round:
-        counts = c.round_start
-    meta = {
-        "config": c.cfg.to_dict(), "run_id": c.run_id, "round": c.round,
-        "reference": list(c.members.reference or ()), "constants": c.constants.__dict__, "d": c.d,
-        "objective_id": c.members.objective_id, "plan": {"L_i": c.L_i, "n_samples": c.n_samples},
-        "ledger": {k: counts[k] for k in ("paper_total", "payload_total", "down_total")},
-        "wire": counts["wire"], "last_grad_norm_sq": c.last_grad_norm_sq,
-        "log_offset": counts["log_offset"], "effective_config": c.opts.effective_config,
+def save(path: Path, run: SavedRun) -> None:
+    c = run.counters
+    meta: dict[str, Any] = {
+        "config": run.cfg.to_dict(), "run_id": run.run_id, "round": run.round, "reference": list(run.reference),
+        "constants": run.constants.__dict__, "d": run.d, "objective_id": run.objective_id,
+        "plan": {"L_i": run.L_i, "n_samples": run.n_samples},
+        "ledger": {"paper_total": c.paper_total, "payload_total": c.payload_total, "down_total": c.down_total},
+        "wire": list(c.wire), "last_grad_norm_sq": run.last_grad_norm_sq, "log_offset": c.log_offset,
+        "effective_config": run.effective_config,
     }
-    if ended is not None:
-        meta["ended"] = {"reason": ended[0], "message": ended[1]}
-        meta["log_end"] = c.writer.offset
-    rep = c.master.replica
-    extra = {} if rep.v is None else {"v": rep.v}
-    if c.master.downlink is not None:
-        extra["g_tilde"] = c.master.downlink.g_tilde
-    checkpoint.save(c.opts.checkpoint, checkpoint.Checkpoint(meta, rep.x, rep.g, c.master.rows, extra))
+    if run.ended is not None:
+        meta["ended"] = {"reason": run.ended[0], "message": run.ended[1]}
+        meta["log_end"] = run.log_end
+    extra = {name: a for name, a in (("v", run.v), ("g_tilde", run.g_tilde)) if a is not None}
+    checkpoint.save(path, checkpoint.Checkpoint(meta, run.x, run.g, run.rows, extra))
 
 
-def restore(c: Coordinator, path: Path) -> int | None:
-    """Put the run saved at ``path`` (or its ``.prev``) into ``c``; returns where its log continues."""
+def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
+    """The run saved at ``path`` (or its ``.prev``), checked to be ``cfg``'s run: (run, file used, a warning)."""
     ckpt, used, warning = checkpoint.load_latest(path)
-    if warning:
-        log.warning("%s", warning)
     meta = ckpt.meta
     saved = RunConfig.from_dict(meta["config"])
     # Only the stopping rule may change on resume; anything else would make a different run.
-    differ = [k for k, v in saved.to_dict().items() if k not in ("rounds", "tol") and v != c.cfg.to_dict()[k]]
+    differ = [k for k, v in saved.to_dict().items() if k not in ("rounds", "tol") and v != cfg.to_dict()[k]]
     if differ:
         raise UserError(f"checkpoint {used} is of a different run: {', '.join(sorted(differ))} differ "
                         f"(checkpoint: {', '.join(f'{k}={saved.to_dict()[k]!r}' for k in sorted(differ))})")
-    c.run_id = meta["run_id"]
-    c.members.reference = tuple(meta["reference"])  # type: ignore[assignment]
-    c.members.d = d = int(meta["d"]) if "d" in meta else int(meta["reference"][1])
-    c.members.objective_id = meta.get("objective_id")
-    c.constants = TheoryConstants(**meta["constants"])
-    p = meta.get("plan", {})
-    c.L_i, c.n_samples = p.get("L_i"), p.get("n_samples", [None] * c.n)
-    c.plan = make_plan(c.cfg, d, c.constants.L, c.L_i, c.n_samples, constants=c.constants)
-    c.book.participation = c.plan.participation
-    c.book.max_entries = max_entries(c.plan.compressor, d)
-    c.master = c.plan.master_node(ckpt.x, c.opts.rows_dtype)
-    c.master.replica.g[:] = ckpt.g
-    if "v" in ckpt.extra:
-        c.master.replica.v = ckpt.extra["v"].copy()
-    if c.master.downlink is not None:
-        if "g_tilde" not in ckpt.extra:
-            raise UserError(f"checkpoint {used}: EF21-BC state (g_tilde) missing")
-        c.master.downlink.g_tilde[:] = ckpt.extra["g_tilde"]
-    if ckpt.rows is not None:
-        if c.master.rows is None or c.master.rows.shape != ckpt.rows.shape:
-            raise UserError(f"checkpoint {used}: per-worker state of shape {ckpt.rows.shape} does not fit")
-        c.master.rows[:] = ckpt.rows
-    c.round = c.master.round = int(meta["round"])
-    c.state_facts()
-    c.ledger.paper_total = int(meta["ledger"]["paper_total"])
-    c.ledger.payload_total = int(meta["ledger"]["payload_total"])
-    c.ledger.down_total = int(meta["ledger"].get("down_total", 0))
-    c.wire_up, c.wire_down, c.eval_bytes = (int(v) for v in meta["wire"])
-    c.last_grad_norm_sq = meta.get("last_grad_norm_sq")
-    c.state = "running"
-    c.resumed_from = f"{used} (round {c.round})"
-    c.state_detail = f"resumed from {c.resumed_from}; waiting for workers"
-    c.rounds_started_at = time.time()
+    ledger = meta["ledger"]
+    wire = tuple(int(v) for v in meta["wire"])
     ended = meta.get("ended")
-    if ended and ended["reason"] in FINISHED_REASONS and (saved.rounds, saved.tol) == (c.cfg.rounds, c.cfg.tol):
-        # Finished before a restart (e.g. a rescheduled pod): nothing to run again, and no worker to wait for; its
-        # log keeps its last round (which an extended run would redo, hence the two offsets).
-        c.finished_before = ended["message"]
-        return meta.get("log_end", meta.get("log_offset"))
-    log.info("resumed run %s at round %d from %s", c.run_id, c.round, used)
-    return meta.get("log_offset")
+    p = meta.get("plan", {})
+    run = SavedRun(
+        cfg=saved, run_id=meta["run_id"], round=int(meta["round"]), reference=tuple(meta["reference"]),
+        d=int(meta["d"]) if "d" in meta else int(meta["reference"][1]), objective_id=meta.get("objective_id"),
+        constants=TheoryConstants(**meta["constants"]), L_i=p.get("L_i"),
+        n_samples=p.get("n_samples", [None] * saved.workers),
+        counters=Counters(int(meta["round"]), int(ledger["paper_total"]), int(ledger["payload_total"]),
+                          int(ledger.get("down_total", 0)), wire, int(meta.get("log_offset") or 0)),  # type: ignore[arg-type]
+        last_grad_norm_sq=meta.get("last_grad_norm_sq"), effective_config=meta.get("effective_config"),
+        x=ckpt.x, g=ckpt.g, rows=ckpt.rows, v=ckpt.extra.get("v"), g_tilde=ckpt.extra.get("g_tilde"),
+        ended=None if not ended else (ended["reason"], ended["message"]),
+        log_end=meta.get("log_end", meta.get("log_offset")),
+    )
+    return run, used, warning

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ef21.engine import is_eval_round, participants
+from ef21.compression.sparse import SparseVector
+from ef21.engine.nodes import is_eval_round
 from ef21.methods import Message
-from ef21.sparse import SparseVector
+from ef21.methods.participation import participants
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.v1 import ef21_pb2 as pb
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from ef21.objectives import GRAM_MAX_D
+from ef21.problems.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
 from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
 from ef21_wire.serde import read_update_fast, update_from_proto
@@ -35,9 +35,10 @@ def max_worker_message_bytes(d: int) -> int:
 
 
 class MasterService:
-    def __init__(self, coord: Coordinator, *, token: str | None = None, handshake_timeout: float = 120.0,
-                 mutual_tls: bool = False) -> None:
+    def __init__(self, coord: Coordinator, status: Callable[[], dict], *, token: str | None = None,
+                 handshake_timeout: float = 120.0, mutual_tls: bool = False) -> None:
         self.coord = coord
+        self.status_document = status
         self.token = token
         self.handshake_timeout = handshake_timeout
         self.mutual_tls = mutual_tls  # charge faults to the client's certificate rather than its host
@@ -60,7 +61,7 @@ class MasterService:
 
     async def status(self, req: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         await self._authorize(context, "Status")
-        return pb.StatusReply(json=json.dumps(self.coord.status()))
+        return pb.StatusReply(json=json.dumps(self.status_document()))
 
     def _check_size(self, raw: bytes) -> None:
         d = self.coord.d
@@ -92,7 +93,7 @@ class MasterService:
             if msg.WhichOneof("kind") != "hello":
                 raise Refusal("FAILED_PRECONDITION", f"first message must be Hello, got {msg.WhichOneof('kind')}")
             session = self.coord.hello(msg.hello, context.peer(), identity_of(context, self.mutual_tls))
-            session.bytes_up += len(raw)
+            session.received(raw)
             session.send(pb.MasterMessage(welcome=pb.Welcome(rank=session.rank, workers=self.coord.n))
                          .SerializeToString())
             reader = asyncio.create_task(self._read(it, session), name=f"read-rank-{session.rank}")
@@ -124,8 +125,7 @@ class MasterService:
         """Feed one stream's messages to the coordinator; on a refusal, end the stream with its status."""
         try:
             async for raw in it:
-                s.seen()
-                s.bytes_up += len(raw)
+                s.received(raw)
                 if self.coord.state in ("done", "failed", "stopped"):
                     continue  # messages already in flight when the run ended: nothing to do with them
                 self._check_size(raw)

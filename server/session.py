@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ef21_wire.protocol import GRPC_FRAME_BYTES
+
 
 @dataclass
 class SetupInfo:
@@ -47,18 +49,26 @@ class WorkerSession:
     late: int = 0
     """Messages that arrived after their round had closed without this worker."""
     bytes_up: int = 0
+    """Everything this worker's stream carried up (Hello, Setup, Updates, Evals, …), each message as serialized plus
+    gRPC's 5-byte prefix: its set-up and evaluations included, unlike the run's round traffic (``wire_bytes_up``)."""
     bytes_down: int = 0
+    """Everything sent down this stream (Welcome, Start, RoundResults, …), counted the same way."""
     last_error: str = ""
     """Why the worker left, when it said so (its objective failed)."""
     setup: SetupInfo | None = None
     outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
 
     def send(self, raw: bytes) -> None:
-        self.bytes_down += len(raw)
+        self.bytes_down += len(raw) + GRPC_FRAME_BYTES
         self.outbox.put_nowait(raw)
 
     def close(self) -> None:
         self.outbox.put_nowait(None)
+
+    def received(self, raw: bytes) -> None:
+        """A message of this stream arrived: count it and note the time."""
+        self.bytes_up += len(raw) + GRPC_FRAME_BYTES
+        self.last_seen = time.time()
 
     def seen(self) -> None:
         self.last_seen = time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ef21.variants import variant_name
+from ef21.methods.variants import variant_name
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -56,7 +56,8 @@ def status_document(c: Coordinator) -> dict:
         "latest": None if rec is None else {
             "round": rec.round, "f": rec.f, "grad_norm_sq": rec.grad_norm_sq,
             "last_grad_norm_sq": c.last_grad_norm_sq, "G": rec.G, "bits_per_worker": rec.bits_per_worker,
-            "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down, "missing": rec.missing,
+            "wire_bytes_up": rec.wire_bytes_up, "wire_bytes_down": rec.wire_bytes_down, "eval_bytes": rec.eval_bytes,
+            "missing": rec.missing,
             "bits_down_per_worker": rec.bits_down_per_worker, "grad_map_norm_sq": rec.grad_map_norm_sq,
             "metrics": rec.metrics,
         },

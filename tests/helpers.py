@@ -63,7 +63,7 @@ async def eventually(pred: Callable[[], bool], timeout: float = 30.0, what: str 
 
 def ef21_cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
     """The ``ef21`` command line, run for real in a new process (output captured as text)."""
-    return subprocess.run([sys.executable, "-m", "ef21.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ef21", *args], capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 

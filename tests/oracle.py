@@ -1,9 +1,9 @@
 """An independent oracle: every update rule of the method doc, written out plainly, densely, in one process.
 
-The tests compare ``ef21.simulate`` with these functions. They share no code with ``ef21.methods``,
-``ef21.engine``, ``ef21.simulate``, ``ef21.compressors`` or ``ef21.sparse``: the compressors, the bit counts and
+The tests compare ``ef21.engine.simulate`` with these functions. They share no code with ``ef21.methods``,
+``ef21.engine`` or ``ef21.compression``: the compressors, the bit counts and
 the objectives' f_i and ∇f_i are written again here, from the method doc (``ef21-method.md`` §2, §3.1–3.5,
-§3.8, §7) and the README's definitions of the log. Every vector is a dense numpy array and every rule is one
+§3.8, §7) and the docs' definitions of the log (docs/configuration.md). Every vector is a dense numpy array and every rule is one
 function whose loop reads like the doc's; nothing is optimised, so that a reader can check it line by line.
 
 Round t of every rule, as the simulator logs it: the workers evaluate ∇f_i(x^t) and send their message (round 0:
@@ -68,7 +68,7 @@ class LogReg:
 
 @dataclass(frozen=True)
 class LeastSquares:
-    """f_i(x) = (1/N_i)‖A_i x − b_i‖², ∇f_i(x) = (2/N_i) A_iᵀ(A_i x − b_i)  (README: ``--problem lsq``)."""
+    """f_i(x) = (1/N_i)‖A_i x − b_i‖², ∇f_i(x) = (2/N_i) A_iᵀ(A_i x − b_i)  (docs/configuration.md: ``--problem lsq``)."""
 
     A: Sequence[np.ndarray]
     b: Sequence[np.ndarray]
@@ -179,7 +179,7 @@ class RandK:
     """Keep k coordinates drawn uniformly without replacement, unscaled (contractive, α = k/d).
 
     The draw is the project's documented convention: ``rng.choice(d, k, replace=False)`` from the generator
-    ``default_rng([seed, rank, round])`` of the worker and round (README: randomized compressors)."""
+    ``default_rng([seed, rank, round])`` of the worker and round (docs/methods.md: randomized compressors)."""
 
     k: int
     randomized: bool = True
@@ -231,7 +231,7 @@ def dense(v: np.ndarray) -> Sent:
     return Sent(v.copy(), v.shape[0], False)
 
 
-# -- the log (README "The log"; method doc §7 for the paper's bit convention) ----------------------------------------
+# -- the log (docs/configuration.md "The log"; method doc §7 for the paper's bit convention) ----------------------------------------
 
 
 def index_bits(d: int) -> int:

@@ -74,7 +74,7 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, list[str]]:
     env = {**os.environ, MARK: mark}
     env.pop("EF21_TOKEN", None)
     try:
-        p = subprocess.run([sys.executable, "-m", "ef21.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        p = subprocess.run([sys.executable, "-m", "ef21", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=TIMEOUT_S)
         code, err = p.returncode, p.stderr
     except subprocess.TimeoutExpired as exc:
@@ -180,7 +180,7 @@ def command_line(command: str, case: str, args: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def live_master(files):
     """A real master (2 workers, mushrooms) for the worker cases that only a master can reveal."""
-    p = subprocess.Popen([sys.executable, "-m", "ef21.cli", "master", "--port", "0", "--status-port", "-1",
+    p = subprocess.Popen([sys.executable, "-m", "ef21", "master", "--port", "0", "--status-port", "-1",
                           "--workers", "2", "--rounds", "3", "--join-timeout", "600"], cwd=files,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -234,7 +234,7 @@ def test_token_file_of_another_user_says_whose_it_is():
     try:
         if subprocess.run([*as_other, "-c", "import ef21"], capture_output=True, cwd="/").returncode != 0:
             pytest.skip("uid 1234 cannot run this Python (its folders are root's alone)")
-        p = subprocess.run([*as_other, "-m", "ef21.cli", "worker", "--master", "127.0.0.1:1", "--token-file",
+        p = subprocess.run([*as_other, "-m", "ef21", "worker", "--master", "127.0.0.1:1", "--token-file",
                             str(token)], capture_output=True, text=True, timeout=TIMEOUT_S, cwd="/")
     finally:
         shutil.rmtree(folder)

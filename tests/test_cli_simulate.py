@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from ef21.data import load_dataset
+from ef21.problems.data import load_dataset
 
 
 def ef21(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "ef21", *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd)
 
 

@@ -9,13 +9,21 @@ import re
 import numpy as np
 import pytest
 
-import ef21.codec
-from ef21.codec import CodecError, EncodedVector, decode, encode, pack_indices
-from ef21.compressors import (
-    ContractiveUnbiased, Float32Values, Identity, Natural, RandK, ScaledRandK, ScaledSign, TopK, make_compressor,
+import ef21.compression.codec
+from ef21.compression.codec import CodecError, EncodedVector, decode, encode, pack_indices
+from ef21.compression.compressors import (
+    ContractiveUnbiased,
+    Float32Values,
+    Identity,
+    Natural,
+    RandK,
+    ScaledRandK,
+    ScaledSign,
+    TopK,
+    make_compressor,
     max_entries,
 )
-from ef21.sparse import SparseVector
+from ef21.compression.sparse import SparseVector
 
 
 def u32(*idx: int) -> bytes:
@@ -68,7 +76,7 @@ def test_each_malformed_vector_is_refused_with_its_message(what, enc, max_nnz, m
 
 def refusal_patterns() -> list[str]:
     """Every ``raise CodecError(...)`` message in the codec's source, as a regex (placeholders match anything)."""
-    src = inspect.getsource(ef21.codec)
+    src = inspect.getsource(ef21.compression.codec)
     patterns = []
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \

@@ -3,8 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ef21.compressors import (
-    ContractiveUnbiased, Identity, Natural, RandK, ScaledRandK, ScaledSign, TopK, make_compressor, theory_alpha,
+from ef21.compression.compressors import (
+    ContractiveUnbiased,
+    Identity,
+    Natural,
+    RandK,
+    ScaledRandK,
+    ScaledSign,
+    TopK,
+    make_compressor,
+    theory_alpha,
     top_k_indices,
 )
 from ef21.errors import UserError

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef21.cli import build_parser
-from ef21.cliconfig import CliInfo, INFO_ATTR, REDACTED, info, option_key, parse_command_line
+from ef21.__main__ import build_parser
+from ef21.cli.configfile import INFO_ATTR, REDACTED, CliInfo, info, option_key, parse_command_line
 from ef21_server import checkpoint
 
 from .helpers import http_get, one_error_line
@@ -25,7 +25,7 @@ COMMANDS = ("simulate", "plot", "master", "status", "run", "worker", "experiment
 
 
 def ef21(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run([PY, "-m", "ef21", *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def free_port() -> int:
@@ -166,7 +166,7 @@ def test_effective_config_in_status_with_the_token_redacted(tmp_path):
     (tmp_path / "m.toml").write_text(
         f'workers = 2\nk = 2\nlam = 0.1\n[master]\nport = {port}\nstatus-port = {status_port}\n'
         'token = "s3cret-token-value"\nround-timeout = 30\n')
-    proc = subprocess.Popen([PY, "-m", "ef21.cli", "master", "--config", "m.toml", "--rounds", "77"], cwd=tmp_path,
+    proc = subprocess.Popen([PY, "-m", "ef21", "master", "--config", "m.toml", "--rounds", "77"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30

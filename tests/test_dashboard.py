@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
 from ef21_server.coordinator import MasterOptions
 from ef21_server.master import ListenOptions, Master
 from ef21_server.security import ServerSecurity
@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
 SHOWN = """(() => {
   const v = (id) => document.getElementById(id).dataset.value;
   return {round: v("v-round"), f: v("v-f"), grad: v("v-grad"), G: v("v-G"), gnorm: v("v-gnorm"),
-    bits: v("v-bits"), up: v("v-up"), down: v("v-down"), connected: v("v-workers"),
+    bits: v("v-bits"), up: v("v-up"), down: v("v-down"), eval: v("v-eval"), connected: v("v-workers"),
+    labels: [...document.querySelectorAll("#facts label, #workers th")].map((el) => el.textContent),
     state: document.getElementById("state").dataset.value,
     points: document.getElementById("chart-grad").dataset.points,
     rows: [...document.querySelectorAll("#workers tbody tr")].map(
@@ -86,7 +87,7 @@ async def check_chart_drawn(page, path=None) -> None:
 
 async def test_dashboard_follows_a_live_ef21_run(tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        PY, "-m", "ef21.cli", "run", "--workers", "2", "--k", "2", "--stepsize-mult", "256", "--x0", "normal:0",
+        PY, "-m", "ef21", "run", "--workers", "2", "--k", "2", "--stepsize-mult", "256", "--x0", "normal:0",
         "--rounds", "1000000", "-q", stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     browser = None
     try:
@@ -124,6 +125,10 @@ async def test_dashboard_follows_a_live_ef21_run(tmp_path):
             assert float(shown["G"]) == lat["G"] and float(shown["gnorm"]) == status["g_norm_sq"]
             assert float(shown["bits"]) == lat["bits_per_worker"]
             assert int(shown["up"]) == lat["wire_bytes_up"] and int(shown["down"]) == lat["wire_bytes_down"]
+            assert int(shown["eval"]) == lat["eval_bytes"]
+            # The header's round traffic and the table's whole streams are different figures, and say so.
+            assert {"round bytes up", "round bytes down", "eval bytes", "stream bytes up",
+                    "stream bytes down"} <= set(shown["labels"])
             assert int(shown["connected"]) == status["workers_connected"] == 2
             rows = {int(w["rank"]): w for w in shown["rows"]}
             for w in status["workers"]:

@@ -5,10 +5,16 @@ import gzip
 import numpy as np
 import pytest
 
-from ef21.data import (
-    load_dataset, make_shard, map_labels, save_npz, shard_bounds, split, synthetic_dataset,
-)
 from ef21.errors import UserError
+from ef21.problems.data import (
+    load_dataset,
+    make_shard,
+    map_labels,
+    save_npz,
+    shard_bounds,
+    split,
+    synthetic_dataset,
+)
 
 SAMPLE = """\
 2 1:0.5 3:1

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ef21.cli import build_parser
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.__main__ import build_parser
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def namespaces():
 def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
     master_ns, worker_ns = namespaces
     cfg = RunConfig(workers=2, method="ef21", compressor="topk", k=2, stepsize_mult=64, rounds=100, x0="normal:0")
-    py = [sys.executable, "-m", "ef21.cli"]
+    py = [sys.executable, "-m", "ef21"]
     master = subprocess.Popen(
         ["ip", "netns", "exec", master_ns, *py, "master", "--host", "0.0.0.0", "--port", "50051",
          "--status-port", "-1", "--workers", "2", "--k", "2", "--stepsize-mult", "64", "--rounds", "100",
@@ -150,7 +150,7 @@ def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
 def test_compose_example_reaches_its_own_tol():
     """The compose run, replayed by the simulator (the service reproduces it bit for bit): it must stop on --tol,
     not run out of rounds (with the paper's 1024x for n = 20 it levels off near 1e-2 with 4 workers)."""
-    from ef21.cliargs import config_from_args
+    from ef21.cli.args import config_from_args
 
     m = parse_command(compose()["services"]["master"]["command"])
     result = simulate(config_from_args(m))

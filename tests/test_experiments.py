@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef21.cliargs import config_from_args
-from ef21.config import RunConfig
+from ef21.cli.args import config_from_args
+from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 from ef21.experiments import shipped
 from ef21.experiments.report import least_squares_solution
 from ef21.experiments.schema import command_args, load, simulate_namespace
-from ef21.problem import build_problem
+from ef21.problems.problem import build_problem
 
 from .helpers import one_error_line
 
@@ -32,7 +32,7 @@ PY = sys.executable
 
 
 def ef21(*args: str, cwd: Path | None = None, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    return subprocess.run([PY, "-m", "ef21", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           **kw)
 
 
@@ -315,7 +315,7 @@ def test_the_progress_bar_runs_across_the_sweep(tmp_path):
     controller, terminal = pty.openpty()  # the bar is drawn only on a terminal, as wide as the terminal
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     try:
-        r = subprocess.run([PY, "-m", "ef21.cli", "experiment", str(path), "--output-dir", str(tmp_path / "out")],
+        r = subprocess.run([PY, "-m", "ef21", "experiment", str(path), "--output-dir", str(tmp_path / "out")],
                            stderr=terminal, stdout=subprocess.PIPE, timeout=120)
         os.set_blocking(controller, False)
         drawn = b""

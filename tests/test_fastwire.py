@@ -6,14 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ef21.codec import CodecError, EncodedVector, decode, encode, fits_float32, pack_indices, unpack_indices
-from ef21.compressors import TopK
-from ef21.sparse import SparseVector
+from ef21.compression.codec import CodecError, EncodedVector, decode, encode, fits_float32, pack_indices, unpack_indices
+from ef21.compression.compressors import TopK
+from ef21.compression.sparse import SparseVector
 from ef21_wire.fastwire import (
-    eval_bytes, power_reply_bytes, read_round_result, read_update, round_result_bytes, update_bytes,
+    eval_bytes,
+    power_reply_bytes,
+    read_round_result,
+    read_update,
+    round_result_bytes,
+    update_bytes,
 )
 from ef21_wire.serde import (
-    HAND_PATH_MIN_BYTES, round_result_from_proto, round_result_to_bytes, update_from_proto, update_to_bytes,
+    HAND_PATH_MIN_BYTES,
+    round_result_from_proto,
+    round_result_to_bytes,
+    update_from_proto,
+    update_to_bytes,
     vector_to_proto,
 )
 from ef21_wire.v1 import ef21_pb2 as pb

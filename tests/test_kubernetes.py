@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ef21.cli import build_parser
+from ef21.__main__ import build_parser
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
 

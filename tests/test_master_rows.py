@@ -7,9 +7,9 @@ import signal
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21.errors import UserError
-from ef21.simulate import simulate
 from ef21_server.coordinator import Coordinator, MasterOptions
 
 from .helpers import eventually, finish, running_master, spawn_worker

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.data import synthetic_dataset
-from ef21.problem import Problem, build_problem
-from ef21.simulate import simulate
-from ef21.stepsize import theta_beta, theory_stepsize
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
+from ef21.methods.stepsize import theory_stepsize, theta_beta
+from ef21.problems.data import synthetic_dataset
+from ef21.problems.problem import Problem, build_problem
 
 
 def test_theta_beta_and_stepsizes():
@@ -157,9 +157,9 @@ def test_bits_accounting_topk():
 
 
 def test_ef21plus_master_g_is_mean_of_worker_estimates():
-    from ef21.engine import MasterNode, WorkerNode
+    from ef21.compression.compressors import TopK
+    from ef21.engine.nodes import MasterNode, WorkerNode
     from ef21.methods import EF21Plus
-    from ef21.compressors import TopK
 
     p = build_problem(RunConfig(workers=5))
     x0 = np.random.default_rng(0).standard_normal(p.d)
@@ -211,8 +211,8 @@ def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
 
 
 def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
-    from ef21.compressors import TopK
-    from ef21.sparse import sparse_sum
+    from ef21.compression.compressors import TopK
+    from ef21.compression.sparse import sparse_sum
 
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -12,7 +12,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
 from ef21_server.coordinator import MasterOptions
 
 from .helpers import eventually, finish, http_get, running_master, spawn_worker

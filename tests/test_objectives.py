@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.data import synthetic_dataset
-from ef21.objectives import LeastSquares, LogisticRegression, SeparableQuadratic
-from ef21.problem import build_problem, global_smoothness_from_grams
+from ef21.engine.config import RunConfig
+from ef21.problems.data import synthetic_dataset
+from ef21.problems.objectives import LeastSquares, LogisticRegression, SeparableQuadratic
+from ef21.problems.problem import build_problem, global_smoothness_from_grams
 
 
 def fd_grad(f, x, h=1e-6):
@@ -96,7 +96,7 @@ def test_logistic_gradient_is_the_formula_bit_for_bit(rng, sparse):
     formula: mean loss + λΣx²/(1+x²), and coef·A + 2λx/(1+x²)²."""
     import scipy.sparse as sps
 
-    from ef21.objectives import logistic_loss_and_slope
+    from ef21.problems.objectives import logistic_loss_and_slope
 
     A = sps.random(40, 3000, density=0.02, random_state=3, format="csr") if sparse else rng.standard_normal((40, 30))
     y = np.where(rng.standard_normal(40) > 0, 1.0, -1.0)

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21_server import checkpoint
 from ef21_server.coordinator import MasterOptions
 from ef21_server.master import ListenOptions, Master
@@ -32,7 +32,7 @@ CFG = RunConfig(workers=2, method="ef21", k=2, stepsize_mult=64, x0="normal:0", 
 
 
 def cli(*args: str) -> list[str]:
-    return [PY, "-m", "ef21.cli", *args]
+    return [PY, "-m", "ef21", *args]
 
 
 # -- workers that never come ------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ async def test_status_detail_is_empty_during_healthy_rounds(tmp_path):
     details: list[str] = []
     opts = MasterOptions(RunConfig(**(CFG.to_dict() | {"rounds": 150})), round_timeout=30.0)
     master = Master(opts, ListenOptions(port=0, status_port=None, drain_s=1.0),
-                    on_round=lambda rec: details.append(master.coord.status()["detail"]))
+                    on_round=lambda rec: details.append(master.status()["detail"]))
     await master.start()
     try:
         results = await finish([await spawn_worker(master.address) for _ in range(2)])
@@ -139,7 +139,7 @@ async def test_mutual_tls_bans_the_certificate_not_the_host(pki, tmp_path):
         results = await finish([await spawn_worker(master.address, *honest) for _ in range(2)])
         assert [c for c, _ in results] == [0, 0], results
         assert rogue_code == 1 and "PERMISSION_DENIED" in rogue_err and "CN=rogue" in rogue_err, rogue_err
-        bans = master.coord.status()["bans"]
+        bans = master.status()["bans"]
         assert [(b["identity"].split(" (")[0], b["faults"], b["banned"]) for b in bans] == \
             [("certificate CN=rogue", 3, True)]
     finally:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef21.compressors import TopK as TopKCompressor
-from ef21.config import RunConfig
-from ef21.engine import MasterNode, WorkerNode
+from ef21.compression.compressors import TopK as TopKCompressor
+from ef21.engine.config import RunConfig
+from ef21.engine.nodes import MasterNode, WorkerNode
+from ef21.engine.simulate import RunResult, simulate
 from ef21.methods import EF21, EF21Plus, WorkerContext
-from ef21.objectives import LeastSquares as LsqObjective
-from ef21.problem import Problem, build_problem
-from ef21.simulate import RunResult, simulate
+from ef21.problems.objectives import LeastSquares as LsqObjective
+from ef21.problems.problem import Problem, build_problem
 
 from . import oracle
 
@@ -303,7 +303,7 @@ SEED = 3
 
 
 def batch_sequence(case: Case, tau: int, rounds: int) -> oracle.Batches:
-    """The documented minibatch convention (README, "Stochastic gradients"): worker i's rows in round t are
+    """The documented minibatch convention (docs/methods.md, "Stochastic gradients"): worker i's rows in round t are
     ``default_rng([seed, i, t, 1]).choice(N_i, τ, replace=False)``, ascending."""
     sizes = [o.n_samples for o in case.problem.objectives]
     return {t: [np.sort(np.random.default_rng([SEED, i, t, 1]).choice(m, size=tau, replace=False))

@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21_server.coordinator import MasterOptions
 
 from .helpers import ef21_cli as cli
@@ -103,9 +103,9 @@ async def test_metrics_in_the_status_and_a_different_objective_is_refused_at_joi
         assert code != 0 and "objective mismatch" in err
         assert "other.py:make@" in err and "myobj.py:make@" in err  # both sides named
         honest = await spawn_worker(master.address, "--rank", "1")
-        await eventually(lambda: (master.coord.status()["latest"] or {}).get("metrics") is not None,
+        await eventually(lambda: (master.status()["latest"] or {}).get("metrics") is not None,
                          what="metrics in the status")
-        doc = master.coord.status()
+        doc = master.status()
         assert set(doc["latest"]["metrics"]) == {"norm_x", "rank_plus_one"}
         assert doc["objective"].startswith("myobj.py:make@")
         results = await finish([first, honest], timeout=60)
@@ -196,7 +196,7 @@ async def test_a_plugin_failing_mid_run_is_dropped_with_its_reason_in_the_status
         (code, err), = await finish(procs[1:], timeout=60)
         assert code == 2 and "raised ValueError: disk full" in err
         await eventually(lambda: master.coord.sessions[1].state == "lost", what="rank 1 dropped")
-        doc = master.coord.status()
+        doc = master.status()
         assert "disk full" in doc["workers"][1]["last_error"]
         assert doc["state"] == "running"  # the run waits for a replacement; nothing else is lost
         x_before = master.coord.master.x.copy()

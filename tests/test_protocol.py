@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.data import data_info, load_dataset
-from ef21.problem import local_objective
-from ef21.sparse import SparseVector
+from ef21.compression.sparse import SparseVector
+from ef21.engine.config import RunConfig
+from ef21.problems.data import data_info, load_dataset
+from ef21.problems.problem import local_objective
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
 from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto

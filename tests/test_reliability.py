@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21.errors import UserError
-from ef21.simulate import simulate
 from ef21_server import checkpoint
 from ef21_server.coordinator import Coordinator, MasterOptions
 
@@ -50,7 +50,7 @@ async def test_killed_worker_is_replaced_and_the_run_still_converges(tmp_path):
         lost_at = master.coord.round
         # With a round timeout the run goes on without rank 2 (its g_i stays, EF21-PP) ...
         await eventually(lambda: master.coord.round >= lost_at + 20, what="rounds without rank 2")
-        doc = master.coord.status()
+        doc = master.status()
         assert doc["workers"][2]["state"] == "lost" and "2" in doc["stale_ranks"]
         assert "not stationary" in doc["detail"]
         # ... and a new process takes the free rank over, from the master's copy of its g_i.
@@ -79,7 +79,7 @@ async def test_min_workers_makes_the_master_wait(tmp_path):
         stuck = master.coord.round
         await asyncio.sleep(0.5)
         assert master.coord.round == stuck  # below --min-workers nothing advances ...
-        assert "--min-workers" in master.coord.status()["detail"]  # ... and the status says why
+        assert "--min-workers" in master.status()["detail"]  # ... and the status says why
         procs[1] = await spawn_worker(master.address, "--rank", "1")
         results = await finish(procs, timeout=60)
         assert all(code == 0 for code, _ in results[:1] + results[2:])
@@ -97,7 +97,7 @@ async def test_straggler_with_round_timeout_equals_ef21_pp_simulation(tmp_path):
         results = await finish(procs, timeout=120)
         assert all(code == 0 for code, _ in results), results
         await asyncio.wait_for(master.wait(), 10)
-        status = master.coord.status()
+        status = master.status()
     log = rows(tmp_path / "l.jsonl")
     pattern = {r["round"]: r["missing"] for r in log if r["missing"]}
     assert pattern and all(m == [1] for m in pattern.values())  # the slow worker, and only it, was left out
@@ -107,7 +107,7 @@ async def test_straggler_with_round_timeout_equals_ef21_pp_simulation(tmp_path):
 
 
 def master_cmd(port: int, tmp_path, *extra: str) -> list[str]:
-    return [PY, "-m", "ef21.cli", "master", "--port", str(port), "--status-port", "-1", "--workers", "3",
+    return [PY, "-m", "ef21", "master", "--port", str(port), "--status-port", "-1", "--workers", "3",
             "--method", "ef21", "--k", "2", "--stepsize-mult", "64", "--x0", "normal:0", "--rounds", "300",
             "--checkpoint", str(tmp_path / "ck.npz"), "--checkpoint-every", "25", "--out", str(tmp_path / "x.npy"),
             "--log", str(tmp_path / "l.jsonl"), *extra]
@@ -201,7 +201,7 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     with pytest.raises(UserError, match="the previous one is bad too"):
         checkpoint.load_latest(path)
     (tmp_path / "lonely.npz").write_bytes(b"PK\x03\x04 broken")
-    r = subprocess.run([PY, "-m", "ef21.cli", "master", "--workers", "2", "--rounds", "10", "--status-port", "-1",
+    r = subprocess.run([PY, "-m", "ef21", "master", "--workers", "2", "--rounds", "10", "--status-port", "-1",
                         "--port", "0", "--resume", str(tmp_path / "lonely.npz")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "no previous checkpoint" in r.stderr and "Traceback" not in r.stderr
@@ -222,7 +222,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 
 
 def test_ef21_run_restarts_a_worker_that_dies(tmp_path):
-    proc = subprocess.Popen([PY, "-m", "ef21.cli", "run", "--workers", "3", "--k", "2", "--stepsize-mult", "64",
+    proc = subprocess.Popen([PY, "-m", "ef21", "run", "--workers", "3", "--k", "2", "--stepsize-mult", "64",
                              "--rounds", "400", "--x0", "normal:0", "--out", str(tmp_path / "x.npy"), "-q",
                              "--status-port", "-1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -254,8 +254,8 @@ def test_ef21_run_restarts_a_worker_that_dies(tmp_path):
 def test_summary_line_of_a_run_whose_last_round_left_workers_out(capsys):
     from types import SimpleNamespace
 
-    from ef21.accounting import CommLedger
-    from ef21.simulate import make_record
+    from ef21.engine.accounting import CommLedger
+    from ef21.engine.records import make_record
     from ef21_server.cli import print_summary
 
     rec = make_record(7, None, None, None, CommLedger(3), 1.0, wire_bytes_up=10, wire_bytes_down=20, missing=[1])
@@ -271,10 +271,10 @@ def test_extending_a_finished_run_logs_and_counts_each_round_once(tmp_path):
     ck, log, out = tmp_path / "ck.npz", tmp_path / "l.jsonl", tmp_path / "x.npy"
     common = ["--workers", "3", "--k", "2", "--stepsize-mult", "64", "--x0", "normal:0", "-q", "--status-port", "-1",
               "--checkpoint", str(ck), "--log", str(log), "--out", str(out)]
-    first = subprocess.run([PY, "-m", "ef21.cli", "run", *common, "--rounds", "40"], capture_output=True, text=True,
+    first = subprocess.run([PY, "-m", "ef21", "run", *common, "--rounds", "40"], capture_output=True, text=True,
                            timeout=120)
     assert first.returncode == 0, first.stderr
-    again = subprocess.run([PY, "-m", "ef21.cli", "run", *common, "--rounds", "70", "--resume", str(ck)],
+    again = subprocess.run([PY, "-m", "ef21", "run", *common, "--rounds", "70", "--resume", str(ck)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     lines = rows(log)

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21_server.coordinator import MasterOptions
 from ef21_server.master import ListenOptions, Master
 from ef21_server.security import ServerSecurity

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 from ef21_server.coordinator import MasterOptions
 
 from .helpers import eventually, finish, http_get, running_master, spawn_worker
@@ -21,7 +21,7 @@ PY = sys.executable
 
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([PY, "-m", "ef21", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def assert_same_as_simulation(cfg: RunConfig, iterates: np.ndarray, log_rows: list[dict]) -> None:
@@ -85,7 +85,7 @@ def test_uvloop_run_equals_simulate(tmp_path):
 
 
 def test_uvloop_missing_is_a_clear_error():
-    r = subprocess.run([PY, "-c", "import sys; sys.modules['uvloop'] = None; from ef21.cli import main; "
+    r = subprocess.run([PY, "-c", "import sys; sys.modules['uvloop'] = None; from ef21.__main__ import main; "
                         "sys.exit(main(['worker', '--master', '127.0.0.1:1', '--event-loop', 'uvloop']))"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "pip install 'ef21[fast]'" in r.stderr
@@ -120,7 +120,18 @@ async def test_uplink_wire_bytes_are_measured_near_payload(tmp_path):
     async with running_master(opts) as master:
         results = await finish([await spawn_worker(master.address) for _ in range(2)])
         assert all(code == 0 for code, _ in results), results
+        await asyncio.wait_for(master.wait(), 10)
+        doc = master.status()
     rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    # The status's two byte figures, with one unit: the round traffic and evaluations of the run (the dashboard's
+    # header), and each worker's whole stream (its table), which adds the hand-shake, the set-up and the Start.
+    lat, workers = doc["latest"], doc["workers"]
+    assert (lat["wire_bytes_up"], lat["eval_bytes"]) == (rows[-1]["wire_bytes_up"], rows[-1]["eval_bytes"])
+    handshake_up = sum(w["bytes_up"] for w in workers) - lat["wire_bytes_up"] - lat["eval_bytes"]
+    handshake_down = sum(w["bytes_down"] for w in workers) - lat["wire_bytes_down"]
+    # Hello and Setup (with the shard's 112×112 Gram) up; Welcome, Start (x and g dense) and Stop down.
+    assert 2 * 8 * 112 * 112 < handshake_up < 2 * (8 * 112 * 112 + 4096)
+    assert 2 * 2 * 8 * 112 < handshake_down < 2 * (2 * 9 * 112 + 4096)
     for row in rows[1:]:  # round 0 sends the dense g_i^0
         # k entries of 4 + 8 bytes, plus the message's own fields (round, f, distortion, tags): < 64 bytes
         assert 12 * k <= row["uplink_msg_bytes"] <= 12 * k + 64
@@ -178,7 +189,7 @@ async def test_status_endpoint_and_ef21_status_during_a_live_run(tmp_path):
         check_status_schema(json.loads(raw.stdout))
         await finish(procs)
         await asyncio.wait_for(master.wait(), 10)
-        assert master.coord.status()["state"] == "done"
+        assert master.status()["state"] == "done"
 
 
 def test_status_against_no_master_is_a_clear_error():
@@ -232,7 +243,7 @@ def test_ef21_run_stops_cleanly_on_ctrl_c(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([PY, "-m", "ef21.cli", "run", "--workers", "3", "--rounds", "1000000", "-q"],
+    proc = subprocess.Popen([PY, "-m", "ef21", "run", "--workers", "3", "--rounds", "1000000", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -13,11 +13,11 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from ef21.config import RunConfig
-from ef21.data import SparseSpec, data_info, load_dataset, load_shard, make_shard
-from ef21.objectives import GRAM_MAX_D
-from ef21.problem import build_problem
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
+from ef21.problems.data import SparseSpec, data_info, load_dataset, load_shard, make_shard
+from ef21.problems.objectives import GRAM_MAX_D
+from ef21.problems.problem import build_problem
 
 PY = sys.executable
 
@@ -109,7 +109,7 @@ def test_sparse_problem_through_the_service_equals_the_simulator(tmp_path):
     args = ["--data", "synthetic-sparse:900:6000:0.004:2", "--workers", "3", "--k", "30", "--stepsize-mult", "32",
             "--rounds", "60", "--x0", "zeros"]
     its, log = tmp_path / "xs.npy", tmp_path / "l.jsonl"
-    r = subprocess.run([PY, "-m", "ef21.cli", "run", *args, "--save-iterates", str(its), "--log", str(log), "-q",
+    r = subprocess.run([PY, "-m", "ef21", "run", *args, "--save-iterates", str(its), "--log", str(log), "-q",
                         "--status-port", "-1", "--eval-every", "10"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     cfg = RunConfig(data="synthetic-sparse:900:6000:0.004:2", workers=3, k=30, stepsize_mult=32, rounds=60,
@@ -127,7 +127,7 @@ def test_a_libsvm_file_through_the_service(tmp_path):
     write_libsvm(path, 240, GRAM_MAX_D + 100, 0.01, seed=4)
     args = ["--data", str(path), "--workers", "2", "--k", "20", "--stepsize-mult", "16", "--rounds", "30"]
     its = tmp_path / "xs.npy"
-    r = subprocess.run([PY, "-m", "ef21.cli", "run", *args, "--save-iterates", str(its), "-q", "--status-port", "-1"],
+    r = subprocess.run([PY, "-m", "ef21", "run", *args, "--save-iterates", str(its), "-q", "--status-port", "-1"],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     sim = simulate(RunConfig(data=str(path), workers=2, k=20, stepsize_mult=16, rounds=30), keep_iterates=True)
@@ -140,7 +140,7 @@ def test_a_libsvm_file_through_the_service(tmp_path):
     ("synthetic-sparse:0:100:0.1", "N > 0"),
 ])
 def test_bad_sparse_specs(spec, match):
-    r = subprocess.run([PY, "-m", "ef21.cli", "simulate", "--data", spec, "--rounds", "1", "--workers", "1"],
+    r = subprocess.run([PY, "-m", "ef21", "simulate", "--data", spec, "--rounds", "1", "--workers", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -148,6 +148,6 @@ def test_bad_sparse_specs(spec, match):
 def test_bad_csr_npz_is_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", data=np.ones(3), indices=np.array([0, 5, 1]), indptr=np.array([0, 2, 3]),
              shape=np.array([2, 4]), y=np.ones(2))
-    r = subprocess.run([PY, "-m", "ef21.cli", "simulate", "--data", str(tmp_path / "bad.npz"), "--rounds", "1",
+    r = subprocess.run([PY, "-m", "ef21", "simulate", "--data", str(tmp_path / "bad.npz"), "--rounds", "1",
                         "--workers", "1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad.npz: cannot read .npz" in r.stderr

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from ef21.config import RunConfig
+from ef21.engine.config import RunConfig
 from ef21_server.coordinator import MasterOptions
 from ef21_server.master import ListenOptions, Master
 from ef21_server.security import ServerSecurity
@@ -18,7 +18,7 @@ PY = sys.executable
 
 
 def status(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "ef21.cli", "status", "--timeout", "3", *args], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "ef21", "status", "--timeout", "3", *args], capture_output=True, text=True,
                           timeout=60)
 
 

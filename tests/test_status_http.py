@@ -12,9 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-
-from ef21.config import RunConfig
-from ef21.simulate import RoundRecord
+from ef21.engine.config import RunConfig
+from ef21.engine.records import RoundRecord
 from ef21_server.coordinator import MasterOptions
 from ef21_server.history import History
 from ef21_server.master import ListenOptions, Master
@@ -111,7 +110,7 @@ async def test_dashboard_files_history_and_the_status_token():
         rounds = [p[0] for p in doc["points"]]
         assert rounds == list(range(master.coord.latest.round + 1))  # every round of a short run
         last = dict(zip(doc["columns"], doc["points"][-1]))
-        lat = master.coord.status()["latest"]
+        lat = master.status()["latest"]
         assert (last["f"], last["grad_norm_sq"], last["bits_per_worker"]) == (lat["f"], lat["grad_norm_sq"],
                                                                               lat["bits_per_worker"])
         code, _, body = await asyncio.to_thread(get, base + f"/history?since={rounds[-2]}", auth)

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ef21.cli import main
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.__main__ import main
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 
-from ef21.torch_adapter import TorchObjective, seeded  # noqa: E402
+from ef21.problems.torch import TorchObjective, seeded  # noqa: E402
 
 from .helpers import ef21_cli as cli
 from .helpers import one_error_line as one_line_error
@@ -28,7 +28,7 @@ PY = sys.executable
 PLUGIN = '''
 import numpy as np
 import torch
-from ef21.torch_adapter import TorchObjective, seeded
+from ef21.problems.torch import TorchObjective, seeded
 
 def make(ctx):
     rng = np.random.default_rng([ctx.seed, ctx.rank])
@@ -202,7 +202,7 @@ def test_bad_input_in_simulate_is_one_line_exit_2(tmp_path, capsys, hook, flags,
 @pytest.mark.parametrize("example,option", [("digits_mlp.py", "hidden=8"), ("digits_cnn.py", "channels=2")])
 def test_the_digits_examples_shard_the_training_rows_and_train(example, option, capsys):
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install -e '.[torch]')")
-    from ef21.plugins import build_objective
+    from ef21.problems.plugins import build_objective
 
     spec = f"{Path(__file__).resolve().parents[1] / 'examples' / example}:make"
     opts = (tuple(option.split("=")),)

@@ -3,14 +3,12 @@ property in the simulator, the service equal to the simulator for each, and thei
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig, participation_count
-from ef21.engine import participants
-from ef21.simulate import simulate
-
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
+from ef21.methods.participation import participants, participation_count
 
 BASE = dict(workers=4, k=2, x0="normal:0")
 

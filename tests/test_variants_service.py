@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from ef21.config import RunConfig
-from ef21.simulate import simulate
+from ef21.engine.config import RunConfig
+from ef21.engine.simulate import simulate
 
 PY = sys.executable
 
@@ -33,8 +33,8 @@ VARIANTS = {
 
 
 def config_of(args: list[str]) -> RunConfig:
-    from ef21.cli import build_parser
-    from ef21.cliargs import config_from_args
+    from ef21.__main__ import build_parser
+    from ef21.cli.args import config_from_args
 
     return config_from_args(build_parser().parse_args(["simulate", *args]))
 
@@ -48,7 +48,7 @@ def test_service_equals_simulator(tmp_path, variant):
     args = ["--workers", "3", "--k", "2", "--stepsize-mult", "16", "--rounds", "120", "--x0", "normal:0",
             *VARIANTS[variant]]
     log, its = tmp_path / "l.jsonl", tmp_path / "xs.npy"
-    r = subprocess.run([PY, "-m", "ef21.cli", "run", *args, "--log", str(log), "--save-iterates", str(its), "-q",
+    r = subprocess.run([PY, "-m", "ef21", "run", *args, "--log", str(log), "--save-iterates", str(its), "-q",
                         "--status-port", "-1", "--checksum-every", "7"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     sim = simulate(config_of(args), keep_iterates=True)
@@ -89,7 +89,7 @@ def test_service_equals_simulator(tmp_path, variant):
 ])
 def test_bad_extension_flags_are_one_line_exit_2(args, match):
     # `run` and `master` validate the same RunConfig before anything starts (see test_run_refuses_... below).
-    r = subprocess.run([PY, "-m", "ef21.cli", "simulate", "--workers", "20", "--rounds", "3", *args],
+    r = subprocess.run([PY, "-m", "ef21", "simulate", "--workers", "20", "--rounds", "3", *args],
                        capture_output=True, text=True, timeout=60)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr
@@ -100,7 +100,7 @@ def test_run_and_master_refuse_bad_extension_flags_before_starting(command):
     for args, match in [(["--participation", "21"], "count must lie in 1..20"),
                         (["--estimator", "sgd", "--batch-size", "407"], "larger than rank 0's shard"),
                         (["--downlink-k", "4", "--momentum", "0.5"], "not covered by the theory")]:
-        r = subprocess.run([PY, "-m", "ef21.cli", command, "--workers", "20", "--rounds", "3", "--port", "0",
+        r = subprocess.run([PY, "-m", "ef21", command, "--workers", "20", "--rounds", "3", "--port", "0",
                             "--status-port", "-1", *args], capture_output=True, text=True, timeout=60)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and match in lines[0], r.stderr

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ef21.__main__ import worker_main
 
-sys.exit(main())
+sys.exit(worker_main())

@@ -7,9 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Sequence
 
-from ef21.cliconfig import print_config
+from ef21.cli.configfile import print_config
 from ef21.errors import UserError
 from ef21_wire import eventloop
 from ef21_wire.eventloop import EVENT_LOOPS
@@ -85,10 +84,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="asyncio (default) or uvloop (pip install 'ef21[fast]')")
     add_client_security_args(w)
     w.set_defaults(func=cmd_worker)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ef21-worker``: the same as ``ef21 worker``."""
-    from ef21.cli import main as ef21_main
-
-    return ef21_main(["worker", *(sys.argv[1:] if argv is None else argv)])

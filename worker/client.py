@@ -20,23 +20,29 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ef21.codec import CodecError, decode, encode, fits_float32
-from ef21.compressors import max_entries
-from ef21.config import RunConfig, participation_count
-from ef21.data import Dataset, DataInfo, data_info, load_dataset
-from ef21.engine import WorkerNode, WorkerReport, WorkerSetting
+from ef21.compression.codec import CodecError, decode, encode, fits_float32
+from ef21.compression.compressors import max_entries
+from ef21.compression.sparse import SparseVector
+from ef21.engine.config import RunConfig
+from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting
+from ef21.engine.plan import resolve_method
 from ef21.errors import UserError
-from ef21.estimators import batch_size_for, make_estimator
-from ef21.sparse import SparseVector
 from ef21.methods import Downlink
-from ef21.plan import resolve_method
-from ef21.problem import local_objective, quadratic_fingerprint, streams_shards
-from ef21.prox import parse_prox
-from ef21.replica import StepRule
-from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
+from ef21.methods.estimators import batch_size_for, make_estimator
+from ef21.methods.participation import participation_count
+from ef21.methods.prox import parse_prox
+from ef21.methods.replica import StepRule
+from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
+from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
 from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
+from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import (
-    fill_vector, read_round_result_fast, round_result_from_proto, state_checksum, update_to_bytes, vector_from_proto,
+    fill_vector,
+    read_round_result_fast,
+    round_result_from_proto,
+    state_checksum,
+    update_to_bytes,
+    vector_from_proto,
 )
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
@@ -109,7 +115,7 @@ class WorkerData:
 def load_worker_data(cfg: RunConfig) -> WorkerData:
     objective_id = ""
     if cfg.objective is not None:
-        from ef21.plugins import identity, load_plugin
+        from ef21.problems.plugins import identity, load_plugin
 
         objective_id = identity(load_plugin(cfg.objective), cfg.objective_args)
     if cfg.objective is None and cfg.problem == "quadratic":
@@ -430,7 +436,7 @@ def eval_message(report: WorkerReport) -> bytes:
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
-    """The worker's side of the master's plan (``ef21.plan.Plan.worker_setting``), from the Start message."""
+    """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message."""
     method, comp = resolve_method(cfg, d)
     x = vector_from_proto(start.x, expected_dim=d).values
     g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None

@@ -3,7 +3,9 @@
 The definitions are TOML files in ``definitions/`` (``schema`` says what they hold); ``runner`` executes their
 runs in parallel and files each run's log under the output folder by a hash of its configuration, so a second
 invocation redoes nothing; ``report`` draws the figures and writes the CSV of the curves and the markdown report.
-A new experiment (EF21-PP, BC, HB, SGD/PAGE, once those methods exist) is a new definition file.
+A new experiment is a new definition file.
+
+May import: ``ef21.cli`` (a definition's keys are ``ef21 simulate``'s flags) and everything below it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UserError
+from ef21.errors import UserError
 
 
 def shipped() -> dict[str, Path]:

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cliconfig import print_config
-from ..errors import UserError
-from . import resolve, shipped
+from ef21.cli.configfile import print_config
+from ef21.errors import UserError
+from ef21.experiments import resolve, shipped
+
 from .runner import Job, Outcome, Runner, is_done, plan, resolve_data
 from .schema import load
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runlog import read_jsonl
+from ef21.cli.runlog import read_jsonl
+
 from .runner import Job, display_command, log_path, record_path
 from .schema import METRIC_TEXT, METRICS, X_AXES, Experiment
 
@@ -48,8 +49,9 @@ class Curve:
 def least_squares_solution(flags: dict[str, Any]) -> tuple[np.ndarray, float]:
     """x* and f* of a least-squares run's problem f = (1/n) Σ (1/N_i)‖A_i x − b_i‖²: a lstsq of the rows scaled by
     1/√N_i (the common 1/n does not move the minimizer); f* is evaluated by the run's own objectives."""
-    from ..cliargs import config_from_args
-    from ..problem import build_problem
+    from ef21.cli.args import config_from_args
+    from ef21.problems.problem import build_problem
+
     from .schema import command_args, simulate_namespace
 
     cfg = config_from_args(simulate_namespace(command_args(flags)))
@@ -99,7 +101,6 @@ def draw(exp: Experiment, curves: list[Curve], stem: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import EngFormatter
 
     panels = list(exp.panels)

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import BUILTIN
-from ..errors import UserError
+from ef21.cli.exits import EXIT_DIVERGED
+from ef21.errors import UserError
+from ef21.problems.data import BUILTIN
+
 from .schema import Experiment, RunSpec, command_args
 
 LIBSVM_PAGE = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html"
-EXIT_DIVERGED = 3
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -168,7 +169,7 @@ class Runner:
 
     def run_one(self, job: Job) -> Outcome:
         part = self.part_path(job)
-        cmd = [sys.executable, "-m", "ef21.cli", *argv(job, part)]
+        cmd = [sys.executable, "-m", "ef21", *argv(job, part)]
         t0 = time.monotonic()
         with self._lock:
             if self._stopping:

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cliconfig import ConfigError, Option, canonical_key, command_options, convert, read_toml, subcommands
-from ..errors import UserError
+from ef21.cli.commands import simulate_parser
+from ef21.cli.configfile import ConfigError, Option, canonical_key, command_options, convert, read_toml
+from ef21.errors import UserError
 
 KINDS = ("curves", "sweep")
 METRICS = {"grad_norm_sq": r"$\|\nabla f(x^t)\|^2$", "f_gap": r"$f(x^t) - f^\star$"}
@@ -128,9 +129,7 @@ class Experiment:
 
 
 def _simulate_options() -> dict[str, Option]:
-    from ..cli import build_parser  # the simulate command's own parser: its flags are the definition's keys
-
-    return command_options(subcommands(build_parser())["simulate"])
+    return command_options(simulate_parser())  # the simulate command's own flags are the definition's keys
 
 
 def load(path: Path) -> Experiment:
@@ -306,6 +305,4 @@ def _text(v: Any) -> str:
 
 def simulate_namespace(args: list[str]) -> argparse.Namespace:
     """A run's flags parsed by the simulate parser, as ``ef21 simulate`` would see them."""
-    from ..cli import build_parser
-
-    return build_parser().parse_args(["simulate", *args])
+    return simulate_parser().parse_args(args)

@@ -3,13 +3,13 @@
 A round, for every method:
 
 1. every replica holds (x, g); a worker evaluates ∇f_i at its replica's x;
-2. ``worker_step`` turns that gradient (or a stochastic estimate of it, ``ef21.estimators``) and the worker's
+2. ``worker_step`` turns that gradient (or a stochastic estimate of it, ``ef21.methods.estimators``) and the worker's
    state into a ``Message`` (the uplink);
 3. ``master_aggregate`` folds the messages, in rank order, into a ``Downlink`` and its own state (with EF21-W's
    weights, the weighted sum Σ w_i c_i);
-4. the master may transform the downlink (EF21-BC compresses it, ``ef21.downlink``);
+4. the master may transform the downlink (EF21-BC compresses it, ``ef21.methods.downlink``);
 5. master and workers apply the same ``Downlink`` to their replicas with ``Replica.apply``: g ← g + D·scale (or
-   g ← D·scale), then the step (x ← x − s·g, or with heavy ball or a prox, ``ef21.replica``), so every replica
+   g ← D·scale), then the step (x ← x − s·g, or with heavy ball or a prox, ``ef21.methods.replica``), so every replica
    holds the same bits as the master.
 
 Round 0 is the initialization: the first ``worker_step`` of a fresh state sends g_i⁰.
@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 
-from ..compressors import Compressor
-from ..sparse import SparseVector, sparse_sum
+from ef21.compression.compressors import Compressor
+from ef21.compression.sparse import SparseVector, sparse_sum
 
 InitMode = Literal["full", "compressed"]
 

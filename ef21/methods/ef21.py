@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..sparse import SparseVector
+from ef21.compression.sparse import SparseVector
+
 from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
 
 

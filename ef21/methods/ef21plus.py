@@ -11,8 +11,9 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-from ..sparse import SparseVector
+from ef21.compression.sparse import SparseVector
+from ef21.errors import UserError
+
 from .base import Downlink, Message, WorkerContext, sq_dist
 from .ef21 import EF21, initial_step
 

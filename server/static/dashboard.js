@@ -77,6 +77,7 @@ function renderStatus(s) {
   show("v-bits", lat.bits_per_worker);
   show("v-up", lat.wire_bytes_up, bytes(lat.wire_bytes_up));
   show("v-down", lat.wire_bytes_down, bytes(lat.wire_bytes_down));
+  show("v-eval", lat.eval_bytes, bytes(lat.eval_bytes));
   show("v-workers", s.workers_connected, s.workers_connected + " / " + s.workers_expected);
   $("setup").textContent = s.gamma === null ? "" : "γ = " + fmt(s.gamma) +
     (s.constants ? " · L = " + fmt(s.constants.L) + " · L̃ = " + fmt(s.constants.L_tilde) : "");

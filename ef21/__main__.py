@@ -1,0 +1,71 @@
+"""The ``ef21`` command (``python -m ef21``), and ``ef21-master`` / ``ef21-worker`` as its two shorthands.
+
+It puts the subcommands together from the rooms that own them: ``simulate`` and ``plot`` from ``ef21.cli``,
+``experiment`` from ``ef21.experiments``, and the networked service's ``master``, ``run``, ``status`` (the master's
+package) and ``worker`` (the worker's package) when those are installed. Nothing imports this module except the
+console scripts and tests: it sits above every room.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from ef21.cli import commands
+from ef21.cli.args import ArgumentParser
+from ef21.cli.configfile import add_config_flag, parse_command_line
+from ef21.cli.exits import EXIT_USAGE
+from ef21.errors import UserError
+from ef21.experiments import cli as experiments
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="ef21", description="EF21 error-feedback training: simulator, master, workers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    commands.register(sub)
+    experiments.register(sub)
+    for register in _service_commands():
+        register(sub)
+    add_config_flag(p)
+    return p
+
+
+def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands of the networked service, registered when its packages are installed."""
+    try:
+        from ef21_server.cli import register as register_server
+        from ef21_worker.cli import register as register_worker
+    except ModuleNotFoundError as exc:
+        # Only the service's own packages may be absent (a core-only install); anything else they fail to import
+        # is a broken install that must say so, not turn into "invalid choice: 'master'".
+        if exc.name not in ("ef21_server", "ef21_worker"):
+            raise
+        return []
+    return [register_server, register_worker]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_command_line(build_parser, argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except UserError as exc:
+        print(f"ef21 {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ef21 {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def master_main(argv: Sequence[str] | None = None) -> int:
+    """``ef21-master``: the same as ``ef21 master``."""
+    return main(["master", *(sys.argv[1:] if argv is None else argv)])
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """``ef21-worker``: the same as ``ef21 worker``."""
+    return main(["worker", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Compressors: contractive (B(α)) and unbiased (U(ω)) maps from R^d to sparse or dense vectors.
+
+Every compressor exposes the constant the theory needs: ``alpha(d)`` for contractive ones
+(E‖C(x) − x‖² ≤ (1 − α)‖x‖²), ``omega(d)`` for unbiased ones (E C(x) = x, E‖C(x) − x‖² ≤ ω‖x‖²).
+Randomized compressors take their generator as an argument rather than holding a global one: the caller derives
+it from (seed, rank, round), so a run is reproducible and a replaced worker continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ef21.errors import UserError
+
+from .sparse import INDEX_DTYPE, SparseVector
+
+
+class Compressor(Protocol):
+    """Maps x to C(x). The result never shares memory with x: callers reuse x as scratch afterwards."""
+
+    name: str
+    randomized: bool
+
+    def alpha(self, d: int) -> float | None:
+        """Contraction constant α ∈ (0, 1], or None when the compressor is not contractive."""
+
+    def omega(self, d: int) -> float | None:
+        """Variance constant ω ≥ 0 of an unbiased compressor, or None when it is biased."""
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector: ...
+
+
+def top_k_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest |x_j|, sorted ascending; among equal magnitudes the lower index wins.
+
+    O(d), never a full sort. For k ≪ d a threshold t read off a strided sample of |x| cuts the vector down to
+    the few entries with |x_j| ≥ t first, and the exact selection runs on those: if at least k entries pass,
+    t is at most the k-th largest magnitude τ, so every entry ≥ τ (ties included) is among them and the result
+    is the same as selecting on all of x. When the sample misleads (fewer than k pass), the full selection runs.
+    """
+    d = x.shape[0]
+    if k >= d:
+        return np.arange(d, dtype=INDEX_DTYPE)
+    mag = np.abs(x)
+    if d >= _SAMPLED_MIN_D and k * _SAMPLED_MAX_FRACTION <= d:
+        cand = _candidates(mag, k)
+        if cand is not None:
+            return cand[_select(mag[cand], k)].astype(INDEX_DTYPE, copy=False)
+    return _select(mag, k).astype(INDEX_DTYPE, copy=False)
+
+
+# The sampled path pays one compare and one flatnonzero over d; below these sizes one argpartition is cheaper.
+_SAMPLED_MIN_D = 16384
+_SAMPLED_MAX_FRACTION = 16
+_SAMPLE_SIZE = 2048
+
+
+def _candidates(mag: np.ndarray, k: int) -> np.ndarray | None:
+    """Ascending indices of the entries with magnitude ≥ a sampled threshold, or None when fewer than k pass."""
+    d = mag.shape[0]
+    sample = mag[:: max(1, d // _SAMPLE_SIZE)]
+    m = sample.shape[0]
+    # Aim at about 2k + 32 survivors; the sample's own estimate of the quantile is off by ~sqrt of the count.
+    want = min(m, math.ceil(m * (2 * k + 32) / d) + 4)
+    t = np.partition(sample, m - want)[m - want]
+    cand = np.flatnonzero(mag >= t)
+    return cand if cand.shape[0] >= k else None
+
+
+def _select(mag: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest entries of mag (ascending), lowest positions first among ties at the k-th."""
+    d = mag.shape[0]
+    if k >= d:
+        return np.arange(d)
+    part = np.argpartition(mag, d - k)
+    tau = mag[part[d - k]]
+    at_tau = mag == tau
+    if np.count_nonzero(at_tau) == 1:  # no tie at the k-th magnitude (the usual case): argpartition's top k
+        top = part[d - k:]
+        top.sort()
+        return top
+    above = np.flatnonzero(mag > tau)
+    ties = np.flatnonzero(at_tau)[: k - above.shape[0]]
+    idx = np.concatenate([above, ties])
+    idx.sort()
+    return idx
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str = "identity"
+    randomized: bool = False
+
+    def alpha(self, d: int) -> float:
+        return 1.0
+
+    def omega(self, d: int) -> float:
+        return 0.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        return SparseVector.dense(x.copy())
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Greedy sparsifier: deterministic, positively homogeneous, not additive. α = k/d (worst case)."""
+
+    k: int
+    name: str = "topk"
+    randomized: bool = False
+
+    def alpha(self, d: int) -> float:
+        return min(self.k, d) / d
+
+    def omega(self, d: int) -> None:
+        return None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        idx = top_k_indices(x, self.k)
+        return SparseVector(x.shape[0], idx, x[idx])
+
+
+def _random_support(d: int, k: int, rng: np.random.Generator | None) -> np.ndarray:
+    if rng is None:
+        raise ValueError("a randomized compressor needs a generator")
+    idx = rng.choice(d, size=min(k, d), replace=False)
+    idx.sort()
+    return idx.astype(INDEX_DTYPE, copy=False)
+
+
+@dataclass(frozen=True)
+class RandK:
+    """k uniformly random coordinates, unscaled: biased, contractive with E‖C(x)−x‖² = (1 − k/d)‖x‖²."""
+
+    k: int
+    name: str = "randk"
+    randomized: bool = True
+
+    def alpha(self, d: int) -> float:
+        return min(self.k, d) / d
+
+    def omega(self, d: int) -> None:
+        return None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        idx = _random_support(x.shape[0], self.k, rng)
+        return SparseVector(x.shape[0], idx, x[idx])
+
+
+@dataclass(frozen=True)
+class ScaledRandK:
+    """(d/k)·x_S for a uniform random S of size k: unbiased, ω = d/k − 1."""
+
+    k: int
+    name: str = "urandk"
+    randomized: bool = True
+
+    def alpha(self, d: int) -> float | None:
+        w = self.omega(d)
+        return 1.0 - w if w < 1.0 else None
+
+    def omega(self, d: int) -> float:
+        return d / min(self.k, d) - 1.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        d = x.shape[0]
+        idx = _random_support(d, self.k, rng)
+        return SparseVector(d, idx, x[idx] * (d / idx.shape[0]))
+
+
+@dataclass(frozen=True)
+class Natural:
+    """Natural compression: each coordinate rounded at random to a neighbouring power of two, unbiased, ω = 1/8."""
+
+    name: str = "natural"
+    randomized: bool = True
+
+    def alpha(self, d: int) -> float:
+        # ω < 1 makes an unbiased compressor contractive with α = 1 − ω.
+        return 1.0 - self.omega(d)
+
+    def omega(self, d: int) -> float:
+        return 1.0 / 8.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        if rng is None:
+            raise ValueError("a randomized compressor needs a generator")
+        mag = np.abs(x)
+        out = np.zeros_like(x)
+        nz = mag > 0
+        m, e = np.frexp(mag[nz])  # mag = m·2^e with m in [0.5, 1): lower power of two is 2^(e−1)
+        low = np.ldexp(1.0, e - 1)
+        p_up = mag[nz] / low - 1.0
+        up = rng.random(p_up.shape[0]) < p_up
+        out[nz] = np.where(up, 2.0 * low, low) * np.sign(x[nz])
+        return SparseVector.dense(out)
+
+
+@dataclass(frozen=True)
+class ScaledSign:
+    """(‖x‖₁/d)·sign(x): deterministic, ‖C(x) − x‖² = ‖x‖² − ‖x‖₁²/d, so α ≥ 1/d (worst case used)."""
+
+    name: str = "sign"
+    randomized: bool = False
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / d
+
+    def omega(self, d: int) -> None:
+        return None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        d = x.shape[0]
+        return SparseVector.dense((np.abs(x).sum() / d) * np.sign(x))
+
+
+@dataclass(frozen=True)
+class ContractiveUnbiased:
+    """U/(ω + 1) for an unbiased U ∈ U(ω): contractive with α = 1/(ω + 1)."""
+
+    inner: ScaledRandK | Natural
+    name: str = "contractive"
+    randomized: bool = True
+
+    def alpha(self, d: int) -> float:
+        return 1.0 / (self.inner.omega(d) + 1.0)
+
+    def omega(self, d: int) -> None:
+        return None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        u = self.inner(x, rng)
+        return SparseVector(u.dim, u.indices, u.values * self.alpha(u.dim))
+
+
+COMPRESSOR_NAMES = ("identity", "topk", "randk", "urandk", "natural", "sign", "crandk", "cnatural")
+NEEDS_K = {"topk", "randk", "urandk", "crandk"}
+
+
+class Float32Values:
+    """The inner compressor with its values rounded to float32: what the compact encoding sends.
+
+    The worker updates its state with the rounded values (they are what the master receives), so EF21's
+    feedback absorbs the rounding like any other compression error. α and ω are the inner compressor's: the
+    rounding adds a relative error of at most 2⁻²⁴ per value, far below any α the theory uses.
+    """
+
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.randomized = inner.randomized
+
+    def alpha(self, d: int) -> float | None:
+        return self.inner.alpha(d)
+
+    def omega(self, d: int) -> float | None:
+        return self.inner.omega(d)
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        c = self.inner(x, rng)
+        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(np.float64))
+
+
+def make_compressor(name: str, k: int | None, d: int) -> Compressor:
+    """Build a compressor by its CLI name, checking k against d (0 < k ≤ d)."""
+    if name in NEEDS_K:
+        if k is None:
+            raise UserError(f"compressor {name!r} needs --k")
+        if not 0 < k <= d:
+            raise UserError(f"--k must satisfy 0 < k <= d = {d}, got {k}")
+    if name == "identity":
+        return Identity()
+    if name == "topk":
+        return TopK(k)
+    if name == "randk":
+        return RandK(k)
+    if name == "urandk":
+        return ScaledRandK(k)
+    if name == "natural":
+        return Natural()
+    if name == "sign":
+        return ScaledSign()
+    if name == "crandk":
+        return ContractiveUnbiased(ScaledRandK(k), name="crandk")
+    if name == "cnatural":
+        return ContractiveUnbiased(Natural(), name="cnatural")
+    raise UserError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
+
+
+def max_entries(comp: Compressor, d: int) -> int:
+    """The most values one output of ``comp`` carries: k for the k-sparsifiers (whatever wraps them), d for the
+    rest. A receiver refuses a message that holds more: no honest sender produces it."""
+    while isinstance(comp, (Float32Values, ContractiveUnbiased)):
+        comp = comp.inner
+    if isinstance(comp, (TopK, RandK, ScaledRandK)):
+        return min(comp.k, d)
+    return d
+
+
+def theory_alpha(comp: Compressor, d: int) -> float:
+    """α used by the stepsize rule: the contraction constant, or 1/(ω+1) for an unbiased-only compressor."""
+    a = comp.alpha(d)
+    if a is not None:
+        return a
+    w = comp.omega(d)
+    assert w is not None
+    return 1.0 / (w + 1.0)
+
+
+def log2_ceil(d: int) -> int:
+    return max(1, math.ceil(math.log2(d))) if d > 1 else 1

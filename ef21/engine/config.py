@@ -1,0 +1,202 @@
+"""The run configuration shared by the simulator, the master and the workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ef21.errors import UserError
+from ef21.methods.participation import participation_count
+from ef21.methods.prox import parse_prox
+from ef21.methods.variants import check_combination
+
+PROBLEMS = ("logreg", "lsq", "quadratic")
+INIT_MODES = ("full", "compressed")
+ENCODINGS = ("plain", "compact")
+ESTIMATORS = ("full", "sgd", "page", "sgdm")
+WEIGHTS = ("uniform", "smoothness")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's iterates. Two runs with equal configs give the same x, bit for bit."""
+
+    data: str | None = None
+    """None: the shipped ``mushrooms`` for the data problems (``logreg``, ``lsq``). A shipped dataset name, ``synthetic:N:D[:SEED]``, ``synthetic-sparse:N:D:DENSITY[:SEED]``, a path to a
+    LIBSVM or .npz file; None for objectives that need no data (``quadratic``, most plugins)."""
+    problem: str = "logreg"
+    """``logreg`` (nonconvex-regularized logistic regression), ``lsq`` (least squares) or ``quadratic``
+    (synthetic separable quadratic of dimension ``dim``; no data file). Ignored when ``objective`` is set."""
+    objective: str | None = None
+    """A user's objective: ``FILE.py:FUNC`` or ``package.module:FUNC`` (see ``ef21.problems.plugins``)."""
+    objective_args: tuple[tuple[str, str], ...] = ()
+    """KEY=VALUE options handed to the objective's factory, in the order given."""
+    lam: float = 0.1
+    """λ of the logistic regularizer."""
+    workers: int = 20
+    """n, the number of workers (and shards)."""
+    shuffle: int | None = None
+    """Shuffle rows with this seed before sharding; None keeps the file order (the paper's split)."""
+    method: str = "ef21"
+    compressor: str = "topk"
+    k: int | None = 1
+    init: str = "full"
+    """g_i⁰: ``full`` (uncompressed ∇f_i(x⁰), the official experiments) or ``compressed`` (C(∇f_i(x⁰)))."""
+    stepsize: float | None = None
+    """Base stepsize; None takes the theory stepsize."""
+    stepsize_mult: float = 1.0
+    mu: float | None = None
+    """PL constant; when given, the base stepsize follows Theorem 3."""
+    rounds: int = 1000
+    tol: float = 0.0
+    """Stop once ‖∇f(x^t)‖² (with a prox: ‖G_γ(x^t)‖²) < tol."""
+    x0: str | None = None
+    """``zeros``, ``normal:SEED`` (N(0, I)) or a path to a .npy file; None: the objective's own x⁰ if it has one
+    (a plugin's initial weights), else zeros."""
+    seed: int = 0
+    """Seed of every random choice (compressors, minibatches, PAGE's coin, sampled participation): each draw
+    comes from a generator derived from (seed, rank, round), so runs replay and a replacement worker continues
+    the same stream."""
+    dim: int = 1000
+    """d of the ``quadratic`` problem."""
+    encoding: str = "plain"
+    """How messages travel: ``plain`` (float64 values, uint32 indices) or ``compact`` (the workers' values rounded
+    to float32, indices Elias–Fano coded both ways). Compact changes the iterates — workers update their state
+    with the rounded values they send — so it is part of the configuration, and the simulator does the same."""
+    # -- gradient estimators (EF21-SGD, EF21-PAGE, EF21-SGDM) --------------------------------------------------------
+    estimator: str = "full"
+    """What a worker compresses against: ``full`` local gradients, ``sgd`` minibatch gradients, ``page``
+    (PAGE's variance-reduced estimator) or ``sgdm`` (momentum on minibatch gradients)."""
+    batch_size: int | None = None
+    """τ, the minibatch size of every worker (rows drawn without replacement from its shard)."""
+    batch_fraction: float | None = None
+    """τ_i = max(1, ⌊fraction·N_i⌋), the official code's ``--prb``; exclusive with ``batch_size``."""
+    page_p: float | None = None
+    """Probability of PAGE's full-gradient round; None: mean_i τ_i/(τ_i + N_i) (the official code's choice)."""
+    sgdm_eta: float = 0.1
+    """η of EF21-SGDM: v_i ← (1 − η)v_i + η·(minibatch gradient); η = 1 is EF21-SGD."""
+    # -- EF21 extensions (bells and whistles) -----------------------------------------------------------------------
+    downlink_k: int | None = None
+    """EF21-BC: the master compresses its broadcast to this many entries (its own EF21 on g)."""
+    downlink_compressor: str = "topk"
+    participation: str | None = None
+    """EF21-PP by sampling: a fraction in (0, 1] (``0.25``) or a count 1..n (``5``) of workers drawn each round."""
+    momentum: float = 0.0
+    """EF21-HB: η of the heavy ball, x ← x − γv, v ← ηv + g; 0 is plain EF21."""
+    prox: str | None = None
+    """EF21-Prox: ``l1:LAMBDA``, ``box:LO:HI`` or ``l2ball:R``; x ← prox_{γr}(x − γg)."""
+    weights: str = "uniform"
+    """EF21-W: ``smoothness`` weighs worker i by w_i = L_i / Σ L_j (its own stepsize rule)."""
+
+    def __post_init__(self) -> None:
+        if self.objective is None and self.problem in ("logreg", "lsq") and self.data is None:
+            object.__setattr__(self, "data", "mushrooms")
+        if self.objective is None and self.problem not in PROBLEMS:
+            raise UserError(f"unknown problem {self.problem!r}; choose one of {', '.join(PROBLEMS)}")
+        if self.init not in INIT_MODES:
+            raise UserError(f"--init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
+        if self.workers <= 0:
+            raise UserError(f"--workers must be positive, got {self.workers}")
+        if self.rounds < 0:
+            raise UserError(f"--rounds must be >= 0, got {self.rounds}")
+        if self.stepsize is not None and not (math.isfinite(self.stepsize) and self.stepsize > 0):
+            raise UserError(f"--stepsize must be positive, got {self.stepsize}")
+        if not (math.isfinite(self.stepsize_mult) and self.stepsize_mult > 0):
+            raise UserError(f"--stepsize-mult must be positive, got {self.stepsize_mult}")
+        if self.mu is not None and not self.mu > 0:
+            raise UserError(f"--mu must be positive, got {self.mu}")
+        if self.encoding not in ENCODINGS:
+            raise UserError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.objective is None and self.problem == "quadratic" and self.dim <= 0:
+            raise UserError(f"--dim must be positive, got {self.dim}")
+        self._check_estimator()
+        self._check_extensions()
+
+    def _check_estimator(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.batch_size is not None and self.batch_fraction is not None:
+            raise UserError("give --batch-size or --batch-fraction, not both")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.batch_fraction is not None and not 0.0 < self.batch_fraction <= 1.0:
+            raise UserError(f"--batch-fraction must lie in (0, 1], got {self.batch_fraction}")
+        if self.estimator != "full" and self.batch_size is None and self.batch_fraction is None:
+            raise UserError(f"--estimator {self.estimator} needs --batch-size B or --batch-fraction F")
+        if self.page_p is not None and not 0.0 < self.page_p <= 1.0:
+            raise UserError(f"--page-p must lie in (0, 1], got {self.page_p}")
+        if not 0.0 < self.sgdm_eta <= 1.0:
+            raise UserError(f"--sgdm-eta must lie in (0, 1], got {self.sgdm_eta}")
+
+    def _check_extensions(self) -> None:
+        if self.downlink_k is not None and self.downlink_k <= 0:
+            raise UserError(f"--downlink-k must be positive, got {self.downlink_k}")
+        participation_count(self.participation, self.workers)  # raises on a malformed value
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.prox is not None:
+            parse_prox(self.prox)
+        if self.weights not in WEIGHTS:
+            raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        check_combination(self)
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether the workers load ``data`` (the quadratic and data-free plugins do not)."""
+        if self.objective is not None:
+            return self.data is not None
+        return self.problem != "quadratic"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["objective_args"] = [list(p) for p in self.objective_args]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "objective_args" in d:
+            d["objective_args"] = tuple((str(k), str(v)) for k, v in d["objective_args"])
+        return RunConfig(**d)
+
+
+def make_x0(spec: str | None, d: int, default: np.ndarray | None = None) -> np.ndarray:
+    """x⁰ from ``zeros``, ``normal:SEED`` or a .npy path, checked against d; None takes ``default`` (the
+    objective's own x⁰) or zeros."""
+    if spec is None:
+        if default is None:
+            return np.zeros(d)
+        x0 = np.asarray(default, dtype=np.float64).reshape(-1)
+        if x0.shape[0] != d or not np.all(np.isfinite(x0)):
+            raise UserError(f"the objective's x0 has {x0.shape[0]} entries or non-finite values (d = {d})")
+        return x0.copy()
+    if spec == "zeros":
+        return np.zeros(d)
+    if spec.startswith("normal:"):
+        try:
+            seed = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"bad --x0 {spec!r}; use normal:SEED") from None
+        return np.random.default_rng(seed).standard_normal(d)
+    path = Path(spec)
+    try:
+        x0 = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"--x0 {spec}: no such file (use zeros, normal:SEED or a .npy path)") from None
+    except Exception as exc:
+        raise UserError(f"--x0 {spec}: cannot read .npy ({exc})") from None
+    x0 = np.asarray(x0, dtype=np.float64).reshape(-1)
+    if x0.shape[0] != d:
+        raise UserError(f"--x0 {spec}: has {x0.shape[0]} entries, the problem has d = {d}")
+    if not np.all(np.isfinite(x0)):
+        raise UserError(f"--x0 {spec}: non-finite values")
+    return x0

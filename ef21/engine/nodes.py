@@ -1,0 +1,227 @@
+"""The two roles of a round, with their state, independent of any transport.
+
+``WorkerNode`` and ``MasterNode`` are what the simulator drives in one process and what the gRPC worker and
+master drive over the network, so both give the same numbers. What a run's two sides agree on (method,
+compressors, stepsize, estimator, step rule, participation, weights) is resolved once into a ``Plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ef21.compression.compressors import Compressor
+from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
+from ef21.methods.downlink import BroadcastCompressor
+from ef21.methods.estimators import EstimateContext, Estimator, Full
+from ef21.methods.participation import participants
+from ef21.methods.replica import Replica, StepRule
+from ef21.methods.streams import round_rng
+from ef21.problems.objectives import Objective, SeparableQuadratic, _DesignMatrix
+
+
+def is_eval_round(t: int, eval_every: int, rounds: int) -> bool:
+    """Rounds on which workers evaluate f_i and ∇f_i exactly for the log (and send their dense gradient)."""
+    return t % eval_every == 0 or t >= rounds
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerReport:
+    """One worker's output for a round: the uplink (None when it sits the round out) and what the log needs
+    (None when the round does not evaluate)."""
+
+    round: int
+    message: Message | None
+    f: float | None
+    grad: np.ndarray | None
+    """∇f_i(x^t), the full local gradient (evaluation rounds)."""
+    distortion: float | None
+    """‖g_i^{t+1} − ∇f_i(x^t)‖² of the worker's new estimate (evaluation rounds)."""
+    metrics: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSetting:
+    """What a worker needs beyond its objective, as the master (or the simulator) resolved it."""
+
+    gamma: float
+    rule: StepRule
+    init: InitMode = "full"
+    seed: int = 0
+    n: int = 1
+    estimator: Estimator = Full()
+    tau: int = 0
+    """This worker's minibatch size τ_i (stochastic estimators)."""
+    page_p: float = 1.0
+    grad_scale: float = 1.0
+    """1/(n·w_i) for EF21-W, else 1: the worker compresses against ∇f_i/(n·w_i)."""
+    participation: int | None = None
+
+
+# Objectives whose ``grad`` is known to give value_and_grad's gradient bit for bit (a plugin's might not).
+_GRAD_ONLY = (_DesignMatrix, SeparableQuadratic)
+
+
+def gradient(objective: Any, x: np.ndarray) -> np.ndarray:
+    """∇f_i(x) alone, for rounds that do not log f_i: the built-in objectives' ``grad`` skips the value's O(d) or
+    O(N_i) passes and returns the same bits as ``value_and_grad``; other objectives (plugins, PyTorch) are asked
+    for both."""
+    grad = getattr(objective, "grad", None)
+    return grad(x) if isinstance(objective, _GRAD_ONLY) and grad is not None else objective.value_and_grad(x)[1]
+
+
+class WorkerNode:
+    """A worker's state across rounds: its method state, estimator state and replica of (x, g)."""
+
+    def __init__(
+        self,
+        method: Method,
+        compressor: Compressor,
+        objective: Objective,
+        rank: int,
+        *,
+        gamma: float,
+        x0: np.ndarray,
+        init: InitMode = "full",
+        seed: int = 0,
+        setting: WorkerSetting | None = None,
+        g: np.ndarray | None = None,
+        v: np.ndarray | None = None,
+        state: Any = None,
+        round_: int = 0,
+    ) -> None:
+        """A fresh worker (round 0), or with ``g``, ``v``, ``state`` and ``round_`` one that takes over a running
+        rank (its estimator state, if any, restarts from the full gradient)."""
+        self.method = method
+        self.compressor = compressor
+        self.objective = objective
+        self.rank = rank
+        self.setting = setting or WorkerSetting(gamma, StepRule(1.0 if method.gamma_in_message else gamma),
+                                                init, seed)
+        self.gamma = self.setting.gamma
+        self.state: Any = method.worker_init(objective.d) if state is None else state
+        self.est_state: Any = None
+        self.replica = Replica.start(x0, self.setting.rule)
+        if g is not None:
+            self.replica.g[:] = g
+        if v is not None:
+            self.replica.v = np.array(v, dtype=np.float64, copy=True)
+        self.round = round_
+        self.x_prev: np.ndarray | None = None
+        self._pending: Any = None
+        self._pending_est: Any = None
+
+    def participates(self, round_: int | None = None) -> bool:
+        s = self.setting
+        chosen = participants(s.seed, self.round if round_ is None else round_, s.n, s.participation)
+        return chosen is None or self.rank in chosen
+
+    def step(self, *, evaluate: bool = True) -> WorkerReport:
+        """Round ``self.round``: evaluate at the replica's x what the round needs and produce the message (round 0:
+        the initialization), or none when sampled participation leaves this worker out.
+
+        The new method state is held back until ``apply`` says whether the master included the message.
+        """
+        s, t, x = self.setting, self.round, self.replica.x
+        participate = self.participates()
+        ectx = EstimateContext(t, self.rank, s.seed, s.tau, s.page_p)
+        f = full = None
+        if evaluate:
+            f, full = self.objective.value_and_grad(x)
+        elif participate and s.estimator.needs_full(self.est_state, ectx):
+            full = gradient(self.objective, x)
+        metrics = self._metrics(x) if evaluate else None
+        if not participate:
+            self._pending, self._pending_est = self.state, self.est_state
+            dist = None
+            if evaluate:
+                assert full is not None
+                dist = self.method.stale_distortion(self.state, self._scaled(full))
+            return WorkerReport(t, None, f, full, dist, metrics)
+        est, self._pending_est = s.estimator.estimate(self.est_state, self.objective, x, self.x_prev, full, ectx)
+        est = self._scaled(est)
+        # G measures the new estimate against ∇f_i(x) (EF21-W: ∇f_i/(n·w_i), what the worker tracks). With full
+        # gradients that is the vector being compressed, which lets the method reuse its residual.
+        reference = None
+        if evaluate:
+            assert full is not None
+            reference = est if not s.estimator.stochastic else self._scaled(full)
+        rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng)
+        msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
+        if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
+            return WorkerReport(t, msg, None, None, None, None)
+        return WorkerReport(t, msg, f, full, dist, metrics)
+
+    def _scaled(self, v: np.ndarray) -> np.ndarray:
+        scale = self.setting.grad_scale
+        return v if scale == 1.0 else v * scale
+
+    def _metrics(self, x: np.ndarray) -> dict[str, float] | None:
+        fn = getattr(self.objective, "metrics", None)
+        return None if fn is None else fn(x)
+
+    def apply(self, down: Downlink, included: bool = True) -> None:
+        """Apply the round's downlink; a worker left out of the round keeps its previous state."""
+        if included:
+            self.state = self._pending
+            self.est_state = self._pending_est
+        self._pending = self._pending_est = None
+        if self.setting.estimator.name == "page":
+            # PAGE evaluates its minibatch at x^{t+1} and x^t: keep the point this round started from.
+            if self.x_prev is None:
+                self.x_prev = self.replica.x.copy()
+            else:
+                self.x_prev[:] = self.replica.x
+        self.replica.apply(down)
+        self.round += 1
+
+
+class MasterNode:
+    """The master's state: its replica of (x, g), the method's per-worker rows (EF21's g_i), EF21-W's weights and
+    EF21-BC's broadcast compressor."""
+
+    def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float, rule: StepRule | None = None,
+                 weights: np.ndarray | None = None, downlink: BroadcastCompressor | None = None,
+                 rows_dtype: Any = np.float64) -> None:
+        self.method = method
+        self.n = n
+        self.d = x0.shape[0]
+        self.rows: np.ndarray | None = method.master_init(n, self.d, rows_dtype)
+        self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma))
+        self.weights = weights
+        self.downlink = downlink
+        self.round = 0
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.replica.x
+
+    def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
+        """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
+        down = self.fold(messages)
+        self.apply(down)
+        return down
+
+    def fold(self, messages: Sequence[Message | None]) -> Downlink:
+        """The round's downlink and the method's per-worker state: O(n·k) for sparse messages (EF21-BC adds an
+        O(d) pass: its compressor looks at the whole g̃ − g).
+
+        Split from ``apply`` so that a networked master can send the downlink before it spends O(d) on its own
+        replica, which then overlaps with the workers' next gradient.
+        """
+        if len(messages) != self.n:
+            raise ValueError(f"expected {self.n} messages, got {len(messages)}")
+        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights)
+        if self.downlink is not None:
+            down = self.downlink.transform(down, self.replica.g, self.round)
+        return down
+
+    def apply(self, down: Downlink) -> None:
+        self.replica.apply(down)
+        self.round += 1
+
+    def worker_state(self, rank: int) -> Any:
+        return self.method.master_worker_state(self.rows, rank)

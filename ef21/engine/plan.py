@@ -1,0 +1,150 @@
+"""From a run configuration and the facts of the problem to everything both sides of a run agree on.
+
+The simulator resolves a ``Plan`` from its in-process problem; the networked master resolves the same plan from
+what the workers report at set-up (L_i, shard sizes, curvature), and hands each worker its part in the Start
+message. Both go through these functions, so the stepsize, weights and every other constant are the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ef21.compression.compressors import Compressor, Float32Values, make_compressor, theory_alpha
+from ef21.errors import UserError
+from ef21.methods import Method, make_method
+from ef21.methods.downlink import BroadcastCompressor
+from ef21.methods.estimators import Estimator, batch_size_for, default_page_p, make_estimator
+from ef21.methods.participation import participation_count
+from ef21.methods.prox import parse_prox
+from ef21.methods.replica import StepRule
+from ef21.methods.stepsize import TheoryConstants, theory_stepsize
+from ef21.methods.variants import extensions
+from ef21.problems.problem import local_objective, quadratic_mean
+
+from .config import RunConfig, make_x0
+from .nodes import MasterNode, WorkerSetting
+
+
+def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
+    """The method and compressor of a config, checked against each other and against d."""
+    method = make_method(cfg.method)
+    comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
+    if cfg.encoding == "compact":
+        comp = Float32Values(comp)
+    if method.needs_contractive and comp.alpha(d) is None:
+        raise UserError(
+            f"{cfg.method} needs a contractive compressor; {comp.name} is only unbiased "
+            f"(use its contractive version, e.g. crandk for urandk)"
+        )
+    return method, comp
+
+
+def resolve_downlink(cfg: RunConfig, d: int) -> Compressor | None:
+    if cfg.downlink_k is None:
+        return None
+    if cfg.downlink_k > d:
+        raise UserError(f"--downlink-k must satisfy 0 < K <= d = {d}, got {cfg.downlink_k}")
+    comp = make_compressor(cfg.downlink_compressor, cfg.downlink_k, d)
+    if comp.alpha(d) is None:
+        raise UserError(f"--downlink-compressor {cfg.downlink_compressor} is not contractive; EF21-BC needs one")
+    return comp
+
+
+def smoothness_weights(L_i: list[float]) -> np.ndarray:
+    """EF21-W's w_i = L_i / Σ_j L_j (summed in rank order)."""
+    total = sum(L_i)
+    return np.array([v / total for v in L_i])
+
+
+def constants_for(cfg: RunConfig, method: Method, comp: Compressor, L: float | None, L_i: list[float] | None,
+                  d: int) -> TheoryConstants:
+    ext = extensions(cfg)
+    count = participation_count(cfg.participation, cfg.workers)
+    note = "/".join(e for e in ext if e not in ("PP", "W"))
+    if cfg.estimator in ("sgd", "page"):
+        note = "/".join(filter(None, [note, cfg.estimator.upper()]))
+    if note:
+        note = f"the authors' code's choice for {note}"
+    return theory_stepsize(
+        L,
+        None if L_i is None else quadratic_mean(L_i),
+        theory_alpha(comp, d),
+        mu=cfg.mu,
+        uncompressed=method.uncompressed,
+        multiplier=cfg.stepsize_mult,
+        override=cfg.stepsize,
+        L_am=None if L_i is None else sum(L_i) / len(L_i),
+        participation=None if count is None else count / cfg.workers,
+        weighted=cfg.weights == "smoothness",
+        note=note,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    cfg: RunConfig
+    d: int
+    method: Method
+    compressor: Compressor
+    constants: TheoryConstants
+    rule: StepRule
+    estimator: Estimator
+    taus: list[int]
+    page_p: float
+    weights: np.ndarray | None
+    participation: int | None
+    downlink: Compressor | None
+
+    @property
+    def gamma(self) -> float:
+        return self.constants.gamma
+
+    def worker_setting(self, rank: int) -> WorkerSetting:
+        scale = 1.0 if self.weights is None else 1.0 / (self.cfg.workers * float(self.weights[rank]))
+        return WorkerSetting(
+            gamma=self.gamma, rule=self.rule, init="full" if self.cfg.init == "full" else "compressed",
+            seed=self.cfg.seed, n=self.cfg.workers, estimator=self.estimator, tau=self.taus[rank],
+            page_p=self.page_p, grad_scale=scale, participation=self.participation)
+
+    def master_node(self, x0: np.ndarray, rows_dtype: object = np.float64) -> MasterNode:
+        bc = None if self.downlink is None else BroadcastCompressor.start(self.downlink, self.d, self.cfg.seed)
+        return MasterNode(self.method, self.cfg.workers, x0, gamma=self.gamma, rule=self.rule,
+                          weights=self.weights, downlink=bc, rows_dtype=rows_dtype)
+
+
+def make_plan(cfg: RunConfig, d: int, L: float | None, L_i: list[float] | None,
+              n_samples: list[int | None], constants: TheoryConstants | None = None) -> Plan:
+    """``L_i``: every worker's smoothness (None if some objective has none); ``n_samples``: every shard's rows
+    (None where the objective has no samples). ``constants``: those of a run being resumed (kept as saved)."""
+    method, comp = resolve_method(cfg, d)
+    downlink = resolve_downlink(cfg, d)
+    if cfg.weights == "smoothness" and L_i is None:
+        raise UserError("--weights smoothness needs every worker's L_i, and the objective gives none")
+    consts = constants if constants is not None else constants_for(cfg, method, comp, L, L_i, d)
+    prox = None if cfg.prox is None else parse_prox(cfg.prox)
+    rule = StepRule(1.0 if method.gamma_in_message else consts.gamma, cfg.momentum, prox)
+    estimator = make_estimator(cfg.estimator, cfg.sgdm_eta)
+    taus = [batch_size_for(m, cfg.batch_size, cfg.batch_fraction, r) if estimator.stochastic else 0
+            for r, m in enumerate(n_samples)]
+    page_p = 1.0
+    if cfg.estimator == "page":
+        page_p = cfg.page_p if cfg.page_p is not None else default_page_p(taus, [int(m or 0) for m in n_samples])
+    weights = smoothness_weights(L_i) if cfg.weights == "smoothness" and L_i is not None else None
+    return Plan(cfg, d, method, comp, consts, rule, estimator, taus, page_p, weights,
+                participation_count(cfg.participation, cfg.workers), downlink)
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Build rank 0's objective and evaluate it once at x⁰: what ``ef21 run`` does before it starts n workers, so
+    that an objective that cannot work (fails to import, raises, wrong shape, NaN, no L without --stepsize) is
+    one error line, not n."""
+    obj = local_objective(cfg, 0)
+    if cfg.stepsize is None and obj.smoothness() is None:
+        raise UserError(f"objective {cfg.objective} gives no smoothness constant (no smoothness() method), so there "
+                        f"is no theory stepsize: give --stepsize")
+    x0 = make_x0(cfg.x0, obj.d, obj.x0() if hasattr(obj, "x0") else None)
+    obj.value_and_grad(x0)
+    if cfg.estimator != "full":
+        batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, 0)

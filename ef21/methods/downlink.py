@@ -1,0 +1,47 @@
+"""EF21-BC: the master runs its own EF21 on the broadcast (method doc §3.9).
+
+The workers' messages move g̃ = (1/n)Σ g̃_i as before; the master then sends only b = C_M(g̃ − g) and every replica
+(its own included) sets g ← g + b. So the downlink carries K entries whatever the union of the workers' supports,
+and workers mirror g exactly because they apply the same b. Round 0 sends g⁰ = g̃⁰ whole (the official code's
+initialization), since g starts at 0 on every replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ef21.compression.compressors import Compressor
+from ef21.compression.sparse import SparseVector
+
+from .base import Downlink
+from .streams import DOWNLINK_STREAM
+
+
+def downlink_rng(seed: int, round_: int) -> np.random.Generator:
+    return np.random.default_rng([seed, round_, DOWNLINK_STREAM])
+
+
+@dataclass(eq=False)
+class BroadcastCompressor:
+    """The master's side of EF21-BC. ``g_tilde`` is its state (saved in checkpoints)."""
+
+    compressor: Compressor
+    seed: int
+    g_tilde: np.ndarray
+
+    @staticmethod
+    def start(compressor: Compressor, d: int, seed: int) -> BroadcastCompressor:
+        return BroadcastCompressor(compressor, seed, np.zeros(d))
+
+    def transform(self, up: Downlink, g: np.ndarray, round_: int) -> Downlink:
+        """From the uplink aggregate of round ``round_`` to the broadcast b; ``g`` is the replicas' g^t."""
+        if up.mode == "replace":
+            self.g_tilde[:] = 0.0
+        up.vector.add_to(self.g_tilde, up.scale)
+        if round_ == 0:
+            return Downlink(SparseVector.dense(self.g_tilde.copy()), "add", 1.0)
+        rng = downlink_rng(self.seed, round_) if self.compressor.randomized else None
+        b = self.compressor(self.g_tilde - g, rng)
+        return Downlink(b, "add", 1.0)

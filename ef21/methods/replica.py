@@ -1,0 +1,69 @@
+"""(x, g): the model and the aggregate direction, held identically by the master and every worker, and the step
+that moves x — plain, heavy ball (EF21-HB) or proximal (EF21-Prox).
+
+Every replica applies the same downlink with the same code, so the master's copy and each worker's hold the same
+bits; a checksum over (x, g, v) catches one that drifts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .prox import Prox
+
+if TYPE_CHECKING:
+    from .base import Downlink
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How x moves once g is updated: x ← x − s·g; with ``momentum`` η (EF21-HB) v ← ηv + g (v⁰ = g⁰) and
+    x ← x − s·v; with ``prox`` x ← prox_{s·r}(x − s·g)."""
+
+    x_step: float
+    """s: γ for most methods, 1 for EF whose messages already carry γ."""
+    momentum: float = 0.0
+    prox: Prox | None = None
+
+
+@dataclass(eq=False)
+class Replica:
+    x: np.ndarray
+    g: np.ndarray
+    rule: StepRule
+    v: np.ndarray | None = None
+    """The heavy ball's direction (None until the first round, and without momentum)."""
+
+    @property
+    def x_step(self) -> float:
+        return self.rule.x_step
+
+    @staticmethod
+    def start(x0: np.ndarray, rule: StepRule | float) -> Replica:
+        if not isinstance(rule, StepRule):
+            rule = StepRule(float(rule))
+        return Replica(np.array(x0, dtype=np.float64, copy=True), np.zeros_like(x0, dtype=np.float64), rule)
+
+    def apply(self, down: Downlink) -> None:
+        if down.mode == "replace":
+            self.g[:] = 0.0
+        down.vector.add_to(self.g, down.scale)
+        rule = self.rule
+        if rule.momentum > 0.0:
+            if self.v is None:
+                self.v = self.g.copy()
+            else:
+                self.v *= rule.momentum
+                self.v += self.g
+            self.x -= rule.x_step * self.v
+        else:
+            self.x -= rule.x_step * self.g
+        if rule.prox is not None:
+            rule.prox.apply(self.x, rule.x_step)
+
+    def state_arrays(self) -> list[np.ndarray]:
+        """What a checksum or a hand-over covers: x, g and (with momentum) v."""
+        return [self.x, self.g] + ([] if self.v is None else [self.v])
