@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ef21.problems.layout import ModelLayout
 from ef21_wire.protocol import GRPC_FRAME_BYTES
 
 
@@ -21,6 +22,10 @@ class SetupInfo:
     n_samples: int | None = None
     x0: np.ndarray | None = None
     power_iteration: bool = False
+    layout: ModelLayout | None = None
+    """A model's tensors (the same for every worker: checked at set-up)."""
+    buffers0: np.ndarray | None = None
+    """A model's initial buffers b⁰."""
 
 
 @dataclass(frozen=True)
