@@ -128,7 +128,7 @@ class Membership:
                 self.d = int(msg.dim)  # a user objective: the first worker's d is the run's
             elif msg.dim != self.d:
                 raise Refusal("FAILED_PRECONDITION", f"dimension mismatch: rank {s.rank}'s objective has "
-                                                     f"d = {msg.dim}, the run's d = {self.d}")
+                                                     f"d = {msg.dim}, the run's d = {self.d}", objective=True)
         d = self.d
         if d is None:
             raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
@@ -176,11 +176,12 @@ class Membership:
             if layout is not self.layout:  # one is a model, the other is not
                 mine, runs = ("not a model", "is") if layout is None else ("a model", "is not")
                 raise Refusal("FAILED_PRECONDITION", f"model mismatch: rank {s.rank}'s objective is {mine}, the "
-                                                     f"run's {runs}")
+                                                     f"run's {runs}", objective=True)
         else:
             diff = layout.difference(self.layout)
             if diff is not None:
-                raise Refusal("FAILED_PRECONDITION", f"model mismatch: rank {s.rank}'s model has {diff}")
+                raise Refusal("FAILED_PRECONDITION", f"model mismatch: rank {s.rank}'s model has {diff}",
+                              objective=True)
         return layout, b0
 
     def refuse(self, code: str) -> None:

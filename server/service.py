@@ -108,7 +108,7 @@ class MasterService:
                 raise error
         except Refusal as r:
             log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
-                        r.message)
+                        r.message, extra={"worker_left": r.objective})
             self.coord.refuse(r.code)
             if session is not None or r.code == "INVALID_ARGUMENT":
                 self.coord.fault(identity_of(context, self.mutual_tls))

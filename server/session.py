@@ -97,9 +97,12 @@ class WorkerSession:
 
 
 class Refusal(Exception):
-    """A peer's request is refused; the stream ends with this gRPC status code name and message."""
+    """A peer's request is refused; the stream ends with this gRPC status code name and message. ``objective``: the
+    worker's objective does not fit the run (another d, another model): the worker reports that itself, as bad
+    input, so ``ef21 run`` does not say it twice."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, objective: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.objective = objective

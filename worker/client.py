@@ -403,11 +403,12 @@ async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
     while True:
         try:
             msg = await st.recv_proto()
-        except WorkerFailure as exc:
+        except (WorkerFailure, grpc.aio.AioRpcError) as exc:
             # Refused after our Setup for a precondition (another d, another model): this worker's objective does
             # not fit the run, and starting it again would not change that. Bad input: exit 2.
-            if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise UserError(str(exc)) from None
+            rpc = isinstance(exc, grpc.aio.AioRpcError)
+            if (exc.code() if rpc else exc.code) == grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[union-attr]
+                raise UserError(f"refused by the master: {exc.details()}" if rpc else str(exc)) from None  # type: ignore[union-attr]
             raise
         kind = msg.WhichOneof("kind")
         if kind in ("start", "stop"):

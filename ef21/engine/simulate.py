@@ -31,6 +31,8 @@ class RunResult:
     stop_reason: str  # "rounds", "tol" or "diverged"
     message: str = ""
     xs: list[np.ndarray] = field(default_factory=list)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """The master's replicated state beside x at the end (a model's buffers, the optimizer's state)."""
 
 
 def plan_for(cfg: RunConfig, problem: Problem) -> Plan:
@@ -119,4 +121,5 @@ def simulate(
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-    return RunResult(master.x.copy(), records, plan.constants, stop, message, xs)
+    state = {k: a.copy() for k, a in master.replica.extra_state().items()}
+    return RunResult(master.x.copy(), records, plan.constants, stop, message, xs, state)
