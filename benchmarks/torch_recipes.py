@@ -43,14 +43,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         example="digits_resnet.py", options=[], workers=4, rounds=600, eval_every=50, metric="test_acc",
         optim="--estimator sgd --batch-size 32 --optimizer sgd --momentum 0.9 --nesterov --weight-decay 5e-4 "
               "--stepsize 0.05 --lr-schedule cosine --warmup 30",
-        ef21="--k-per-tensor 0.05 --k-floor 4",
-        smoke=dict(options=["channels=4"], workers=2, rounds=6, eval_every=3),
+        ef21="--k-per-tensor 0.1 --k-floor 4 --encoding compact",
+        smoke=dict(options=["channels=4", "rows=24"], workers=2, rounds=6, eval_every=3),
     ),
     "lm": dict(
         example="stdlib_lm.py", options=[], workers=4, rounds=1500, eval_every=150, metric="test_loss",
         optim="--estimator sgd --batch-size 8 --optimizer adamw --weight-decay 0.1 --clip-norm 1.0 "
-              "--stepsize 3e-3 --lr-schedule cosine --warmup 100 --min-lr 3e-4",
-        ef21="--k-per-tensor 0.05 --k-floor 4",
+              "--stepsize 1e-3 --lr-schedule cosine --warmup 100 --min-lr 1e-4",
+        ef21="--k-per-tensor 0.1 --k-floor 4 --encoding compact",
         smoke=dict(options=["width=16", "layers=1", "heads=2", "context=16", "train_kb=8", "test_kb=2"], workers=2,
                    rounds=6, eval_every=3),
     ),
@@ -184,12 +184,28 @@ def ef21_recipe(recipe: dict[str, Any], options: list[str], workers: int, rounds
             curve["metric"].append(last[recipe["metric"]])
             curve["wire_bytes"].append((rec.get("wire_bytes_up") or 0) + (rec.get("wire_bytes_down") or 0))
     out: dict[str, Any] = {"curve": curve, "seconds": seconds, "command": shown, "final": last}
+    if via == "run":  # the round traffic as the master measured it, per worker and round
+        end = json.loads(log.read_text().splitlines()[-1])
+        out["update_bytes"] = end["wire_bytes_up"] / rounds / workers
+        out["round_result_bytes"] = end["wire_bytes_down"] / rounds / workers
     if via == "run":
         exported = work / f"{name}.safetensors"
         subprocess.run([sys.executable, "-m", "ef21", "export", str(ckpt), "-o", str(exported)], check=True,
                        capture_output=True, cwd=ROOT)
         out.update(exported_model(recipe, options, exported))
     return out
+
+
+def buffer_cost(size: int) -> int:
+    """Bytes a model's buffer change adds to an Update (and to a RoundResult: the same field) when all ``size``
+    entries changed, as BatchNorm's running statistics and counters do every round: a dense float64 vector."""
+    from ef21.compression.codec import encode
+    from ef21.compression.sparse import SparseVector
+    from ef21_wire.fastwire import update_bytes
+
+    vec = encode(SparseVector.zeros(1))
+    with_buffers = update_bytes(1, vec, False, encode(SparseVector.dense(np.ones(size))))
+    return len(with_buffers) - len(update_bytes(1, vec, False))
 
 
 def exported_model(recipe: dict[str, Any], options: list[str], path: Path) -> dict[str, Any]:
@@ -269,6 +285,15 @@ def main() -> int:
                "ef21_flags": recipe["ef21"], "optim_flags": recipe["optim"], "workers": size["workers"],
                "rounds": size["rounds"], "final_dense": dense["final"], "final_ef21": final_ef21,
                "gap": final_ef21[metric] - dense["final"][metric]}
+        if res["buffers"] and "update_bytes" in ef21:
+            cost = buffer_cost(res["buffers"])
+            res["buffer_bytes_per_message"] = cost
+            res["buffer_share_of_update"] = cost / ef21["update_bytes"]
+            res["buffer_share_of_round_result"] = cost / ef21["round_result_bytes"]
+            print(f"{name}: the buffers' change ({res['buffers']} entries) adds {cost} B to every Update and "
+                  f"RoundResult: {100 * res['buffer_share_of_update']:.1f} % of a measured Update "
+                  f"({ef21['update_bytes']:.0f} B), {100 * res['buffer_share_of_round_result']:.1f} % of a "
+                  f"RoundResult ({ef21['round_result_bytes']:.0f} B)", flush=True)
         results[name] = res
         unit = (lambda v: f"{100 * v:.1f} %") if metric == "test_acc" else (lambda v: f"{v:.3f}")
         rows.append([name, res["d"], size["rounds"], unit(dense["final"][metric]), unit(final_ef21[metric]),

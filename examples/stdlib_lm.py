@@ -1,10 +1,11 @@
 """A small decoder-only transformer language model (GPT-style, character level) trained on the Python standard
 library's own source code: the text is on every machine that runs Python, so nothing is downloaded.
 
-    ef21 run --workers 4 --objective examples/stdlib_lm.py:make --k-per-tensor 0.05 \\
-        --estimator sgd --batch-size 16 --optimizer adamw --weight-decay 0.1 --clip-norm 1.0 \\
-        --stepsize 3e-3 --lr-schedule cosine --warmup 100 --min-lr 3e-4 --rounds 1500 --eval-every 150 \\
+    ef21 run --workers 4 --objective examples/stdlib_lm.py:make --k-per-tensor 0.1 --k-floor 4 \\
+        --encoding compact --estimator sgd --batch-size 8 --optimizer adamw --weight-decay 0.1 --clip-norm 1.0 \\
+        --stepsize 1e-3 --lr-schedule cosine --warmup 100 --min-lr 1e-4 --rounds 1500 --eval-every 150 \\
         --checkpoint runs/lm.ckpt
+    ef21 export runs/lm.ckpt    # then python -c "...; print(generate(model, 'def ', 200))" (see generate)
 
 The corpus: the top-level ``*.py`` files of the standard library (``sysconfig.get_paths()["stdlib"]``, the
 machine-specific ``_sysconfigdata*`` left out), in name order; every tenth file is held out. Text is read as bytes,
@@ -14,8 +15,8 @@ the training windows (``train_kb`` of text in all) and every worker evaluates th
 (``test_kb``). Workers must run the same Python version (the same standard library) to see the same text.
 
 The model: token and position embeddings, ``layers`` pre-norm blocks (causal self-attention with ``heads`` heads,
-a 4× GELU MLP, dropout 0.1), a final LayerNorm and an output layer tied to the token embedding; d = 162k for the
-defaults (``width=64``, ``layers=3``, ``heads=4``, ``context=64``). Metrics: held-out loss (nats per character),
+a 4× GELU MLP, dropout 0.1), a final LayerNorm and an output layer tied to the token embedding; d = 112k for the
+defaults (``width=64``, ``layers=2``, ``heads=4``, ``context=64``). Metrics: held-out loss (nats per character),
 its perplexity ``test_ppl`` and bits per character ``test_bpc``. ``generate`` samples text from trained weights.
 """
 
