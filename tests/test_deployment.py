@@ -65,7 +65,7 @@ def test_the_pytorch_compose_override_runs_the_lm_example_with_its_recipe():
     m = parse_command(override["master"]["command"])
     cfg = config_from_args(m)
     assert m.command == "master" and m.host == "0.0.0.0" and m.port == 50051 and m.workers == 4
-    assert cfg.optimizer == "adamw" and cfg.k_per_tensor == "0.1" and str(m.checkpoint).startswith("/runs/")
+    assert cfg.optimizer == "adamw" and cfg.k_per_tensor == "0.25" and str(m.checkpoint).startswith("/runs/")
     mount, = override["worker"]["volumes"]
     local, inside, _ = mount.split(":")
     objective_file = cfg.objective.rsplit(":", 1)[0]
