@@ -257,6 +257,12 @@ class Coordinator:
         return s
 
     def hello(self, s: WorkerStream, msg: pb.Hello) -> None:
+        if self.state in ("done", "failed", "stopped"):
+            # A worker coming back after the end (its stream broke before the Stop reached it): tell it the run
+            # is over rather than refuse it, so it exits as after any run.
+            s.send(self._stop_message())
+            self.end_stream(s, StreamState.FINISHED, f"the run had ended ({self.stop_reason}: {self.stop_message})")
+            return
         self.members.hello(s, msg, self.run_id, self.state)
         assert s.rank is not None
         log.info("worker %s (%s) joined as rank %d%s", msg.hostname, s.peer, s.rank,
@@ -470,10 +476,18 @@ class Coordinator:
             raise JoinTimeout(self.members.join_timeout_message(self.opts.join_timeout)) from None
 
     def _end_finished(self) -> None:
+        """A finished run resumed (a rescheduled master, or a user who lost the output): nothing to run again,
+        but its outputs are written as at its end — x^T to --out, the plot from its log, which ends where the
+        run ended — so resuming is how a lost --out comes back. --save-iterates has nothing to write: the
+        iterates were never in the checkpoint."""
         assert self.finished_before is not None and self.master is not None
         self.state, self.stop_reason = "done", "finished"
         self.stop_message = self.state_detail = f"the run had finished before this restart ({self.finished_before})"
         self.x_final = self.master.x.copy()
+        if self.opts.save_iterates is not None:
+            log.warning("--save-iterates %s: not written, a finished run's checkpoint keeps no iterates",
+                        self.opts.save_iterates)
+        self._write_outputs_safely()
         log.info("run %s: %s", self.run_id, self.stop_message)
 
     async def _rounds(self) -> None:
@@ -603,18 +617,26 @@ class Coordinator:
                 self.save_checkpoint(ended=(reason, message))
             except OSError as exc:
                 log.error("final checkpoint not written: %s", exc)
-        raw = pb.MasterMessage(stop=pb.Stop(reason=f"{reason}: {message}", failed=failed)).SerializeToString()
+        raw = self._stop_message()
         for s in list(self.members.live):
             if s.rank is not None:  # a stream not yet joined expects a Welcome: its end alone says it all
                 s.send(raw)
             self.end_stream(s, StreamState.FINISHED, f"the run ended ({reason}: {message})")
+        self._write_outputs_safely()
+        log.info("run %s: %s", self.state, message)
+
+    def _write_outputs_safely(self) -> None:
         try:
             self._write_outputs()
         except (UserError, OSError) as exc:
             # The run's result is still in memory and in the status; say loudly that a file is missing.
             log.error("could not write the run's outputs: %s", exc)
-            self.state_detail = f"{message}; outputs not written: {exc}"
-        log.info("run %s: %s", self.state, message)
+            self.state_detail = f"{self.stop_message}; outputs not written: {exc}"
+
+    def _stop_message(self) -> bytes:
+        failed = self.state == "failed"
+        return pb.MasterMessage(stop=pb.Stop(reason=f"{self.stop_reason}: {self.stop_message}", failed=failed)
+                                ).SerializeToString()
 
     def _write_outputs(self) -> None:
         o = self.opts
@@ -622,7 +644,7 @@ class Coordinator:
             np.save(ensure_parent(o.out, "--out"), self.x_final)
         if o.save_iterates is not None and self._iterates:
             np.save(ensure_parent(o.save_iterates, "--save-iterates"), np.array(self._iterates))
-        if o.plot is not None and o.log is not None and self.latest is not None:
+        if o.plot is not None and o.log is not None and (self.latest is not None or self.writer.offset > 0):
             from ef21.cli.plotting import plot_logs
 
             self.writer.close()
