@@ -388,9 +388,8 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             await _resync(st, node, d)
 
 
-async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
-    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
-    d = obj.d
+def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
+    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d."""
     gram, diag = obj.gram(), obj.diagonal()
     L_i = obj.smoothness()
     x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
@@ -398,12 +397,17 @@ async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
         rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
-        n_samples=getattr(obj, "n_samples", None) or 0, dim=d,
+        n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
         power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
     if x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(x0))
-    await st.send(pb.WorkerMessage(setup=setup))
-    del setup, gram, diag
+    return pb.WorkerMessage(setup=setup)
+
+
+async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
+    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
+    d = obj.d
+    await st.send(setup_message(obj, rank))
     while True:
         msg = await st.recv_proto()
         kind = msg.WhichOneof("kind")
