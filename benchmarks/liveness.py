@@ -11,7 +11,9 @@ without the ack; TCP_USER_TIMEOUT is T too, as gRPC sets it). Three cases, each 
 - busy slow link: 1 Mbit/s (tc tbf) while the server sends one 4 MB message (about 34 s on the link): the
   stream must survive the transfer, pings and all;
 - lossy latency: 3 % loss both ways with a relay adding 30-50 ms to every chunk upstream, small messages every
-  50 ms for 60 s: the stream must survive.
+  50 ms for 60 s: the stream must survive;
+- busy client: the client's only thread computes in pure Python for 12 s (the GIL held, its event loop
+  blocked), as a worker with a slow objective does: the stream must survive (gRPC answers pings off the GIL).
 
 The black holes run first, all candidates side by side, then the two others (a busy machine delays the processes,
 not the kernel's timers, so the cases of one batch do not disturb each other's outcome much).
@@ -39,6 +41,7 @@ PORT = 50077
 CANDIDATES = [(1.0, 2.0), (2.0, 2.0), (2.0, 4.0), (5.0, 5.0), (10.0, 10.0), (20.0, 10.0)]
 """(K, T) in seconds; (20, 10) is what the workers used before these measurements (the master: 30, 10)."""
 LOSSY_S = 60.0
+BLOCK_S = 12.0
 
 
 def options(k: float, t: float, server: bool) -> list[tuple[str, int]]:
@@ -87,11 +90,21 @@ async def _server(k: float, t: float, big: int) -> None:
     await server.wait_for_termination()
 
 
-async def _client(target: str, k: float, t: float, every: float) -> None:
+async def _client(target: str, k: float, t: float, every: float, block: float) -> None:
     import grpc
 
     async with grpc.aio.insecure_channel(target, options=options(k, t, False)) as ch:
         call = ch.stream_stream("/bench.Live/Stream")()
+        if block:
+            await call.write(b"x")
+            await asyncio.sleep(0.5)
+            spin, end = 0, time.time() + block
+            while time.time() < end:  # pure Python: the GIL held, the loop blocked
+                spin += 1
+            await call.write(b"y")
+            await asyncio.sleep(1.0)
+            print(f"{'alive' if not call.done() else 'ended'} {time.time():.3f}", flush=True)
+            return
 
         async def send() -> None:
             while every > 0:
@@ -140,8 +153,9 @@ def case(kind: str, k: float, t: float) -> dict:
             relay = net.relay("c", PORT + 1, target, delay_ms=(30.0, 50.0))
             target = f"127.0.0.1:{PORT + 1}"
         every = 0.05 if kind == "lossy" else 0.0
-        cli = net.popen("c", [PY, me, "_client", target, str(k), str(t), str(every)], stdout=subprocess.PIPE,
-                        text=True)
+        block = BLOCK_S if kind == "gil" else 0.0
+        cli = net.popen("c", [PY, me, "_client", target, str(k), str(t), str(every), str(block)],
+                        stdout=subprocess.PIPE, text=True)
         # The clock starts once the stream is open (the processes start slowly on a busy machine).
         assert srv.stdout.readline().strip() == "open"
         start = time.time()
@@ -163,6 +177,9 @@ def case(kind: str, k: float, t: float) -> dict:
                 s_end, c_end = _ended(s_lines), _ended(c_lines)
                 out.update(server_detects_s=None if s_end is None else round(s_end - fault, 2),
                            client_detects_s=None if c_end is None else round(c_end - fault, 2))
+            elif kind == "gil":
+                cli.wait(timeout=BLOCK_S + 30)
+                out.update(survived=cli.stdout.read().startswith("alive"))  # type: ignore[union-attr]
             else:
                 duration = 45.0 if kind == "busy" else LOSSY_S
                 time.sleep(duration)
@@ -190,7 +207,7 @@ def main() -> None:
         asyncio.run(_server(float(rest[1]), float(rest[2]), int(rest[3])))
         return
     if rest and rest[0] == "_client":
-        asyncio.run(_client(rest[1], float(rest[2]), float(rest[3]), float(rest[4])))
+        asyncio.run(_client(rest[1], float(rest[2]), float(rest[3]), float(rest[4]), float(rest[5])))
         return
     from tests.netns import unavailable
 
@@ -199,9 +216,9 @@ def main() -> None:
         print(f"liveness: skipped ({reason})")
         return
     cands = [(3.0, 3.0)] if args.smoke else CANDIDATES
-    kinds = ["hole"] if args.smoke else ["hole", "busy", "lossy"]
+    kinds = ["hole"] if args.smoke else ["hole", "busy", "lossy", "gil"]
     results: list[dict] = []
-    for batch in (["hole"], ["busy", "lossy"]):
+    for batch in (["hole"], ["busy", "lossy", "gil"]):
         jobs = [(kind, k, t) for k, t in cands for kind in kinds if kind in batch]
         if jobs:
             with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
@@ -209,12 +226,13 @@ def main() -> None:
     rows = []
     for k, t in cands:
         by = {r["case"]: r for r in results if (r["K_s"], r["T_s"]) == (k, t)}
-        hole, busy, lossy = by.get("hole", {}), by.get("busy", {}), by.get("lossy", {})
+        hole, busy, lossy, gil = (by.get(c, {}) for c in ("hole", "busy", "lossy", "gil"))
         rows.append([k, t, hole.get("server_detects_s"), hole.get("client_detects_s"),
-                     busy.get("survived", "-"), busy.get("transfer_s", "-"), lossy.get("survived", "-")])
+                     busy.get("survived", "-"), busy.get("transfer_s", "-"), lossy.get("survived", "-"),
+                     gil.get("survived", "-")])
     print("\nKeepalive: ping every K s, drop after T s without its ack (both sides)")
     print_table(["K s", "T s", "server detects s", "client detects s", "1 Mbit/s, 4 MB: survives",
-                 "transfer s", "3 % loss, 30-50 ms: survives"], rows)
+                 "transfer s", "3 % loss, 30-50 ms: survives", "busy client 12 s: survives"], rows)
     write_json(args.json, "liveness", results)
 
 

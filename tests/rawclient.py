@@ -37,6 +37,7 @@ class RawClient:
         self.ds = ds if ds is not None else load_dataset(cfg.data)
         self.call = channel.stream_stream(TRAIN_METHOD)()
         self.rank: int | None = None
+        self.known_run_id = ""
 
     async def run_id(self) -> str:
         reply = await MasterStub(self.channel).Join(pb.JoinRequest(hostname="raw", protocol_version=PROTOCOL_VERSION))
@@ -65,10 +66,16 @@ class RawClient:
             return Ended(await self.call.code(), await self.call.details() or "")
         return pb.MasterMessage.FromString(raw)
 
-    async def hello(self, rank: int, run_id: str | None = None) -> pb.MasterMessage | Ended | None:
+    def hello_message(self, rank: int, run_id: str = "") -> bytes:
+        """A Hello as an honest worker of this run sends it (``run_id``: the run's, once ``hello`` has asked)."""
         info = data_info(self.cfg.data, loaded=self.ds)
-        await self.send(hello=pb.Hello(run_id=run_id or await self.run_id(), requested_rank=rank, hostname="raw",
-                                       data_fingerprint=info.fingerprint, dim=self.ds.d, n_rows=self.ds.n_rows))
+        return pb.WorkerMessage(hello=pb.Hello(
+            run_id=run_id or self.known_run_id, requested_rank=rank, hostname="raw", data_fingerprint=info.fingerprint,
+            dim=self.ds.d, n_rows=self.ds.n_rows)).SerializeToString()
+
+    async def hello(self, rank: int, run_id: str | None = None) -> pb.MasterMessage | Ended | None:
+        self.known_run_id = run_id or await self.run_id()
+        await self.write(self.hello_message(rank))
         reply = await self.recv()
         if isinstance(reply, pb.MasterMessage) and reply.WhichOneof("kind") == "welcome":
             self.rank = reply.welcome.rank
