@@ -183,6 +183,7 @@ async def test_no_worker_waits_on_a_run_that_ended(tmp_path):
 
 def test_a_worker_whose_master_died_mid_run_gives_up_with_status_4(tmp_path):
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -192,6 +193,14 @@ def test_a_worker_whose_master_died_mid_run_gives_up_with_status_4(tmp_path):
     master = subprocess.Popen([sys.executable, "-m", "ef21", "master", "--port", str(port), "--status-port", "-1",
                                "--workers", "2", "--rounds", "100000", "--log", str(tmp_path / "l.jsonl")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:  # the master listens before the workers start: their --connect-timeout is short
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and master.poll() is None, "the master did not start"
+            time.sleep(0.1)
     workers = [subprocess.Popen([sys.executable, "-m", "ef21_worker", "--master", f"127.0.0.1:{port}",
                                  "--connect-timeout", "3", "--delay", "0.005"], stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
