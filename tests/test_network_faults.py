@@ -5,9 +5,9 @@ link down 8 s (with and without --round-timeout), a worker black-holed 30 s, the
 
 Every run must end with the simulation's x, bit for bit (or its replay of the rounds the log says were left out),
 every worker must exit 0 once the master has said the run ended, and a worker cut off must be back in the run
-soon after its link returns. The seven runs go side by side (separate networks; ~70 s in all); the times each
-side took to notice are printed (pytest -s) and written to $EF21_FAULTS_JSON when set: the docs' fault table
-comes from them."""
+soon after its link returns. The seven runs go side by side (separate networks; about two minutes in all on a
+busy 2-core machine); the times each side took to notice are printed (pytest -s) and written to $EF21_FAULTS_JSON
+when set: the docs' fault table comes from them."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def _slow_links(net: Network) -> None:
 
 
 def _kill_and_resume(net: Network, run: ChaosRun) -> tuple[float, float]:
-    run.wait_round(150, timeout=90)
+    run.wait_round(110, timeout=90)
     t0 = time.time()
     run.kill_master()
     time.sleep(1.0)
@@ -109,13 +109,14 @@ def _none(net: Network, run: ChaosRun) -> None:
 
 SCENARIOS = {
     # name: (rounds, drive, keyword arguments)
-    "lossy-latency": (300, _none, dict(relay_ms=(30.0, 50.0), setup=_lossy_uplinks, worker_args=())),
+    "lossy-latency": (200, _none, dict(relay_ms=(30.0, 50.0), setup=_lossy_uplinks, worker_args=())),
     "worker-down-8s": (400, _cut("down", "w1", 8.0), {}),
-    "worker-down-8s-round-timeout": (1500, _cut("down", "w1", 8.0), dict(master_args=("--round-timeout", "2"))),
-    "worker-blackholed-30s": (300, _cut("hole", "w1", 30.0), {}),
+    "worker-down-8s-round-timeout": (1000, _cut("down", "w1", 8.0), dict(master_args=("--round-timeout", "2"))),
+    "worker-blackholed-30s-round-timeout": (2500, _cut("hole", "w1", 30.0),
+                                            dict(master_args=("--round-timeout", "2"))),
     "master-down-5s": (400, _cut("down", "m", 5.0), {}),
     "slow-1mbit": (300, _none, dict(setup=_slow_links)),
-    "master-killed-resumed": (400, _kill_and_resume, dict(
+    "master-killed-resumed": (300, _kill_and_resume, dict(
         relay_ms=(30.0, 50.0), worker_args=(), master_args=("--checkpoint", "{tmp}/ck.npz", "--checkpoint-every",
                                                              "25"))),
 }
@@ -152,9 +153,10 @@ def _get(outcomes: dict[str, Future], name: str) -> Outcome:
     return o
 
 
-def _liveness(o: Outcome, rank: int | None) -> None:
-    """Who noticed the fault when, and when the cut-off worker was back: seconds (and rounds) after the fault
-    started or ended, from the processes' own logs."""
+def _liveness(o: Outcome, rank: int | None, *, from_log: bool = True) -> None:
+    """Who noticed the fault when (from the processes' own logs), and when the cut-off worker (``rank``; None:
+    all of them) was back for good: the first round with its Update in it (the log's ``missing``) that closed after
+    the fault ended and after the master last dropped it, or, with ``from_log=False``, its next join."""
     assert o.fault is not None
     r, (t0, t1) = o.result, o.fault
     notes = o.notes
@@ -166,14 +168,26 @@ def _liveness(o: Outcome, rank: int | None) -> None:
     dropped = [e for w in who for e in [r.find(f"w{w}", "lost the master", after=t0)] if e is not None]
     if dropped:
         notes["worker_detects_s"] = round(min(e.t for e in dropped) - t0, 2)
-    back = [r.find("master", rf"joined as rank {w}\b", after=t0) for w in who]
-    if all(b is not None for b in back):
-        last = max(b.t for b in back if b is not None)
-        notes["back_after_s"] = round(last - t1, 2)
-        at, then = r.round_at(t1), r.round_at(last)
-        if at is not None and then is not None:
-            notes["back_after_rounds"] = then - at
+    if from_log:
+        assert r.started_at is not None
+        # A connection that outlived the fault can still be given up after it (the old keepalive's did, 3 s after
+        # the link returned, and the worker noticed 9 s later): the worker is back only from then.
+        since = max([t1, *(e.t for e in lost if any(e.message.startswith(f"rank {w} ") for w in who))])
+        back = next((row for row in r.log if r.started_at + row["elapsed_s"] >= since
+                     and not set(who) & set(row.get("missing") or ())), None)
+        if back is not None:
+            notes["back_after_s"] = round(r.started_at + back["elapsed_s"] - t1, 2)
+            at = r.round_at(t1)
+            notes["back_after_rounds"] = None if at is None else back["round"] - at
+    else:
+        joins = [r.find("master", rf"joined as rank {w}\b", after=t0) for w in who]
+        if all(j is not None for j in joins):
+            notes["back_after_s"] = round(max(j.t for j in joins if j is not None) - t1, 2)
     notes["rounds_left_out"] = sum(len(m) for m in r.missing().values())
+
+
+def _back_soon(o: Outcome) -> None:
+    assert o.notes.get("back_after_s", 1e9) <= BACK_WITHIN_S, o.notes
 
 
 def test_lossy_latency_uplinks(outcomes):
@@ -192,6 +206,7 @@ def test_worker_link_down_8s_without_round_timeout(outcomes):
     np.testing.assert_array_equal(o.x, simulate(o.cfg).x)
     _liveness(o, 1)
     assert not o.result.missing()
+    _back_soon(o)
 
 
 def test_worker_link_down_8s_with_round_timeout(outcomes):
@@ -202,17 +217,22 @@ def test_worker_link_down_8s_with_round_timeout(outcomes):
     np.testing.assert_array_equal(o.x, simulate(o.cfg, missing=missing).x)
     _liveness(o, 1)
     assert missing and all(m == [1] for m in missing.values())
-    assert o.notes.get("back_after_s", 1e9) <= BACK_WITHIN_S, o.notes
+    _back_soon(o)
     assert max(missing) < o.cfg.rounds - 100, "rank 1 was left out until the end"
 
 
-def test_worker_blackholed_30s(outcomes):
-    """No RST, no ICMP for 30 s: both sides notice by their keepalives, the worker rejoins when the path is back."""
-    o = _get(outcomes, "worker-blackholed-30s")
-    np.testing.assert_array_equal(o.x, simulate(o.cfg).x)
+def test_worker_blackholed_30s_with_round_timeout(outcomes):
+    """No RST, no ICMP for 30 s: both sides notice by their keepalives, the run goes on without the worker, and it
+    rejoins as soon as the path is back, to be in every round after (before: it came back after the run had ended
+    without it, 696 of 800 rounds, and retried until its --connect-timeout)."""
+    o = _get(outcomes, "worker-blackholed-30s-round-timeout")
+    missing = o.result.missing()
+    np.testing.assert_array_equal(o.x, simulate(o.cfg, missing=missing).x)
     _liveness(o, 1)
     assert "master_detects_s" in o.notes and "worker_detects_s" in o.notes, o.notes
-    assert o.notes.get("back_after_s", 1e9) <= BACK_WITHIN_S, o.notes
+    assert missing and all(m == [1] for m in missing.values())
+    _back_soon(o)
+    assert max(missing) < o.cfg.rounds - 100, "rank 1 was left out until the end"
 
 
 def test_master_link_down_5s(outcomes):
@@ -220,6 +240,7 @@ def test_master_link_down_5s(outcomes):
     np.testing.assert_array_equal(o.x, simulate(o.cfg).x)
     _liveness(o, None)
     assert not o.result.missing()
+    _back_soon(o)
 
 
 def test_one_mbit_links(outcomes):
@@ -233,6 +254,6 @@ def test_one_mbit_links(outcomes):
 def test_master_killed_under_latency_and_resumed(outcomes):
     o = _get(outcomes, "master-killed-resumed")
     np.testing.assert_array_equal(o.x, simulate(o.cfg).x)
-    _liveness(o, None)
-    o.notes.pop("back_after_rounds", None)  # the resumed master's log counts time from its own start
+    _liveness(o, None, from_log=False)  # the resumed master's log counts time from its own start
+    _back_soon(o)
     assert [r["round"] for r in o.result.log] == list(range(o.cfg.rounds + 1))
