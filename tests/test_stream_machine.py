@@ -147,7 +147,11 @@ class Agent:
     # -- honest messages -------------------------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Take in what the master sent: Start, RoundResults, Stop."""
+        """Take in what the master sent: Start, RoundResults, Stop. A stream that has ended has nothing to take in:
+        what came before its end (a Start racing a refused message, say) went to a stream that was live then."""
+        if self.phase in ("none", "ended", "stopped"):
+            self.inbox.clear()
+            return
         while self.inbox:
             raw = self.inbox.popleft()
             rr = read_round_result_fast(raw)
@@ -217,7 +221,7 @@ def hostile(agent: Agent, choice: int) -> tuple[bytes, str]:
     return options[choice % len(options)]
 
 
-@settings(max_examples=40, stateful_step_count=40, deadline=None, derandomize=True, database=None,
+@settings(max_examples=30, stateful_step_count=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 class StreamMachine(RuleBasedStateMachine):
     loop: Loop
