@@ -5,7 +5,6 @@ processes; the honest run's x must equal the simulation's."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import numpy as np
@@ -18,7 +17,7 @@ from ef21_wire.v1 import ef21_pb2 as pb
 from .helpers import eventually, finish, running_master, spawn_worker
 from .rawclient import Ended, RawClient, garbage_update
 
-CFG = RunConfig(workers=4, method="ef21", k=2, stepsize_mult=64, x0="normal:0", rounds=60)
+CFG = RunConfig(workers=4, method="ef21", k=2, stepsize_mult=64, x0="normal:0", rounds=30)
 
 
 async def test_a_stream_that_left_before_the_start_cannot_take_its_rank_back(tmp_path):
@@ -92,7 +91,7 @@ async def test_every_message_kind_in_every_state_is_refused_with_a_code_and_noth
     refused or lost: refused with its code (or, the one kind a state takes, taken), the rank free again, nothing
     applied; a reconnect that claims a rank another stream holds is refused and logged with its identity; and
     the honest run beside it all ends with the simulation's x."""
-    cfg = RunConfig(workers=2, method="ef21", k=2, stepsize_mult=64, x0="normal:0", rounds=150)
+    cfg = RunConfig(workers=2, method="ef21", k=2, stepsize_mult=64, x0="normal:0", rounds=200)
     async with running_master(MasterOptions(cfg, out=tmp_path / "x.npy", max_faults=10**6)) as master:
         coord = master.coord
         async with grpc.aio.insecure_channel(master.address) as ch:
@@ -140,7 +139,8 @@ async def test_every_message_kind_in_every_state_is_refused_with_a_code_and_noth
                     await eventually(lambda: coord.free_ranks() == [0, 1], what=f"ranks free after {how} {kind}")
             assert coord.state == "waiting" and coord.round == 0
 
-            honest = [await spawn_worker(master.address, "--rank", str(r), "--delay", "0.005") for r in range(2)]
+            # Paced (~20 ms a round) so that the run is still going while the strangers below knock.
+            honest = [await spawn_worker(master.address, "--rank", str(r), "--delay", "0.03") for r in range(2)]
             await eventually(lambda: coord.round >= 5, what="round 5")
             for kind, make in KINDS.items():  # while the run goes: no rank to take, nothing to touch
                 c = await client("connected")
@@ -151,6 +151,7 @@ async def test_every_message_kind_in_every_state_is_refused_with_a_code_and_noth
             assert isinstance(end, Ended) and end.code == grpc.StatusCode.ALREADY_EXISTS, end
             for kind, make in KINDS.items():
                 assert await _end_of(thief, make(thief)) == grpc.StatusCode.ALREADY_EXISTS, kind
+            assert coord.state == "running", "the run ended before the checks that need it running"
             results = await finish(honest, timeout=120)
         assert [c for c, _ in results] == [0, 0], results
         await asyncio.wait_for(master.wait(), 10)
@@ -158,64 +159,3 @@ async def test_every_message_kind_in_every_state_is_refused_with_a_code_and_noth
     assert claims and all("(host ipv4:127.0.0.1)" in m for m in claims), claims
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), simulate(cfg).x)
 
-
-async def test_no_worker_waits_on_a_run_that_ended(tmp_path):
-    """A worker that comes to a master whose run has ended is told so and exits 0, at once; one whose master has
-    gone for good gives up after --connect-timeout and exits 4 (not 1: nothing refused it)."""
-    cfg = RunConfig(workers=2, rounds=20, k=2)
-    async with running_master(MasterOptions(cfg)) as master:
-        assert [c for c, _ in await finish([await spawn_worker(master.address) for _ in range(2)])] == [0, 0]
-        await asyncio.wait_for(master.wait(), 10)
-        late = await spawn_worker(master.address, "--rank", "1", "-v")
-        (code, err), = await finish([late], timeout=30)
-        assert code == 0, err
-        async with grpc.aio.insecure_channel(master.address) as ch:  # and a Hello after the end: the run's Stop
-            c = RawClient(ch, cfg)
-            stop = await c.hello(0, run_id=master.coord.run_id)
-            assert isinstance(stop, pb.MasterMessage) and stop.stop.reason.startswith("rounds: 20 rounds done")
-            end = await c.recv()
-            assert isinstance(end, Ended) and end.code == grpc.StatusCode.OK, end
-        address = master.address
-    gone = await spawn_worker(address, "--connect-timeout", "2")
-    (code, err), = await finish([gone], timeout=30)
-    assert code == 4 and "unreachable for 2 s" in err, (code, err)
-
-
-def test_a_worker_whose_master_died_mid_run_gives_up_with_status_4(tmp_path):
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from .test_reliability import free_port
-
-    port = free_port()
-    master = subprocess.Popen([sys.executable, "-m", "ef21", "master", "--port", str(port), "--status-port", "-1",
-                               "--workers", "2", "--rounds", "100000", "--log", str(tmp_path / "l.jsonl")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:  # the master listens before the workers start: their --connect-timeout is short
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and master.poll() is None, "the master did not start"
-            time.sleep(0.1)
-    workers = [subprocess.Popen([sys.executable, "-m", "ef21_worker", "--master", f"127.0.0.1:{port}",
-                                 "--connect-timeout", "3", "--delay", "0.005"], stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "l.jsonl").exists() or (tmp_path / "l.jsonl").stat().st_size < 20_000:
-            assert time.monotonic() < deadline and master.poll() is None, "the run did not start"
-            time.sleep(0.1)
-        master.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        for w in workers:
-            _, err = w.communicate(timeout=30)
-            assert w.returncode == 4 and "unreachable for 3 s" in err, (w.returncode, err)
-        assert time.monotonic() - killed < 15  # --connect-timeout and a retry, not minutes
-    finally:
-        for p in [master, *workers]:
-            if p.poll() is None:
-                p.kill()
