@@ -153,8 +153,9 @@ class Master:
 
     def _farewell_s(self) -> float:
         """How long an ended run keeps serving before the process exits: while a rank's last stream broke before
-        its Stop went out, up to --drain's grace (a worker cut off near the end that comes back in that time is
-        told the run is over and exits 0, instead of retrying until its --connect-timeout); else not at all."""
+        its Stop went out, the drain's grace (``ListenOptions.drain_s``, 5 s): a worker cut off near the end that
+        comes back in that time is told the run is over and exits 0, instead of retrying until its
+        --connect-timeout; else not at all."""
         cut_off = [r for r, s in self.coord.sessions.items() if s.state is StreamState.LOST]
         if cut_off:
             log.info("run ended with rank(s) %s cut off: telling whoever comes back within %g s",
