@@ -276,7 +276,8 @@ def main() -> int:
     for name in ns.model or sorted(RECIPES, reverse=True):
         recipe = RECIPES[name]
         if ns.smoke:  # tiny models and a few rounds; the warm-up must fit in them
-            recipe = {**recipe, **recipe["smoke"], "optim": re.sub(r"--warmup \d+", "--warmup 2", recipe["optim"])}
+            optim = re.sub(r"--warmup \d+", "--warmup 2", recipe["optim"])
+            recipe = {**recipe, **recipe["smoke"], "optim": re.sub(r"--batch-size \d+", "--batch-size 8", optim)}
         size = recipe
         args = (size["options"], size["workers"], size["rounds"], size["eval_every"])
         dense = dense_recipe(recipe, *args)
