@@ -16,6 +16,7 @@ from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 from ef21.problems.data import data_info
+from ef21.problems.objectives import GRAM_MAX_D
 from ef21.problems.problem import quadratic_fingerprint
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -140,25 +141,22 @@ class Membership:
         d = self.d
         if d is None:
             raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
-        gram = diag = None
-        if msg.gram:
-            if len(msg.gram) != 8 * d * d:
-                raise Refusal("INVALID_ARGUMENT", f"gram has {len(msg.gram)} bytes, expected {8 * d * d}")
-            gram = np.frombuffer(msg.gram, dtype="<f8").reshape(d, d)
+        diag = None
+        if msg.has_gram and d > GRAM_MAX_D:
+            raise Refusal("INVALID_ARGUMENT", f"has_gram for d = {d} > {GRAM_MAX_D}: a Gram that large is never sent")
         if msg.diagonal:
             if len(msg.diagonal) != 8 * d:
                 raise Refusal("INVALID_ARGUMENT", f"diagonal has {len(msg.diagonal)} bytes, expected {8 * d}")
             diag = np.frombuffer(msg.diagonal, dtype="<f8")
         if not (math.isfinite(msg.smoothness) and msg.smoothness >= 0):
             raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a non-negative number")
-        for arr in (gram, diag):
-            if arr is not None and not np.all(np.isfinite(arr)):
-                raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
+        if diag is not None and not np.all(np.isfinite(diag)):
+            raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
         x0 = decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
         if x0 is not None and x0.shape[0] != d:
             raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
-        return SetupInfo(msg.smoothness or None, int(msg.shard_rows), gram, diag, int(msg.n_samples) or None, x0,
-                         bool(msg.power_iteration))
+        return SetupInfo(msg.smoothness or None, int(msg.shard_rows), bool(msg.has_gram), diag,
+                         int(msg.n_samples) or None, x0, bool(msg.power_iteration))
 
     def refuse(self, code: str) -> None:
         """Count a stream or call ended by a refusal (the status and /metrics show them by code)."""

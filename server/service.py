@@ -152,6 +152,8 @@ class MasterService:
             self.coord.resync(s, msg.resync_request)
         elif kind == "power_reply":
             self.coord.power_reply(s, msg.power_reply)
+        elif kind == "gram_reply":
+            self.coord.gram_reply(s, msg.gram_reply)
         elif kind == "leave":
             self.coord.leave(s, msg.leave)
         else:  # a kind ``streams.ACCEPTS`` lets through but nothing here handles: a bug, refused all the same

@@ -34,8 +34,9 @@ from ef21.methods.participation import participation_count
 from ef21.methods.prox import parse_prox
 from ef21.methods.replica import StepRule
 from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
+from ef21.problems.objectives import offers_gram
 from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
-from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
+from ef21_wire.fastwire import RoundResultIn, eval_bytes, gram_reply_bytes, power_reply_bytes
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import (
     fill_vector,
@@ -389,23 +390,25 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
 
 
 def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
-    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d."""
-    gram, diag = obj.gram(), obj.diagonal()
+    """What a worker's objective tells the master at set-up: L_i, its curvature (a diagonal, or that it has a Gram
+    to send when asked), its shard's size, d."""
+    diag = obj.diagonal()
+    has_gram = diag is None and offers_gram(obj)
     L_i = obj.smoothness()
     x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
     setup = pb.Setup(
-        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
-        gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
+        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0), has_gram=has_gram,
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
-        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
+        power_iteration=not has_gram and diag is None and hasattr(obj, "gram_matvec"))
     if x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(x0))
     return pb.WorkerMessage(setup=setup)
 
 
 async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
-    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
+    """Send the Setup and answer what the master asks for L (this shard's Gram, or the power iteration's
+    products); returns the master's Start (or Stop)."""
     d = obj.d
     await st.send(setup_message(obj, rank))
     while True:
@@ -413,6 +416,12 @@ async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
         kind = msg.WhichOneof("kind")
         if kind in ("start", "stop"):
             return msg
+        if kind == "gram_request":
+            # Built when asked and let go once sent: a worker holds its d×d Gram only for this message.
+            gram = np.ascontiguousarray(obj.gram(), dtype="<f8")
+            await st.send(gram_reply_bytes(memoryview(gram).cast("B"), msg.gram_request.attempt))
+            del gram
+            continue
         if kind != "power_step":
             raise WorkerFailure(f"expected Start, got {kind}")
         # One product of the master's power iteration for L: A_iᵀA_i v.
