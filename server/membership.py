@@ -85,7 +85,7 @@ class Membership:
     def hello(self, s: WorkerStream, msg: pb.Hello, run_id: str, run_state: str) -> None:
         """A new stream's Hello: the same run, still taking workers, the same data and objective, a free rank;
         then the stream holds that rank (``joined``)."""
-        self.bans.admit(s.identity or f"host {peer_host(s.peer)}", self.free_ranks())
+        self.bans.admit(s.identity or f"host {peer_host(s.peer)}", self.free_ranks)
         if msg.run_id != run_id:
             # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
             raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({run_id}); join again")
@@ -110,17 +110,17 @@ class Membership:
                 raise Refusal("FAILED_PRECONDITION",
                               f"objective mismatch: this worker presents {msg.objective_id or 'none'}, the run's "
                               f"workers {self.objective_id}")
-        free = self.free_ranks()
         rank = msg.requested_rank
-        if rank >= 0:
+        if rank >= 0:  # the common case, checked in O(1): thousands of joins must not cost O(n) each
             if rank >= self.n:
                 raise Refusal("INVALID_ARGUMENT", f"rank {rank} out of range (workers = {self.n})")
-            if rank not in free:
+            if self.bound(rank) is not None:
                 # Whoever claims a rank another live stream holds: logged with its identity by the service.
                 raise Refusal("ALREADY_EXISTS", f"rank {rank} is taken")
-        elif not free:
-            raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         else:
+            free = self.free_ranks()
+            if not free:
+                raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
             rank = free[0]
         assert self.bound(rank) is None, f"rank {rank} bound twice"
         s.rank, s.hostname = rank, msg.hostname
