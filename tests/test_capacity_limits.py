@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 
 import grpc
 import numpy as np
@@ -16,7 +17,7 @@ from ef21_server.coordinator import MasterOptions
 from ef21_server.service import stream_limit
 from ef21_wire.protocol import TRAIN_METHOD
 
-from .helpers import eventually, finish, running_master, spawn_worker
+from .helpers import ef21_cli, eventually, finish, one_error_line, running_master, spawn_worker
 from .test_service import assert_same_as_simulation
 
 STORM = 100
@@ -56,3 +57,15 @@ async def test_a_storm_of_silent_streams_is_refused_and_the_honest_run_is_exact(
         await asyncio.wait_for(master.wait(), 10)
     rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert_same_as_simulation(cfg, np.load(tmp_path / "xs.npy"), rows)
+
+
+def test_a_run_past_the_open_files_limit_is_refused_with_one_line():
+    """One socket per worker: a master whose hard RLIMIT_NOFILE cannot hold them says so at once (exit 2), rather
+    than fail to accept connections and wait for --join-timeout."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    r = ef21_cli("master", "--workers", "1000", "--problem", "quadratic", "--dim", "10", "--port", "0",
+                 preexec_fn=low_limit, timeout=60)
+    line = one_error_line(r)
+    assert "--workers 1000 needs about 1064 open files" in line and "may open 256" in line
