@@ -97,7 +97,7 @@ class MasterService:
         await self._authorize(context, "Train")
         await self._within_stream_limit(context)
         s = self.coord.open_stream(context.peer(), identity_of(context, self.mutual_tls))
-        reader = asyncio.create_task(self._read(requests, s), name=f"read-{context.peer()}")
+        reader = asyncio.create_task(self._read(context, s), name=f"read-{context.peer()}")
         try:
             while True:
                 out = await s.outbox.get()
@@ -130,25 +130,29 @@ class MasterService:
             log.warning("refused a stream from %s (%d refused so far): %s", context.peer(), self.over_limit, why)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
-    async def _read(self, requests: AsyncIterator[bytes], s: WorkerStream) -> None:
-        """Feed one stream's messages to the coordinator, each checked against the stream's state first."""
-        it = requests.__aiter__()
+    async def _read(self, context: grpc.aio.ServicerContext, s: WorkerStream) -> None:
+        """Feed one stream's messages to the coordinator, each checked against the stream's state first.
+
+        Read with ``context.read()``, not the handler's request iterator: that iterator is an async generator
+        whose frame keeps the last message it yielded until the next one arrives (see below)."""
         try:
             while True:
                 try:
                     if s.state is StreamState.CONNECTED:
-                        raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
+                        raw = await asyncio.wait_for(context.read(), self.handshake_timeout)
                     else:
-                        raw = await it.__anext__()
-                except StopAsyncIteration:
-                    self.coord.lost(s, "worker closed its stream")
-                    return
+                        raw = await context.read()
                 except asyncio.TimeoutError:
                     raise Refusal("DEADLINE_EXCEEDED", f"no Hello within {self.handshake_timeout:g} s") from None
+                if raw is grpc.aio.EOF:
+                    self.coord.lost(s, "worker closed its stream")
+                    return
                 s.received(raw)
-                if s.ended:
-                    continue  # in flight when the stream ended (e.g. the run's last round): never applied
-                self._dispatch(s, raw)
+                if not s.ended:  # else in flight when the stream ended (e.g. the run's last round): never applied
+                    self._dispatch(s, raw)
+                # Let go of the message now, not when the next one arrives: a worker set up says nothing until the
+                # start, and its d×d Gram (8 MB at d = 10³) held here by every stream was O(n·d²) of master memory.
+                del raw
         except Refusal as r:
             self._refuse(s, r)
         except grpc.aio.AioRpcError as exc:
