@@ -190,7 +190,8 @@ def profile_summary(raw: Path, top: int = 12) -> dict:
 
 
 def run_one(case: str, n: int, rounds: int, aggregators: int, tmp: Path, env: dict, rss_cap_gib: float,
-            join_timeout: float, run_timeout: float, python: str, py_spy: Path | None = None) -> dict:
+            join_timeout: float, run_timeout: float, python: str, py_spy: Path | None = None,
+            gen_args: tuple[str, ...] = ()) -> dict:
     spec = CASES[case]
     flags = [f.format(rows=2 * n) for f in spec["flags"]]
     log = tmp / f"{case}-{n}-{aggregators}.jsonl"
@@ -230,6 +231,7 @@ def run_one(case: str, n: int, rounds: int, aggregators: int, tmp: Path, env: di
                     "--k", str(spec["k"]), "--out", str(tmp / f"gen-{g}.jsonl")]
             if aggregators:
                 gcmd += ["--block-size", str(math.ceil(n / aggregators))]
+            gcmd += gen_args
             gens.append(spawn(gcmd, env, stderr=open(tmp / f"gen-{g}.err", "w")))
         procs += gens
         try:
@@ -359,8 +361,10 @@ def figure(results: list[dict], baseline: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((ax1, "quad", "master_cpu_ms", "master CPU ms a round (quadratic, d = 10³, k = 10)"),
-              (ax2, "logreg", "peak_rss_mib", "master peak RSS MiB (logistic, d = 10³: Grams)"))
+    panels = ((ax1, "quad", "master_cpu_ms", "master CPU ms a round"),
+              (ax2, "logreg", "peak_rss_mib", "master peak RSS MiB"))
+    ax1.set_title("quadratic, d = 10³", fontsize=10)
+    ax2.set_title("logistic, d = 10³ (set-up sums the shards' Grams)", fontsize=10)
     for label, rs, style in (("before (main)", baseline, "o--"), ("now", results, "s-")):
         for agg in sorted({r["aggregators"] for r in rs}):
             name = label + ("" if not agg else f", {agg} aggregators")
@@ -401,7 +405,20 @@ def main() -> None:
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="sample the master with py-spy (on PATH) and keep its collapsed stacks in DIR; the JSON "
                          "gets the top functions")
+    ap.add_argument("--gen-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every loadgen.py (e.g. --gen-arg=--retries=20)")
+    ap.add_argument("--replot", action="store_true",
+                    help="run nothing: print the table and draw --figure from --json's results and the baseline")
     args = ap.parse_args()
+    if args.replot:
+        if args.json is None or not args.json.exists():
+            raise SystemExit("--replot needs --json PATH of an earlier run")
+        results = json.loads(args.json.read_text())["results"]
+        baseline = json.loads(args.baseline.read_text())["results"] if args.baseline.exists() else []
+        table(results, baseline)
+        if args.figure is not None:
+            figure(results, baseline, args.figure)
+        return
     env = dict(os.environ)
     if args.smoke:
         args.case, args.n, args.rounds = ["quad", "logreg"], [4], 6
@@ -416,7 +433,7 @@ def main() -> None:
                     print(f"{case} n={n} aggregators={agg} (load {load()}) ...", flush=True)
                     rounds = args.rounds or max(30, min(300, 20000 // n))
                     r = run_one(case, n, rounds, agg, Path(tmp), env, args.rss_cap_gib, args.join_timeout,
-                                args.run_timeout, sys.executable, args.py_spy)
+                                args.run_timeout, sys.executable, args.py_spy, tuple(args.gen_arg))
                     print(f"  {r['result']}; join {fmt(r.get('join_s'))} s, round {fmt(r.get('round_ms'))} ms, "
                           f"master CPU {fmt(r.get('master_cpu_ms'))} ms a round, RSS {fmt(r['peak_rss_mib'], '.0f')} "
                           f"MiB", flush=True)

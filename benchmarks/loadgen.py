@@ -63,7 +63,9 @@ def small_side_lambda_max(A) -> float:  # type: ignore[no-untyped-def]
 _worker_lambda_max = objectives.lambda_max_gram
 
 
-MAX_RETRIES = 5
+
+
+max_retries = 5
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -120,8 +122,9 @@ def round_messages(rank: int, d: int, k: int) -> tuple[EncodedVector, EncodedVec
     return encode(dense), encode(sparse), encode(SparseVector.dense(np.zeros(d)))
 
 
-async def fake_worker(target: str, rank: int, k: int, shared: Shared, out: Outcome, reply_timeout: float) -> None:
-    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+async def fake_worker(target: str, rank: int, k: int, shared: Shared, out: Outcome, reply_timeout: float,
+                      options: list) -> None:
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
         reply = await wc.join_with_backoff(MasterStub(channel), wc.WorkerOptions(master=target, hostname="loadgen",
                                                                                  connect_timeout=600.0))
         if reply.ended:
@@ -138,11 +141,14 @@ async def fake_worker(target: str, rank: int, k: int, shared: Shared, out: Outco
                     data_fingerprint=shared.fingerprint, dim=d, n_rows=shared.n_rows)))
                 first = await st.recv_proto()
                 break
-            except wc.Reconnect as exc:  # what `ef21 worker` does too: a new stream, the same Hello
-                out.retries.append(f"{exc}"[:200])
+            except (wc.Reconnect, grpc.aio.AioRpcError) as exc:  # what `ef21 worker` does too: a new stream
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in wc.RETRYABLE:
+                    raise
+                out.retries.append((f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError)
+                                    else str(exc))[:200])
                 call.cancel()
                 await st.close()
-                if len(out.retries) >= MAX_RETRIES:
+                if len(out.retries) >= max_retries:
                     out.error = f"Reconnect: {len(out.retries)} streams broke before the Welcome: {exc}"[:300]
                     return
                 await asyncio.sleep(0.5)
@@ -198,12 +204,18 @@ async def main(ns: argparse.Namespace) -> None:
     shared = Shared()
     outcomes = [Outcome(r) for r in range(lo, hi)]
     targets = ns.target.split(",")
+    options = list(OPTIONS)
+    if ns.keepalive_timeout_ms is not None:  # an experiment: is a starved process's late ping answer the cause?
+        options = [o for o in options if o[0] != "grpc.keepalive_timeout_ms"]
+        options.append(("grpc.keepalive_timeout_ms", ns.keepalive_timeout_ms))
+    global max_retries
+    max_retries = ns.retries
 
     async def one(o: Outcome) -> None:
         # --target A,B,...: rank r goes to the aggregator of its block (--block-size ranks each), else to the master.
         target = targets[o.rank // ns.block_size] if len(targets) > 1 else targets[0]
         try:
-            await fake_worker(target, o.rank, ns.k, shared, o, ns.reply_timeout)
+            await fake_worker(target, o.rank, ns.k, shared, o, ns.reply_timeout, options)
         except Exception as exc:  # every worker's fate is reported, none ends the process
             o.error = f"{type(exc).__name__}: {exc}"[:300]
 
@@ -221,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=10, help="entries of a round's sparse message")
     ap.add_argument("--reply-timeout", type=float, default=1800.0)
     ap.add_argument("--event-loop", default="asyncio")
+    ap.add_argument("--retries", type=int, default=5, help="new streams a fake worker opens before it gives up")
+    ap.add_argument("--keepalive-timeout-ms", type=int, default=None, help="instead of the worker's")
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
 

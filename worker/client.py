@@ -93,6 +93,14 @@ RETRY_CAP_S = 1.0
 within about a second (the channel's own reconnect backoff is capped the same way, worker/channel.py)."""
 
 
+JOIN_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+"""Join answers that say nothing about this worker, only that the call did not get through: the master's own
+refusals are FAILED_PRECONDITION (protocol version) and UNAUTHENTICATED. CANCELLED and INTERNAL ("Internal
+error from Core") come from gRPC itself when a master takes a storm of a thousand joins at once: seen in
+benchmarks/capacity.py at n ≥ 1024, where a worker that gave up on them left the run waiting for --join-timeout."""
+
+
 async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinReply:
     deadline = time.monotonic() + opts.connect_timeout
     delay = 0.1
@@ -101,7 +109,7 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
             return await stub.Join(pb.JoinRequest(hostname=opts.hostname, protocol_version=PROTOCOL_VERSION),
                                    timeout=10.0, wait_for_ready=False, metadata=opts.security.metadata())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.code() not in JOIN_RETRYABLE:
                 raise WorkerFailure(f"join refused: {exc.code().name}: {exc.details()}") from None
             if time.monotonic() + delay > deadline:
                 raise WorkerFailure(f"master {opts.master} unreachable for {opts.connect_timeout:g} s "
