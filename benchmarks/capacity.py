@@ -201,7 +201,7 @@ def run_one(case: str, n: int, rounds: int, aggregators: int, tmp: Path, env: di
     if aggregators:
         cmd += ["--aggregators", str(aggregators)]
     out: dict = {"case": case, "n": n, "aggregators": aggregators, "rounds": rounds, "d": spec["d"], "k": spec["k"],
-                 "load_before": load()}
+                 "load_before": load(), "gen_args": list(gen_args)}
     errlog = tmp / f"master-{case}-{n}-{aggregators}.err"
     master = spawn(cmd, env, stdout=subprocess.PIPE, stderr=open(errlog, "w"), text=True)
     mon = Monitor(master.pid, log, int(rss_cap_gib * 2**20))
