@@ -14,7 +14,7 @@ import numpy as np
 
 from ef21.compression.compressors import Compressor
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
-from ef21.methods.downlink import BroadcastCompressor
+from ef21.methods.downlink import BroadcastCompressor, PrimalBroadcast
 from ef21.methods.estimators import EstimateContext, Estimator, Full
 from ef21.methods.participation import participants
 from ef21.methods.replica import Replica, StepRule
@@ -101,7 +101,7 @@ class WorkerNode:
         self.setting = setting or WorkerSetting(gamma, StepRule(1.0 if method.gamma_in_message else gamma),
                                                 init, seed)
         self.gamma = self.setting.gamma
-        self.state: Any = method.worker_init(objective.d) if state is None else state
+        self.state: Any = method.worker_init(objective.d) if state is None else method.resume_state(state)
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule)
         if g is not None:
@@ -149,7 +149,7 @@ class WorkerNode:
             assert full is not None
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
-        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng)
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
             return WorkerReport(t, msg, None, None, None, None)
@@ -181,11 +181,11 @@ class WorkerNode:
 
 class MasterNode:
     """The master's state: its replica of (x, g), the method's per-worker rows (EF21's g_i), EF21-W's weights and
-    EF21-BC's broadcast compressor."""
+    EF21-BC's broadcast compressor, or EF21-P's copy of the workers' point w."""
 
     def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float, rule: StepRule | None = None,
                  weights: np.ndarray | None = None, downlink: BroadcastCompressor | None = None,
-                 rows_dtype: Any = np.float64) -> None:
+                 rows_dtype: Any = np.float64, primal: PrimalBroadcast | None = None) -> None:
         self.method = method
         self.n = n
         self.d = x0.shape[0]
@@ -193,11 +193,17 @@ class MasterNode:
         self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma))
         self.weights = weights
         self.downlink = downlink
+        self.primal = primal
         self.round = 0
 
     @property
     def x(self) -> np.ndarray:
         return self.replica.x
+
+    @property
+    def shared(self) -> Replica:
+        """The replica every worker holds a copy of: the master's own, or with EF21-P the point w."""
+        return self.replica if self.primal is None else self.primal.shared
 
     def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
         """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
@@ -207,20 +213,26 @@ class MasterNode:
 
     def fold(self, messages: Sequence[Message | None]) -> Downlink:
         """The round's downlink and the method's per-worker state: O(n·k) for sparse messages (EF21-BC adds an
-        O(d) pass: its compressor looks at the whole g̃ − g).
+        O(d) pass: its compressor looks at the whole g̃ − g; EF21-P moves the model here, O(d), and compresses
+        x^{t+1} − w).
 
         Split from ``apply`` so that a networked master can send the downlink before it spends O(d) on its own
         replica, which then overlaps with the workers' next gradient.
         """
         if len(messages) != self.n:
             raise ValueError(f"expected {self.n} messages, got {len(messages)}")
-        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights)
+        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights, round_=self.round)
+        if self.primal is not None:
+            # EF21-P's broadcast is of the model the uplink has just moved: the model's O(d) step comes first.
+            self.replica.apply(down)
+            return self.primal.transform(self.replica.x, self.round)
         if self.downlink is not None:
             down = self.downlink.transform(down, self.replica.g, self.round)
         return down
 
     def apply(self, down: Downlink) -> None:
-        self.replica.apply(down)
+        """Apply the round's broadcast: to the master's replica, or with EF21-P to its copy of w."""
+        self.shared.apply(down)
         self.round += 1
 
     def worker_state(self, rank: int) -> Any:

@@ -14,6 +14,7 @@ BATCH_STREAM = 1
 PAGE_COIN_STREAM = 2
 PARTICIPATION_STREAM = 3
 DOWNLINK_STREAM = 4
+MARINA_COIN_STREAM = 5
 
 
 def round_rng(seed: int, rank: int, round_: int) -> np.random.Generator:
