@@ -25,13 +25,11 @@ from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting
-from ef21.engine.plan import resolve_method
+from ef21.engine.plan import resolve_method, worker_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.methods.estimators import batch_size_for, make_estimator
 from ef21.methods.participation import participation_count
-from ef21.methods.prox import parse_prox
-from ef21.methods.replica import StepRule
 from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
 from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
 from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
@@ -420,8 +418,8 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
 
 
 def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
-    """The most entries an honest sparse RoundResult holds: K with EF21-BC (its broadcast compressor's output),
-    else the union of n messages of at most k entries each."""
+    """The most entries an honest sparse RoundResult holds: K with EF21-BC or EF21-P (its broadcast compressor's
+    output), else the union of n messages of at most k entries each."""
     if cfg.downlink_k is not None:
         return min(d, cfg.downlink_k)
     return min(d, cfg.workers * max_entries(node.compressor, d))
@@ -449,7 +447,7 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
     tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
            if estimator.stochastic else 0)
     setting = WorkerSetting(
-        gamma=start.gamma, rule=StepRule(start.x_step, cfg.momentum, None if cfg.prox is None else parse_prox(cfg.prox)),
+        gamma=start.gamma, rule=worker_rule(cfg, method, start.x_step),
         init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
         tau=tau, page_p=start.page_p or 1.0,
         grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),

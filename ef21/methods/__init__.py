@@ -24,10 +24,10 @@ from ef21.errors import UserError
 from .base import Downlink, InitMode, Message, Method, WorkerContext
 from .dcgd import DCGD
 from .diana import DIANA
+from .econtrol import EControl
 from .ef import EF
 from .ef21 import EF21
 from .ef21plus import EF21Plus
-from .econtrol import EControl
 from .gd import GD
 from .lazy import CLAG, LAG
 from .marina import MARINA
