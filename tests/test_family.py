@@ -243,3 +243,23 @@ def test_the_family_from_a_config_file(tmp_path):
     assert "marina-P / urandk k=8, downlink topk K=6" in r.stdout and "marina_p=0.25" in r.stdout, r.stdout
     last = json.loads(log.read_text().splitlines()[-1])
     assert last["round"] == 20 and last["bits_down_per_worker"] == 19 * 6 * 32  # round 0 is not counted
+
+
+@pytest.mark.slow
+def test_ef21p_diana_resumes_from_its_checkpoint_exactly(tmp_path):
+    """A run stopped at 30 rounds and resumed to 60 is the 60-round run bit for bit: the checkpoint keeps EF21-P's
+    w and DIANA's h (the replicas' g) and every h_i (the rows), and the workers of the resumed run, handed their
+    h_i and w in the Start, carry on exactly."""
+    ck, log, out = tmp_path / "ck.npz", tmp_path / "l.jsonl", tmp_path / "x.npy"
+    flags = ["--workers", "3", "--method", "diana", "--compressor", "urandk", "--k", "8", "--stepsize-mult", "8",
+             "--downlink-method", "ef21-p", "--downlink-k", "8", "--x0", "normal:0"]
+    common = [*flags, "-q", "--status-port", "-1", "--checkpoint", str(ck), "--log", str(log), "--out", str(out)]
+    for rounds, extra in (("30", []), ("60", ["--resume", str(ck)])):
+        r = subprocess.run([PY, "-m", "ef21", "run", *common, "--rounds", rounds, *extra], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    sim = simulate(config_of([*flags, "--rounds", "60"]))
+    np.testing.assert_array_equal(np.load(out), sim.x)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(61))
+    assert rows[-1]["grad_norm_sq"] == sim.records[-1].grad_norm_sq

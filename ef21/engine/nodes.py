@@ -93,7 +93,8 @@ class WorkerNode:
         round_: int = 0,
     ) -> None:
         """A fresh worker (round 0), or with ``g``, ``v``, ``state`` and ``round_`` one that takes over a running
-        rank (its estimator state, if any, restarts from the full gradient)."""
+        rank (its estimator state, if any, restarts from the full gradient). ``state`` is the row the master kept
+        for the rank, which the method turns into its own state (``Method.resume_state``)."""
         self.method = method
         self.compressor = compressor
         self.objective = objective
