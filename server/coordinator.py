@@ -345,8 +345,9 @@ class Coordinator:
         self.settle()
         rep = self.master.shared  # what the workers hold: (x, g), or with EF21-P the point w
         state = self.master.worker_state(s.rank)
-        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i.
-        if state is None and self.master.rows is not None and self.cfg.init == "full":
+        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i (with
+        # --master-rows none, every worker: the master holds none).
+        if state is None and self.cfg.init == "full":
             self.book.g0_ranks.add(s.rank)
         else:
             self.book.g0_ranks.discard(s.rank)
