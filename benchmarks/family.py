@@ -88,8 +88,8 @@ def S(key: str, **flags: Any) -> Setting:  # noqa: N802  (a table of settings re
 
 # Mushrooms: tuned with `--tune` (the grids in GRIDS; the fewest bits both ways to the target, then the fewest
 # rounds). The sparse problem (0.3 s of CPU a simulated round): EF21 and EF21-BC as constrained_link.py tuned them,
-# CLAG and EControl with EF21's k and multiplier and mushrooms' ζ and η, DIANA and MARINA with the best of two
-# multipliers after 150 rounds (DIANA 256× over 1024×, MARINA 8× over 32×), EF21-P with K = k.
+# CLAG and EControl with EF21's k and multiplier, mushrooms' ζ and EControl's default η = α, DIANA and MARINA with
+# the best of two multipliers after 150 rounds (DIANA 256× over 1024×, MARINA 8× over 32×), EF21-P with K = k.
 SETTINGS: dict[str, tuple[Setting, ...]] = {
     "mushrooms": (
         S("ef21", k=4, stepsize_mult=512, init="compressed"),
@@ -107,7 +107,7 @@ SETTINGS: dict[str, tuple[Setting, ...]] = {
         S("ef21", k=10_000, stepsize_mult=256, init="compressed"),
         S("ef21-bc", k=10_000, downlink_k=10_000, stepsize_mult=256, init="compressed"),
         S("clag", k=10_000, clag_zeta=1.0, stepsize_mult=256, init="compressed"),
-        S("econtrol", k=10_000, econtrol_eta=0.05, stepsize_mult=256, init="compressed"),
+        S("econtrol", k=10_000, stepsize_mult=256, init="compressed"),
         S("diana", compressor="urandk", k=10_000, stepsize_mult=256),
         S("marina", compressor="urandk", k=10_000, stepsize_mult=8),
         S("p-diana", compressor="urandk", k=10_000, downlink_k=10_000, stepsize_mult=256),
@@ -170,6 +170,10 @@ GRIDS: dict[str, list[Setting]] = {
         *_grid("p-diana", compressor=["urandk"], k=[16, 32], downlink_k=[8, 16], stepsize_mult=[32, 64]),
         *_grid("p-marina", compressor=["urandk"], k=[16, 32], downlink_k=[16, 32], stepsize_mult=[8, 16]),
         *_grid("p-ef21", k=[2], downlink_k=[4, 8], stepsize_mult=[256, 512]),
+        # EControl and EF21-P + EF21 reached nothing above; lower multipliers and larger K:
+        *_grid("econtrol", k=[2], econtrol_eta=[0.05, 0.1], stepsize_mult=[64, 128, 256]),
+        *_grid("p-ef21", k=[2], downlink_k=[8, 16, 32], stepsize_mult=[64, 128]),
+        *_grid("ef21", k=[2], stepsize_mult=[256]),
     ],
     "sparse": [
         *_grid("clag", k=[10_000], clag_zeta=[1.0, 4.0], stepsize_mult=[256], init=["compressed"]),
@@ -291,6 +295,14 @@ def plot(results: list[dict[str, Any]], out_dir: Path) -> None:
         print(f"wrote {path}")
 
 
+def merged(results: list[dict[str, Any]], kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This invocation's results, and those of ``kept`` (an earlier JSON) for what it did not run, in table order."""
+    ran = {(r["problem"], r["key"]) for r in results}
+    order = {k: i for i, k in enumerate(COLOURS)}
+    out = [r for r in kept if (r["problem"], r["key"]) not in ran] + results
+    return sorted(out, key=lambda r: (r["problem"], order.get(r["key"], 99)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problem", action="append", choices=sorted(PROBLEMS), default=None,
@@ -319,6 +331,8 @@ def main() -> None:
         write_json(args.json, "family_tune", grid)
         return
     results: list[dict[str, Any]] = []
+    kept = (json.loads(args.json.read_text())["results"]
+            if args.update and args.json is not None and args.json.exists() else [])
     differ: list[str] = []
     with logs_dir(args.logs) as logs:
         for p in problems:
@@ -344,17 +358,16 @@ def main() -> None:
                     print(f"    service: {svc['wall_s']:.1f} s, {(svc['wire_up'] + svc['wire_down']) / 1e6:.3g} MB",
                           flush=True)
                 results.append(r)
-    if args.update and args.json is not None and args.json.exists():  # what was not run now, kept
-        ran = {(r["problem"], r["key"]) for r in results}
-        results = [r for r in json.loads(args.json.read_text())["results"] if (r["problem"], r["key"]) not in ran
-                   ] + results
-        order = {k: i for i, k in enumerate(COLOURS)}
-        results.sort(key=lambda r: (r["problem"], order.get(r["key"], 99)))
+                # Written after every run (the sparse problem's take many minutes each): an interrupted
+                # invocation keeps what it finished, and --update continues from there.
+                write_json(args.json, "family", merged(results, kept))
+    results = merged(results, kept)
     table(results)
     plot(results, args.out)
     write_json(args.json, "family", results)
     if differ:
         sys.exit("family: the service's final |grad f|^2 is not the simulation's for " + ", ".join(differ))
+
 
 if __name__ == "__main__":
     main()

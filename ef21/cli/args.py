@@ -79,8 +79,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--clag-zeta", type=float, default=1.0, metavar="ZETA",
                    help="CLAG/LAG: send only when |grad f_i - g_i|^2 > ZETA |grad f_i(x^t) - grad f_i(x^t-1)|^2 "
                         "(default 1; 0 is EF21)")
-    f.add_argument("--econtrol-eta", type=float, default=0.1, metavar="ETA",
-                   help="EControl: the share of its error a worker feeds back, in (0, 1] (default 0.1)")
+    f.add_argument("--econtrol-eta", type=float, default=None, metavar="ETA",
+                   help="EControl: the share of its error a worker feeds back, in (0, 1] (default: the compressor's "
+                        "alpha, k/d for Top-k)")
     f.add_argument("--diana-alpha", type=float, default=None, metavar="ALPHA",
                    help="DIANA: stepsize of the shifts, in (0, 1/(omega+1)] (default 1/(omega+1))")
     f.add_argument("--marina-p", type=float, default=None, metavar="P",

@@ -99,8 +99,8 @@ class RunConfig:
     # -- the family since 2021 (docs/methods-family.md) ---------------------------------------------------------------
     clag_zeta: float = 1.0
     """ζ ≥ 0 of CLAG/LAG's trigger: send only when ‖∇f_i − g_i‖² > ζ‖∇f_i(x^t) − ∇f_i(x^{t−1})‖²."""
-    econtrol_eta: float = 0.1
-    """η in (0, 1] of EControl: the share of its error a worker feeds back."""
+    econtrol_eta: float | None = None
+    """η in (0, 1] of EControl: the share of its error a worker feeds back; None: the compressor's α (δ)."""
     diana_alpha: float | None = None
     """α of DIANA's shifts, in (0, 1/(ω+1)]; None: 1/(ω+1)."""
     marina_p: float | None = None
@@ -167,7 +167,7 @@ class RunConfig:
     def _check_family(self) -> None:
         if not (math.isfinite(self.clag_zeta) and self.clag_zeta >= 0.0):
             raise UserError(f"--clag-zeta must be >= 0 (the trigger's ζ), got {self.clag_zeta}")
-        if not 0.0 < self.econtrol_eta <= 1.0:
+        if self.econtrol_eta is not None and not 0.0 < self.econtrol_eta <= 1.0:
             raise UserError(f"--econtrol-eta must lie in (0, 1] (0 is EF21: use --method ef21), "
                             f"got {self.econtrol_eta}")
         if self.diana_alpha is not None and not 0.0 < self.diana_alpha <= 1.0:

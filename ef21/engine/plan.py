@@ -47,15 +47,18 @@ def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
 
 
 def method_params(cfg: RunConfig, comp: Compressor, d: int) -> MethodParams:
-    """The methods' parameters, with the defaults that follow from ω: DIANA's α = 1/(ω+1) (the largest its theory
-    allows) and MARINA's p = 1/(ω+1) (k/d for urandk: the 3PC code's choice)."""
+    """The methods' parameters, with the defaults that follow from the compressor: DIANA's α = 1/(ω+1) (the largest
+    its theory allows), MARINA's p = 1/(ω+1) (k/d for urandk: the 3PC code's choice), EControl's η = α (its
+    theory ties η to the compressor's δ = α; η well above α lets the error e_i grow: measured,
+    docs/methods-family.md)."""
     omega = comp.omega(d)
     top = 1.0 if omega is None else 1.0 / (omega + 1.0)
     if cfg.method == "diana" and cfg.diana_alpha is not None and cfg.diana_alpha > top:
         raise UserError(f"--diana-alpha must lie in (0, 1/(omega+1)] = (0, {top:.6g}] for {comp.name} at d = {d}, "
                         f"got {cfg.diana_alpha}")
     return MethodParams(
-        clag_zeta=cfg.clag_zeta, econtrol_eta=cfg.econtrol_eta,
+        clag_zeta=cfg.clag_zeta,
+        econtrol_eta=(comp.alpha(d) or 1.0) if cfg.econtrol_eta is None else cfg.econtrol_eta,
         diana_alpha=top if cfg.diana_alpha is None else cfg.diana_alpha,
         marina_p=top if cfg.marina_p is None else cfg.marina_p, seed=cfg.seed, full_start=cfg.init == "full")
 

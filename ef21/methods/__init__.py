@@ -45,6 +45,7 @@ class MethodParams:
 
     clag_zeta: float = 1.0
     econtrol_eta: float = 0.1
+    """(``make_method``'s default; the plan resolves a config's to the compressor's α.)"""
     diana_alpha: float = 1.0
     marina_p: float = 1.0
     seed: int = 0
