@@ -108,7 +108,8 @@ def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
         counters=Counters(int(meta["round"]), int(ledger["paper_total"]), int(ledger["payload_total"]),
                           int(ledger.get("down_total", 0)), wire, int(meta.get("log_offset") or 0)),  # type: ignore[arg-type]
         last_grad_norm_sq=meta.get("last_grad_norm_sq"), effective_config=meta.get("effective_config"),
-        x=ckpt.x, g=ckpt.g, rows=ckpt.rows, v=ckpt.extra.get("v"), g_tilde=ckpt.extra.get("g_tilde"), w=ckpt.extra.get("w"),
+        x=ckpt.x, g=ckpt.g, rows=ckpt.rows, v=ckpt.extra.get("v"), g_tilde=ckpt.extra.get("g_tilde"),
+        w=ckpt.extra.get("w"),
         ended=None if not ended else (ended["reason"], ended["message"]),
         log_end=meta.get("log_end", meta.get("log_offset")),
     )

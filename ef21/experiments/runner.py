@@ -27,7 +27,6 @@ from ef21.problems.data import BUILTIN
 from .schema import Experiment, RunSpec, command_args
 
 LIBSVM_PAGE = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html"
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -158,11 +157,7 @@ class Runner:
         self._lock = threading.Lock()
         self._stopping = False
         self._on_line = on_line
-        self.env = dict(os.environ)
-        if self.jobs > 1:
-            # Several numpy processes side by side: one BLAS thread each (results do not depend on it).
-            for var in THREAD_VARS:
-                self.env.setdefault(var, "1")
+        self.env = dict(os.environ)  # each run's process limits its own BLAS threads (ef21/__main__.py)
 
     def part_path(self, job: Job) -> Path:
         return run_dir(self.out) / f".{job.key}.jsonl.part"
