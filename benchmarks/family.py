@@ -120,6 +120,12 @@ PROBLEMS = {
     # λ = 1e-3 as in constrained_link.py (at 0.1 the regularizer makes the problem trivial for GD); ‖∇f(0)‖² is
     # 5.8e-4 there, so 1e-7 is a reduction of about 6000.
     "sparse": Problem("sparse", "synthetic-sparse:20000:1350000:3e-4", 1e-3, 1e-7, 2_000, SETTINGS["sparse"]),
+    # The same shape at a quarter of the rows and of the columns (d/N and the density kept, ~80 non-zeros a row),
+    # k and K a quarter too (k/d = 0.74 % as above): a simulated round costs 1/16 of the full problem's, what a
+    # shared 2-core machine under load could run for every method (docs/benchmarks/family.md).
+    "sparse-quarter": Problem("sparse-quarter", "synthetic-sparse:5000:337500:3e-4", 1e-3, 1e-7, 2_000, tuple(
+        Setting(s.key, {f: (v // 4 if f in ("k", "downlink_k") else v) for f, v in s.flags.items()})
+        for s in SETTINGS["sparse"])),
 }
 # The paper's set-up (n = 20, x⁰ ~ N(0, I)) on mushrooms: only tuned (--tune), for the `family` experiment's runs.
 PROBLEMS["mushrooms-n20"] = Problem("mushrooms-n20", "mushrooms", 0.1, 1e-7, 5_000, (), x0="normal:0", n=20)

@@ -29,8 +29,8 @@ SEED = 3
 
 
 def marina_coins(p: float, rounds: int) -> dict[int, bool]:
-    """MARINA's coin of round t, the same for every worker: ``default_rng([seed, t, 5]).random() < p``."""
-    return {t: bool(np.random.default_rng([SEED, t, 5]).random() < p) for t in range(1, rounds + 1)}
+    """MARINA's coin of round t, the same for every worker: ``default_rng([seed, t, 6]).random() < p``."""
+    return {t: bool(np.random.default_rng([SEED, t, 6]).random() < p) for t in range(1, rounds + 1)}
 
 
 @dataclass(frozen=True)

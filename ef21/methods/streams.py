@@ -14,7 +14,8 @@ BATCH_STREAM = 1
 PAGE_COIN_STREAM = 2
 PARTICIPATION_STREAM = 3
 DOWNLINK_STREAM = 4
-MARINA_COIN_STREAM = 5
+# 5: reserved for a PyTorch objective's own draws (dropout, augmentation).
+MARINA_COIN_STREAM = 6
 
 
 def round_rng(seed: int, rank: int, round_: int) -> np.random.Generator:
