@@ -214,9 +214,7 @@ def _tune_one(args: tuple[Problem, Setting]) -> tuple[Setting, dict[str, Any]]:
     return s, r
 
 
-def tune(p: Problem, jobs: int, only: list[str] | None, max_rounds: int | None) -> list[dict[str, Any]]:
-    if max_rounds is not None:
-        p = dataclasses.replace(p, max_rounds=max_rounds)
+def tune(p: Problem, jobs: int, only: list[str] | None) -> list[dict[str, Any]]:
     grid = [s for s in GRIDS[p.name] if only is None or s.key in only]
     print(f"tuning {len(grid)} settings on {p.name} with {jobs} processes", flush=True)
     out = []
@@ -316,7 +314,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="only these methods (keys: ef21, clag, p-diana, …)")
     ap.add_argument("--tune", action="store_true", help="run the problem's grid (GRIDS) with the simulator only")
     ap.add_argument("--jobs", type=int, default=2, help="simulations at a time with --tune")
-    ap.add_argument("--max-rounds", type=int, default=None, help="with --tune: give up on a setting after this many")
+    ap.add_argument("--max-rounds", type=int, default=None,
+                    help="give up on a setting after this many rounds (default: the problem's)")
     ap.add_argument("--no-service", action="store_true", help="the simulator's figures only")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="figure folder")
@@ -332,8 +331,10 @@ def main() -> None:
         plot(doc["results"], args.out)
         return
     problems = [SMOKE] if args.smoke else [PROBLEMS[p] for p in (args.problem or ("mushrooms", "sparse"))]
+    if args.max_rounds is not None:
+        problems = [dataclasses.replace(p, max_rounds=args.max_rounds) for p in problems]
     if args.tune:
-        grid = [r for p in problems for r in tune(p, args.jobs, args.methods, args.max_rounds)]
+        grid = [r for p in problems for r in tune(p, args.jobs, args.methods)]
         write_json(args.json, "family_tune", grid)
         return
     results: list[dict[str, Any]] = []
