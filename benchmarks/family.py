@@ -256,9 +256,12 @@ def table(results: list[dict[str, Any]]) -> None:
               f"wall time and MB (n = {rs[0]['n']}, loopback); 'vs EF21' = EF21's bits both ways / this method's")
         print_table(["method", "settings", "rounds", "bits up", "bits down", "bits both", "vs EF21", "wall s",
                      "MB up", "MB down", "same"],
-                    [[r["key"], r["label"], r["rounds"], r["bits_up"], r["bits_down"], r["bits_both"],
-                      "-" if ef21 is None else ef21["bits_both"] / r["bits_both"], r["wall_s"], r["wire_up"] / 1e6,
-                      r["wire_down"] / 1e6, r["same_as_simulation"]] for r in rs])
+                    [[r["key"], r["label"], r["rounds"] if r["reached"] else f"> {r['rounds']}", r["bits_up"],
+                      r["bits_down"], r["bits_both"],
+                      "-" if ef21 is None or not r["reached"] else ef21["bits_both"] / r["bits_both"],
+                      *(["-"] * 4 if r["wall_s"] is None else  # not reached: no service run
+                        [r["wall_s"], r["wire_up"] / 1e6, r["wire_down"] / 1e6, r["same_as_simulation"]])]
+                     for r in rs])
 
 
 COLOURS = {"ef21": "tab:blue", "ef21-bc": "tab:cyan", "clag": "tab:orange", "lag": "tab:brown",

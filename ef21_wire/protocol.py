@@ -5,7 +5,11 @@ from __future__ import annotations
 # 2: RoundResult.checksum covers the state the round started from (CRC-32 of x and g), not the state after it.
 # 3: f and the distortion ride on Eval, not on every Update; PowerStep/PowerReply; Start carries EF21-HB's v,
 #    EF21-W's weight and PAGE's p; Hello carries the objective's identity.
-PROTOCOL_VERSION = 3
+# 4: a model's layout and initial buffers on Setup, its buffer changes on Update and RoundResult, the replicated
+#    state beside x, g and v (buffers, the optimizer's state) on Start and Resync.
+# 5: the EF21 family (docs/methods-family.md): under EF21-P, Start's and Resync's x and the checksum are the
+#    workers' shared point w; MARINA's dense rounds carry whole gradients; CLAG's skip is an empty Update.
+PROTOCOL_VERSION = 5
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 

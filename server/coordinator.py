@@ -37,7 +37,13 @@ from ef21.methods.stepsize import TheoryConstants
 from ef21.problems.data import shard_bounds
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.protocol import GRPC_FRAME_BYTES
-from ef21_wire.serde import dense_to_proto, encoded_from_proto, round_result_to_bytes, state_checksum
+from ef21_wire.serde import (
+    dense_to_proto,
+    encoded_from_proto,
+    round_result_to_bytes,
+    state_checksum,
+    state_to_proto,
+)
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import persistence
@@ -193,7 +199,8 @@ class Coordinator:
             x=rep.x, g=rep.g, rows=self.master.rows, v=rep.v,
             g_tilde=None if self.master.downlink is None else self.master.downlink.g_tilde,
             w=None if self.master.primal is None else self.master.primal.shared.x,
-            ended=ended, log_end=None if ended is None else self.writer.offset))
+            ended=ended, log_end=None if ended is None else self.writer.offset, layout=m.layout,
+            state=rep.extra_state()))
 
     def _restore(self, path: Path) -> int | None:
         """Put the run saved at ``path`` (or its ``.prev``) into this master; returns where its log continues."""
@@ -204,13 +211,17 @@ class Coordinator:
         self.members.reference = run.reference  # type: ignore[assignment]
         self.members.d = d = run.d
         self.members.objective_id = run.objective_id
+        self.members.layout, self.members.layout_fixed = run.layout, True
         self.constants = run.constants
         self.L_i, self.n_samples = run.L_i, run.n_samples
-        self.plan = make_plan(self.cfg, d, self.constants.L, self.L_i, self.n_samples, constants=self.constants)
-        self.book.participation = self.plan.participation
-        self.book.max_entries = max_entries(self.plan.compressor, d)
-        self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
-        self.master = self.plan.master_node(run.x, self.opts.rows_dtype)
+        self.plan = make_plan(self.cfg, d, self.constants.L, self.L_i, self.n_samples, constants=self.constants,
+                              layout=run.layout)
+        self._book_limits(d)
+        self.master = self.plan.master_node(run.x, self.opts.rows_dtype, run.state.get("buffers"))
+        try:
+            self.master.replica.set_extra_state(run.state)
+        except ValueError as exc:
+            raise UserError(f"checkpoint {used}: {exc}") from None
         self.master.replica.g[:] = run.g
         if run.v is not None:
             self.master.replica.v = run.v.copy()
@@ -346,12 +357,10 @@ class Coordinator:
         L_vals = [i.smoothness for i in infos]
         self.L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]  # type: ignore[arg-type]
         self.n_samples = [i.n_samples for i in infos]
-        self.plan = make_plan(cfg, d, L, self.L_i, self.n_samples)
+        self.plan = make_plan(cfg, d, L, self.L_i, self.n_samples, layout=infos[0].layout)
         self.constants = self.plan.constants
-        self.book.participation = self.plan.participation
-        self.book.max_entries = max_entries(self.plan.compressor, d)
-        self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
-        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.opts.rows_dtype)
+        self._book_limits(d)
+        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.opts.rows_dtype, infos[0].buffers0)
         self.state_facts()
         self.state = "running"
         self.state_detail = ""
@@ -360,6 +369,14 @@ class Coordinator:
         for s in self.sessions.values():
             if s.state is StreamState.SET_UP:
                 self._admit(s)
+
+    def _book_limits(self, d: int) -> None:
+        """What the round book checks messages against, once the plan is known."""
+        assert self.plan is not None
+        self.book.participation = self.plan.participation
+        self.book.max_entries = max_entries(self.plan.compressor, d)
+        self.book.buffer_size = 0 if self.plan.layout is None else self.plan.layout.buffer_size
+        self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
 
     def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
@@ -381,6 +398,7 @@ class Coordinator:
         )
         if rep.v is not None:
             start.momentum.CopyFrom(dense_to_proto(rep.v))
+        state_to_proto(start.state, rep.extra_state())
         if state is not None:
             start.worker_state.CopyFrom(dense_to_proto(state))
         elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
@@ -392,11 +410,13 @@ class Coordinator:
 
     # -- the round's messages (the service calls these) ------------------------------------------------------------
 
-    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None) -> SparseVector:
+    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None,
+                dim: int | None = None) -> SparseVector:
+        """A vector of d entries (``dim``: of another length, e.g. a model's buffers) from a peer, or a refusal."""
         assert self.d is not None
         try:
             enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
-            return decode(enc, expected_dim=self.d, max_nnz=max_nnz)
+            return decode(enc, expected_dim=self.d if dim is None else dim, max_nnz=max_nnz)
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
@@ -422,6 +442,7 @@ class Coordinator:
         resync = pb.Resync(round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))
         if rep.v is not None:
             resync.momentum.CopyFrom(dense_to_proto(rep.v))
+        state_to_proto(resync.state, rep.extra_state())
         s.send(pb.MasterMessage(resync=resync).SerializeToString())
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -563,7 +584,9 @@ class Coordinator:
         # values, and every replica must add exactly the same bits.
         agg = encode(down.vector, packed=self.cfg.encoding == "compact")
         # Only the sampled ranks that were left out travel: everyone draws the sample itself.
-        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped)
+        buffers = None if down.buffers is None else encode(down.buffers)
+        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped,
+                                    buffers)
         for s in self.sessions.values():
             if s.state is StreamState.RUNNING:
                 s.send(raw)
@@ -585,7 +608,7 @@ class Coordinator:
         self.x_finite = bool(np.isfinite(self.master.x).all())
         self.g_norm = g_norm_sq(self.master)
         rep = self.master.shared  # the checksum is of what the workers hold
-        self.checksum = (state_checksum(rep.x, rep.g, rep.v) if self.master.round % self.opts.checksum_every == 0
+        self.checksum = (state_checksum(*rep.state_arrays()) if self.master.round % self.opts.checksum_every == 0
                          else b"")
 
     def _log_round(self, rec: RoundRecord) -> None:

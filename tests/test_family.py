@@ -208,6 +208,9 @@ BAD = [
     (dict(method="marina", compressor="urandk", k=8, estimator="sgd", batch_size=4), "--estimator sgd works with"),
     (dict(method="clag", momentum=0.5), "--momentum is an option of the ef21 method, not clag"),
     (dict(method="diana", compressor="urandk", k=8, mu=0.1), "--mu (the PL stepsize"),
+    (dict(method="diana", compressor="urandk", k=8, optimizer="adam"), "--optimizer is not an option of diana"),
+    (dict(method="marina", compressor="urandk", k=8, downlink_method="ef21-p", downlink_k=4, optimizer="sgd"),
+     "--optimizer is not an option of EF21-P"),
 ]
 
 
@@ -222,6 +225,19 @@ def test_bad_family_flags_are_refused_in_one_line(flags, match):
         resolve_method(cfg, 112)
         resolve_downlink(cfg, 112)
     assert match in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_ef21p_refuses_a_model_with_buffers():
+    """The workers hold w, not x: a model's buffers would need a broadcast of their own."""
+    from ef21.engine.plan import make_plan
+    from ef21.problems.layout import ModelLayout, TensorSpec
+
+    layout = ModelLayout(params=(TensorSpec("w", (8,), "float32"),), buffers=(TensorSpec("bn.mean", (2,), "float32"),))
+    cfg = RunConfig(workers=2, rounds=3, method="diana", compressor="urandk", k=4, downlink_method="ef21-p",
+                    downlink_k=4, stepsize=0.1)
+    with pytest.raises(UserError, match="does not carry a model's buffers"):
+        make_plan(cfg, 8, 1.0, [1.0, 1.0], [None, None], layout=layout)
+    make_plan(cfg, 8, 1.0, [1.0, 1.0], [None, None], layout=ModelLayout(params=layout.params))  # without: runs
 
 
 @pytest.mark.parametrize("command", ["simulate", "run", "master"])

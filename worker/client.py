@@ -40,6 +40,7 @@ from ef21_wire.serde import (
     read_round_result_fast,
     round_result_from_proto,
     state_checksum,
+    state_from_proto,
     update_to_bytes,
     vector_from_proto,
 )
@@ -54,11 +55,12 @@ log = logging.getLogger("ef21.worker")
 
 class WorkerFailure(Exception):
     """The worker cannot go on (refused, master gone, protocol broken); the message says why, ``code`` is the exit
-    status (``ef21.cli.exits``)."""
+    status (``ef21.cli.exits``), ``status`` the gRPC status of the master's refusal, when it was one."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED, *, status: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 class RunStopped(Exception):
@@ -174,7 +176,7 @@ class Stream:
             details = await self.call.details()
             if code == grpc.StatusCode.OK or code in RETRYABLE:
                 raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
-            raise WorkerFailure(f"refused by the master: {code.name}: {details}")
+            raise WorkerFailure(f"refused by the master: {code.name}: {details}", status=code)
         item: pb.MasterMessage | RoundResultIn | None = read_round_result_fast(raw)
         if item is None:
             item = pb.MasterMessage()
@@ -201,7 +203,8 @@ class Stream:
             if stop is not None:
                 raise RunStopped(stop) from None
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
-                raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}") from None
+                raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}",
+                                    status=exc.code()) from None
             raise Reconnect(f"cannot send to the master: {exc}") from None
         return len(raw)
 
@@ -374,13 +377,15 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             # replacements, has d).
             limit = None if rr.aggregate.dense else aggregate_bound(cfg, node, d)
             agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit)
+            b = node.replica.buffers
+            buffers = None if rr.buffers is None or b is None else decode(rr.buffers, expected_dim=b.shape[0])
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
-        in_sync = not rr.checksum or rr.checksum == state_checksum(node.replica.x, node.replica.g, node.replica.v)
+        in_sync = not rr.checksum or rr.checksum == state_checksum(*node.replica.state_arrays())
         # Left out of the round (not sampled, or a straggler): keep the previous g_i, exactly as the master does.
         included = report.message is not None and rank not in rr.missing
-        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=included)
+        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale, buffers), included=included)
         del report  # an evaluation round's dense gradient: not kept while the next round computes another
         if not in_sync:
             await _resync(st, node, d)
@@ -391,14 +396,19 @@ def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
     gram, diag = obj.gram(), obj.diagonal()
     L_i = obj.smoothness()
     x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
+    layout = getattr(obj, "layout", lambda: None)()
+    b0 = getattr(obj, "initial_buffers", lambda: None)() if rank == 0 else None
     setup = pb.Setup(
         rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
-        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
+        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"),
+        layout="" if layout is None else layout.to_json())
     if x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(x0))
+    if b0 is not None:
+        fill_vector(setup.buffers, SparseVector.dense(b0))
     return pb.WorkerMessage(setup=setup)
 
 
@@ -407,7 +417,19 @@ async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
     d = obj.d
     await st.send(setup_message(obj, rank))
     while True:
-        msg = await st.recv_proto()
+        try:
+            msg = await st.recv_proto()
+        except (WorkerFailure, grpc.aio.AioRpcError) as exc:
+            # Refused after our Setup for a precondition (another d, another model): this worker's objective does
+            # not fit the run, and starting it again would not change that. Bad input: exit 2. (The refusal comes
+            # as the read's AioRpcError, or as a WorkerFailure where a write or the stream's end saw it.)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                status, why = exc.code(), f"refused by the master: {exc.details()}"
+            else:
+                status, why = exc.status, str(exc)
+            if status == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UserError(why) from None
+            raise
         kind = msg.WhichOneof("kind")
         if kind in ("start", "stop"):
             return msg
@@ -433,7 +455,9 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
     assert report.message is not None
     v = report.message.vector
     vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
-    return update_to_bytes(report.round, vec, report.message.replace)
+    b = report.message.buffers
+    buffers = None if b is None else encode(b, float32=compact and fits_float32(b.values), packed=compact)
+    return update_to_bytes(report.round, vec, report.message.replace, buffers)
 
 
 def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
@@ -454,7 +478,8 @@ def eval_message(report: WorkerReport) -> bytes:
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
     """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message."""
-    method, comp = resolve_method(cfg, d)
+    layout = getattr(obj, "layout", lambda: None)()
+    method, comp = resolve_method(cfg, d, layout)
     x = vector_from_proto(start.x, expected_dim=d).values
     g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None
     v = vector_from_proto(start.momentum, expected_dim=d).values if start.HasField("momentum") else None
@@ -466,13 +491,20 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
     tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
            if estimator.stochastic else 0)
     setting = WorkerSetting(
-        gamma=start.gamma, rule=worker_rule(cfg, method, start.x_step),
+        gamma=start.gamma, rule=worker_rule(cfg, method, start.gamma),
         init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
         tau=tau, page_p=start.page_p or 1.0,
         grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),
         participation=participation_count(cfg.participation, cfg.workers))
-    return WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, setting=setting,  # type: ignore[arg-type]
-                      g=g, v=v, state=state, round_=start.round)
+    node = WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, setting=setting,  # type: ignore[arg-type]
+                      g=g, v=v, state=state, round_=start.round,
+                      buffers=np.zeros(layout.buffer_size) if layout is not None and layout.buffers else None)
+    try:
+        # The buffers and the optimizer's state as the master holds them at this round (never this worker's own).
+        node.replica.set_extra_state(state_from_proto(start.state, node.replica.extra_state()))
+    except (CodecError, ValueError) as exc:
+        raise WorkerFailure(f"bad Start from the master: {exc}") from None
+    return node
 
 
 async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
@@ -485,3 +517,4 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     node.replica.g[:] = vector_from_proto(msg.resync.g, expected_dim=d).values
     if msg.resync.HasField("momentum"):
         node.replica.v = np.array(vector_from_proto(msg.resync.momentum, expected_dim=d).values)
+    node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

@@ -5,7 +5,10 @@
 - ``lazy`` (CLAG, LAG), ``econtrol``, ``diana``, ``marina``: the family since 2021, with their parameters
   (``MethodParams``).
 - ``estimators``: what a worker compresses against (full gradients, SGD, PAGE, SGDM).
-- ``replica``: (x, g) and the step that moves x (plain, heavy ball, proximal), held alike by every side.
+- ``replica``: (x, g) and the step that moves x (plain, heavy ball, proximal, DIANA's shifted step, an optimizer),
+  with the state beside them, held alike by every side.
+- ``optim``: the master's optimizers on g (SGD, momentum, Nesterov, Adam, AdamW, clipping, schedules), optax-shaped.
+- ``buffers``: a model's buffers (BatchNorm's running statistics) carried beside x: the workers' changes averaged.
 - ``downlink``: EF21-BC, the master's own EF21 on its broadcast; EF21-P, error feedback on the model.
 - ``participation``: EF21-PP's sampling of who takes part in a round.
 - ``prox``: the proximal operators of EF21-Prox.

@@ -52,7 +52,9 @@ def extensions(cfg: VariantSpec) -> list[str]:
         out.append("P" if cfg.downlink_method == "ef21-p" else "BC")
     if cfg.participation is not None:
         out.append("PP")
-    if cfg.momentum > 0.0:
+    if cfg.momentum > 0.0 and getattr(cfg, "optimizer", None) is None:
+        # With --optimizer sgd, --momentum is the optimizer's (the same heavy ball, ef21.methods.optim.trace), chosen
+        # with the other heuristics the optimizer brings rather than as the extension the theory covers.
         out.append("HB")
     if cfg.prox is not None:
         out.append("Prox")
@@ -78,6 +80,11 @@ def check_combination(cfg: VariantSpec) -> None:
         if cfg.method not in allowed:
             raise UserError(f"{_flag(name)} is an option of the {_join(allowed)} method"
                             f"{'s' if len(allowed) > 1 else ''}, not {cfg.method}")
+    if getattr(cfg, "optimizer", None) is not None and (cfg.method == "diana" or "P" in ext):
+        # Both move x by their own rule (DIANA's shifted step, EF21-P's shared point), which an optimizer would
+        # have to replace.
+        raise UserError(f"--optimizer is not an option of {'EF21-P' if 'P' in ext else 'diana'}: it moves x by its "
+                        f"own rule (docs/methods-family.md)")
     if len(ext) > 1 and set(ext) not in COVERED:
         raise UserError(f"EF21 with {' + '.join(ext)} is not covered by the theory (covered: one extension at a time, "
                         f"BC + PP, HB + PP); choose one")
