@@ -67,7 +67,6 @@ def _load_example(model: str) -> Any:
 
 def _ddp_rank(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
     """One DDP process: the training loop a PyTorch user writes, on ef21's shards and minibatches."""
-    import numpy as np
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
