@@ -47,7 +47,7 @@ from ef21_wire.serde import (
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import persistence
-from .curvature import PowerRun, SetupInterrupted, needs_power_iteration, smoothness
+from .curvature import CurvatureRun, GramRun, PowerRun, SetupInterrupted, curvature_run, smoothness
 from .membership import Membership, reference_data
 from .options import FINISHED_REASONS, MASTER_ROWS, MasterOptions
 from .rounds import RoundBook, RoundRules
@@ -88,7 +88,8 @@ class Coordinator:
         self.wake = asyncio.Event()  # anything that may let the current round (or the set-up) move on
         self.done = asyncio.Event()
         self.plan: Plan | None = None
-        self.power: PowerRun | None = None
+        self.curvature: CurvatureRun | None = None  # the exchange with the workers that L needs, while it runs
+        self.setup_attempts = 0  # set-ups begun (one more after each a lost worker interrupted); tags GramRequests
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
         self.L_i: list[float] | None = None
@@ -333,12 +334,17 @@ class Coordinator:
         self.members.fault(identity)
 
     def power_reply(self, s: WorkerStream, msg: pb.PowerReply) -> None:
-        if self.power is None:
+        if not isinstance(self.curvature, PowerRun):
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
         w = self._decode(msg.w, f"PowerReply {msg.iteration}")
         if not w.is_dense:
             raise Refusal("INVALID_ARGUMENT", "PowerReply: the product must be dense")
-        self.power.reply(s, msg.iteration, np.array(w.values))
+        self.curvature.reply(s, msg.iteration, np.array(w.values))
+
+    def gram_reply(self, s: WorkerStream, msg: pb.GramReply) -> None:
+        if not isinstance(self.curvature, GramRun):
+            raise Refusal("FAILED_PRECONDITION", f"unexpected GramReply from rank {s.rank}")
+        self.curvature.reply(s, msg.gram, msg.attempt)
 
     # -- start -----------------------------------------------------------------------------------------------------
 
@@ -347,13 +353,16 @@ class Coordinator:
         cfg, d = self.cfg, self.d
         assert d is not None and self.reference is not None
         infos: list[SetupInfo] = [self.sessions[r].setup for r in range(self.n)]  # type: ignore[misc]
-        if needs_power_iteration(cfg, infos):
-            self.state_detail = f"computing L: power iteration with {self.n} workers"
-            self.power = PowerRun(d, self.sessions, self.members.ready, self.wake)
+        self.setup_attempts += 1
+        self.curvature = curvature_run(cfg, infos, d, self.sessions, self.members.ready, self.wake,
+                                       self.setup_attempts)
+        if self.curvature is not None:
+            how = "the Grams, one rank at a time" if isinstance(self.curvature, GramRun) else "power iteration"
+            self.state_detail = f"computing L: {how} with {self.n} workers"
         try:
-            L = await smoothness(cfg, infos, self.power)
+            L = await smoothness(cfg, infos, self.curvature)
         finally:
-            self.power = None
+            self.curvature = None
         L_vals = [i.smoothness for i in infos]
         self.L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]  # type: ignore[arg-type]
         self.n_samples = [i.n_samples for i in infos]

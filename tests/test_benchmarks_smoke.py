@@ -150,11 +150,22 @@ def check_liveness(doc: dict) -> None:
         assert r["case"] == "hole" and r["server_detects_s"] > 0 and r["client_detects_s"] > 0
 
 
+def check_capacity(doc: dict) -> None:
+    assert {r["case"] for r in doc["results"]} == {"quad", "logreg"}
+    for r in doc["results"]:  # every fake worker joined and the run finished; the bytes are the round's messages
+        n, k = r["n"], r["k"]
+        assert r["result"] == "completes" and r["workers_started"] == n and not r["worker_errors"]
+        assert r["join_s"] > 0 and r["round_ms"] > 0 and r["peak_rss_mib"] > 0 and len(r["load_before"]) == 3
+        assert n * 12 * k <= 1e3 * r["up_kb"] <= n * (12 * k + OVERHEAD)
+        assert 0 < 1e3 * r["down_kb"] <= n * (12 * n * k + OVERHEAD)  # the union of n supports, to each worker
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
     "round_cpu.py": check_round_cpu, "family.py": check_family, "liveness.py": check_liveness,
+    "capacity.py": check_capacity,
 }
 
 

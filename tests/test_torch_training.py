@@ -56,6 +56,8 @@ RESNET_CFG = RunConfig(objective=RESNET, objective_args=(("channels", "2"), ("ro
                        rounds=6)
 
 
+# Slow (a minute and more on the shared machine): three runs of the service, a resume among them. CI runs it.
+@pytest.mark.slow
 def test_train_mode_resnet_run_equals_simulate_resumes_exactly_and_exports(tmp_path):
     """One ``ef21 run`` of the train-mode CNN with the master's optimizer and layer-wise Top-k equals the simulator
     bit for bit (x every round, the buffers at the end); its final checkpoint, resumed by a new master with more
@@ -144,6 +146,7 @@ def test_transformer_run_equals_simulate_and_exports_its_tied_weights(tmp_path):
     assert len(stdlib_lm.generate(model, "def ", 10)) == 14
 
 
+@pytest.mark.slow  # a worker killed and replaced mid-run: half a minute and more on the shared machine
 async def test_a_replacement_worker_gets_the_buffers_and_the_optimizer_state(tmp_path):
     """A worker killed mid-run and replaced: the new process starts from the master's buffers and AdamW state (and
     its g_i), and the run ends on the simulator's iterates as if nothing had happened."""
