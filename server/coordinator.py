@@ -199,6 +199,7 @@ class Coordinator:
             counters=counts, last_grad_norm_sq=self.last_grad_norm_sq, effective_config=self.opts.effective_config,
             x=rep.x, g=rep.g, rows=self.master.rows, v=rep.v,
             g_tilde=None if self.master.downlink is None else self.master.downlink.g_tilde,
+            w=None if self.master.primal is None else self.master.primal.shared.x,
             ended=ended, log_end=None if ended is None else self.writer.offset, layout=m.layout,
             state=rep.extra_state()))
 
@@ -229,6 +230,10 @@ class Coordinator:
             if run.g_tilde is None:
                 raise UserError(f"checkpoint {used}: EF21-BC state (g_tilde) missing")
             self.master.downlink.g_tilde[:] = run.g_tilde
+        if self.master.primal is not None:
+            if run.w is None:
+                raise UserError(f"checkpoint {used}: EF21-P state (w) missing")
+            self.master.primal.shared.x[:] = run.w
         if run.rows is not None:
             if self.master.rows is None or self.master.rows.shape != run.rows.shape:
                 raise UserError(f"checkpoint {used}: per-worker state of shape {run.rows.shape} does not fit")
@@ -380,15 +385,17 @@ class Coordinator:
         self.book.participation = self.plan.participation
         self.book.max_entries = max_entries(self.plan.compressor, d)
         self.book.buffer_size = 0 if self.plan.layout is None else self.plan.layout.buffer_size
+        self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
 
     def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
         assert self.master is not None and self.constants is not None and self.plan is not None
         self.settle()
-        rep = self.master.replica
+        rep = self.master.shared  # what the workers hold: (x, g), or with EF21-P the point w
         state = self.master.worker_state(s.rank)
-        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i.
-        if state is None and self.master.rows is not None and self.cfg.init == "full":
+        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i (with
+        # --master-rows none, every worker: the master holds none).
+        if state is None and self.cfg.init == "full":
             self.book.g0_ranks.add(s.rank)
         else:
             self.book.g0_ranks.discard(s.rank)
@@ -439,7 +446,7 @@ class Coordinator:
             return
         assert self.master is not None
         self.settle()
-        rep = self.master.replica
+        rep = self.master.shared
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
         resync = pb.Resync(round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))
         if rep.v is not None:
@@ -607,9 +614,9 @@ class Coordinator:
     def state_facts(self) -> None:
         """What the coming round needs to know about the replica, computed once it is up to date."""
         assert self.master is not None
-        rep = self.master.replica
-        self.x_finite = bool(np.isfinite(rep.x).all())
+        self.x_finite = bool(np.isfinite(self.master.x).all())
         self.g_norm = g_norm_sq(self.master)
+        rep = self.master.shared  # the checksum is of what the workers hold
         self.checksum = (state_checksum(*rep.state_arrays()) if self.master.round % self.opts.checksum_every == 0
                          else b"")
 

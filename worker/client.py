@@ -26,7 +26,7 @@ from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting
-from ef21.engine.plan import resolve_method, step_rule
+from ef21.engine.plan import resolve_method, worker_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.methods.estimators import batch_size_for, make_estimator
@@ -478,8 +478,8 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
 
 
 def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
-    """The most entries an honest sparse RoundResult holds: K with EF21-BC (its broadcast compressor's output),
-    else the union of n messages of at most k entries each."""
+    """The most entries an honest sparse RoundResult holds: K with EF21-BC or EF21-P (its broadcast compressor's
+    output), else the union of n messages of at most k entries each."""
     if cfg.downlink_k is not None:
         return min(d, cfg.downlink_k)
     return min(d, cfg.workers * max_entries(node.compressor, d))
@@ -508,7 +508,7 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
     tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
            if estimator.stochastic else 0)
     setting = WorkerSetting(
-        gamma=start.gamma, rule=step_rule(cfg, method, start.gamma),
+        gamma=start.gamma, rule=worker_rule(cfg, method, start.gamma),
         init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
         tau=tau, page_p=start.page_p or 1.0,
         grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),

@@ -17,7 +17,7 @@ from ef21.compression.compressors import Compressor
 from ef21.compression.sparse import SparseVector
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
 from ef21.methods.buffers import buffer_delta, mean_delta
-from ef21.methods.downlink import BroadcastCompressor
+from ef21.methods.downlink import BroadcastCompressor, PrimalBroadcast
 from ef21.methods.estimators import EstimateContext, Estimator, Full
 from ef21.methods.participation import participants
 from ef21.methods.replica import Replica, StepRule
@@ -99,7 +99,8 @@ class WorkerNode:
     ) -> None:
         """A fresh worker (round 0), or with ``g``, ``v``, ``state``, ``extra_state`` (the replica's buffers and
         optimizer state) and ``round_`` one that takes over a running rank (its estimator state, if any, restarts
-        from the full gradient). ``buffers``: the model's b⁰."""
+        from the full gradient). ``state`` is the row the master kept for the rank, which the method turns into its
+        own state (``Method.resume_state``). ``buffers``: the model's b⁰."""
         self.method = method
         self.compressor = compressor
         self.objective = objective
@@ -107,7 +108,7 @@ class WorkerNode:
         self.setting = setting or WorkerSetting(gamma, StepRule(1.0 if method.gamma_in_message else gamma),
                                                 init, seed)
         self.gamma = self.setting.gamma
-        self.state: Any = method.worker_init(objective.d) if state is None else state
+        self.state: Any = method.worker_init(objective.d) if state is None else method.resume_state(state)
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule, buffers)
         if extra_state is not None:
@@ -160,7 +161,7 @@ class WorkerNode:
             assert full is not None
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
-        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng)
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()
@@ -195,11 +196,12 @@ class WorkerNode:
 
 class MasterNode:
     """The master's state: its replica of (x, g), the method's per-worker rows (EF21's g_i), EF21-W's weights and
-    EF21-BC's broadcast compressor."""
+    EF21-BC's broadcast compressor, or EF21-P's copy of the workers' point w."""
 
     def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float, rule: StepRule | None = None,
                  weights: np.ndarray | None = None, downlink: BroadcastCompressor | None = None,
-                 rows_dtype: Any = np.float64, buffers: np.ndarray | None = None) -> None:
+                 rows_dtype: Any = np.float64, buffers: np.ndarray | None = None,
+                 primal: PrimalBroadcast | None = None) -> None:
         self.method = method
         self.n = n
         self.d = x0.shape[0]
@@ -207,11 +209,17 @@ class MasterNode:
         self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma), buffers)
         self.weights = weights
         self.downlink = downlink
+        self.primal = primal
         self.round = 0
 
     @property
     def x(self) -> np.ndarray:
         return self.replica.x
+
+    @property
+    def shared(self) -> Replica:
+        """The replica every worker holds a copy of: the master's own, or with EF21-P the point w."""
+        return self.replica if self.primal is None else self.primal.shared
 
     def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
         """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
@@ -221,14 +229,19 @@ class MasterNode:
 
     def fold(self, messages: Sequence[Message | None]) -> Downlink:
         """The round's downlink and the method's per-worker state: O(n·k) for sparse messages (EF21-BC adds an
-        O(d) pass: its compressor looks at the whole g̃ − g).
+        O(d) pass: its compressor looks at the whole g̃ − g; EF21-P moves the model here, O(d), and compresses
+        x^{t+1} − w).
 
         Split from ``apply`` so that a networked master can send the downlink before it spends O(d) on its own
         replica, which then overlaps with the workers' next gradient.
         """
         if len(messages) != self.n:
             raise ValueError(f"expected {self.n} messages, got {len(messages)}")
-        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights)
+        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights, round_=self.round)
+        if self.primal is not None:
+            # EF21-P's broadcast is of the model the uplink has just moved: the model's O(d) step comes first.
+            self.replica.apply(down)
+            return self.primal.transform(self.replica.x, self.round)
         if self.downlink is not None:
             down = self.downlink.transform(down, self.replica.g, self.round)
         b = self.replica.buffers
@@ -239,7 +252,8 @@ class MasterNode:
         return down
 
     def apply(self, down: Downlink) -> None:
-        self.replica.apply(down)
+        """Apply the round's broadcast: to the master's replica, or with EF21-P to its copy of w."""
+        self.shared.apply(down)
         self.round += 1
 
     def worker_state(self, rank: int) -> Any:
