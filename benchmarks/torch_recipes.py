@@ -46,7 +46,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         margin=0.01,
         optim="--estimator sgd --batch-size 32 --optimizer sgd --momentum 0.9 --nesterov --weight-decay 5e-4 "
               "--stepsize 0.05 --lr-schedule cosine --warmup 30",
-        ef21="--k-per-tensor 0.1 --k-floor 4 --encoding compact",
+        # 10 % per tensor ended 1.11 points below the dense loop (98.06 % against 99.17 %); 20 % is within the margin.
+        ef21="--k-per-tensor 0.2 --k-floor 4 --encoding compact",
         smoke=dict(options=["channels=4", "rows=24"], workers=2, rounds=6, eval_every=3),
     ),
     "lm": dict(
@@ -57,8 +58,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         optim="--estimator sgd --batch-size 8 --optimizer adamw --weight-decay 0.1 --clip-norm 1.0 "
               "--stepsize 1e-3 --lr-schedule cosine --warmup 100 --min-lr 1e-4",
         # AdamW needs milder compression than SGD on EF21's aggregate (docs/benchmarks/pytorch.md): 10 % per tensor
-        # ends 0.35 nats above the dense loop, 5 % stalls at the unigram level, 25 % ends 0.056 above.
-        ef21="--k-per-tensor 0.25 --k-floor 4 --encoding compact",
+        # ends 0.35 nats above the dense loop, 5 % stalls at the unigram level, 25 % ends 0.056 above, 50 % below it.
+        ef21="--k-per-tensor 0.5 --k-floor 4 --encoding compact",
         smoke=dict(options=["width=16", "layers=1", "heads=2", "context=16", "train_kb=8", "test_kb=2"], workers=2,
                    rounds=6, eval_every=3),
     ),
