@@ -44,6 +44,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_logs_arg, logs_dir, print_table, thin, write_json  # noqa: E402
+from netns import shape  # noqa: E402
 
 from ef21.engine.config import RunConfig  # noqa: E402
 
@@ -159,9 +160,7 @@ class Link:
                        "rate", rate, "limit", "100000")
                     self.shaper = f"netem rate {rate} delay {delay}"
                 except subprocess.CalledProcessError:
-                    burst = "512kb" if rate.endswith("gbit") else "64kb" if rate.startswith("100") else "16kb"
-                    sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                       "burst", burst, "latency", "100ms")
+                    shape(ns, dev, rate)
                     self.shaper = f"tbf rate {rate} (no netem in this kernel: no added delay)"
         except BaseException:
             self.close()
