@@ -242,16 +242,17 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         prob = build_problem(cfg)
         method, comp = resolve_method(cfg, d)
         obj = prob.objectives[0]
-        worker = WorkerNode(method, comp, obj, 0, gamma=1e-3, x0=np.zeros(d))
+        # Rank 0 beside n - 1 others, so that the downlink is the sparse sum of n distinct Top-k supports, as in a
+        # real round; rounds 0 (g_i⁰ dense) and 1 out of the way.
+        nodes = [WorkerNode(method, comp, prob.objectives[i], i, gamma=1e-3, x0=np.zeros(d)) for i in range(n)]
         master = MasterNode(method, n, np.zeros(d), gamma=1e-3)
-        # Round 0 (g_i⁰ dense) out of the way; the downlink of later rounds is the sparse sum of n Top-k messages,
-        # here n different workers' (as distinct supports as in a real round).
-        others = [WorkerNode(method, comp, prob.objectives[i], i, gamma=1e-3, x0=np.zeros(d)) for i in range(n)]
-        for w in others:
-            w.step(evaluate=False)
-        down = master.aggregate([w.step(evaluate=False).message for w in others])
+        for _ in range(2):
+            down = master.aggregate([w.step(evaluate=False).message for w in nodes])
+            for w in nodes:
+                w.apply(down)
+        down = master.aggregate([w.step(evaluate=False).message for w in nodes])
+        worker = nodes[0]
         worker.apply(down)
-        down = master.aggregate([w.step(evaluate=False).message for w in others])
         x = worker.replica.x
         number = 3 if d >= 10**7 else 10
         t_grad = best_time(lambda: gradient(obj, x), number, repeat=3)
