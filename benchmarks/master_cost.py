@@ -65,6 +65,7 @@ def fold_case(d: int, n: int, k: int, rng: np.random.Generator) -> tuple[list, d
     number = 5 if d >= 1_000_000 else 50
     t_round = best_time(lambda: master.aggregate(msgs), number, repeat=3)
     t_fold = best_time(lambda: sparse_sum([m.vector for m in msgs], d), number, repeat=3)
+    t_node_fold = best_time(lambda: master.fold(msgs), number, repeat=3)  # whatever MasterNode folds with
     all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
     all_val = np.concatenate([m.vector.values for m in msgs])
     acc = np.zeros(d)
@@ -76,7 +77,8 @@ def fold_case(d: int, n: int, k: int, rng: np.random.Generator) -> tuple[list, d
     target = (n + 3) * 8 * d
     return ([d, n, k, t_round * 1e3, t_fold * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target],
             {"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3,
-             "scatter_add_ms": t_scatter * 1e3, "held_bytes": held, "target_bytes": target})
+             "node_fold_ms": t_node_fold * 1e3, "scatter_add_ms": t_scatter * 1e3, "held_bytes": held,
+             "target_bytes": target})
 
 
 def rows_settings(d: int, n: int, k: int) -> tuple[list[list], list[dict]]:
