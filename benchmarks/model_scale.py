@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns  # noqa: E402
-from common import base_parser, best_time, load_average, print_table, run_apart, write_json  # noqa: E402
+from common import base_parser, best_time, exit_on_sigterm, load_average, print_table, run_apart, write_json  # noqa: E402
 
 SECTIONS = ("rounds", "cpu", "mlp", "worker", "decode", "fold")
 
@@ -393,6 +393,7 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, default=None, metavar="JSON",
                     help="an earlier run's --json: print its figures beside these")
     ns = ap.parse_args()
+    exit_on_sigterm()
     try:
         import torch  # noqa: F401
     except ImportError:
