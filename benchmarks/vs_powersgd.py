@@ -38,6 +38,7 @@ shared machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns  # noqa: E402
-from common import add_logs_arg, base_parser, exit_on_sigterm, load_average, logs_dir, print_table, thin, write_json  # noqa: E402
+from common import add_logs_arg, base_parser, exit_on_sigterm, load_average, logs_dir, print_table, write_json  # noqa: E402
 from ddp_runs import GLOO_NOTE, Contender, DDPResult, free_port, run_ddp  # noqa: E402
 from digits_runs import example_dim, run_ef21_apart  # noqa: E402
 
@@ -233,7 +234,7 @@ def race(model: Model, ns: Any, private: bool, links: list[str], logs: Path) -> 
                     entry = _entry(out, r.label)
                     entry["links"][link] = {
                         "time_to_target_s": r.step_end_s[-1], "final_acc": r.acc[-1],
-                        "same_as_curve": r.acc[-1] == _curve_acc(entry), "step_end_s": _thinned(r.step_end_s),
+                        "same_as_curve": r.acc[-1] == _curve_acc(entry), "time_at": _at_evals(entry, r.step_end_s),
                         **ddp_wire(env, r)}
                 print(f"  {model.key} {link}: DDP timing in {time.perf_counter() - t0:.0f} s", flush=True)
             for c in ef21_cs:
@@ -248,7 +249,7 @@ def race(model: Model, ns: Any, private: bool, links: list[str], logs: Path) -> 
                 ends = [by_round[t]["elapsed_s"] for t in range(steps)]
                 entry["links"][link] = {
                     "time_to_target_s": ends[-1], "final_acc": curve.acc[-1],
-                    "same_as_curve": curve.acc[-1] == _curve_acc(entry), "step_end_s": _thinned(ends),
+                    "same_as_curve": curve.acc[-1] == _curve_acc(entry), "time_at": _at_evals(entry, ends),
                     "counted_bytes": _ef21_bytes(by_round, steps), "eval_bytes": by_round[steps]["eval_bytes"],
                     "process_s": curve.process_s, **wire}
                 print(f"  {model.key} {link}: {c.label} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -272,9 +273,11 @@ def _curve_acc(entry: dict[str, Any]) -> float:
     return cv["acc"][cv["rounds"].index(entry["steps_to_target"])]
 
 
-def _thinned(ends: list[float]) -> list[list[float]]:
-    """(t, seconds at which x^{t+1} existed) at up to 200 steps: the figure's time axis without the raw log."""
-    return [[t, ends[t]] for t in thin(ends)]
+def _at_evals(entry: dict[str, Any], ends: list[float]) -> list[list[float]]:
+    """(t, seconds at which x^t existed on this link) at the curve's evaluation steps up to the target: the
+    figure's time axis. ``ends[t]`` is when step t's update (x^{t+1}) was done."""
+    return [[t, 0.0 if t == 0 else round(ends[t - 1], 4)] for t in entry["curve"]["rounds"]
+            if t <= entry["steps_to_target"]]
 
 
 def slug(label: str) -> str:
@@ -335,18 +338,18 @@ def plot(docs: list[dict[str, Any]], links: list[str], path: Path) -> None:
                          and c["links"][ln].get("total_sent_bytes")), None)
             if star is not None:
                 row[0].plot([star["total_sent_bytes"] / 1e6], [target], marker="x", color=style["color"], ms=8)
-            t_max = c["steps_to_target"]
             for ax, ln in zip(row[1:], links):
                 if ln not in c["links"]:
                     continue
-                ends = dict((int(t), s) for t, s in c["links"][ln]["step_end_s"])
-                pts = [(0.0 if t == 0 else _at(ends, t - 1), a) for t, a in zip(cv["rounds"], acc) if t <= t_max]
+                at = dict((int(t), s) for t, s in c["links"][ln]["time_at"])
+                pts = [(at[t], a) for t, a in zip(cv["rounds"], acc) if t in at and t > 0]  # log axis: t > 0
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
         row[0].set_xscale("log")
         row[0].set_xlabel("MB sent, all processes (counted; x: on the wire to target)")
         row[0].set_ylabel(f"{doc['title']}\nheld-out accuracy (%)")
         for ax, ln in zip(row[1:], links):
-            ax.set_xlabel(f"seconds from step 0, {ln}")
+            ax.set_xlabel(f"seconds from step 0, {ln} (log)")
+            ax.set_xscale("log")
         for ax in row:
             ax.axhline(target, color="grey", lw=0.8, ls=":")
             ax.set_ylim(max(0, target - 30), 100)
@@ -360,14 +363,6 @@ def plot(docs: list[dict[str, Any]], links: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
-
-
-def _at(ends: dict[int, float], t: int) -> float:
-    """Seconds at step t from a thinned series (nearest kept step at or below t, else the first above)."""
-    if t in ends:
-        return ends[t]
-    below = [k for k in ends if k <= t]
-    return ends[max(below)] if below else ends[min(ends)]
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
@@ -388,9 +383,18 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                     help="only these contenders (dense DDP always runs: it sets the target)")
     ap.add_argument("--plot", type=Path, default=None, help="figure (PNG)")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                    help="only print the tables and draw --plot again from an earlier run's --json")
     add_logs_arg(ap)
     ns = ap.parse_args()
     exit_on_sigterm()
+    if ns.replot is not None:
+        doc = json.loads(ns.replot.read_text())
+        for m in doc["models"]:
+            table(m, doc["links"])
+        if ns.plot is not None:
+            plot(doc["models"], doc["links"], ns.plot)
+        return 0
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -420,7 +424,7 @@ def main() -> int:
           f"the kernel's counters of each link, everything included.")
     results = [{"model": doc["model"], "d": doc["d"], "target_acc": doc["target_acc"],
                 **{k: c[k] for k in ("label", "kind", "steps_to_target", "best_acc", "counted_bytes_to_target")},
-                "links": {ln: {k: v for k, v in c["links"][ln].items() if k != "step_end_s"} for ln in c["links"]}}
+                "links": {ln: {k: v for k, v in c["links"][ln].items() if k != "time_at"} for ln in c["links"]}}
                for doc in docs for c in doc["contenders"]]
     write_json(ns.json, "vs_powersgd", results, workers=ns.workers, steps=ns.steps, eval_every=ns.eval_every,
                stepsize=ns.stepsize, batch_size=ns.batch_size, links=links, namespaces=reason is None,
