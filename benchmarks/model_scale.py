@@ -31,17 +31,26 @@ Sections (``--sections``, default all):
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
 
-import numpy as np
+# One BLAS thread, before numpy loads, as every ef21 process runs (ef21/__main__.py): the in-process sections time
+# ef21's own arithmetic (the worker's step, the decode's finite check, the fold), and numpy's default pool — one
+# thread per core, fighting the other processes of a loaded 2-core machine — turned a 10^5-long dot product into
+# milliseconds (issue 22's diagnosis; the first full run here measured a decode 1000x a copy before this line).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -268,11 +268,10 @@ if psgd_rank and problem != "mushrooms" and d % 1000 == 0:
             super().__init__()
             shape = (1000, d // 1000)
             self.w = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-            self.register_buffer("h", h.view(shape))
-            self.register_buffer("c", c.view(shape))
+            self.h, self.c = h.view(shape), c.view(shape)  # this rank's own: plain tensors, never synced
         def forward(self):
             return 0.5 * (self.h * (self.w - self.c) ** 2).sum()
-    ddp = DistributedDataParallel(Quadratic(), broadcast_buffers=False)
+    ddp = DistributedDataParallel(Quadratic())
     ddp.register_comm_hook(psgd.PowerSGDState(None, matrix_approximation_rank=psgd_rank, start_powerSGD_iter=2),
                            psgd.powerSGD_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
@@ -319,10 +318,11 @@ def gloo_times(case: Case, n: int, rounds: int, up: int, down: int, tmp: Path, *
     procs = [subprocess.Popen([*(prefixes[r] if prefixes else []), sys.executable, "-c", GLOO_RANK, str(r), str(n),
                                str(port), case.problem, str(case.d), str(rounds), str(up), str(down), str(out), addr,
                                iface, "1" if star else "0", str(powersgd_rank), dtype], cwd=ROOT,
-                              stdin=subprocess.DEVNULL) for r in range(n)]
-    codes = [p.wait(timeout=3600) for p in procs]
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    errs = [p.communicate(timeout=3600)[1] for p in procs]  # c10d's warnings: shown only if a rank fails
+    codes = [p.returncode for p in procs]
     if any(codes):
-        raise SystemExit(f"a Gloo process failed: exit statuses {codes}")
+        raise SystemExit(f"a Gloo process failed: exit statuses {codes}\n{next(e for e, c in zip(errs, codes) if c)}")
     times = json.loads(out.read_text())
     return {k: float(np.median(steady(v))) if v else None for k, v in times.items()}
 
