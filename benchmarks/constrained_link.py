@@ -1,7 +1,7 @@
 """Time and bytes to accuracy through the real service on a constrained link: GD against EF21 and EF21-BC.
 
-The master runs in one network namespace and the n workers in another, joined by a veth pair whose both ends
-are shaped with `tc` (netem rate and delay where the kernel has netem, else a tbf token bucket: rate only), so
+The master runs in one network namespace and the n workers in another (tests/netns.py), the workers' link shaped
+both ways with `tc` (netem rate and delay where the kernel has netem, else a tbf token bucket: rate only), so
 every round crosses a link with real bandwidth limits. Needs root and iproute2; without them it says so and
 runs on loopback.
 
@@ -28,11 +28,9 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +41,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/netns.py
 from common import add_logs_arg, logs_dir, print_table, thin, write_json  # noqa: E402
-from netns import shape  # noqa: E402
 
 from ef21.engine.config import RunConfig  # noqa: E402
 
@@ -129,62 +127,32 @@ def cli_flags(cfg: RunConfig) -> list[str]:
     return out
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
 class Link:
-    """Two namespaces joined by a shaped veth pair (addresses 10.222.0.1/2 inside them only)."""
+    """The master in one namespace and the n workers in another (tests/netns.py), the workers' link shaped both
+    ways: they share it to the master, as workers behind one uplink do."""
 
     def __init__(self, rate: str, delay: str) -> None:
-        tag = uuid.uuid4().hex[:5]
-        self.master_ns, self.worker_ns = f"ef21bm{tag}", f"ef21bw{tag}"
-        self.rate, self.delay = rate, delay
-        self.created: list[str] = []
-        self.shaper = ""
+        from tests.netns import Network
+
+        self.net = Network(["master", "workers"], label="bench")
         try:
-            for ns in (self.master_ns, self.worker_ns):
-                sh("ip", "netns", "add", ns)
-                self.created.append(ns)
-                sh("ip", "-n", ns, "link", "set", "lo", "up")
-            a, b = f"bm{tag}", f"bw{tag}"
-            sh("ip", "link", "add", a, "netns", self.master_ns, "type", "veth", "peer", "name", b, "netns",
-               self.worker_ns)
-            for ns, dev, addr in ((self.master_ns, a, "10.222.0.1/24"), (self.worker_ns, b, "10.222.0.2/24")):
-                sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-                sh("ip", "-n", ns, "link", "set", dev, "up")
-                # Both directions shaped: the workers share one link to the master. netem gives rate and delay;
-                # where the kernel lacks netem, a token bucket (tbf) gives the rate alone.
-                try:
-                    sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", delay,
-                       "rate", rate, "limit", "100000")
-                    self.shaper = f"netem rate {rate} delay {delay}"
-                except subprocess.CalledProcessError:
-                    shape(ns, dev, rate)
-                    self.shaper = f"tbf rate {rate} (no netem in this kernel: no added delay)"
+            self.shaper = self.net.rate("workers", rate, delay=delay)
         except BaseException:
-            self.close()
+            self.net.close()
             raise
+        self.master_host = self.net.addr("master")
 
     def close(self) -> None:
-        for ns in self.created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.created = []
+        self.net.close()
 
     def prefix(self, role: str) -> list[str]:
-        return ["ip", "netns", "exec", self.master_ns if role == "master" else self.worker_ns]
+        return self.net.cmd("master" if role == "master" else "workers")
 
 
 def namespaces_available() -> str | None:
-    if os.geteuid() != 0:
-        return "not root"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "iproute2 (ip, tc) missing"
-    try:
-        Link("100mbit", "1ms").close()
-    except subprocess.CalledProcessError as exc:
-        return f"cannot make shaped namespaces: {exc.stderr.strip()}"
-    return None
+    from tests.netns import unavailable
+
+    return unavailable()
 
 
 def simulate_to_target(p: Problem, m: Method, n: int, max_rounds: int) -> tuple[int, list[float], float]:
@@ -202,7 +170,7 @@ def simulate_to_target(p: Problem, m: Method, n: int, max_rounds: int) -> tuple[
 
 def run_once(link: Link | None, cfg: RunConfig, log: Path) -> dict:
     """Exactly ``cfg.rounds`` rounds through the service; ‖∇f‖² is evaluated at the last round only."""
-    host = "10.222.0.1" if link else "127.0.0.1"
+    host = link.master_host if link else "127.0.0.1"
     port = "50051" if link else str(_free_port())
     master = [PY, "-m", "ef21", "master", "--host", "0.0.0.0" if link else host, "--port", port,
               "--status-port", "-1", *cli_flags(cfg), "--eval-every", str(10**9), "--log", str(log)]

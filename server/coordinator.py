@@ -45,7 +45,8 @@ from .curvature import PowerRun, SetupInterrupted, needs_power_iteration, smooth
 from .membership import Membership, reference_data
 from .options import FINISHED_REASONS, MASTER_ROWS, MasterOptions
 from .rounds import RoundBook, RoundRules
-from .session import Refusal, SetupInfo, WorkerSession
+from .session import Refusal, SetupInfo
+from .streams import StreamState, WorkerStream
 
 __all__ = ["Coordinator", "JoinTimeout", "MasterOptions", "MASTER_ROWS", "FINISHED_REASONS"]
 
@@ -132,7 +133,7 @@ class Coordinator:
         return self.members.d
 
     @property
-    def sessions(self) -> dict[int, WorkerSession]:
+    def sessions(self) -> dict[int, WorkerStream]:
         return self.members.sessions
 
     @property
@@ -249,44 +250,64 @@ class Coordinator:
     def free_ranks(self) -> list[int]:
         return self.members.free_ranks()
 
-    def hello(self, msg: pb.Hello, peer: str, identity: str | None = None) -> WorkerSession:
-        session = self.members.hello(msg, peer, identity, self.run_id, self.state)
-        log.info("worker %s (%s) joined as rank %d%s", msg.hostname, peer, session.rank,
-                 "" if self.state == "waiting" else f" at round {self.round}")
-        return session
+    def open_stream(self, peer: str, identity: str) -> WorkerStream:
+        """A new Train stream (``connected``); it has no rank until its Hello is accepted."""
+        s = WorkerStream(peer, identity)
+        self.members.live.add(s)
+        return s
 
-    def setup(self, s: WorkerSession, msg: pb.Setup) -> None:
+    def hello(self, s: WorkerStream, msg: pb.Hello) -> None:
+        if self.state in ("done", "failed", "stopped"):
+            # A worker coming back after the end (its stream broke before the Stop reached it): tell it the run
+            # is over rather than refuse it, so it exits as after any run.
+            s.send(self._stop_message())
+            self.end_stream(s, StreamState.FINISHED, f"the run had ended ({self.stop_reason}: {self.stop_message})")
+            return
+        self.members.hello(s, msg, self.run_id, self.state)
+        assert s.rank is not None
+        log.info("worker %s (%s) joined as rank %d%s", msg.hostname, s.peer, s.rank,
+                 "" if self.state == "waiting" else f" at round {self.round}")
+        s.send(pb.MasterMessage(welcome=pb.Welcome(rank=s.rank, workers=self.n)).SerializeToString())
+
+    def setup(self, s: WorkerStream, msg: pb.Setup) -> None:
         s.setup = self.members.setup_info(s, msg, self._decode)
-        s.state = "ready"
+        s.move(StreamState.SET_UP)
         if self.state == "running":
             self._admit(s)  # a replacement (or a worker of a resumed run) starts from the current state
             return
-        ready = [r for r, x in self.sessions.items() if x.state == "ready"]
+        ready = self.members.ready_ranks()
         self.state_detail = f"{len(ready)} of {self.n} workers ready"
         if len(ready) == self.n:
             self.members.ready.set()
 
-    def lost(self, s: WorkerSession, why: str, *, quiet: bool = False) -> None:
-        if self.sessions.get(s.rank) is not s or s.state in ("done", "lost"):
+    def end_stream(self, s: WorkerStream, state: StreamState, why: str, code: str | None = None, *,
+                   quiet: bool = False) -> None:
+        """End a stream (``finished``, ``left``, ``lost`` or ``refused``): it closes with its status, and its
+        rank is free at once, for a new stream only. Idempotent: a stream ends once."""
+        if not s.finish(state, why, code):
+            return
+        self.members.live.discard(s)
+        if s.rank is None or state is StreamState.FINISHED:
             return
         if self.state == "waiting":
-            del self.sessions[s.rank]  # before the start a rank is simply free again
             self.members.ready.clear()
             self.wake.set()  # a start-up computation waiting on this worker gives up
-            log.info("rank %d left before the start (%s)", s.rank, why)
+            log.info("rank %d %s before the start (%s)", s.rank, state, why)
             return
-        s.state = "lost"
         self.book.forget(s.rank)
-        (log.info if quiet else log.warning)("rank %d lost: %s", s.rank, why)
+        (log.info if quiet else log.warning)("rank %d %s: %s", s.rank, state, why)
         self.wake.set()
 
-    def leave(self, s: WorkerSession, msg: pb.Leave) -> None:
-        """A worker that cannot go on (its objective failed) says why; the rank is then lost as usual."""
+    def lost(self, s: WorkerStream, why: str) -> None:
+        self.end_stream(s, StreamState.LOST, why)
+
+    def leave(self, s: WorkerStream, msg: pb.Leave) -> None:
+        """A worker that cannot go on (its objective failed) says why; its stream ends ``left``."""
         reason = msg.reason[:500]
         s.last_error = reason
         # ``worker_left``: `ef21 run` reports this itself, as its one error line.
         log.warning("worker left the run: %s", reason, extra={"worker_left": True})
-        self.lost(s, f"left: {reason}", quiet=True)
+        self.end_stream(s, StreamState.LEFT, f"rank {s.rank} left the run: {reason}", quiet=True)
 
     def refuse(self, code: str) -> None:
         self.members.refuse(code)
@@ -294,7 +315,7 @@ class Coordinator:
     def fault(self, identity: str) -> None:
         self.members.fault(identity)
 
-    def power_reply(self, s: WorkerSession, msg: pb.PowerReply) -> None:
+    def power_reply(self, s: WorkerStream, msg: pb.PowerReply) -> None:
         if self.power is None:
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
         w = self._decode(msg.w, f"PowerReply {msg.iteration}")
@@ -330,9 +351,10 @@ class Coordinator:
         self.rounds_started_at = time.time()
         log.info("start: %s", self.constants.describe())
         for s in self.sessions.values():
-            self._admit(s)
+            if s.state is StreamState.SET_UP:
+                self._admit(s)
 
-    def _admit(self, s: WorkerSession) -> None:
+    def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
         assert self.master is not None and self.constants is not None and self.plan is not None
         self.settle()
@@ -356,7 +378,7 @@ class Coordinator:
         elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
             log.warning("rank %d: --master-rows none keeps no g_i, so the replacement starts from g_i = 0 and the "
                         "aggregate no longer equals the mean of the workers' g_i", s.rank)
-        s.state = "running"
+        s.move(StreamState.RUNNING)
         s.send(pb.MasterMessage(start=start).SerializeToString())
         self.wake.set()
 
@@ -370,19 +392,19 @@ class Coordinator:
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
-    def update(self, s: WorkerSession, msg: UpdateIn, nbytes: int) -> None:
+    def update(self, s: WorkerStream, msg: UpdateIn, nbytes: int) -> None:
         if self.book.counts(s, msg.round, self.round, "Update", self.state):
             assert self.d is not None
             self.book.update(s, msg, nbytes, self.round, self.d, self._decode)
             if self.book.may_move(self.round):
                 self.wake.set()
 
-    def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int) -> None:
+    def eval(self, s: WorkerStream, msg: pb.Eval, nbytes: int) -> None:
         if self.book.counts(s, msg.round, self.round, "Eval", self.state):
             self.book.eval(s, msg, nbytes, self.round, self._decode)
             self.wake.set()
 
-    def resync(self, s: WorkerSession, msg: pb.ResyncRequest) -> None:
+    def resync(self, s: WorkerStream, msg: pb.ResyncRequest) -> None:
         if not self.book.counts(s, msg.round, self.round, "ResyncRequest", self.state):
             return
         assert self.master is not None
@@ -454,10 +476,18 @@ class Coordinator:
             raise JoinTimeout(self.members.join_timeout_message(self.opts.join_timeout)) from None
 
     def _end_finished(self) -> None:
+        """A finished run resumed (a rescheduled master, or a user who lost the output): nothing to run again,
+        but its outputs are written as at its end — x^T to --out, the plot from its log, which ends where the
+        run ended — so resuming is how a lost --out comes back. --save-iterates has nothing to write: the
+        iterates were never in the checkpoint."""
         assert self.finished_before is not None and self.master is not None
         self.state, self.stop_reason = "done", "finished"
         self.stop_message = self.state_detail = f"the run had finished before this restart ({self.finished_before})"
         self.x_final = self.master.x.copy()
+        if self.opts.save_iterates is not None:
+            log.warning("--save-iterates %s: not written, a finished run's checkpoint keeps no iterates",
+                        self.opts.save_iterates)
+        self._write_outputs_safely()
         log.info("run %s: %s", self.run_id, self.stop_message)
 
     async def _rounds(self) -> None:
@@ -527,7 +557,7 @@ class Coordinator:
         # Only the sampled ranks that were left out travel: everyone draws the sample itself.
         raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped)
         for s in self.sessions.values():
-            if s.state == "running":
+            if s.state is StreamState.RUNNING:
                 s.send(raw)
                 self.wire_down += len(raw) + GRPC_FRAME_BYTES
 
@@ -587,19 +617,26 @@ class Coordinator:
                 self.save_checkpoint(ended=(reason, message))
             except OSError as exc:
                 log.error("final checkpoint not written: %s", exc)
-        raw = pb.MasterMessage(stop=pb.Stop(reason=f"{reason}: {message}", failed=failed)).SerializeToString()
-        for s in self.sessions.values():
-            if s.state != "lost":
-                s.state = "done"
+        raw = self._stop_message()
+        for s in list(self.members.live):
+            if s.rank is not None:  # a stream not yet joined expects a Welcome: its end alone says it all
                 s.send(raw)
-            s.close()
+            self.end_stream(s, StreamState.FINISHED, f"the run ended ({reason}: {message})")
+        self._write_outputs_safely()
+        log.info("run %s: %s", self.state, message)
+
+    def _write_outputs_safely(self) -> None:
         try:
             self._write_outputs()
         except (UserError, OSError) as exc:
             # The run's result is still in memory and in the status; say loudly that a file is missing.
             log.error("could not write the run's outputs: %s", exc)
-            self.state_detail = f"{message}; outputs not written: {exc}"
-        log.info("run %s: %s", self.state, message)
+            self.state_detail = f"{self.stop_message}; outputs not written: {exc}"
+
+    def _stop_message(self) -> bytes:
+        failed = self.state == "failed"
+        return pb.MasterMessage(stop=pb.Stop(reason=f"{self.stop_reason}: {self.stop_message}", failed=failed)
+                                ).SerializeToString()
 
     def _write_outputs(self) -> None:
         o = self.opts
@@ -607,7 +644,7 @@ class Coordinator:
             np.save(ensure_parent(o.out, "--out"), self.x_final)
         if o.save_iterates is not None and self._iterates:
             np.save(ensure_parent(o.save_iterates, "--save-iterates"), np.array(self._iterates))
-        if o.plot is not None and o.log is not None and self.latest is not None:
+        if o.plot is not None and o.log is not None and (self.latest is not None or self.writer.offset > 0):
             from ef21.cli.plotting import plot_logs
 
             self.writer.close()

@@ -21,7 +21,8 @@ from ef21.problems.problem import (
 from ef21_wire.serde import dense_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
-from .session import Refusal, SetupInfo, WorkerSession
+from .session import Refusal, SetupInfo
+from .streams import StreamState, WorkerStream
 
 log = logging.getLogger("ef21.master")
 
@@ -33,7 +34,7 @@ class SetupInterrupted(Exception):
 class PowerRun:
     """One power iteration with the workers, product by product; a lost worker interrupts it."""
 
-    def __init__(self, d: int, sessions: dict[int, WorkerSession], ready: asyncio.Event, wake: asyncio.Event) -> None:
+    def __init__(self, d: int, sessions: dict[int, WorkerStream], ready: asyncio.Event, wake: asyncio.Event) -> None:
         self.pi = global_power_iteration(d)
         self.sessions, self.ready, self.wake = sessions, ready, wake
         self.replies: dict[int, np.ndarray] = {}
@@ -56,8 +57,8 @@ class PowerRun:
         log.info("L: power iteration converged to %.12g in %d products", self.pi.value, self.pi.iterations)
         return self.pi.value
 
-    def reply(self, s: WorkerSession, iteration: int, w: np.ndarray) -> None:
-        if s.state != "ready" or iteration != self.pi.iterations or s.rank in self.replies:
+    def reply(self, s: WorkerStream, iteration: int, w: np.ndarray) -> None:
+        if s.state is not StreamState.SET_UP or iteration != self.pi.iterations or s.rank in self.replies:
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {iteration} from rank {s.rank}")
         self.replies[s.rank] = w
         self.wake.set()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import grpc
 
-# A worker can sit a long time in a round waiting for the slowest peer; pings keep NATs and load balancers from
-# dropping the idle connection, and let the master notice a dead worker (see docs of grpc keepalive).
+# Liveness, the same on both sides and chosen from measurements (worker/channel.py says which): ping every 2 s,
+# give a connection up 4 s after an unanswered ping (and, through TCP_USER_TIMEOUT, after 4 s of unacknowledged
+# data), so a worker that vanished is marked lost 4-6 s later, with or without --round-timeout; pings also keep
+# NATs and load balancers from dropping a quiet connection.
 SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", 30_000),  # ping each client after 30 s of silence
-    ("grpc.keepalive_timeout_ms", 10_000),  # a ping unanswered for 10 s closes the connection
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 4_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    # Workers ping every 20 s (worker/channel.py); allow that without ENHANCE_YOUR_CALM/too_many_pings.
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Workers ping every 2 s: accept pings 1 s apart without data before counting a strike, and never send
+    # GOAWAY (too_many_pings) for them, which would cut an honest worker off.
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),
     # Incoming messages are size-checked against d by the service before parsing; this is the transport's
     # ceiling, well above any message of a d ≤ 2048 Gram or a dense vector of d ≤ 10^7 (80 MB).

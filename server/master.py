@@ -21,6 +21,7 @@ from .security import ServerSecurity
 from .service import MasterService, max_worker_message_bytes
 from .status_doc import status_document
 from .status_http import StatusHTTPServer
+from .streams import StreamState
 
 log = logging.getLogger("ef21.master")
 
@@ -150,6 +151,18 @@ class Master:
         if self.http is not None:
             await self.http.stop()
 
+    def _farewell_s(self) -> float:
+        """How long an ended run keeps serving before the process exits: while a rank's last stream broke before
+        its Stop went out, the drain's grace (``ListenOptions.drain_s``, 5 s): a worker cut off near the end that
+        comes back in that time is told the run is over and exits 0, instead of retrying until its
+        --connect-timeout; else not at all."""
+        cut_off = [r for r, s in self.coord.sessions.items() if s.state is StreamState.LOST]
+        if cut_off:
+            log.info("run ended with rank(s) %s cut off: telling whoever comes back within %g s",
+                     ", ".join(map(str, cut_off)), self.listen.drain_s)
+            return self.listen.drain_s
+        return 0.0
+
     async def serve(self, *, linger: bool = False) -> int:
         """Run to the end; SIGTERM/SIGINT end the run early (workers are told to stop). Exit status.
 
@@ -170,6 +183,8 @@ class Master:
             if linger and not stop.is_set():
                 log.info("run %s; serving its status until stopped (--linger)", self.coord.state)
                 await signalled
+            elif not stop.is_set():
+                await asyncio.wait({signalled}, timeout=self._farewell_s())
         finally:
             done.cancel()
             signalled.cancel()

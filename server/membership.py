@@ -20,7 +20,8 @@ from ef21.problems.problem import quadratic_fingerprint
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .bans import Bans, peer_host
-from .session import Refusal, SetupInfo, WorkerSession
+from .session import Refusal, SetupInfo
+from .streams import StreamState, WorkerStream
 
 log = logging.getLogger("ef21.master")
 
@@ -52,7 +53,11 @@ class Membership:
     def __init__(self, cfg: RunConfig, max_faults: int) -> None:
         self.cfg = cfg
         self.n = cfg.workers
-        self.sessions: dict[int, WorkerSession] = {}
+        self.sessions: dict[int, WorkerStream] = {}
+        """Rank → the stream that holds it, or held it last (an ended stream: the status shows how it ended). A
+        rank is bound exactly while its stream has not ended, and only a new stream can take it after that."""
+        self.live: set[WorkerStream] = set()
+        """Every stream not yet ended, with or without a rank."""
         self.reference: tuple[str, int, int] | None = None
         """(data fingerprint, d, rows) of the run's data."""
         self.objective_id: str | None = None
@@ -63,18 +68,23 @@ class Membership:
         self.ready = asyncio.Event()  # all n workers set up (before the start)
 
     def free_ranks(self) -> list[int]:
-        return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].state == "lost"]
+        return [r for r in range(self.n) if r not in self.sessions or self.sessions[r].ended]
 
     def ready_ranks(self) -> list[int]:
-        return sorted(r for r, s in self.sessions.items() if s.state in ("ready", "running"))
+        return sorted(r for r, s in self.sessions.items() if s.state in (StreamState.SET_UP, StreamState.RUNNING))
 
     def connected(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.state in ("joining", "ready", "running"))
+        return sum(1 for s in self.sessions.values() if not s.ended)
 
-    def hello(self, msg: pb.Hello, peer: str, identity: str | None, run_id: str, run_state: str) -> WorkerSession:
-        """A new stream's Hello: the same run, still taking workers, the same data and objective, a free rank.
-        ``identity``: who the stream is charged to (see ``bans``); default its host."""
-        self.bans.admit(identity or f"host {peer_host(peer)}", self.free_ranks())
+    def bound(self, rank: int) -> WorkerStream | None:
+        """The live stream that holds ``rank``, if any."""
+        s = self.sessions.get(rank)
+        return None if s is None or s.ended else s
+
+    def hello(self, s: WorkerStream, msg: pb.Hello, run_id: str, run_state: str) -> None:
+        """A new stream's Hello: the same run, still taking workers, the same data and objective, a free rank;
+        then the stream holds that rank (``joined``)."""
+        self.bans.admit(s.identity or f"host {peer_host(s.peer)}", self.free_ranks())
         if msg.run_id != run_id:
             # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
             raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({run_id}); join again")
@@ -105,19 +115,21 @@ class Membership:
             if rank >= self.n:
                 raise Refusal("INVALID_ARGUMENT", f"rank {rank} out of range (workers = {self.n})")
             if rank not in free:
+                # Whoever claims a rank another live stream holds: logged with its identity by the service.
                 raise Refusal("ALREADY_EXISTS", f"rank {rank} is taken")
         elif not free:
             raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         else:
             rank = free[0]
-        session = WorkerSession(rank, peer, msg.hostname)
-        self.sessions[rank] = session
-        return session
+        assert self.bound(rank) is None, f"rank {rank} bound twice"
+        s.rank, s.hostname = rank, msg.hostname
+        s.move(StreamState.JOINED)
+        self.sessions[rank] = s
 
-    def setup_info(self, s: WorkerSession, msg: pb.Setup, decode: Callable[[pb.SparseVector, str], SparseVector]
+    def setup_info(self, s: WorkerStream, msg: pb.Setup, decode: Callable[[pb.SparseVector, str], SparseVector]
                    ) -> SetupInfo:
         """A worker's Setup, checked: its objective's d against the run's, its curvature and start."""
-        if s.state != "joining" or msg.rank != s.rank:
+        if s.state is not StreamState.JOINED or msg.rank != s.rank:
             raise Refusal("FAILED_PRECONDITION", f"unexpected Setup for rank {msg.rank} on rank {s.rank}'s stream")
         if msg.dim:
             if self.d is None:

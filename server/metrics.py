@@ -28,12 +28,14 @@ from prometheus_client.utils import floatToGoString
 from ef21.engine.accounting import PAPER_BITS_PER_VALUE
 from ef21.engine.records import RoundRecord
 
+from .streams import StreamState
+
 if TYPE_CHECKING:
     from .coordinator import Coordinator
 
 # The classic text format: every Prometheus 2.x (Debian's included) reads it, and our names need nothing newer.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-WORKER_STATES = ("joining", "ready", "running", "done", "lost")
+WORKER_STATES = tuple(str(s) for s in StreamState)
 RUN_STATES = ("waiting", "running", "done", "failed", "stopped")
 DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                       60.0)
@@ -104,9 +106,11 @@ class MasterCollector(Collector):
                                   "from its checkpoint's round).", value=c.rounds_completed)
         yield self.observer.durations.family(
             "ef21_round_duration_seconds", "Time from one round's close to the next one's (this master's life).")
-        workers = GaugeMetricFamily("ef21_workers", "Worker streams by state.", labels=["state"])
+        workers = GaugeMetricFamily("ef21_workers", "Worker streams by state (each rank's latest stream, and the "
+                                    "streams not yet joined).", labels=["state"])
+        streams = [*c.sessions.values(), *(w for w in c.members.live if w.rank is None)]
         for s in WORKER_STATES:
-            workers.add_metric([s], sum(1 for w in c.sessions.values() if w.state == s))
+            workers.add_metric([s], sum(1 for w in streams if str(w.state) == s))
         yield workers
         yield GaugeMetricFamily("ef21_workers_expected", "Workers the run needs (n).", value=c.n)
         wire = CounterMetricFamily("ef21_wire_bytes", "Bytes of round messages (Update up, RoundResult down) as "

@@ -16,7 +16,8 @@ from ef21.methods.participation import participants
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.v1 import ef21_pb2 as pb
 
-from .session import EvalInfo, Refusal, WorkerSession
+from .session import EvalInfo, Refusal
+from .streams import StreamState, WorkerStream
 
 Decode = Callable[..., SparseVector]
 
@@ -89,10 +90,10 @@ class RoundBook:
 
     # -- what comes in -----------------------------------------------------------------------------------------
 
-    def counts(self, s: WorkerSession, round_: int, t: int, what: str, run_state: str) -> bool:
+    def counts(self, s: WorkerStream, round_: int, t: int, what: str, run_state: str) -> bool:
         """Whether a message about ``round_`` counts in round t; False for a straggler's message of a round that
         closed without it (counted, dropped)."""
-        if run_state != "running" or s.state != "running":
+        if run_state != "running" or s.state is not StreamState.RUNNING:
             raise Refusal("FAILED_PRECONDITION", f"{what} while the run is {run_state} and the worker {s.state}")
         if round_ < t and (s.rank in self.missing_in.get(round_, ()) or (what == "Eval" and round_ == t - 1)):
             # A straggler's message of a round that closed without it (or closed on the timeout before its
@@ -104,7 +105,7 @@ class RoundBook:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {t}")
         return True
 
-    def update(self, s: WorkerSession, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode) -> None:
+    def update(self, s: WorkerStream, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode) -> None:
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
         if not self.sampled(s.rank, t):
@@ -114,7 +115,7 @@ class RoundBook:
                      max_nnz=d if s.rank in self.g0_ranks else self.max_entries)
         self.updates[s.rank] = (Message(vec, msg.replace), nbytes)
 
-    def eval(self, s: WorkerSession, msg: pb.Eval, nbytes: int, t: int, decode: Decode) -> None:
+    def eval(self, s: WorkerStream, msg: pb.Eval, nbytes: int, t: int, decode: Decode) -> None:
         if (not self.is_eval_round(msg.round) or s.rank in self.evals
                 or (s.rank not in self.updates and self.sampled(s.rank, t))):
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
@@ -152,14 +153,14 @@ class RoundBook:
         closing before a connected worker's Eval arrives would turn it into a late message)."""
         return not self.is_eval_round(t) or all(r in self.evals for r in self.updates)
 
-    def may_close_partially(self, t: int, sessions: dict[int, WorkerSession]) -> tuple[bool, str | None]:
+    def may_close_partially(self, t: int, sessions: dict[int, WorkerStream]) -> tuple[bool, str | None]:
         """(whether the round may close without everyone, what to say in the status while it may not)."""
         rules = self.rules
         if not rules.tolerates_missing or rules.round_timeout is None:
             return False, None
         expected = self.expected(t)
         connected_missing = [r for r in expected if r not in self.updates and r in sessions
-                             and sessions[r].state == "running"]
+                             and sessions[r].state is StreamState.RUNNING]
         # No point waiting out the timeout for ranks with no worker at all: they cannot deliver.
         timed_out = time.monotonic() - self.started_at >= rules.round_timeout
         if not timed_out and connected_missing:
@@ -185,7 +186,7 @@ class RoundBook:
         # Past the deadline but below --min-workers: re-check as workers come back.
         return max(0.0, left) + 0.001 if left > 0 else 0.25
 
-    def close(self, t: int, sessions: dict[int, WorkerSession]) -> ClosedRound:
+    def close(self, t: int, sessions: dict[int, WorkerStream]) -> ClosedRound:
         """Close round t with what came in; the next round starts empty."""
         n = self.rules.n
         messages: list[Message | None] = [self.updates[r][0] if r in self.updates else None for r in range(n)]

@@ -1,4 +1,4 @@
-"""The gRPC face of the master: Join, Train (one task per worker stream) and Status.
+"""The gRPC face of the master: Join, Train (one task per worker stream, its life in ``streams``) and Status.
 
 Train is registered with raw-bytes (de)serializers: the master measures every message's size exactly as it
 crossed the wire and checks it against the bound that d implies before parsing anything.
@@ -22,7 +22,8 @@ from ef21_wire.v1 import ef21_pb2 as pb
 
 from .bans import identity_of
 from .coordinator import Coordinator
-from .session import Refusal, WorkerSession
+from .session import Refusal
+from .streams import StreamState, WorkerStream
 
 log = logging.getLogger("ef21.master")
 
@@ -78,85 +79,93 @@ class MasterService:
         return msg
 
     async def train(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        """One worker's stream: handshake, then a reader task feeding the coordinator while this task writes."""
+        """One worker's stream: a reader task feeds its messages to the coordinator while this task writes what
+        the master sends, until the stream ends (``streams``); then the call closes with the end's status."""
         await self._authorize(context, "Train")
-        session: WorkerSession | None = None
-        reader: asyncio.Task | None = None
+        s = self.coord.open_stream(context.peer(), identity_of(context, self.mutual_tls))
+        reader = asyncio.create_task(self._read(requests, s), name=f"read-{context.peer()}")
         try:
-            it = requests.__aiter__()
-            try:
-                raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
-            except (asyncio.TimeoutError, StopAsyncIteration):
-                raise Refusal("DEADLINE_EXCEEDED", "no Hello") from None
-            self._check_size(raw)
-            msg = self._parse(raw)
-            if msg.WhichOneof("kind") != "hello":
-                raise Refusal("FAILED_PRECONDITION", f"first message must be Hello, got {msg.WhichOneof('kind')}")
-            session = self.coord.hello(msg.hello, context.peer(), identity_of(context, self.mutual_tls))
-            session.received(raw)
-            session.send(pb.MasterMessage(welcome=pb.Welcome(rank=session.rank, workers=self.coord.n))
-                         .SerializeToString())
-            reader = asyncio.create_task(self._read(it, session), name=f"read-rank-{session.rank}")
             while True:
-                out = await session.outbox.get()
+                out = await s.outbox.get()
                 if out is None:
                     break
                 await context.write(out)
-            # The outbox closed: the run ended, or the reader stopped on a bad message (its Refusal ends the stream).
-            error = reader.exception() if reader.done() and not reader.cancelled() else None
-            if isinstance(error, Refusal):
-                raise error
-        except Refusal as r:
-            log.warning("refused %s%s: %s", context.peer(), "" if session is None else f" (rank {session.rank})",
-                        r.message)
-            self.coord.refuse(r.code)
-            if session is not None or r.code == "INVALID_ARGUMENT":
-                self.coord.fault(identity_of(context, self.mutual_tls))
-            if session is not None:
-                self.coord.lost(session, r.message)
-            await context.abort(getattr(grpc.StatusCode, r.code), r.message)
         finally:
-            if reader is not None and not reader.done():
-                reader.cancel()
-            if session is not None:
-                self.coord.lost(session, "stream closed")
+            # Whatever stopped the writing (the end, the peer gone, the call cancelled), the reader goes too and
+            # the stream has ended before anything else runs.
+            reader.cancel()
+            self.coord.lost(s, "stream closed")
+            await asyncio.wait([reader])
+        end = s.end
+        assert end is not None
+        if end.code == "OK":
+            return
+        await context.abort(getattr(grpc.StatusCode, end.code), end.message)
 
-    async def _read(self, it: AsyncIterator[bytes], s: WorkerSession) -> None:
-        """Feed one stream's messages to the coordinator; on a refusal, end the stream with its status."""
+    async def _read(self, requests: AsyncIterator[bytes], s: WorkerStream) -> None:
+        """Feed one stream's messages to the coordinator, each checked against the stream's state first."""
+        it = requests.__aiter__()
         try:
-            async for raw in it:
+            while True:
+                try:
+                    if s.state is StreamState.CONNECTED:
+                        raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
+                    else:
+                        raw = await it.__anext__()
+                except StopAsyncIteration:
+                    self.coord.lost(s, "worker closed its stream")
+                    return
+                except asyncio.TimeoutError:
+                    raise Refusal("DEADLINE_EXCEEDED", f"no Hello within {self.handshake_timeout:g} s") from None
                 s.received(raw)
-                if self.coord.state in ("done", "failed", "stopped"):
-                    continue  # messages already in flight when the run ended: nothing to do with them
-                self._check_size(raw)
-                fast = read_update_fast(raw)  # a large Update, read without the generated classes' copies
-                if fast is not None:
-                    self.coord.update(s, fast, len(raw) + GRPC_FRAME_BYTES)
-                    continue
-                msg = self._parse(raw)
-                kind = msg.WhichOneof("kind")
-                if kind == "setup":
-                    self.coord.setup(s, msg.setup)
-                elif kind == "update":
-                    self.coord.update(s, update_from_proto(msg.update), len(raw) + GRPC_FRAME_BYTES)
-                elif kind == "eval":
-                    self.coord.eval(s, msg.eval, len(raw) + GRPC_FRAME_BYTES)
-                elif kind == "resync_request":
-                    self.coord.resync(s, msg.resync_request)
-                elif kind == "power_reply":
-                    self.coord.power_reply(s, msg.power_reply)
-                elif kind == "leave":
-                    self.coord.leave(s, msg.leave)
-                else:
-                    raise Refusal("INVALID_ARGUMENT", f"unexpected {kind} after the handshake")
-            self.coord.lost(s, "worker closed its stream")
-            s.close()
-        except Refusal:
-            s.close()
-            raise
+                if s.ended:
+                    continue  # in flight when the stream ended (e.g. the run's last round): never applied
+                self._dispatch(s, raw)
+        except Refusal as r:
+            self._refuse(s, r)
         except grpc.aio.AioRpcError as exc:
             self.coord.lost(s, f"stream error {exc.code().name}")
-            s.close()
+        except Exception as exc:  # a bug must end this stream visibly, never leave it open and unread
+            log.exception("stream of %s failed", s.peer)
+            self.coord.refuse("INTERNAL")
+            self.coord.end_stream(s, StreamState.REFUSED, f"internal error: {exc!r}", "INTERNAL")
+
+    def _dispatch(self, s: WorkerStream, raw: bytes) -> None:
+        self._check_size(raw)
+        fast = read_update_fast(raw)  # a large Update, read without the generated classes' copies
+        if fast is not None:
+            s.check_accepts("update")
+            self.coord.update(s, fast, len(raw) + GRPC_FRAME_BYTES)
+            return
+        msg = self._parse(raw)
+        kind = msg.WhichOneof("kind")
+        s.check_accepts(kind)
+        if kind == "hello":
+            self.coord.hello(s, msg.hello)
+        elif kind == "setup":
+            self.coord.setup(s, msg.setup)
+        elif kind == "update":
+            self.coord.update(s, update_from_proto(msg.update), len(raw) + GRPC_FRAME_BYTES)
+        elif kind == "eval":
+            self.coord.eval(s, msg.eval, len(raw) + GRPC_FRAME_BYTES)
+        elif kind == "resync_request":
+            self.coord.resync(s, msg.resync_request)
+        elif kind == "power_reply":
+            self.coord.power_reply(s, msg.power_reply)
+        elif kind == "leave":
+            self.coord.leave(s, msg.leave)
+        else:  # a kind ``streams.ACCEPTS`` lets through but nothing here handles: a bug, refused all the same
+            raise Refusal("INTERNAL", f"no handler for {kind}")
+
+    def _refuse(self, s: WorkerStream, r: Refusal) -> None:
+        """End the stream ``refused`` with the refusal's code, logged with the peer's identity."""
+        log.warning("refused %s (%s)%s: %s", s.peer, s.identity, "" if s.rank is None else f" (rank {s.rank})",
+                    r.message)
+        self.coord.refuse(r.code)
+        # Charged to the sender: any refusal once it holds a rank, a malformed message before.
+        if s.rank is not None or r.code == "INVALID_ARGUMENT":
+            self.coord.fault(s.identity)
+        self.coord.end_stream(s, StreamState.REFUSED, r.message, r.code)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {

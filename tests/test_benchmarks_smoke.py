@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
 import subprocess
@@ -127,17 +128,27 @@ def check_constrained_link(doc: dict) -> None:
         assert len(r["trace"]) >= 2 and r["trace"][-1][0] == r["rounds"]  # the figure redraws from the JSON
 
 
+def check_liveness(doc: dict) -> None:
+    for r in doc["results"]:  # a black-holed peer was noticed on both sides (how fast: the full run's table)
+        assert r["case"] == "hole" and r["server_detects_s"] > 0 and r["client_detects_s"] > 0
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
-    "round_cpu.py": check_round_cpu,
+    "round_cpu.py": check_round_cpu, "liveness.py": check_liveness,
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", list(CHECKS))
 def test_benchmark_smoke(script, tmp_path):
+    if script == "liveness.py":
+        from .netns import unavailable
+
+        if reason := unavailable():
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "cl")] if script == "constrained_link.py" else []
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -17,6 +14,8 @@ import yaml
 from ef21.__main__ import build_parser
 from ef21.engine.config import RunConfig
 from ef21.engine.simulate import simulate
+
+from .netns import Network, unavailable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,68 +64,32 @@ def test_dockerfile_installs_the_package_and_exposes_the_ports():
     assert 'ENTRYPOINT ["ef21"]' in text
 
 
-def _can_use_netns() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    probe = f"ef21p{uuid.uuid4().hex[:6]}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"cannot create network namespaces here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
-def namespaces():
-    """A master host and two worker hosts, each in its own namespace, joined to the master by veth links.
-
-    Addresses are in 10.221.N.0/24 inside namespaces this test creates and deletes; nothing leaves the machine.
-    """
-    reason = _can_use_netns()
+def network():
+    """A master host and two worker hosts, each in its own namespace on one bridge (``tests/netns.py``); nothing
+    leaves the machine."""
+    reason = unavailable(faults=False)
     if reason is not None:
         pytest.skip(reason)
-    tag = uuid.uuid4().hex[:5]
-    master, workers = f"ef21m{tag}", [f"ef21w{i}{tag}" for i in (1, 2)]
-    created = []
-    try:
-        for ns in (master, *workers):
-            sh("ip", "netns", "add", ns)
-            created.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for i, ns in enumerate(workers, start=1):
-            a, b = f"em{i}{tag}", f"ew{i}{tag}"
-            sh("ip", "link", "add", a, "netns", master, "type", "veth", "peer", "name", b, "netns", ns)
-            sh("ip", "-n", master, "addr", "add", f"10.221.{i}.1/24", "dev", a)
-            sh("ip", "-n", ns, "addr", "add", f"10.221.{i}.2/24", "dev", b)
-            sh("ip", "-n", master, "link", "set", a, "up")
-            sh("ip", "-n", ns, "link", "set", b, "up")
-        yield master, workers
-    finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with Network(["m", "w1", "w2"], label="deploy") as net:
+        yield net
 
 
-def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
-    master_ns, worker_ns = namespaces
+def test_master_and_workers_on_separate_network_hosts(network, tmp_path):
+    net = network
     cfg = RunConfig(workers=2, method="ef21", compressor="topk", k=2, stepsize_mult=64, rounds=100, x0="normal:0")
     py = [sys.executable, "-m", "ef21"]
     master = subprocess.Popen(
-        ["ip", "netns", "exec", master_ns, *py, "master", "--host", "0.0.0.0", "--port", "50051",
+        net.cmd("m", *py, "master", "--host", "0.0.0.0", "--port", "50051",
          "--status-port", "-1", "--workers", "2", "--k", "2", "--stepsize-mult", "64", "--rounds", "100",
          "--x0", "normal:0", "--save-iterates", str(tmp_path / "xs.npy"), "--log", str(tmp_path / "l.jsonl"),
-         "--verbose"],
+         "--verbose"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         workers = [
-            subprocess.Popen(["ip", "netns", "exec", ns, *py, "worker", "--master", f"10.221.{i}.1:50051",
-                              "--connect-timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i, ns in enumerate(worker_ns, start=1)
+            subprocess.Popen(net.cmd(w, *py, "worker", "--master", f"{net.addr('m')}:50051", "--connect-timeout", "30"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for w in ("w1", "w2")
         ]
         for w in workers:
             _, err = w.communicate(timeout=90)
@@ -137,7 +100,7 @@ def test_master_and_workers_on_separate_network_hosts(namespaces, tmp_path):
         if master.poll() is None:
             master.kill()
     # Each worker reached the master from its own host address, and the master warned about plaintext.
-    assert "ipv4:10.221.1.2" in err and "ipv4:10.221.2.2" in err
+    assert f"ipv4:{net.addr('w1')}" in err and f"ipv4:{net.addr('w2')}" in err
     assert "without TLS" in err
     sim = simulate(cfg, keep_iterates=True)
     xs = np.load(tmp_path / "xs.npy")

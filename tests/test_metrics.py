@@ -77,9 +77,10 @@ async def test_metrics_of_a_live_run_pass_promtool_and_agree_with_status(tmp_pat
     assert one("ef21_round") == T == lat["round"] == 300
     assert one("ef21_rounds_completed_total") == status["rounds_completed"] == T + 1
     assert one("ef21_rounds_planned") == status["rounds_planned"]
-    by_state = {s: sum(w["state"] == s for w in status["workers"]) for s in ("joining", "ready", "running", "done",
-                                                                            "lost")}
-    assert {s: one("ef21_workers", state=s) for s in by_state} == by_state == {**by_state, "done": 2}
+    by_state = {s: sum(w["state"] == s for w in status["workers"]) for s in ("connected", "joined", "set_up",
+                                                                            "running", "finished", "left", "lost",
+                                                                            "refused")}
+    assert {s: one("ef21_workers", state=s) for s in by_state} == by_state == {**by_state, "finished": 2}
     assert one("ef21_workers_expected") == status["workers_expected"]
     assert one("ef21_wire_bytes_total", direction="up") == lat["wire_bytes_up"] > 0
     assert one("ef21_wire_bytes_total", direction="down") == lat["wire_bytes_down"] > 0

@@ -260,3 +260,45 @@ def test_resume_if_exists_after_a_killed_master_and_a_finished_run_is_not_run_ag
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), sim.x)  # not overwritten by the third master
     log = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log] == list(range(301))
+
+
+@pytest.mark.parametrize("linger", [False, True])
+async def test_a_finished_run_resumed_writes_its_outputs_again(tmp_path, linger):
+    """A user who lost the output resumes the finished run's checkpoint: --out comes back (x^T, bit for bit),
+    the plot is drawn from the log, which stays as the run left it, the status says finished; with --linger the
+    files are there while the master still serves."""
+    from .test_reliability import free_port
+
+    ck, log = tmp_path / "ck.npz", tmp_path / "l.jsonl"
+    opts = MasterOptions(CFG, checkpoint=ck, out=tmp_path / "first.npy", log=log)
+    master = Master(opts, ListenOptions(port=0, status_port=None, drain_s=1.0))
+    await master.start()
+    try:
+        assert [c for c, _ in await finish([await spawn_worker(master.address) for _ in range(2)])] == [0, 0]
+        await asyncio.wait_for(master.wait(), 10)
+    finally:
+        await master.shutdown()
+    logged = log.read_bytes()
+    status_port = free_port()
+    out = tmp_path / "lost" / "x.npy"  # a folder that is not there yet, as after a clean-up
+    cmd = cli("master", "--resume", str(ck), "--port", str(free_port()), "--status-port", str(status_port), "--out",
+              str(out), "--log", str(log), "--plot", str(tmp_path / "run.png"), "--join-timeout", "1",
+              *(["--linger"] if linger else []))
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if linger:
+            deadline = time.monotonic() + 30
+            while (doc := await asyncio.to_thread(_status, status_port)) is None or not out.exists():
+                assert time.monotonic() < deadline and proc.returncode is None, doc
+                await asyncio.sleep(0.1)
+            assert doc["state"] == "done" and doc["stop_reason"] == "finished", doc
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()
+    assert "run done: the run had finished before this restart (40 rounds done)" in stdout.decode()
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "first.npy"))
+    np.testing.assert_array_equal(np.load(out), simulate(CFG).x)
+    assert log.read_bytes() == logged and (tmp_path / "run.png").stat().st_size > 0

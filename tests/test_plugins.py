@@ -195,7 +195,7 @@ async def test_a_plugin_failing_mid_run_is_dropped_with_its_reason_in_the_status
         procs = [await spawn_worker(master.address, "--rank", str(r)) for r in range(2)]
         (code, err), = await finish(procs[1:], timeout=60)
         assert code == 2 and "raised ValueError: disk full" in err
-        await eventually(lambda: master.coord.sessions[1].state == "lost", what="rank 1 dropped")
+        await eventually(lambda: master.coord.sessions[1].state == "left", what="rank 1 left")
         doc = master.status()
         assert "disk full" in doc["workers"][1]["last_error"]
         assert doc["state"] == "running"  # the run waits for a replacement; nothing else is lost

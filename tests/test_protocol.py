@@ -89,7 +89,7 @@ async def test_resync_sends_the_masters_dense_state():
          grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
         (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
          grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
-        (dict(hello=pb.Hello()), grpc.StatusCode.INVALID_ARGUMENT, "unexpected hello"),
+        (dict(hello=pb.Hello()), grpc.StatusCode.FAILED_PRECONDITION, "hello is not allowed on a stream that is running"),
     ],
 )
 async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, match):
@@ -103,10 +103,10 @@ async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, 
                 await c.recv()
             assert err.value.code() == code
             assert match in err.value.details()
-        assert master.coord.sessions[0].state == "lost"
+        assert master.coord.sessions[0].state == "refused"
         async with grpc.aio.insecure_channel(master.address) as ch:
             doc = json.loads((await MasterStub(ch).Status(pb.StatusRequest())).json)
-        assert doc["state"] == "running" and doc["workers"][0]["state"] == "lost"
+        assert doc["state"] == "running" and doc["workers"][0]["state"] == "refused"
 
 
 async def test_first_message_must_be_hello():
@@ -155,7 +155,7 @@ async def test_an_update_larger_than_the_compressor_makes_is_refused(init, bad_r
                 await c.recv()
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert f"Update round {bad_round}: {match}" in err.value.details()
-        assert master.coord.sessions[0].state == "lost" and master.coord.state == "running"
+        assert master.coord.sessions[0].state == "refused" and master.coord.state == "running"
 
 
 async def test_a_worker_refuses_an_aggregate_larger_than_n_messages_make():

@@ -64,7 +64,7 @@ async def test_killed_worker_is_replaced_and_the_run_still_converges(tmp_path):
     assert log[-1]["grad_norm_sq"] < 1e-7 and log[-1]["missing"] is None
     skipped = [r["round"] for r in log if r["missing"]]
     assert skipped and all(r["missing"] == [2] for r in log if r["missing"])
-    assert master.coord.sessions[2].state == "done"
+    assert master.coord.sessions[2].state == "finished"
 
 
 async def test_min_workers_makes_the_master_wait(tmp_path):

@@ -95,7 +95,7 @@ async def test_plaintext_client_cannot_talk_to_a_tls_master(pki, tmp_path):
     sec = ServerSecurity(pki / "server.pem", pki / "server.key")
     master, results = await run_with(sec, [[]], tmp_path)
     code, err = results[0]
-    assert code == 1 and "unreachable" in err
+    assert code == 4 and "unreachable" in err
     assert master.coord.sessions == {}
 
 
@@ -110,7 +110,7 @@ async def test_mutual_tls_run_and_a_worker_without_client_certificate_is_refused
     try:
         intruder = await spawn_worker(master.address, "--connect-timeout", "3", *bad)
         (code, err), = await finish([intruder])
-        assert code == 1 and "unreachable" in err  # the TLS handshake fails: no stream is ever opened
+        assert code == 4 and "unreachable" in err  # the TLS handshake fails: no stream is ever opened
         assert master.coord.sessions == {}
         results = await finish([await spawn_worker(master.address, *good) for _ in range(2)])
         assert [c for c, _ in results] == [0, 0], results

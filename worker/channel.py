@@ -11,12 +11,22 @@ from ef21.errors import UserError
 from ef21_wire.auth import check_ca, check_cert_and_key, read_credential, token_metadata
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    # A worker may wait minutes for a slow round; pings keep NATs from dropping the connection and detect a
-    # dead master. 20 s is above the master's min_ping_interval (10 s), so it never answers too_many_pings.
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+    # Liveness, chosen from measurements (benchmarks/liveness.py; docs: Running it for real, faults): both sides
+    # ping every 2 s and give a connection up 4 s after an unanswered ping (gRPC also sets TCP_USER_TIMEOUT to
+    # 4 s: data unacknowledged that long ends it too), so master and worker each notice a silent peer within
+    # 4-6 s, within 6 s of each other. Measured: a stream whose peer is black-holed fails after 6.4 s on both
+    # sides; a 4 MB message crossing a 1 Mbit/s link (35 s) and 60 s of 3 % loss with 30-50 ms of jitter keep
+    # the stream alive; a process busy in pure Python for 12 s still answers (gRPC acks pings off the GIL).
+    # The master's min_ping_interval (1 s) is below 2 s, so it never answers too_many_pings.
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 4_000),
+    ("grpc.keepalive_permit_without_calls", 1),  # between the Join and the stream there is no call
+    ("grpc.http2.max_pings_without_data", 0),  # the default (2) would stop the pings while a round is quiet
+    # Reconnecting: gRPC's defaults wait up to 120 s between connection attempts and 20 s for one; a worker
+    # whose link returns would sit out that backoff. Attempts every second at most, each given up after 2 s.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.min_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]

@@ -43,7 +43,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         reason = eventloop.run(_run_until_signal(opts), ns.event_loop)
     except WorkerFailure as exc:
         print(f"ef21 worker: {exc}", file=sys.stderr)
-        return 1
+        return exc.code
     except UserError as exc:
         print(f"ef21 worker: error: {exc}", file=sys.stderr)
         return 2
@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the run's objective is on this machine (overrides the master's path; its content "
                         "must be the same)")
     w.add_argument("--connect-timeout", type=float, default=120.0,
-                   help="keep retrying this many seconds while the master is not up (default 120)")
+                   help="keep trying to join this many seconds while the master cannot be reached, at the start "
+                        "and whenever the worker lost it during the run; then exit 4 (default 120)")
     w.add_argument("--delay", type=float, default=0.0, metavar="S",
                    help="testing aid: sleep a random 0..S seconds before each update (simulates a straggler)")
     w.add_argument("--verbose", "-v", action="store_true")

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ef21.cli.exits import EXIT_FAILED, EXIT_JOIN_TIMEOUT
 from ef21.compression.codec import CodecError, decode, encode, fits_float32
 from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
@@ -54,7 +55,12 @@ log = logging.getLogger("ef21.worker")
 
 
 class WorkerFailure(Exception):
-    """The worker cannot go on (refused, master gone, protocol broken); the message says why."""
+    """The worker cannot go on (refused, master gone, protocol broken); the message says why, ``code`` is the exit
+    status (``ef21.cli.exits``)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RunStopped(Exception):
@@ -71,13 +77,19 @@ class WorkerOptions:
     objective: str | None = None
     """Path of the user objective's file on this machine (FILE.py:FUNC), overriding the run configuration's."""
     connect_timeout: float = 120.0
-    """How long to keep retrying (with backoff) while the master is not up."""
+    """How long to keep trying to join while the master cannot be reached: before the run, and again whenever the
+    worker has lost its master during it (then it exits with ``EXIT_JOIN_TIMEOUT``)."""
     reply_timeout: float = 3600.0
     """Longest wait for the master's next message (a round waits for the slowest worker)."""
     hostname: str = dataclasses.field(default_factory=socket.gethostname)
     delay: float = 0.0
     """Testing aid: sleep a random time in [0, delay] s before each Update (a straggler, random arrival order)."""
     security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
+
+
+RETRY_CAP_S = 1.0
+"""The longest pause between two tries to reach the master: a worker whose link comes back is back in the run
+within about a second (the channel's own reconnect backoff is capped the same way, worker/channel.py)."""
 
 
 async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinReply:
@@ -92,10 +104,10 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
                 raise WorkerFailure(f"join refused: {exc.code().name}: {exc.details()}") from None
             if time.monotonic() + delay > deadline:
                 raise WorkerFailure(f"master {opts.master} unreachable for {opts.connect_timeout:g} s "
-                                    f"({exc.details()})") from None
+                                    f"({exc.details()})", EXIT_JOIN_TIMEOUT) from None
             log.info("master %s not reachable yet; retrying in %.1f s", opts.master, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RETRY_CAP_S)
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,8 +300,9 @@ async def run_worker(opts: WorkerOptions) -> str:
                 unstarted_since = time.monotonic()
             elif time.monotonic() - unstarted_since > opts.connect_timeout:
                 raise WorkerFailure(f"could not take part in the run for {opts.connect_timeout:g} s: {why}")
-            # Back off when the breaks come fast (e.g. our rank is still held by the connection that just died).
-            delay = min(delay * 2, 5.0) if time.monotonic() - last_break < 10 else 0.2
+            # Back off when the breaks come fast (e.g. our rank is still held by the connection that just died, until
+            # the master's keepalive notices: a few seconds at most).
+            delay = min(delay * 2, RETRY_CAP_S) if time.monotonic() - last_break < 10 else 0.2
             last_break = time.monotonic()
             log.warning("lost the master (%s); joining again as rank %s in %.1f s", why, rank, delay)
             await asyncio.sleep(delay)
@@ -307,6 +320,8 @@ async def _train(st: Stream, cfg: RunConfig, run_id: str, data: WorkerData, opts
         run_id=run_id, requested_rank=-1 if session.rank is None else session.rank, hostname=opts.hostname,
         data_fingerprint=data.fingerprint, dim=data.d, n_rows=data.n_rows, objective_id=data.objective_id)))
     first = await st.recv_proto()
+    if first.WhichOneof("kind") == "stop":  # the run ended while we were (re)joining
+        raise RunStopped(first.stop.reason)
     if first.WhichOneof("kind") != "welcome":
         raise WorkerFailure(f"expected Welcome, got {first.WhichOneof('kind')}")
     rank = session.rank = first.welcome.rank
@@ -373,9 +388,8 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             await _resync(st, node, d)
 
 
-async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
-    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
-    d = obj.d
+def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
+    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d."""
     gram, diag = obj.gram(), obj.diagonal()
     L_i = obj.smoothness()
     x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
@@ -383,12 +397,17 @@ async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
         rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
-        n_samples=getattr(obj, "n_samples", None) or 0, dim=d,
+        n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
         power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
     if x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(x0))
-    await st.send(pb.WorkerMessage(setup=setup))
-    del setup, gram, diag
+    return pb.WorkerMessage(setup=setup)
+
+
+async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
+    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
+    d = obj.d
+    await st.send(setup_message(obj, rank))
     while True:
         msg = await st.recv_proto()
         kind = msg.WhichOneof("kind")
