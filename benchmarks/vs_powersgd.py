@@ -107,6 +107,11 @@ EF21_CONTENDERS = (
     # this one does NOT use the common minibatch stream (each worker's whole shard, every round).
     Ef21Contender("EF21-BC Top-0.3 %, BC 0.3 %, compact, full local gradients",
                   "--method ef21 --k {k03} --downlink-k {k03} --encoding compact"),
+    # The same with g_i⁰ = C(∇f_i(x⁰)) (Algorithm 1): round 0 then moves k entries each way instead of d float64.
+    Ef21Contender("EF21-BC Top-0.3 %, BC 0.3 %, compact, full local gradients, compressed g0",
+                  "--method ef21 --k {k03} --downlink-k {k03} --encoding compact --init compressed"),
+    Ef21Contender("EF21-SGDM Top-1 %, compressed g0",
+                  "--method ef21 --k {k1} --estimator sgdm --batch-size {batch} --init compressed"),
 )
 SMOKE_DDP = (DDP_CONTENDERS[0], DDP_CONTENDERS[2])
 SMOKE_EF21 = (EF21_CONTENDERS[1],)
@@ -403,7 +408,7 @@ def main() -> int:
     reason = netns.unavailable()
     links = list(ns.links)
     if ns.smoke:
-        ns.workers, ns.steps, ns.eval_every, ns.margin = 2, 10, 5, 0.25
+        ns.workers, ns.steps, ns.eval_every, ns.margin = 2, 10, 5, 0.3
         links = ["1gbit"] if reason is None else ["loopback"]
         models = [SMOKE_MODEL]
     else:

@@ -5,7 +5,9 @@ from __future__ import annotations
 # 2: RoundResult.checksum covers the state the round started from (CRC-32 of x and g), not the state after it.
 # 3: f and the distortion ride on Eval, not on every Update; PowerStep/PowerReply; Start carries EF21-HB's v,
 #    EF21-W's weight and PAGE's p; Hello carries the objective's identity.
-PROTOCOL_VERSION = 3
+# 4: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
+#    Start/Resync state vectors sparse when smaller, Eval.grad absent for objectives that report metrics.
+PROTOCOL_VERSION = 4
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import numpy as np
 
 from ef21.compression.codec import EncodedVector, decode, encode
-from ef21.compression.sparse import SparseVector
+from ef21.compression.sparse import INDEX_DTYPE, SparseVector
 
 from .fastwire import RoundResultIn, UpdateIn, read_round_result, read_update, round_result_bytes, update_bytes
 from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
@@ -94,6 +95,29 @@ def round_result_from_proto(m: pb.RoundResult) -> RoundResultIn:
 
 def dense_to_proto(x: np.ndarray) -> pb.SparseVector:
     return vector_to_proto(SparseVector.dense(x))
+
+
+def state_to_proto(x: np.ndarray) -> pb.SparseVector:
+    """A state vector (x, g, g_i, v) for Start and Resync: sparse when its nonzero entries, at 12 bytes each, take
+    fewer bytes than d dense values (g = 0 at round 0 is then empty). Nonzero by bits, so −0.0 travels as itself
+    and the replica's checksum still agrees."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    support = np.flatnonzero(x.view(np.uint64))
+    if 12 * support.size >= 8 * x.size:
+        return dense_to_proto(x)
+    return vector_to_proto(SparseVector(x.size, support.astype(INDEX_DTYPE), x[support]))
+
+
+def state_from_proto(m: pb.SparseVector, d: int) -> np.ndarray:
+    """The dense vector of ``state_to_proto``'s message (raises ef21.compression.codec.CodecError)."""
+    v = vector_from_proto(m, expected_dim=d)
+    return np.array(v.values, dtype=np.float64) if v.is_dense else v.to_dense()
+
+
+def vector_digest(x: np.ndarray) -> bytes:
+    """BLAKE2b-128 of x's float64 little-endian bytes: the x0 a worker computed itself against the master's,
+    once per run (a 32-bit CRC, enough for the per-round drift check, is too weak to stand in for a transfer)."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(x, dtype="<f8")).cast("B"), digest_size=16).digest()
 
 
 def state_checksum(x: np.ndarray, g: np.ndarray, v: np.ndarray | None = None) -> bytes:

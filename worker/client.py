@@ -24,8 +24,8 @@ from ef21.cli.exits import EXIT_FAILED, EXIT_JOIN_TIMEOUT
 from ef21.compression.codec import CodecError, decode, encode, fits_float32
 from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
-from ef21.engine.config import RunConfig
-from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting
+from ef21.engine.config import RunConfig, make_x0
+from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting, sends_eval_grad
 from ef21.engine.plan import resolve_method
 from ef21.errors import UserError
 from ef21.methods import Downlink
@@ -42,7 +42,9 @@ from ef21_wire.serde import (
     read_round_result_fast,
     round_result_from_proto,
     state_checksum,
+    state_from_proto,
     update_to_bytes,
+    vector_digest,
     vector_from_proto,
 )
 from ef21_wire.v1 import ef21_pb2 as pb
@@ -342,10 +344,12 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
     obj = await asyncio.to_thread(local_objective, cfg, rank, data.ds, None, data.info)
     release_free_heap()  # the loader's scratch (rows parsed one by one) is garbage from here on
     d = obj.d
-    first = await _set_up(st, obj, rank)
+    x0 = own_x0(obj, cfg.x0)
+    first = await _set_up(st, obj, rank, cfg.x0, x0)
     if first.WhichOneof("kind") == "stop":
         return first.stop.reason
-    node = _node_from_start(first.start, cfg, obj, rank, d)
+    node = _node_from_start(first.start, cfg, obj, rank, d, x0)
+    del x0
     session.started = True
     eval_every = max(1, first.start.eval_every)
     del first  # its dense x and g: the replica holds its own copies
@@ -359,7 +363,7 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
                 await asyncio.sleep(pause.uniform(0.0, opts.delay))
             await st.send(update_message(report, compact=compact))
         if evaluate:
-            await st.send(eval_message(report))
+            await st.send(eval_message(report, cfg))
         got = await st.recv()
         if isinstance(got, RoundResultIn):
             rr = got
@@ -388,26 +392,38 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             await _resync(st, node, d)
 
 
-def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
-    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d."""
+def own_x0(obj: Any, x0_spec: str | None) -> np.ndarray | None:
+    """The x⁰ this worker computes itself, as the master does (``make_x0`` of the run's --x0 and the objective's
+    own x0()); None when it cannot (an --x0 file this machine lacks): the master then sends x."""
+    try:
+        return make_x0(x0_spec, obj.d, getattr(obj, "x0", lambda: None)())
+    except UserError:
+        return None
+
+
+def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarray | None = None) -> pb.WorkerMessage:
+    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d, and the
+    digest of ``x0`` (its own x⁰, ``own_x0``). Rank 0 also sends its objective's x0() when the run's --x0 does
+    not override it: the master takes the run's x⁰ from it."""
     gram, diag = obj.gram(), obj.diagonal()
     L_i = obj.smoothness()
-    x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
+    objective_x0 = getattr(obj, "x0", lambda: None)() if rank == 0 and x0_spec is None else None
     setup = pb.Setup(
         rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
-        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"))
-    if x0 is not None:
-        fill_vector(setup.x0, SparseVector.dense(x0))
+        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"),
+        x0_digest=b"" if x0 is None else vector_digest(x0))
+    if objective_x0 is not None:
+        fill_vector(setup.x0, SparseVector.dense(objective_x0))
     return pb.WorkerMessage(setup=setup)
 
 
-async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
+async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None, x0: np.ndarray | None) -> pb.MasterMessage:
     """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
     d = obj.d
-    await st.send(setup_message(obj, rank))
+    await st.send(setup_message(obj, rank, x0_spec, x0))
     while True:
         msg = await st.recv_proto()
         kind = msg.WhichOneof("kind")
@@ -446,21 +462,32 @@ def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
     return min(d, cfg.workers * max_entries(node.compressor, d))
 
 
-def eval_message(report: WorkerReport) -> bytes:
+def eval_message(report: WorkerReport, cfg: RunConfig | None = None) -> bytes:
     """An evaluation round's exact figures, serialized: the dense ∇f_i(x^t) (joined into the message by hand,
-    one copy), f_i(x^t), the distortion and metrics."""
+    one copy) unless the objective reports metrics and the run does not ask for ‖∇f‖² (``sends_eval_grad``),
+    f_i(x^t), the distortion and metrics."""
     assert report.grad is not None and report.f is not None
     rest = pb.Eval(f=report.f, distortion=report.distortion, metrics=report.metrics or None)
+    if cfg is not None and not sends_eval_grad(cfg.eval_grad, cfg.tol, report.metrics is not None):
+        rest.round = report.round
+        return pb.WorkerMessage(eval=rest).SerializeToString()
     return eval_bytes(report.round, encode(SparseVector.dense(report.grad)), rest.SerializeToString())
 
 
-def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
-    """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message."""
+def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int,
+                     x0: np.ndarray | None = None) -> WorkerNode:
+    """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message;
+    ``x0``: the worker's own x⁰, which the Start may name instead of sending x."""
     method, comp = resolve_method(cfg, d)
-    x = vector_from_proto(start.x, expected_dim=d).values
-    g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None
-    v = vector_from_proto(start.momentum, expected_dim=d).values if start.HasField("momentum") else None
-    state = vector_from_proto(start.worker_state, expected_dim=d).values if start.HasField("worker_state") else None
+    if start.x_is_own_x0:
+        if x0 is None:
+            raise WorkerFailure("the master's Start names this worker's own x0, but it sent no digest of one")
+        x = x0
+    else:
+        x = state_from_proto(start.x, d)
+    g = state_from_proto(start.g, d) if start.HasField("g") else None
+    v = state_from_proto(start.momentum, d) if start.HasField("momentum") else None
+    state = state_from_proto(start.worker_state, d) if start.HasField("worker_state") else None
     expected_step = 1.0 if method.gamma_in_message else start.gamma
     if start.x_step != expected_step:
         raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker expects {expected_step}")
@@ -483,7 +510,7 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    node.replica.x[:] = vector_from_proto(msg.resync.x, expected_dim=d).values
-    node.replica.g[:] = vector_from_proto(msg.resync.g, expected_dim=d).values
+    node.replica.x[:] = state_from_proto(msg.resync.x, d)
+    node.replica.g[:] = state_from_proto(msg.resync.g, d)
     if msg.resync.HasField("momentum"):
-        node.replica.v = np.array(vector_from_proto(msg.resync.momentum, expected_dim=d).values)
+        node.replica.v = state_from_proto(msg.resync.momentum, d)

@@ -75,6 +75,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
     s.add_argument("--tol", type=float, default=0.0,
                    help="stop once |grad f|^2 < tol (with --prox: the gradient mapping's |G|^2)")
+    s.add_argument("--eval-grad", action="store_true",
+                   help="evaluate |grad f|^2 (each worker's dense gradient sent) on evaluation rounds even when the "
+                        "objective reports its own metrics (default: only objectives without metrics, or --tol)")
     s.add_argument("--x0", default=None,
                    help="zeros, normal:SEED or a .npy file (default: the objective's own x0, else zeros)")
 
@@ -97,7 +100,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         objective=ns.objective, objective_args=parse_objective_args(ns.objective_arg), estimator=ns.estimator,
         batch_size=ns.batch_size, batch_fraction=ns.batch_fraction, page_p=ns.page_p, sgdm_eta=ns.sgdm_eta,
         downlink_k=ns.downlink_k, downlink_compressor=ns.downlink_compressor, participation=ns.participation,
-        momentum=ns.momentum, prox=ns.prox, weights=ns.weights,
+        momentum=ns.momentum, prox=ns.prox, weights=ns.weights, eval_grad=ns.eval_grad,
     )
 
 

@@ -27,6 +27,13 @@ def is_eval_round(t: int, eval_every: int, rounds: int) -> bool:
     return t % eval_every == 0 or t >= rounds
 
 
+def sends_eval_grad(eval_grad: bool, tol: float, has_metrics: bool) -> bool:
+    """Whether a worker's evaluation carries its dense ∇f_i(x^t) (for the log's ‖∇f‖²): always for objectives
+    without metrics of their own (it is their figure) and when ``--tol`` stops on ‖∇f‖²; for the others only with
+    ``--eval-grad``, since at model scale those d floats per worker are most of what an evaluation moves."""
+    return eval_grad or tol > 0 or not has_metrics
+
+
 @dataclass(frozen=True, eq=False)
 class WorkerReport:
     """One worker's output for a round: the uplink (None when it sits the round out) and what the log needs

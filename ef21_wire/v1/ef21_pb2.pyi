@@ -77,7 +77,7 @@ class Welcome(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Setup(_message.Message):
-    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim")
+    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim", "x0_digest")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Setup(_message.Message):
     X0_FIELD_NUMBER: _ClassVar[int]
     POWER_ITERATION_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    X0_DIGEST_FIELD_NUMBER: _ClassVar[int]
     rank: int
     smoothness: float
     shard_rows: int
@@ -96,7 +97,8 @@ class Setup(_message.Message):
     x0: SparseVector
     power_iteration: bool
     dim: int
-    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ...) -> None: ...
+    x0_digest: bytes
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
 
 class Leave(_message.Message):
     __slots__ = ("reason",)
@@ -121,7 +123,7 @@ class PowerReply(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "x_is_own_x0")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,7 @@ class Start(_message.Message):
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PAGE_P_FIELD_NUMBER: _ClassVar[int]
+    X_IS_OWN_X0_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
     x: SparseVector
@@ -146,7 +149,8 @@ class Start(_message.Message):
     momentum: SparseVector
     weight: float
     page_p: float
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ...) -> None: ...
+    x_is_own_x0: bool
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., x_is_own_x0: _Optional[bool] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("round", "message", "replace")
