@@ -271,8 +271,10 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         number = 3 if d >= 10**7 else 10
         t_grad = best_time(lambda: gradient(obj, x), number, repeat=3)
         grad = gradient(obj, x)
-        ctx = WorkerContext(comp, 1e-3, "full", None)
-        state = worker.state
+        # With the worker's kept buffers, as WorkerNode passes them: the step then moves g_i in place (here a
+        # copy of it, moved again at every repetition: the timing does not depend on its values).
+        ctx = WorkerContext(comp, 1e-3, "full", None, np.empty(d), np.empty(d))
+        state = np.array(worker.state)
         t_method = best_time(lambda: method.worker_step(state, grad, ctx, None), number, repeat=3)
         msg = method.worker_step(state, grad, ctx, None)[0]
         report = WorkerReport(worker.round, msg, None, None, None)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ef21.compression.compressors import Compressor
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
+from ef21.methods.base import InPlace, committed
 from ef21.methods.downlink import BroadcastCompressor
 from ef21.methods.estimators import EstimateContext, Estimator, Full
 from ef21.methods.participation import participants
@@ -119,6 +120,8 @@ class WorkerNode:
         self.x_prev: np.ndarray | None = None
         self._pending: Any = None
         self._pending_est: Any = None
+        # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
 
     def participates(self, round_: int | None = None) -> bool:
         s = self.setting
@@ -156,7 +159,10 @@ class WorkerNode:
             assert full is not None
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
-        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng)
+        if self._scratch is None:
+            d = self.replica.x.shape[0]
+            self._scratch = (np.empty(d), np.empty(d))
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, *self._scratch)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
             return WorkerReport(t, msg, None, None, None, None)
@@ -173,8 +179,10 @@ class WorkerNode:
     def apply(self, down: Downlink, included: bool = True) -> None:
         """Apply the round's downlink; a worker left out of the round keeps its previous state."""
         if included:
-            self.state = self._pending
+            self.state = committed(self._pending)
             self.est_state = self._pending_est
+        elif isinstance(self._pending, InPlace):
+            self._pending.undo()  # the step moved g_i in place; the round did not take it
         self._pending = self._pending_est = None
         if self.setting.estimator.name == "page":
             # PAGE evaluates its minibatch at x^{t+1} and x^t: keep the point this round started from.

@@ -7,7 +7,7 @@ bits; a checksum over (x, g, v) catches one that drifts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,8 @@ class Replica:
     rule: StepRule
     v: np.ndarray | None = None
     """The heavy ball's direction (None until the first round, and without momentum)."""
+    scratch: np.ndarray | None = field(default=None, repr=False)
+    """The step's product s·g, in a buffer kept across rounds: the step allocates nothing of size d."""
 
     @property
     def x_step(self) -> float:
@@ -52,15 +54,19 @@ class Replica:
             self.g[:] = 0.0
         down.vector.add_to(self.g, down.scale)
         rule = self.rule
+        direction = self.g
         if rule.momentum > 0.0:
             if self.v is None:
                 self.v = self.g.copy()
             else:
                 self.v *= rule.momentum
                 self.v += self.g
-            self.x -= rule.x_step * self.v
-        else:
-            self.x -= rule.x_step * self.g
+            direction = self.v
+        if self.scratch is None or self.scratch.shape != self.x.shape:
+            self.scratch = np.empty_like(self.x)
+        # x −= s·g in two passes, as numpy's own expression computes it (the same bits), into the kept buffer.
+        np.multiply(direction, rule.x_step, out=self.scratch)
+        np.subtract(self.x, self.scratch, out=self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)
 
