@@ -276,6 +276,10 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         ctx = WorkerContext(comp, 1e-3, "full", None, np.empty(d), np.empty(d))
         state = np.array(worker.state)
         t_method = best_time(lambda: method.worker_step(state, grad, ctx, None), number, repeat=3)
+        # The same step without the buffers: it allocates the residual and |residual| and copies g_i, as every
+        # step did before issue 22's phase 2 — the before/after ratio from one invocation.
+        bare = WorkerContext(comp, 1e-3, "full", None)
+        t_copying = best_time(lambda: method.worker_step(state, grad, bare, None), number, repeat=3)
         msg = method.worker_step(state, grad, ctx, None)[0]
         report = WorkerReport(worker.round, msg, None, None, None)
         t_encode = best_time(lambda: update_message(report), number, repeat=3)
@@ -288,6 +292,10 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         yield figure(f"{base}/gradient_ms", "worker", f"{what}: the gradient", 1e3 * t_grad, "ms")
         yield figure(f"{base}/method_ms", "worker", f"{what}: the method step (difference, Top-k, error update)",
                      1e3 * t_method, "ms")
+        yield figure(f"{base}/method_copying_ms", "worker", f"{what}: the method step without kept buffers "
+                     f"(allocating, copying g_i: the code before)", 1e3 * t_copying, "ms")
+        yield figure(f"{base}/method_vs_copying", "worker", f"{what}: method step with buffers / without",
+                     t_method / t_copying, "x")
         yield figure(f"{base}/encode_ms", "worker", f"{what}: the Update's encoding", 1e3 * t_encode, "ms")
         yield figure(f"{base}/apply_ms", "worker", f"{what}: the replica's update ({down.vector.nnz} entries)",
                      1e3 * t_apply, "ms")
