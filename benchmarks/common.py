@@ -41,6 +41,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as the results' PNG (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def write_json(path: Path | None, name: str, results: list[dict[str, Any]], **extra: Any) -> None:
     if path is None:
         return

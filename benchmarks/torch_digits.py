@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, print_table, write_json  # noqa: E402
+from common import base_parser, print_table, save_figure, write_json  # noqa: E402
 from digits_runs import Curve, example_dim, mb, run_ef21  # noqa: E402
 
 # (label, flags, rounds, eval every). {k} is k ≈ 1 % of d. The stepsizes were tuned by hand on the simulator (SGD:
@@ -71,9 +71,7 @@ def plot(by_model: dict[str, tuple[list[Curve], float]], path: Path) -> None:
     fig.suptitle("digits through ef21 run --workers 4: dense SGD vs EF21 Top-k (k = 1 % of d); "
                  "dashed: dense best - 1 point", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -36,6 +36,8 @@ class UpdateIn:
     round: int
     vector: EncodedVector
     replace: bool
+    buffers: EncodedVector | None = None
+    """A model's change of buffers (absent for objectives without them)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class RoundResultIn:
     scale: float
     checksum: bytes
     missing: tuple[int, ...]
+    buffers: EncodedVector | None = None
 
 
 class _NotCanonical(Exception):
@@ -97,7 +100,7 @@ def _wrap(field: int, body: list[Buffer]) -> list[Buffer]:
     return [_key(field, _LEN), _varint(_size(body)), *body]
 
 
-def update_bytes(round_: int, vector: EncodedVector, replace: bool) -> bytes:
+def update_bytes(round_: int, vector: EncodedVector, replace: bool, buffers: EncodedVector | None = None) -> bytes:
     """A serialized WorkerMessage carrying this Update."""
     vec = _vector_parts(vector)
     body: list[Buffer] = []
@@ -106,11 +109,13 @@ def update_bytes(round_: int, vector: EncodedVector, replace: bool) -> bytes:
     body += _wrap(2, vec)
     if replace:
         body += [_key(3, _VARINT), b"\x01"]
+    if buffers is not None:
+        body += _wrap(6, _vector_parts(buffers))
     return b"".join(_wrap(_WORKER_UPDATE, body))
 
 
 def round_result_bytes(round_: int, aggregate: EncodedVector, replace: bool, scale: float, checksum: bytes,
-                       missing: list[int] | tuple[int, ...]) -> bytes:
+                       missing: list[int] | tuple[int, ...], buffers: EncodedVector | None = None) -> bytes:
     """A serialized MasterMessage carrying this RoundResult."""
     body: list[Buffer] = []
     if round_:
@@ -124,6 +129,8 @@ def round_result_bytes(round_: int, aggregate: EncodedVector, replace: bool, sca
     if missing:
         packed = b"".join(_varint(r) for r in missing)
         body += [_key(6, _LEN), _varint(len(packed)), packed]
+    if buffers is not None:
+        body += _wrap(7, _vector_parts(buffers))
     return b"".join(_wrap(_MASTER_ROUND_RESULT, body))
 
 
@@ -188,8 +195,8 @@ def _fields(buf: bytes, pos: int, end: int, layout: dict[int, int]) -> dict[int,
 
 
 _VECTOR = {1: _VARINT, 2: _LEN, 3: _LEN, 4: _VARINT, 5: _VARINT, 6: _VARINT}
-_UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT}
-_ROUND_RESULT = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _LEN, 6: _LEN}
+_UPDATE = {1: _VARINT, 2: _LEN, 3: _VARINT, 6: _LEN}
+_ROUND_RESULT = {1: _VARINT, 2: _LEN, 3: _VARINT, 4: _I64, 5: _LEN, 6: _LEN, 7: _LEN}
 
 
 def _span(view: memoryview, fields: dict[int, object], field: int) -> memoryview:
@@ -221,13 +228,16 @@ def _outer(raw: bytes, field: int) -> tuple[int, int]:
     return pos, pos + n
 
 
-def _round_message(raw: bytes, field: int, layout: dict[int, int]) -> tuple[dict[int, object], EncodedVector]:
+def _round_message(raw: bytes, field: int, layout: dict[int, int],
+                   buffers_field: int) -> tuple[dict[int, object], EncodedVector, EncodedVector | None]:
     """The fields of the message in a oneof envelope, for both round messages: field 2 is the vector, field 3
-    the replace flag."""
+    the replace flag, ``buffers_field`` a model's buffers."""
     f = _fields(raw, *_outer(raw, field), layout)
     if f.get(3, 0) not in (0, 1):
         raise _NotCanonical
-    return f, _vector(raw, memoryview(raw), f.get(2))  # type: ignore[arg-type]
+    view = memoryview(raw)
+    buffers = _vector(raw, view, f[buffers_field]) if buffers_field in f else None  # type: ignore[arg-type]
+    return f, _vector(raw, view, f.get(2)), buffers  # type: ignore[arg-type]
 
 
 def _double_of(f: dict[int, object], field: int) -> float:
@@ -248,19 +258,19 @@ def _packed_uint32(raw: bytes, span: tuple[int, int] | None) -> tuple[int, ...]:
 def read_update(raw: bytes) -> UpdateIn | None:
     """The Update in a serialized WorkerMessage, or None when it holds something else or is not canonical."""
     try:
-        u, vec = _round_message(raw, _WORKER_UPDATE, _UPDATE)
+        u, vec, buffers = _round_message(raw, _WORKER_UPDATE, _UPDATE, 6)
     except _NotCanonical:
         return None
-    return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1)  # type: ignore
+    return UpdateIn(int(u.get(1, 0)), vec, u.get(3, 0) == 1, buffers)  # type: ignore
 
 
 def read_round_result(raw: bytes) -> RoundResultIn | None:
     """The RoundResult in a serialized MasterMessage, or None (see ``read_update``)."""
     try:
-        r, vec = _round_message(raw, _MASTER_ROUND_RESULT, _ROUND_RESULT)
+        r, vec, buffers = _round_message(raw, _MASTER_ROUND_RESULT, _ROUND_RESULT, 7)
         missing = _packed_uint32(raw, r.get(6))  # type: ignore[arg-type]
     except _NotCanonical:
         return None
     a, b = r.get(5, (0, 0))  # type: ignore[misc]
     return RoundResultIn(int(r.get(1, 0)), vec, r.get(3, 0) == 1, _double_of(r, 4), raw[a:b],  # type: ignore
-                         missing)
+                         missing, buffers)

@@ -5,9 +5,11 @@ from __future__ import annotations
 # 2: RoundResult.checksum covers the state the round started from (CRC-32 of x and g), not the state after it.
 # 3: f and the distortion ride on Eval, not on every Update; PowerStep/PowerReply; Start carries EF21-HB's v,
 #    EF21-W's weight and PAGE's p; Hello carries the objective's identity.
-# 4: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
+# 4: a model's layout and initial buffers on Setup, its buffer changes on Update and RoundResult, the replicated
+#    state beside x, g and v (buffers, the optimizer's state) on Start and Resync.
+# 5: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
 #    Start/Resync state vectors sparse when smaller, Eval.grad absent for objectives that report metrics.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 

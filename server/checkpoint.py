@@ -23,6 +23,8 @@ from ef21.errors import UserError
 
 FORMAT = "ef21-checkpoint/1"
 EXTRA = ("v", "g_tilde")
+STATE_PREFIX = "state."
+"""Arrays named ``state.NAME``: the replicated state beside x, g and v (a model's buffers, the optimizer's)."""
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Checkpoint:
     rows: np.ndarray | None
     """The master's per-worker state (EF21's g_i), when the method keeps one."""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
-    """Optional state of extensions: ``v`` (EF21-HB's direction), ``g_tilde`` (EF21-BC's uplink aggregate)."""
+    """Optional state of extensions: ``v`` (EF21-HB's direction), ``g_tilde`` (EF21-BC's uplink aggregate), and
+    ``state.NAME`` (a model's buffers, the optimizer's state)."""
 
 
 def _digest(meta_bytes: bytes, arrays: dict[str, np.ndarray]) -> str:
@@ -85,7 +88,8 @@ def load_one(path: Path) -> Checkpoint:
                 raise UserError(f"checkpoint {path}: missing arrays (has {sorted(files)})")
             meta_bytes = z["meta"].tobytes()
             stored = z["checksum"].tobytes().decode("ascii", "replace")
-            arrays = {name: z[name] for name in ("x", "g", "rows", *EXTRA) if name in files}
+            arrays = {name: z[name] for name in files
+                      if name in ("x", "g", "rows", *EXTRA) or name.startswith(STATE_PREFIX)}
     except UserError:
         raise
     except FileNotFoundError:
@@ -102,7 +106,7 @@ def load_one(path: Path) -> Checkpoint:
         raise UserError(f"checkpoint {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return Checkpoint(meta, arrays["x"].copy(), arrays["g"].copy(),
                       arrays["rows"].copy() if "rows" in arrays else None,
-                      {k: arrays[k].copy() for k in EXTRA if k in arrays})
+                      {k: a.copy() for k, a in arrays.items() if k in EXTRA or k.startswith(STATE_PREFIX)})
 
 
 def load_latest(path: Path) -> tuple[Checkpoint, Path, str | None]:

@@ -231,3 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-restarts", type=int, default=3,
                    help="restart a worker process that dies, at most this many times in all (default 3)")
     r.set_defaults(func=cmd_run)
+
+    from .export import register as register_export
+
+    register_export(sub)

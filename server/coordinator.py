@@ -39,6 +39,7 @@ from ef21_wire.fastwire import UpdateIn
 from ef21_wire.protocol import GRPC_FRAME_BYTES
 from ef21_wire.serde import (
     encoded_from_proto,
+    lean_to_proto,
     round_result_to_bytes,
     state_checksum,
     state_to_proto,
@@ -199,7 +200,8 @@ class Coordinator:
             counters=counts, last_grad_norm_sq=self.last_grad_norm_sq, effective_config=self.opts.effective_config,
             x=rep.x, g=rep.g, rows=self.master.rows, v=rep.v,
             g_tilde=None if self.master.downlink is None else self.master.downlink.g_tilde,
-            ended=ended, log_end=None if ended is None else self.writer.offset))
+            ended=ended, log_end=None if ended is None else self.writer.offset, layout=m.layout,
+            state=rep.extra_state()))
 
     def _restore(self, path: Path) -> int | None:
         """Put the run saved at ``path`` (or its ``.prev``) into this master; returns where its log continues."""
@@ -210,12 +212,17 @@ class Coordinator:
         self.members.reference = run.reference  # type: ignore[assignment]
         self.members.d = d = run.d
         self.members.objective_id = run.objective_id
+        self.members.layout, self.members.layout_fixed = run.layout, True
         self.constants = run.constants
         self.L_i, self.n_samples = run.L_i, run.n_samples
-        self.plan = make_plan(self.cfg, d, self.constants.L, self.L_i, self.n_samples, constants=self.constants)
-        self.book.participation = self.plan.participation
-        self.book.max_entries = max_entries(self.plan.compressor, d)
-        self.master = self.plan.master_node(run.x, self.opts.rows_dtype)
+        self.plan = make_plan(self.cfg, d, self.constants.L, self.L_i, self.n_samples, constants=self.constants,
+                              layout=run.layout)
+        self._book_limits(d)
+        self.master = self.plan.master_node(run.x, self.opts.rows_dtype, run.state.get("buffers"))
+        try:
+            self.master.replica.set_extra_state(run.state)
+        except ValueError as exc:
+            raise UserError(f"checkpoint {used}: {exc}") from None
         self.master.replica.g[:] = run.g
         if run.v is not None:
             self.master.replica.v = run.v.copy()
@@ -347,11 +354,10 @@ class Coordinator:
         L_vals = [i.smoothness for i in infos]
         self.L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]  # type: ignore[arg-type]
         self.n_samples = [i.n_samples for i in infos]
-        self.plan = make_plan(cfg, d, L, self.L_i, self.n_samples)
+        self.plan = make_plan(cfg, d, L, self.L_i, self.n_samples, layout=infos[0].layout)
         self.constants = self.plan.constants
-        self.book.participation = self.plan.participation
-        self.book.max_entries = max_entries(self.plan.compressor, d)
-        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.opts.rows_dtype)
+        self._book_limits(d)
+        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.opts.rows_dtype, infos[0].buffers0)
         self.state_facts()
         self.state = "running"
         self.state_detail = ""
@@ -360,6 +366,13 @@ class Coordinator:
         for s in self.sessions.values():
             if s.state is StreamState.SET_UP:
                 self._admit(s)
+
+    def _book_limits(self, d: int) -> None:
+        """What the round book checks messages against, once the plan is known."""
+        assert self.plan is not None
+        self.book.participation = self.plan.participation
+        self.book.max_entries = max_entries(self.plan.compressor, d)
+        self.book.buffer_size = 0 if self.plan.layout is None else self.plan.layout.buffer_size
 
     def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
@@ -373,7 +386,7 @@ class Coordinator:
         else:
             self.book.g0_ranks.discard(s.rank)
         start = pb.Start(
-            gamma=self.constants.gamma, x_step=rep.x_step, g=state_to_proto(rep.g),
+            gamma=self.constants.gamma, x_step=rep.x_step, g=lean_to_proto(rep.g),
             constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
             eval_every=self.opts.eval_every, round=self.round, page_p=self.plan.page_p,
             weight=0.0 if self.plan.weights is None else float(self.plan.weights[s.rank]),
@@ -384,11 +397,12 @@ class Coordinator:
             if self.round == 0 and s.setup is not None and s.setup.x0_digest:
                 log.warning("rank %d's own x0 differs from the run's (its objective's x0() or the --x0 file differ "
                             "from rank 0's): it is sent the run's x0", s.rank)
-            start.x.CopyFrom(state_to_proto(rep.x))
+            start.x.CopyFrom(lean_to_proto(rep.x))
         if rep.v is not None:
-            start.momentum.CopyFrom(state_to_proto(rep.v))
+            start.momentum.CopyFrom(lean_to_proto(rep.v))
+        state_to_proto(start.state, rep.extra_state())
         if state is not None:
-            start.worker_state.CopyFrom(state_to_proto(state))
+            start.worker_state.CopyFrom(lean_to_proto(state))
         elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
             log.warning("rank %d: --master-rows none keeps no g_i, so the replacement starts from g_i = 0 and the "
                         "aggregate no longer equals the mean of the workers' g_i", s.rank)
@@ -406,11 +420,13 @@ class Coordinator:
 
     # -- the round's messages (the service calls these) ------------------------------------------------------------
 
-    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None) -> SparseVector:
+    def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None,
+                dim: int | None = None) -> SparseVector:
+        """A vector of d entries (``dim``: of another length, e.g. a model's buffers) from a peer, or a refusal."""
         assert self.d is not None
         try:
             enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
-            return decode(enc, expected_dim=self.d, max_nnz=max_nnz)
+            return decode(enc, expected_dim=self.d if dim is None else dim, max_nnz=max_nnz)
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
@@ -433,9 +449,10 @@ class Coordinator:
         self.settle()
         rep = self.master.replica
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
-        resync = pb.Resync(round=msg.round, x=state_to_proto(rep.x), g=state_to_proto(rep.g))
+        resync = pb.Resync(round=msg.round, x=lean_to_proto(rep.x), g=lean_to_proto(rep.g))
         if rep.v is not None:
-            resync.momentum.CopyFrom(state_to_proto(rep.v))
+            resync.momentum.CopyFrom(lean_to_proto(rep.v))
+        state_to_proto(resync.state, rep.extra_state())
         s.send(pb.MasterMessage(resync=resync).SerializeToString())
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -577,7 +594,9 @@ class Coordinator:
         # values, and every replica must add exactly the same bits.
         agg = encode(down.vector, packed=self.cfg.encoding == "compact")
         # Only the sampled ranks that were left out travel: everyone draws the sample itself.
-        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped)
+        buffers = None if down.buffers is None else encode(down.buffers)
+        raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped,
+                                    buffers)
         for s in self.sessions.values():
             if s.state is StreamState.RUNNING:
                 s.send(raw)
@@ -599,7 +618,7 @@ class Coordinator:
         rep = self.master.replica
         self.x_finite = bool(np.isfinite(rep.x).all())
         self.g_norm = g_norm_sq(self.master)
-        self.checksum = (state_checksum(rep.x, rep.g, rep.v) if self.master.round % self.opts.checksum_every == 0
+        self.checksum = (state_checksum(*rep.state_arrays()) if self.master.round % self.opts.checksum_every == 0
                          else b"")
 
     def _log_round(self, rec: RoundRecord) -> None:

@@ -16,6 +16,7 @@ from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 from ef21.problems.data import data_info
+from ef21.problems.layout import ModelLayout
 from ef21.problems.problem import quadratic_fingerprint
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -62,6 +63,9 @@ class Membership:
         """(data fingerprint, d, rows) of the run's data."""
         self.objective_id: str | None = None
         """A user objective's identity, as the first worker presented it."""
+        self.layout: ModelLayout | None = None
+        """A model's tensors, as the first worker to set up reported them (a resumed run: the checkpoint's)."""
+        self.layout_fixed = False
         self.d: int | None = None
         self.bans = Bans(max_faults)
         self.refused: dict[str, int] = {}  # gRPC status code → streams ended by a refusal
@@ -136,7 +140,7 @@ class Membership:
                 self.d = int(msg.dim)  # a user objective: the first worker's d is the run's
             elif msg.dim != self.d:
                 raise Refusal("FAILED_PRECONDITION", f"dimension mismatch: rank {s.rank}'s objective has "
-                                                     f"d = {msg.dim}, the run's d = {self.d}")
+                                                     f"d = {msg.dim}, the run's d = {self.d}", objective=True)
         d = self.d
         if d is None:
             raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
@@ -159,8 +163,40 @@ class Membership:
             raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
         if len(msg.x0_digest) not in (0, 16):
             raise Refusal("INVALID_ARGUMENT", f"Setup x0_digest has {len(msg.x0_digest)} bytes, expected 16 or none")
+        layout, b0 = self._model(s, msg, d, decode)
         return SetupInfo(msg.smoothness or None, int(msg.shard_rows), gram, diag, int(msg.n_samples) or None, x0,
-                         bool(msg.power_iteration), bytes(msg.x0_digest))
+                         bool(msg.power_iteration), layout, b0, bytes(msg.x0_digest))
+
+    def _model(self, s: WorkerStream, msg: pb.Setup, d: int, decode: Callable[..., SparseVector]
+               ) -> tuple[ModelLayout | None, np.ndarray | None]:
+        """A model's layout and initial buffers from a Setup: well formed, holding d parameters, and the same model
+        as every other worker's (a worker whose model differs is refused; the run keeps waiting for one that fits)."""
+        layout = None
+        if msg.layout:
+            try:
+                layout = ModelLayout.from_json(msg.layout, "Setup layout")
+            except ValueError as exc:
+                raise Refusal("INVALID_ARGUMENT", str(exc)) from None
+            if layout.d != d:
+                raise Refusal("INVALID_ARGUMENT", f"Setup layout holds {layout.d} parameters, d = {d}")
+        b0 = None
+        if msg.HasField("buffers"):
+            b0 = decode(msg.buffers, "Setup buffers", dim=0 if layout is None else layout.buffer_size).to_dense()
+            if not np.all(np.isfinite(b0)):
+                raise Refusal("INVALID_ARGUMENT", "Setup buffers: non-finite values")
+        if not self.layout_fixed:
+            self.layout, self.layout_fixed = layout, True
+        elif layout is None or self.layout is None:
+            if layout is not self.layout:  # one is a model, the other is not
+                mine, runs = ("not a model", "is") if layout is None else ("a model", "is not")
+                raise Refusal("FAILED_PRECONDITION", f"model mismatch: rank {s.rank}'s objective is {mine}, the "
+                                                     f"run's {runs}", objective=True)
+        else:
+            diff = layout.difference(self.layout)
+            if diff is not None:
+                raise Refusal("FAILED_PRECONDITION", f"model mismatch: rank {s.rank}'s model has {diff}",
+                              objective=True)
+        return layout, b0
 
     def refuse(self, code: str) -> None:
         """Count a stream or call ended by a refusal (the status and /metrics show them by code)."""

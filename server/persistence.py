@@ -1,13 +1,14 @@
 """A run's state as a checkpoint and back: what ``--checkpoint`` writes and ``--resume`` reads (the file format
 itself is ``checkpoint.py``). Everything the run needs to continue exactly: x, g, every g_i, EF21-HB's v and
-EF21-BC's g̃, the round, the constants and the plan's facts, the counters and where the log ends.
+EF21-BC's g̃, a model's buffers and the optimizer's state, the round, the constants and the plan's facts (a
+model's layout too, which ``ef21 export`` needs), the counters and where the log ends.
 
 It knows nothing of the master that holds the state: the coordinator hands it a ``SavedRun`` and gets one back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 from ef21.methods.stepsize import TheoryConstants
+from ef21.problems.layout import ModelLayout
 
 from . import checkpoint
 from .options import FINISHED_REASONS
@@ -60,6 +62,10 @@ class SavedRun:
     """(reason, message) of a run that ended; None while it runs."""
     log_end: int | None = None
     """Where the log of an ended run ends (its last round included)."""
+    layout: ModelLayout | None = None
+    """A model's tensors (None when the objective is not a model)."""
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """The replicated state beside x, g and v (``Replica.extra_state``: buffers, optimizer)."""
 
     def finished(self, cfg: RunConfig) -> bool:
         """Whether this run had finished under the same stopping rule as ``cfg`` (nothing left to run)."""
@@ -76,11 +82,13 @@ def save(path: Path, run: SavedRun) -> None:
         "ledger": {"paper_total": c.paper_total, "payload_total": c.payload_total, "down_total": c.down_total},
         "wire": list(c.wire), "last_grad_norm_sq": run.last_grad_norm_sq, "log_offset": c.log_offset,
         "effective_config": run.effective_config,
+        "layout": None if run.layout is None else run.layout.to_json(),
     }
     if run.ended is not None:
         meta["ended"] = {"reason": run.ended[0], "message": run.ended[1]}
         meta["log_end"] = run.log_end
     extra = {name: a for name, a in (("v", run.v), ("g_tilde", run.g_tilde)) if a is not None}
+    extra.update({checkpoint.STATE_PREFIX + name: a for name, a in run.state.items()})
     checkpoint.save(path, checkpoint.Checkpoint(meta, run.x, run.g, run.rows, extra))
 
 
@@ -98,6 +106,10 @@ def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
     wire = tuple(int(v) for v in meta["wire"])
     ended = meta.get("ended")
     p = meta.get("plan", {})
+    try:
+        layout = None if not meta.get("layout") else ModelLayout.from_json(meta["layout"], f"checkpoint {used}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     run = SavedRun(
         cfg=saved, run_id=meta["run_id"], round=int(meta["round"]), reference=tuple(meta["reference"]),
         d=int(meta["d"]) if "d" in meta else int(meta["reference"][1]), objective_id=meta.get("objective_id"),
@@ -108,6 +120,8 @@ def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
         last_grad_norm_sq=meta.get("last_grad_norm_sq"), effective_config=meta.get("effective_config"),
         x=ckpt.x, g=ckpt.g, rows=ckpt.rows, v=ckpt.extra.get("v"), g_tilde=ckpt.extra.get("g_tilde"),
         ended=None if not ended else (ended["reason"], ended["message"]),
-        log_end=meta.get("log_end", meta.get("log_offset")),
+        log_end=meta.get("log_end", meta.get("log_offset")), layout=layout,
+        state={k[len(checkpoint.STATE_PREFIX):]: a for k, a in ckpt.extra.items()
+               if k.startswith(checkpoint.STATE_PREFIX)},
     )
     return run, used, warning

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ef21.compression.sparse import SparseVector
 from ef21.engine.nodes import is_eval_round, sends_eval_grad
 from ef21.methods import Message
@@ -65,6 +67,7 @@ class RoundBook:
         self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
         self.late_messages = 0
         self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
+        self.buffer_size = 0  # a model's buffers (0: none; set with the plan)
         self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
         self.started_at = time.monotonic()
         self._asked: tuple[int, int | None, frozenset[int] | None] | None = None  # (t, participation, chosen(t))
@@ -116,7 +119,18 @@ class RoundBook:
                                                  f"participation leaves out")
         vec = decode(msg.vector, f"Update round {msg.round}",
                      max_nnz=d if s.rank in self.g0_ranks else self.max_entries)
-        self.updates[s.rank] = (Message(vec, msg.replace), nbytes)
+        self.updates[s.rank] = (Message(vec, msg.replace, self._buffers(msg, decode)), nbytes)
+
+    def _buffers(self, msg: UpdateIn, decode: Decode) -> SparseVector | None:
+        """A model's change of buffers on an Update: of the model's size, finite; none where it has no buffers."""
+        if msg.buffers is None:
+            return None
+        if not self.buffer_size:
+            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: buffers, but the run's model has none")
+        b = decode(msg.buffers, f"Update round {msg.round} buffers", dim=self.buffer_size)
+        if not np.all(np.isfinite(b.values)):
+            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: non-finite buffers")
+        return b
 
     def eval(self, s: WorkerStream, msg: pb.Eval, nbytes: int, t: int, decode: Decode) -> None:
         if (not self.is_eval_round(msg.round) or s.rank in self.evals

@@ -159,8 +159,10 @@ class MasterService:
 
     def _refuse(self, s: WorkerStream, r: Refusal) -> None:
         """End the stream ``refused`` with the refusal's code, logged with the peer's identity."""
+        # ``worker_left``: a worker whose objective does not fit the run says so itself (exit 2), so `ef21 run`
+        # does not report it twice.
         log.warning("refused %s (%s)%s: %s", s.peer, s.identity, "" if s.rank is None else f" (rank {s.rank})",
-                    r.message)
+                    r.message, extra={"worker_left": r.objective})
         self.coord.refuse(r.code)
         # Charged to the sender: any refusal once it holds a rank, a malformed message before.
         if s.rank is not None or r.code == "INVALID_ARGUMENT":

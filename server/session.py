@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ef21.problems.layout import ModelLayout
+
 
 @dataclass
 class SetupInfo:
@@ -17,6 +19,10 @@ class SetupInfo:
     n_samples: int | None = None
     x0: np.ndarray | None = None
     power_iteration: bool = False
+    layout: ModelLayout | None = None
+    """A model's tensors (the same for every worker: checked at set-up)."""
+    buffers0: np.ndarray | None = None
+    """A model's initial buffers b⁰."""
     x0_digest: bytes = b""
     """Digest of the x0 the worker computed itself (``ef21_wire.serde.vector_digest``); empty: it cannot."""
 
@@ -34,9 +40,12 @@ class EvalInfo:
 
 
 class Refusal(Exception):
-    """A peer's request is refused; the stream ends with this gRPC status code name and message."""
+    """A peer's request is refused; the stream ends with this gRPC status code name and message. ``objective``: the
+    worker's objective does not fit the run (another d, another model): the worker reports that itself, as bad
+    input, so ``ef21 run`` does not say it twice."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, objective: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.objective = objective

@@ -159,8 +159,21 @@ def test_benchmark_smoke(script, tmp_path):
     CHECKS[script](doc)
 
 
+def check_torch_recipes(doc: dict) -> None:
+    """Both recipes ran both ways, evaluated on the same rounds; the EF21 run's model came back through
+    ``ef21 export`` with the figures its log ends on; the ResNet's buffer cost was measured."""
+    by = {r["model"]: r for r in doc["results"]}
+    assert set(by) == {"resnet", "lm"}
+    for r in by.values():
+        assert r["dense_curve"]["rounds"] == r["ef21_curve"]["rounds"] and r["ef21_curve"]["wire_bytes"][-1] > 0
+        assert r["final_ef21"][r["metric"]] == pytest.approx(r["ef21_curve"]["metric"][-1], rel=1e-5)
+        assert r["gap"] == pytest.approx(r["final_ef21"][r["metric"]] - r["final_dense"][r["metric"]])
+    assert by["resnet"]["buffers"] > 0 and 0 < by["resnet"]["buffer_share_of_update"] < 1
+    assert isinstance(by["lm"]["sample"], str) and by["lm"]["sample"].startswith("def ")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["vs_ddp.py", "torch_digits.py", "torch_dtype.py"])
+@pytest.mark.parametrize("script", ["vs_ddp.py", "torch_digits.py", "torch_dtype.py", "torch_recipes.py"])
 def test_torch_benchmark_smoke(script, tmp_path):
     pytest.importorskip("torch", reason="PyTorch is not installed: the torch benchmarks are not run")
     out = tmp_path / "out.json"
@@ -173,6 +186,8 @@ def test_torch_benchmark_smoke(script, tmp_path):
     assert doc["results"] and doc["date"]
     if script != "torch_dtype.py":
         assert (tmp_path / "fig.png").stat().st_size > 0
+    if script == "torch_recipes.py":
+        check_torch_recipes(doc)
 
 
 def check_vs_powersgd(doc: dict) -> None:

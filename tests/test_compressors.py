@@ -6,12 +6,15 @@ import pytest
 from ef21.compression.compressors import (
     ContractiveUnbiased,
     Identity,
+    LayerwiseTopK,
     Natural,
     RandK,
     ScaledRandK,
     ScaledSign,
     TopK,
+    layerwise_topk,
     make_compressor,
+    max_entries,
     theory_alpha,
     top_k_indices,
 )
@@ -163,3 +166,70 @@ def test_output_never_aliases_the_input(rng, name, k):
     before = c.values.copy()
     x[:] = 123.0
     np.testing.assert_array_equal(c.values, before)
+
+
+TENSORS = [("conv.weight", 288), ("conv.bias", 8), ("bn.weight", 8), ("fc.weight", 640), ("fc.bias", 10)]
+
+
+def test_layerwise_topk_is_topk_within_each_tensor(rng):
+    c = layerwise_topk("0.05", 2, TENSORS, 954)
+    assert c.ks == (15, 2, 2, 32, 2) and c.k == 53 and max_entries(c, 954) == 53
+    x = rng.standard_normal(954)
+    out = c(x)
+    assert out.nnz == 53 and np.all(np.diff(out.indices.astype(int)) > 0)  # one ascending support over x
+    offset = 0
+    for (_, n), k in zip(TENSORS, c.ks):
+        part = out.indices[(out.indices >= offset) & (out.indices < offset + n)] - offset
+        assert np.array_equal(part, reference_top_k(x[offset:offset + n], k))  # each tensor's own Top-k
+        offset += n
+    np.testing.assert_array_equal(out.values, x[out.indices])
+
+
+@pytest.mark.parametrize("spec,floor", [("0.05", 1), ("0.3", 3), ("2", 1), ("8", 1)])
+def test_layerwise_topk_contraction_holds_and_alpha_is_attained(rng, spec, floor):
+    """‖C(x) − x‖² ≤ (1 − α)‖x‖² with α = min_j k_j/d_j, over random vectors of every scale and vectors that
+    pile their mass into one tensor; an x spread evenly over the tensor with the smallest k_j/d_j attains it
+    (closed form: that tensor keeps k_j of its d_j equal entries)."""
+    c = layerwise_topk(spec, floor, TENSORS, 954)
+    alpha = c.alpha(954)
+    assert alpha == min(k / n for k, (_, n) in zip(c.ks, TENSORS))
+    sizes = np.array([n for _, n in TENSORS])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for trial in range(300):
+        x = rng.standard_normal(954) * rng.uniform(0.01, 100)
+        if trial % 3 == 1:  # all the mass in one tensor
+            j = trial % len(TENSORS)
+            mask = np.zeros(954, bool)
+            mask[starts[j]:starts[j] + sizes[j]] = True
+            x[~mask] *= 1e-6
+        err = np.sum((c(x).to_dense() - x) ** 2)
+        assert err <= (1 - alpha) * np.sum(x**2) * (1 + 1e-12)
+    worst = int(np.argmin([k / n for k, n in zip(c.ks, sizes)]))
+    x = np.zeros(954)
+    x[starts[worst]:starts[worst] + sizes[worst]] = rng.choice([-1.0, 1.0], sizes[worst])
+    err = np.sum((c(x).to_dense() - x) ** 2)
+    assert err == pytest.approx((1 - alpha) * np.sum(x**2), rel=1e-12)
+    assert theory_alpha(c, 954) == alpha
+
+
+def test_layerwise_topk_a_global_k_starves_small_tensors_and_layerwise_does_not(rng):
+    """Why it exists: with the big tensors' entries larger, a global Top-k of the same total budget leaves the
+    biases out, round after round; layer-wise keeps some of every tensor."""
+    x = rng.standard_normal(954)
+    x[288:296] *= 0.01  # conv.bias: small gradients
+    c = layerwise_topk("0.05", 1, TENSORS, 954)
+    glob = TopK(c.k)(x).indices
+    assert not np.any((glob >= 288) & (glob < 296))
+    lw = c(x).indices
+    assert np.count_nonzero((lw >= 288) & (lw < 296)) == c.ks[1]
+
+
+def test_layerwise_topk_bad_input():
+    with pytest.raises(UserError, match=r"--k-per-tensor 16 is larger than tensor 'conv.bias' \(8 entries\)"):
+        layerwise_topk("16", 1, TENSORS, 954)
+    with pytest.raises(UserError, match="needs an objective that reports its parameter tensors"):
+        layerwise_topk("0.1", 1, [], 954)
+    for bad in ("0", "1.5", "-3", "abc", "0.0"):
+        with pytest.raises(UserError, match="a count >= 1 or a fraction in"):
+            layerwise_topk(bad, 1, TENSORS, 954)
+    assert LayerwiseTopK((3, 2), (3, 2)).alpha(5) == 1.0  # every entry kept: the identity

@@ -54,6 +54,25 @@ def test_compose_commands_are_accepted_by_our_cli():
         assert str(ns.token_file) == "/run/secrets/ef21_token" and ns.token is None
 
 
+def test_the_pytorch_compose_override_runs_the_lm_example_with_its_recipe():
+    """deploy/compose/pytorch.yml on top of docker-compose.yml: the master's command is a valid run of the
+    transformer example (its recipe's flags accepted by the run configuration), and the workers, on the torch
+    image, see the objective file where the master names it."""
+    from ef21.cli.args import config_from_args
+
+    override = yaml.safe_load((ROOT / "deploy" / "compose" / "pytorch.yml").read_text())["services"]
+    m = parse_command(override["master"]["command"])
+    cfg = config_from_args(m)
+    assert m.command == "master" and m.host == "0.0.0.0" and m.port == 50051 and m.workers == 4
+    assert cfg.optimizer == "adamw" and cfg.k_per_tensor == "0.25" and str(m.checkpoint).startswith("/runs/")
+    mount, = override["worker"]["volumes"]
+    local, inside, _ = mount.split(":")
+    objective_file = cfg.objective.rsplit(":", 1)[0]
+    assert objective_file.startswith(inside + "/") and (ROOT / local / objective_file[len(inside) + 1:]).is_file()
+    assert override["worker"]["image"] == "ef21-torch:latest"
+    assert "FROM ef21:latest" in (ROOT / "deploy" / "compose" / "Dockerfile.torch").read_text()
+
+
 def test_dockerfile_installs_the_package_and_exposes_the_ports():
     text = (ROOT / "Dockerfile").read_text()
     m = parse_command(compose()["services"]["master"]["command"])

@@ -75,6 +75,30 @@ def test_round_result_bytes_equal_the_generated_serialization(rng, missing, chec
             assert got is not None and got == round_result_from_proto(pb.MasterMessage.FromString(ours).round_result)
 
 
+def test_round_messages_with_a_models_buffers_equal_the_generated_serialization(rng):
+    """A model's change of buffers rides on both round messages (Update field 6, RoundResult field 7): the hand path
+    writes and reads it as the generated code does, sparse or dense, and without it the bytes are as before."""
+    agg = encode(TopK(300)(rng.standard_normal(5000)))  # above HAND_PATH_MIN_BYTES: the hand path is used
+    for b in (SparseVector.dense(rng.standard_normal(40)), SparseVector(40, np.array([2, 9], "<u4"), np.ones(2)),
+              SparseVector.zeros(40)):
+        eb = encode(b)
+        ours = update_to_bytes(4, agg, False, eb)
+        ref = pb.WorkerMessage(update=pb.Update(round=4, message=vector_to_proto(decode(agg, expected_dim=5000)),
+                                                buffers=vector_to_proto(b)))
+        assert ours == ref.SerializeToString() == update_bytes(4, agg, False, eb)
+        got = read_update(ours)
+        assert got is not None and got == update_from_proto(ref.update) and got.buffers is not None
+        np.testing.assert_array_equal(decode(got.buffers, expected_dim=40).to_dense(), b.to_dense())
+        ours = round_result_to_bytes(4, agg, False, 0.5, b"", [1], eb)
+        ref_rr = pb.MasterMessage(round_result=pb.RoundResult(
+            round=4, aggregate=vector_to_proto(decode(agg, expected_dim=5000)), scale=0.5, missing=[1],
+            buffers=vector_to_proto(b)))
+        assert ours == ref_rr.SerializeToString()
+        got_rr = read_round_result(ours)
+        assert got_rr is not None and got_rr == round_result_from_proto(ref_rr.round_result)
+    assert read_update(update_bytes(4, agg, False)).buffers is None
+
+
 @pytest.mark.parametrize("round_", [0, 5, 2**33])
 @pytest.mark.parametrize("extra", [dict(f=0.7), dict(f=0.0, distortion=0.0), dict(f=-2.5, distortion=1e-9,
                                                                                    metrics={"acc": 0.9})])

@@ -15,7 +15,7 @@ from ef21.engine.config import RunConfig
 from ef21.engine.simulate import simulate
 from ef21.problems.problem import local_objective
 from ef21_server.coordinator import MasterOptions
-from ef21_wire.serde import state_from_proto, state_to_proto, vector_digest, vector_to_proto
+from ef21_wire.serde import lean_from_proto, lean_to_proto, vector_digest, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .helpers import ef21_cli as cli
@@ -29,13 +29,13 @@ D = 112  # mushrooms
 def test_state_vectors_travel_sparse_when_smaller_with_their_exact_bits():
     x = np.zeros(50)
     x[[3, 7]] = [-0.0, 2.5]  # −0.0 is a nonzero bit pattern: the replica's checksum must agree
-    m = state_to_proto(x)
+    m = lean_to_proto(x)
     assert not m.dense and len(m.values) == 16
-    back = state_from_proto(m, 50)
+    back = lean_from_proto(m, 50)
     assert back.tobytes() == x.tobytes()
-    assert len(state_to_proto(np.zeros(50)).values) == 0
+    assert len(lean_to_proto(np.zeros(50)).values) == 0
     full = np.arange(1.0, 51.0)
-    assert state_to_proto(full).dense and state_from_proto(state_to_proto(full), 50).tobytes() == full.tobytes()
+    assert lean_to_proto(full).dense and lean_from_proto(lean_to_proto(full), 50).tobytes() == full.tobytes()
 
 
 async def _start_of(client: RawClient, rank: int, digest: bytes) -> pb.MasterMessage | Ended | None:
@@ -62,9 +62,9 @@ async def test_a_worker_with_the_runs_x0_is_sent_no_x_and_one_without_gets_it_wh
             assert isinstance(got_own, pb.MasterMessage) and isinstance(got_other, pb.MasterMessage)
             s_own, s_other = got_own.start, got_other.start
             assert s_own.x_is_own_x0 and not s_own.HasField("x")
-            assert not s_other.x_is_own_x0 and state_from_proto(s_other.x, D).tobytes() == x0.tobytes()
+            assert not s_other.x_is_own_x0 and lean_from_proto(s_other.x, D).tobytes() == x0.tobytes()
             for s in (s_own, s_other):
-                assert len(s.g.values) == 0 and state_from_proto(s.g, D).tobytes() == np.zeros(D).tobytes()
+                assert len(s.g.values) == 0 and lean_from_proto(s.g, D).tobytes() == np.zeros(D).tobytes()
             assert len(s_own.SerializeToString()) < 400 < 8 * D < len(s_other.SerializeToString())
             own.cancel()
             other.cancel()

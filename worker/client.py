@@ -26,19 +26,18 @@ from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig, make_x0
 from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting, sends_eval_grad
-from ef21.engine.plan import resolve_method
+from ef21.engine.plan import resolve_method, step_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.methods.estimators import batch_size_for, make_estimator
 from ef21.methods.participation import participation_count
-from ef21.methods.prox import parse_prox
-from ef21.methods.replica import StepRule
 from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
 from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
 from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import (
     fill_vector,
+    lean_from_proto,
     read_round_result_fast,
     round_result_from_proto,
     state_checksum,
@@ -58,11 +57,12 @@ log = logging.getLogger("ef21.worker")
 
 class WorkerFailure(Exception):
     """The worker cannot go on (refused, master gone, protocol broken); the message says why, ``code`` is the exit
-    status (``ef21.cli.exits``)."""
+    status (``ef21.cli.exits``), ``status`` the gRPC status of the master's refusal, when it was one."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED, *, status: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 class RunStopped(Exception):
@@ -178,7 +178,7 @@ class Stream:
             details = await self.call.details()
             if code == grpc.StatusCode.OK or code in RETRYABLE:
                 raise Reconnect(f"the master ended the stream ({code.name}) without stopping the run")
-            raise WorkerFailure(f"refused by the master: {code.name}: {details}")
+            raise WorkerFailure(f"refused by the master: {code.name}: {details}", status=code)
         item: pb.MasterMessage | RoundResultIn | None = read_round_result_fast(raw)
         if item is None:
             item = pb.MasterMessage()
@@ -205,7 +205,8 @@ class Stream:
             if stop is not None:
                 raise RunStopped(stop) from None
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
-                raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}") from None
+                raise WorkerFailure(f"refused by the master: {exc.code().name}: {exc.details()}",
+                                    status=exc.code()) from None
             raise Reconnect(f"cannot send to the master: {exc}") from None
         return len(raw)
 
@@ -380,13 +381,15 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             # replacements, has d).
             limit = None if rr.aggregate.dense else aggregate_bound(cfg, node, d)
             agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit)
+            b = node.replica.buffers
+            buffers = None if rr.buffers is None or b is None else decode(rr.buffers, expected_dim=b.shape[0])
         except CodecError as exc:
             raise WorkerFailure(f"bad aggregate from the master: {exc}") from None
         # The checksum is of the state the round started from: the replica as it is before applying the result.
-        in_sync = not rr.checksum or rr.checksum == state_checksum(node.replica.x, node.replica.g, node.replica.v)
+        in_sync = not rr.checksum or rr.checksum == state_checksum(*node.replica.state_arrays())
         # Left out of the round (not sampled, or a straggler): keep the previous g_i, exactly as the master does.
         included = report.message is not None and rank not in rr.missing
-        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale), included=included)
+        node.apply(Downlink(agg, "replace" if rr.replace else "add", rr.scale, buffers), included=included)
         del report  # an evaluation round's dense gradient: not kept while the next round computes another
         if not in_sync:
             await _resync(st, node, d)
@@ -408,15 +411,19 @@ def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarra
     gram, diag = obj.gram(), obj.diagonal()
     L_i = obj.smoothness()
     objective_x0 = getattr(obj, "x0", lambda: None)() if rank == 0 and x0_spec is None else None
+    layout = getattr(obj, "layout", lambda: None)()
+    b0 = getattr(obj, "initial_buffers", lambda: None)() if rank == 0 else None
     setup = pb.Setup(
         rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
         gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
         power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"),
-        x0_digest=b"" if x0 is None else vector_digest(x0))
+        layout="" if layout is None else layout.to_json(), x0_digest=b"" if x0 is None else vector_digest(x0))
     if objective_x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(objective_x0))
+    if b0 is not None:
+        fill_vector(setup.buffers, SparseVector.dense(b0))
     return pb.WorkerMessage(setup=setup)
 
 
@@ -425,7 +432,19 @@ async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None, x0: np.n
     d = obj.d
     await st.send(setup_message(obj, rank, x0_spec, x0))
     while True:
-        msg = await st.recv_proto()
+        try:
+            msg = await st.recv_proto()
+        except (WorkerFailure, grpc.aio.AioRpcError) as exc:
+            # Refused after our Setup for a precondition (another d, another model): this worker's objective does
+            # not fit the run, and starting it again would not change that. Bad input: exit 2. (The refusal comes
+            # as the read's AioRpcError, or as a WorkerFailure where a write or the stream's end saw it.)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                status, why = exc.code(), f"refused by the master: {exc.details()}"
+            else:
+                status, why = exc.status, str(exc)
+            if status == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UserError(why) from None
+            raise
         kind = msg.WhichOneof("kind")
         if kind in ("start", "stop"):
             return msg
@@ -451,7 +470,9 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
     assert report.message is not None
     v = report.message.vector
     vec = encode(v, float32=compact and fits_float32(v.values), packed=compact)
-    return update_to_bytes(report.round, vec, report.message.replace)
+    b = report.message.buffers
+    buffers = None if b is None else encode(b, float32=compact and fits_float32(b.values), packed=compact)
+    return update_to_bytes(report.round, vec, report.message.replace, buffers)
 
 
 def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
@@ -478,16 +499,17 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
                      x0: np.ndarray | None = None) -> WorkerNode:
     """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message;
     ``x0``: the worker's own x⁰, which the Start may name instead of sending x."""
-    method, comp = resolve_method(cfg, d)
+    layout = getattr(obj, "layout", lambda: None)()
+    method, comp = resolve_method(cfg, d, layout)
     if start.x_is_own_x0:
         if x0 is None:
             raise WorkerFailure("the master's Start names this worker's own x0, but it sent no digest of one")
         x = x0
     else:
-        x = state_from_proto(start.x, d)
-    g = state_from_proto(start.g, d) if start.HasField("g") else None
-    v = state_from_proto(start.momentum, d) if start.HasField("momentum") else None
-    state = state_from_proto(start.worker_state, d) if start.HasField("worker_state") else None
+        x = lean_from_proto(start.x, d)
+    g = lean_from_proto(start.g, d) if start.HasField("g") else None
+    v = lean_from_proto(start.momentum, d) if start.HasField("momentum") else None
+    state = lean_from_proto(start.worker_state, d) if start.HasField("worker_state") else None
     expected_step = 1.0 if method.gamma_in_message else start.gamma
     if start.x_step != expected_step:
         raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker expects {expected_step}")
@@ -495,13 +517,20 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
     tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
            if estimator.stochastic else 0)
     setting = WorkerSetting(
-        gamma=start.gamma, rule=StepRule(start.x_step, cfg.momentum, None if cfg.prox is None else parse_prox(cfg.prox)),
+        gamma=start.gamma, rule=step_rule(cfg, method, start.gamma),
         init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
         tau=tau, page_p=start.page_p or 1.0,
         grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),
         participation=participation_count(cfg.participation, cfg.workers))
-    return WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, setting=setting,  # type: ignore[arg-type]
-                      g=g, v=v, state=state, round_=start.round)
+    node = WorkerNode(method, comp, obj, rank, gamma=start.gamma, x0=x, setting=setting,  # type: ignore[arg-type]
+                      g=g, v=v, state=state, round_=start.round,
+                      buffers=np.zeros(layout.buffer_size) if layout is not None and layout.buffers else None)
+    try:
+        # The buffers and the optimizer's state as the master holds them at this round (never this worker's own).
+        node.replica.set_extra_state(state_from_proto(start.state, node.replica.extra_state()))
+    except (CodecError, ValueError) as exc:
+        raise WorkerFailure(f"bad Start from the master: {exc}") from None
+    return node
 
 
 async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
@@ -510,7 +539,8 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    node.replica.x[:] = state_from_proto(msg.resync.x, d)
-    node.replica.g[:] = state_from_proto(msg.resync.g, d)
+    node.replica.x[:] = lean_from_proto(msg.resync.x, d)
+    node.replica.g[:] = lean_from_proto(msg.resync.g, d)
     if msg.resync.HasField("momentum"):
-        node.replica.v = state_from_proto(msg.resync.momentum, d)
+        node.replica.v = lean_from_proto(msg.resync.momentum, d)
+    node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

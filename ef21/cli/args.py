@@ -10,6 +10,7 @@ from ef21.compression.compressors import COMPRESSOR_NAMES
 from ef21.engine.config import ENCODINGS, ESTIMATORS, INIT_MODES, PROBLEMS, WEIGHTS, RunConfig
 from ef21.errors import UserError
 from ef21.methods import METHODS
+from ef21.methods.optim import OPTIMIZERS, SCHEDULES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,6 +40,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--method", default="ef21", help=f"one of {', '.join(METHODS)} (default ef21)")
     m.add_argument("--compressor", default="topk", help=f"one of {', '.join(COMPRESSOR_NAMES)} (default topk)")
     m.add_argument("--k", type=int, default=1, help="k of Top-k / Rand-k (default 1)")
+    m.add_argument("--k-per-tensor", default=None, metavar="K",
+                   help="layer-wise Top-k: a count per parameter tensor (16) or a fraction of each (0.01), "
+                        "instead of --k over all of x (a PyTorch model's tensors)")
+    m.add_argument("--k-floor", type=int, default=1, metavar="N",
+                   help="with a fractional --k-per-tensor, keep at least N entries of every tensor (default 1)")
     m.add_argument("--init", default="full", choices=INIT_MODES,
                    help="g_i^0: full local gradient (official code, default) or compressed (Algorithm 1)")
     m.add_argument("--stepsize", type=float, default=None, metavar="GAMMA",
@@ -71,6 +77,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="EF21-Prox: l1:LAMBDA, box:LO:HI or l2ball:R (x <- prox(x - gamma g))")
     x.add_argument("--weights", default="uniform", choices=WEIGHTS,
                    help="EF21-W: smoothness weighs worker i by L_i / sum L_j")
+    o = p.add_argument_group("optimizer (the master's step on the aggregate g, on every replica)")
+    o.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="sgd, adam or adamw on g with peak learning rate --stepsize (default: the method's own "
+                        "step x <- x - gamma g); with sgd, --momentum is its momentum")
+    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum (--optimizer sgd)")
+    o.add_argument("--beta1", type=float, default=0.9, help="Adam's beta1 (default 0.9)")
+    o.add_argument("--beta2", type=float, default=0.999, help="Adam's beta2 (default 0.999)")
+    o.add_argument("--eps", type=float, default=1e-8, help="Adam's epsilon (default 1e-8)")
+    o.add_argument("--weight-decay", type=float, default=0.0, metavar="L",
+                   help="L2 (sgd, adam: g + L x) or decoupled (adamw: x (1 - lr L)) weight decay (default 0)")
+    o.add_argument("--clip-norm", type=float, default=None, metavar="C",
+                   help="clip g to global norm C before the optimizer (as clip_grad_norm_)")
+    o.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
+                   help="constant, or cosine down to --min-lr at --decay-rounds (default --rounds)")
+    o.add_argument("--warmup", type=int, default=0, metavar="R",
+                   help="a linear warm-up of R rounds before the schedule (default 0)")
+    o.add_argument("--decay-rounds", type=int, default=None, metavar="R", help="the cosine's horizon")
+    o.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends (default 0)")
     s = p.add_argument_group("stopping and start")
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
     s.add_argument("--tol", type=float, default=0.0,
@@ -100,7 +124,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         objective=ns.objective, objective_args=parse_objective_args(ns.objective_arg), estimator=ns.estimator,
         batch_size=ns.batch_size, batch_fraction=ns.batch_fraction, page_p=ns.page_p, sgdm_eta=ns.sgdm_eta,
         downlink_k=ns.downlink_k, downlink_compressor=ns.downlink_compressor, participation=ns.participation,
-        momentum=ns.momentum, prox=ns.prox, weights=ns.weights, eval_grad=ns.eval_grad,
+        momentum=ns.momentum, prox=ns.prox, weights=ns.weights, optimizer=ns.optimizer, nesterov=ns.nesterov,
+        beta1=ns.beta1, beta2=ns.beta2, eps=ns.eps, weight_decay=ns.weight_decay, clip_norm=ns.clip_norm,
+        lr_schedule=ns.lr_schedule, warmup=ns.warmup, decay_rounds=ns.decay_rounds, min_lr=ns.min_lr,
+        k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor, eval_grad=ns.eval_grad,
     )
 
 

@@ -43,6 +43,10 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     plan = plan_for(cfg, problem)
     print(describe_run(cfg, plan.compressor.name, problem.n, problem.d))
     print(plan.constants.describe())
+    if cfg.optimizer is not None:
+        from ef21.methods.optim import describe
+
+        print(describe(cfg, plan.gamma))
     log_path = ns.log
     if ns.plot is not None and log_path is None:
         log_path = ns.plot.with_suffix(".jsonl")
@@ -79,6 +83,8 @@ def describe_run(cfg, compressor: str, n: int, d: int) -> str:  # type: ignore[n
     from ef21.methods.variants import variant_name
 
     k = "" if compressor in ("identity", "sign", "natural", "cnatural") else f" k={cfg.k}"
+    if cfg.k_per_tensor is not None and compressor != "identity":
+        k = f" k={cfg.k_per_tensor} per tensor" + (f" (at least {cfg.k_floor})" if "." in cfg.k_per_tensor else "")
     what = cfg.objective if cfg.objective is not None else f"{cfg.data or 'no data'} ({cfg.problem})"
     down = "" if cfg.downlink_k is None else f", downlink {cfg.downlink_compressor} K={cfg.downlink_k}"
     return f"{variant_name(cfg)} / {compressor}{k}{down} on {what}, n={n}, d={d}"

@@ -252,6 +252,81 @@ class ContractiveUnbiased:
         return SparseVector(u.dim, u.indices, u.values * self.alpha(u.dim))
 
 
+@dataclass(frozen=True)
+class LayerwiseTopK:
+    """Top-k within each parameter tensor (``ks[j]`` of tensor j's ``sizes[j]`` contiguous entries of x): a global k
+    goes to the largest tensors' largest entries and can starve small ones (biases, norms) for many rounds.
+
+    Deterministic and positively homogeneous like Top-k; per tensor ‖C(x_j) − x_j‖² ≤ (1 − k_j/d_j)‖x_j‖², so
+    ‖C(x) − x‖² ≤ (1 − min_j k_j/d_j)‖x‖²: α = min_j k_j/d_j, attained by an x spread evenly over the tensor with the
+    smallest ratio. The output is one sparse vector over x (ascending indices, tensor after tensor), so it travels
+    as any Top-k message."""
+
+    sizes: tuple[int, ...]
+    ks: tuple[int, ...]
+    name: str = "topk-per-tensor"
+    randomized: bool = False
+
+    def alpha(self, d: int) -> float:
+        return min(k / n for k, n in zip(self.ks, self.sizes))
+
+    def omega(self, d: int) -> None:
+        return None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
+        parts, offset = [], 0
+        for n, k in zip(self.sizes, self.ks):
+            parts.append(top_k_indices(x[offset:offset + n], k).astype(np.int64) + offset)
+            offset += n
+        idx = np.concatenate(parts).astype(INDEX_DTYPE, copy=False)
+        return SparseVector(x.shape[0], idx, x[idx])
+
+    @property
+    def k(self) -> int:
+        return sum(self.ks)
+
+
+def parse_k_per_tensor(spec: str) -> float | int:
+    """``--k-per-tensor``: a count (an integer ≥ 1) or a fraction in (0, 1)."""
+    try:
+        count = int(spec)
+    except ValueError:
+        count = None
+    if count is not None:
+        if count < 1:
+            raise UserError(f"--k-per-tensor must be a count >= 1 or a fraction in (0, 1), got {spec!r}")
+        return count
+    try:
+        frac = float(spec)
+    except ValueError:
+        frac = math.nan
+    if not 0.0 < frac < 1.0:
+        raise UserError(f"--k-per-tensor must be a count >= 1 or a fraction in (0, 1), got {spec!r}")
+    return frac
+
+
+def layerwise_topk(spec: str, floor: int, tensors: list[tuple[str, int]], d: int) -> LayerwiseTopK:
+    """Layer-wise Top-k for ``tensors`` (name, size) in the order they sit in x: a count per tensor (never more
+    than a tensor holds), or a fraction of each, rounded up, with at least ``floor`` entries (capped at the size)."""
+    if not tensors:
+        raise UserError("--k-per-tensor needs an objective that reports its parameter tensors (a PyTorch model, "
+                        "ef21.problems.torch); this one gives only d")
+    sizes = tuple(int(n) for _, n in tensors)
+    if sum(sizes) != d:
+        raise UserError(f"the objective's tensors hold {sum(sizes)} entries, but d = {d}")
+    k = parse_k_per_tensor(spec)
+    if isinstance(k, int):
+        small = [(name, n) for name, n in tensors if n < k]
+        if small:
+            name, n = min(small, key=lambda t: t[1])
+            raise UserError(f"--k-per-tensor {k} is larger than tensor {name!r} ({n} entries); give a count <= {n} "
+                            f"or a fraction of each tensor (e.g. 0.01) with --k-floor")
+        ks = tuple(k for _ in sizes)
+    else:
+        ks = tuple(min(n, max(floor, math.ceil(k * n))) for n in sizes)
+    return LayerwiseTopK(sizes, ks)
+
+
 COMPRESSOR_NAMES = ("identity", "topk", "randk", "urandk", "natural", "sign", "crandk", "cnatural")
 NEEDS_K = {"topk", "randk", "urandk", "crandk"}
 
@@ -311,7 +386,7 @@ def max_entries(comp: Compressor, d: int) -> int:
     rest. A receiver refuses a message that holds more: no honest sender produces it."""
     while isinstance(comp, (Float32Values, ContractiveUnbiased)):
         comp = comp.inner
-    if isinstance(comp, (TopK, RandK, ScaledRandK)):
+    if isinstance(comp, (TopK, RandK, ScaledRandK, LayerwiseTopK)):
         return min(comp.k, d)
     return d
 

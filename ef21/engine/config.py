@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ef21.errors import UserError
+from ef21.methods.optim import check_optimizer
 from ef21.methods.participation import participation_count
 from ef21.methods.prox import parse_prox
 from ef21.methods.variants import check_combination
@@ -96,6 +97,31 @@ class RunConfig:
     """EF21-Prox: ``l1:LAMBDA``, ``box:LO:HI`` or ``l2ball:R``; x ← prox_{γr}(x − γg)."""
     weights: str = "uniform"
     """EF21-W: ``smoothness`` weighs worker i by w_i = L_i / Σ L_j (its own stepsize rule)."""
+    # -- the master's optimizer on g (ef21.methods.optim), replicated on every replica ----------------------------
+    optimizer: str | None = None
+    """None: the method's own step (x ← x − γg, with EF21-HB or -Prox); ``sgd``, ``adam`` or ``adamw``: that
+    optimizer on the aggregate g, with peak learning rate γ (``stepsize``). ``momentum`` is then SGD's."""
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """L2 (``sgd``, ``adam``: g + λx, as torch's weight_decay) or decoupled (``adamw``: x·(1 − lr·λ))."""
+    clip_norm: float | None = None
+    """Clip g to this global norm before the optimizer (``torch.nn.utils.clip_grad_norm_``)."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (down to ``min_lr`` at ``decay_rounds``), either after ``warmup`` rounds of a
+    linear ramp."""
+    warmup: int = 0
+    decay_rounds: int | None = None
+    """The cosine's horizon; None: ``rounds``."""
+    min_lr: float = 0.0
+    # -- layer-wise compression -------------------------------------------------------------------------------------
+    k_per_tensor: str | None = None
+    """Top-k per parameter tensor: a fraction in (0, 1) of each tensor (``0.01``) or a count (``16``), instead of a
+    global k over x; needs an objective that reports its tensors (a PyTorch model)."""
+    k_floor: int = 1
+    """With a fractional ``k_per_tensor``: every tensor keeps at least this many entries (all of a smaller one)."""
 
     def __post_init__(self) -> None:
         if self.objective is None and self.problem in ("logreg", "lsq") and self.data is None:
@@ -148,6 +174,15 @@ class RunConfig:
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         check_combination(self)
+        check_optimizer(self)
+        if self.k_per_tensor is not None:
+            from ef21.compression.compressors import parse_k_per_tensor
+
+            parse_k_per_tensor(self.k_per_tensor)
+            if self.compressor != "topk":
+                raise UserError(f"--k-per-tensor is layer-wise Top-k: it needs --compressor topk, not {self.compressor}")
+        if self.k_floor < 1:
+            raise UserError(f"--k-floor must be >= 1, got {self.k_floor}")
 
     @property
     def uses_data(self) -> bool:

@@ -7,14 +7,17 @@ compressors, stepsize, estimator, step rule, participation, weights) is resolved
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from ef21.compression.compressors import Compressor
+from ef21.compression.sparse import SparseVector
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
 from ef21.methods.base import InPlace, committed
+from ef21.methods.buffers import buffer_delta, mean_delta
 from ef21.methods.downlink import BroadcastCompressor
 from ef21.methods.estimators import EstimateContext, Estimator, Full
 from ef21.methods.participation import participants
@@ -99,9 +102,12 @@ class WorkerNode:
         v: np.ndarray | None = None,
         state: Any = None,
         round_: int = 0,
+        buffers: np.ndarray | None = None,
+        extra_state: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """A fresh worker (round 0), or with ``g``, ``v``, ``state`` and ``round_`` one that takes over a running
-        rank (its estimator state, if any, restarts from the full gradient)."""
+        """A fresh worker (round 0), or with ``g``, ``v``, ``state``, ``extra_state`` (the replica's buffers and
+        optimizer state) and ``round_`` one that takes over a running rank (its estimator state, if any, restarts
+        from the full gradient). ``buffers``: the model's b⁰."""
         self.method = method
         self.compressor = compressor
         self.objective = objective
@@ -111,7 +117,9 @@ class WorkerNode:
         self.gamma = self.setting.gamma
         self.state: Any = method.worker_init(objective.d) if state is None else state
         self.est_state: Any = None
-        self.replica = Replica.start(x0, self.setting.rule)
+        self.replica = Replica.start(x0, self.setting.rule, buffers)
+        if extra_state is not None:
+            self.replica.set_extra_state(extra_state)
         if g is not None:
             self.replica.g[:] = g
         if v is not None:
@@ -135,6 +143,9 @@ class WorkerNode:
         The new method state is held back until ``apply`` says whether the master included the message.
         """
         s, t, x = self.setting, self.round, self.replica.x
+        begin = getattr(self.objective, "begin_round", None)
+        if begin is not None:  # seeds the round's draws (dropout, augmentation); the model's buffers b^t
+            begin((s.seed, self.rank, t), self.replica.buffers)
         participate = self.participates()
         ectx = EstimateContext(t, self.rank, s.seed, s.tau, s.page_p)
         f = full = None
@@ -164,6 +175,9 @@ class WorkerNode:
             self._scratch = (np.empty(d), np.empty(d))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, *self._scratch)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
+        if self.replica.buffers is not None:
+            new = getattr(self.objective, "round_buffers", lambda: None)()
+            msg = dataclasses.replace(msg, buffers=buffer_delta(new, self.replica.buffers))
         if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
             return WorkerReport(t, msg, None, None, None, None)
         return WorkerReport(t, msg, f, full, dist, metrics)
@@ -200,12 +214,12 @@ class MasterNode:
 
     def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float, rule: StepRule | None = None,
                  weights: np.ndarray | None = None, downlink: BroadcastCompressor | None = None,
-                 rows_dtype: Any = np.float64) -> None:
+                 rows_dtype: Any = np.float64, buffers: np.ndarray | None = None) -> None:
         self.method = method
         self.n = n
         self.d = x0.shape[0]
         self.rows: np.ndarray | None = method.master_init(n, self.d, rows_dtype)
-        self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma))
+        self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma), buffers)
         self.weights = weights
         self.downlink = downlink
         self.round = 0
@@ -232,6 +246,11 @@ class MasterNode:
         down = self.method.master_aggregate(self.rows, messages, self.d, self.weights)
         if self.downlink is not None:
             down = self.downlink.transform(down, self.replica.g, self.round)
+        b = self.replica.buffers
+        if b is not None:
+            empty = SparseVector.zeros(b.shape[0])
+            deltas = [empty if m.buffers is None else m.buffers for m in messages if m is not None]
+            down = dataclasses.replace(down, buffers=mean_delta(deltas, b.shape[0]))
         return down
 
     def apply(self, down: Downlink) -> None:

@@ -11,26 +11,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ef21.compression.compressors import Compressor, Float32Values, make_compressor, theory_alpha
+from ef21.compression.compressors import Compressor, Float32Values, layerwise_topk, make_compressor, theory_alpha
 from ef21.errors import UserError
 from ef21.methods import Method, make_method
 from ef21.methods.downlink import BroadcastCompressor
 from ef21.methods.estimators import Estimator, batch_size_for, default_page_p, make_estimator
+from ef21.methods.optim import make_optimizer
 from ef21.methods.participation import participation_count
 from ef21.methods.prox import parse_prox
 from ef21.methods.replica import StepRule
 from ef21.methods.stepsize import TheoryConstants, theory_stepsize
 from ef21.methods.variants import extensions
+from ef21.problems.layout import ModelLayout
 from ef21.problems.problem import local_objective, quadratic_mean
 
 from .config import RunConfig, make_x0
 from .nodes import MasterNode, WorkerSetting
 
 
-def resolve_method(cfg: RunConfig, d: int) -> tuple[Method, Compressor]:
-    """The method and compressor of a config, checked against each other and against d."""
+def resolve_method(cfg: RunConfig, d: int, layout: ModelLayout | None = None) -> tuple[Method, Compressor]:
+    """The method and compressor of a config, checked against each other, against d and (layer-wise Top-k)
+    against the model's tensors."""
     method = make_method(cfg.method)
-    comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
+    if cfg.k_per_tensor is not None and not method.uncompressed:
+        comp = layerwise_topk(cfg.k_per_tensor, cfg.k_floor, [] if layout is None else layout.tensors(), d)
+    else:
+        comp = make_compressor("identity" if method.uncompressed else cfg.compressor, cfg.k, d)
     if cfg.encoding == "compact":
         comp = Float32Values(comp)
     if method.needs_contractive and comp.alpha(d) is None:
@@ -96,6 +102,7 @@ class Plan:
     weights: np.ndarray | None
     participation: int | None
     downlink: Compressor | None
+    layout: ModelLayout | None = None
 
     @property
     def gamma(self) -> float:
@@ -108,23 +115,34 @@ class Plan:
             seed=self.cfg.seed, n=self.cfg.workers, estimator=self.estimator, tau=self.taus[rank],
             page_p=self.page_p, grad_scale=scale, participation=self.participation)
 
-    def master_node(self, x0: np.ndarray, rows_dtype: object = np.float64) -> MasterNode:
+    def master_node(self, x0: np.ndarray, rows_dtype: object = np.float64,
+                    buffers: np.ndarray | None = None) -> MasterNode:
         bc = None if self.downlink is None else BroadcastCompressor.start(self.downlink, self.d, self.cfg.seed)
         return MasterNode(self.method, self.cfg.workers, x0, gamma=self.gamma, rule=self.rule,
-                          weights=self.weights, downlink=bc, rows_dtype=rows_dtype)
+                          weights=self.weights, downlink=bc, rows_dtype=rows_dtype, buffers=buffers)
+
+
+def step_rule(cfg: RunConfig, method: Method, gamma: float) -> StepRule:
+    """How every replica moves x: γ (1 for EF, whose messages carry it), EF21-HB's η, EF21-Prox's operator, or the
+    master's optimizer on g with peak learning rate γ (then momentum is the optimizer's)."""
+    if cfg.optimizer is not None:
+        return StepRule(gamma, optimizer=make_optimizer(cfg, gamma))
+    prox = None if cfg.prox is None else parse_prox(cfg.prox)
+    return StepRule(1.0 if method.gamma_in_message else gamma, cfg.momentum, prox)
 
 
 def make_plan(cfg: RunConfig, d: int, L: float | None, L_i: list[float] | None,
-              n_samples: list[int | None], constants: TheoryConstants | None = None) -> Plan:
+              n_samples: list[int | None], constants: TheoryConstants | None = None,
+              layout: ModelLayout | None = None) -> Plan:
     """``L_i``: every worker's smoothness (None if some objective has none); ``n_samples``: every shard's rows
-    (None where the objective has no samples). ``constants``: those of a run being resumed (kept as saved)."""
-    method, comp = resolve_method(cfg, d)
+    (None where the objective has no samples). ``constants``: those of a run being resumed (kept as saved).
+    ``layout``: the model's tensors, when the objective is a model."""
+    method, comp = resolve_method(cfg, d, layout)
     downlink = resolve_downlink(cfg, d)
     if cfg.weights == "smoothness" and L_i is None:
         raise UserError("--weights smoothness needs every worker's L_i, and the objective gives none")
     consts = constants if constants is not None else constants_for(cfg, method, comp, L, L_i, d)
-    prox = None if cfg.prox is None else parse_prox(cfg.prox)
-    rule = StepRule(1.0 if method.gamma_in_message else consts.gamma, cfg.momentum, prox)
+    rule = step_rule(cfg, method, consts.gamma)
     estimator = make_estimator(cfg.estimator, cfg.sgdm_eta)
     taus = [batch_size_for(m, cfg.batch_size, cfg.batch_fraction, r) if estimator.stochastic else 0
             for r, m in enumerate(n_samples)]
@@ -133,7 +151,7 @@ def make_plan(cfg: RunConfig, d: int, L: float | None, L_i: list[float] | None,
         page_p = cfg.page_p if cfg.page_p is not None else default_page_p(taus, [int(m or 0) for m in n_samples])
     weights = smoothness_weights(L_i) if cfg.weights == "smoothness" and L_i is not None else None
     return Plan(cfg, d, method, comp, consts, rule, estimator, taus, page_p, weights,
-                participation_count(cfg.participation, cfg.workers), downlink)
+                participation_count(cfg.participation, cfg.workers), downlink, layout)
 
 
 def check_objective(cfg: RunConfig) -> None:
@@ -145,6 +163,7 @@ def check_objective(cfg: RunConfig) -> None:
         raise UserError(f"objective {cfg.objective} gives no smoothness constant (no smoothness() method), so there "
                         f"is no theory stepsize: give --stepsize")
     x0 = make_x0(cfg.x0, obj.d, obj.x0() if hasattr(obj, "x0") else None)
+    resolve_method(cfg, obj.d, getattr(obj, "layout", lambda: None)())  # e.g. --k-per-tensor against the tensors
     obj.value_and_grad(x0)
     if cfg.estimator != "full":
         batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, 0)

@@ -31,10 +31,12 @@ class RunResult:
     stop_reason: str  # "rounds", "tol" or "diverged"
     message: str = ""
     xs: list[np.ndarray] = field(default_factory=list)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """The master's replicated state beside x at the end (a model's buffers, the optimizer's state)."""
 
 
 def plan_for(cfg: RunConfig, problem: Problem) -> Plan:
-    return make_plan(cfg, problem.d, problem.L, problem.L_i, problem.n_samples)
+    return make_plan(cfg, problem.d, problem.L, problem.L_i, problem.n_samples, layout=problem.layout)
 
 
 def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float,
@@ -74,10 +76,11 @@ def simulate(
     plan = plan_for(cfg, problem)
     x0 = make_x0(cfg.x0, d, problem.x0)
     workers = [
-        WorkerNode(plan.method, plan.compressor, obj, i, gamma=plan.gamma, x0=x0, setting=plan.worker_setting(i))
+        WorkerNode(plan.method, plan.compressor, obj, i, gamma=plan.gamma, x0=x0, setting=plan.worker_setting(i),
+                   buffers=problem.buffers0)
         for i, obj in enumerate(problem.objectives)
     ]
-    master = plan.master_node(x0)
+    master = plan.master_node(x0, buffers=problem.buffers0)
     prox = None if cfg.prox is None else parse_prox(cfg.prox)
     ledger = CommLedger(n, selector=sends_selector(plan.method))
     records: list[RoundRecord] = []
@@ -120,4 +123,5 @@ def simulate(
         records.append(rec)
         if on_round is not None:
             on_round(rec)
-    return RunResult(master.x.copy(), records, plan.constants, stop, message, xs)
+    state = {k: a.copy() for k, a in master.replica.extra_state().items()}
+    return RunResult(master.x.copy(), records, plan.constants, stop, message, xs, state)

@@ -3,7 +3,10 @@
 - ``base``: the contract every method keeps (``worker_step``, ``master_aggregate``), ``Message`` and ``Downlink``.
 - ``gd``, ``dcgd``, ``ef``, ``ef21``, ``ef21plus``: the rules, registered by name in ``METHODS``.
 - ``estimators``: what a worker compresses against (full gradients, SGD, PAGE, SGDM).
-- ``replica``: (x, g) and the step that moves x (plain, heavy ball, proximal), held alike by every side.
+- ``replica``: (x, g) and the step that moves x (plain, heavy ball, proximal, an optimizer), with the state beside
+  them, held alike by every side.
+- ``optim``: the master's optimizers on g (SGD, momentum, Nesterov, Adam, AdamW, clipping, schedules), optax-shaped.
+- ``buffers``: a model's buffers (BatchNorm's running statistics) carried beside x: the workers' changes averaged.
 - ``downlink``: EF21-BC, the master's own EF21 on its broadcast.
 - ``participation``: EF21-PP's sampling of who takes part in a round.
 - ``prox``: the proximal operators of EF21-Prox.

@@ -43,6 +43,8 @@ class Message:
 
     vector: SparseVector
     replace: bool = False
+    buffers: SparseVector | None = None
+    """The change of the model's buffers by this round's training forwards (``ef21.methods.buffers``)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +54,8 @@ class Downlink:
     vector: SparseVector
     mode: Literal["add", "replace"]
     scale: float
+    buffers: SparseVector | None = None
+    """The mean change of the model's buffers, added to every replica's b (``ef21.methods.buffers``)."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """(x, g): the model and the aggregate direction, held identically by the master and every worker, and the step
-that moves x — plain, heavy ball (EF21-HB) or proximal (EF21-Prox).
+that moves x — plain, heavy ball (EF21-HB), proximal (EF21-Prox) or an optimizer on g (``optim``: SGD with
+momentum or Nesterov, Adam, AdamW, clipping, a schedule) — with the state beside them: the heavy ball's v, the
+optimizer's state and the model's buffers b (``buffers``).
 
 Every replica applies the same downlink with the same code, so the master's copy and each worker's hold the same
-bits; a checksum over (x, g, v) catches one that drifts.
+bits; a checksum over all of it catches one that drifts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .optim import State, Transform
 from .prox import Prox
 
 if TYPE_CHECKING:
@@ -27,6 +30,8 @@ class StepRule:
     """s: γ for most methods, 1 for EF whose messages already carry γ."""
     momentum: float = 0.0
     prox: Prox | None = None
+    optimizer: Transform | None = None
+    """An optimizer on g (``ef21.methods.optim``): x ← x + update(g), in place of the steps above."""
 
 
 @dataclass(eq=False)
@@ -36,6 +41,10 @@ class Replica:
     rule: StepRule
     v: np.ndarray | None = None
     """The heavy ball's direction (None until the first round, and without momentum)."""
+    buffers: np.ndarray | None = None
+    """The model's buffers b (None when the objective has none)."""
+    opt_state: State | None = None
+    """The optimizer's state (None without one)."""
     scratch: np.ndarray | None = field(default=None, repr=False)
     """The step's product s·g, in a buffer kept across rounds: the step allocates nothing of size d."""
 
@@ -44,32 +53,65 @@ class Replica:
         return self.rule.x_step
 
     @staticmethod
-    def start(x0: np.ndarray, rule: StepRule | float) -> Replica:
+    def start(x0: np.ndarray, rule: StepRule | float, buffers: np.ndarray | None = None) -> Replica:
         if not isinstance(rule, StepRule):
             rule = StepRule(float(rule))
-        return Replica(np.array(x0, dtype=np.float64, copy=True), np.zeros_like(x0, dtype=np.float64), rule)
+        x = np.array(x0, dtype=np.float64, copy=True)
+        opt = None if rule.optimizer is None else rule.optimizer.init(x.shape[0])
+        b = None if buffers is None or len(buffers) == 0 else np.array(buffers, dtype=np.float64, copy=True)
+        return Replica(x, np.zeros_like(x), rule, buffers=b, opt_state=opt)
 
     def apply(self, down: Downlink) -> None:
         if down.mode == "replace":
             self.g[:] = 0.0
         down.vector.add_to(self.g, down.scale)
+        if down.buffers is not None and self.buffers is not None:
+            down.buffers.add_to(self.buffers)
         rule = self.rule
-        direction = self.g
-        if rule.momentum > 0.0:
-            if self.v is None:
-                self.v = self.g.copy()
-            else:
-                self.v *= rule.momentum
-                self.v += self.g
-            direction = self.v
-        if self.scratch is None or self.scratch.shape != self.x.shape:
-            self.scratch = np.empty_like(self.x)
-        # x −= s·g in two passes, as numpy's own expression computes it (the same bits), into the kept buffer.
-        np.multiply(direction, rule.x_step, out=self.scratch)
-        np.subtract(self.x, self.scratch, out=self.x)
+        if rule.optimizer is not None:
+            assert self.opt_state is not None
+            update, self.opt_state = rule.optimizer.update(self.g, self.opt_state, self.x)
+            self.x += update
+        else:
+            direction = self.g
+            if rule.momentum > 0.0:
+                if self.v is None:
+                    self.v = self.g.copy()
+                else:
+                    self.v *= rule.momentum
+                    self.v += self.g
+                direction = self.v
+            if self.scratch is None or self.scratch.shape != self.x.shape:
+                self.scratch = np.empty_like(self.x)
+            # x −= s·g in two passes, as numpy's own expression computes it (the same bits), into the kept buffer.
+            np.multiply(direction, rule.x_step, out=self.scratch)
+            np.subtract(self.x, self.scratch, out=self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)
 
+    def extra_state(self) -> dict[str, np.ndarray]:
+        """The state beside (x, g, v) by name: ``buffers`` and the optimizer's ``opt.*`` arrays; what a Start, a
+        Resync and a checkpoint carry."""
+        out = {} if self.buffers is None else {"buffers": self.buffers}
+        if self.opt_state is not None:
+            out.update({f"opt.{k}": a for k, a in sorted(self.opt_state.items())})
+        return out
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        """Take ``extra_state`` as another replica sent it; ValueError unless it has this replica's names and
+        shapes exactly."""
+        mine = self.extra_state()
+        if set(state) != set(mine):
+            raise ValueError(f"replicated state has {sorted(state)}, expected {sorted(mine)}")
+        for name, a in state.items():
+            if a.shape != mine[name].shape or not np.all(np.isfinite(a)):
+                raise ValueError(f"replicated state {name!r} has shape {a.shape} or non-finite values, expected "
+                                 f"{mine[name].shape}")
+        if self.buffers is not None:
+            self.buffers = np.array(state["buffers"], dtype=np.float64, copy=True)
+        if self.opt_state is not None:
+            self.opt_state = {k: np.array(state[f"opt.{k}"], dtype=np.float64, copy=True) for k in self.opt_state}
+
     def state_arrays(self) -> list[np.ndarray]:
-        """What a checksum or a hand-over covers: x, g and (with momentum) v."""
-        return [self.x, self.g] + ([] if self.v is None else [self.v])
+        """What a checksum covers: x, g, (with momentum) v, then the extra state in name order."""
+        return [self.x, self.g] + ([] if self.v is None else [self.v]) + list(self.extra_state().values())

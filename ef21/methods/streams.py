@@ -14,6 +14,7 @@ BATCH_STREAM = 1
 PAGE_COIN_STREAM = 2
 PARTICIPATION_STREAM = 3
 DOWNLINK_STREAM = 4
+# 5: a PyTorch objective's own draws (dropout, augmentation), keyed by (seed, rank, round) in ef21.problems.torch.
 
 
 def round_rng(seed: int, rank: int, round_: int) -> np.random.Generator:

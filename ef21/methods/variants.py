@@ -46,7 +46,9 @@ def extensions(cfg: VariantSpec) -> list[str]:
         out.append("BC")
     if cfg.participation is not None:
         out.append("PP")
-    if cfg.momentum > 0.0:
+    if cfg.momentum > 0.0 and getattr(cfg, "optimizer", None) is None:
+        # With --optimizer sgd, --momentum is the optimizer's (the same heavy ball, ef21.methods.optim.trace), chosen
+        # with the other heuristics the optimizer brings rather than as the extension the theory covers.
         out.append("HB")
     if cfg.prox is not None:
         out.append("Prox")

@@ -10,7 +10,8 @@ and optionally ``smoothness() -> L_i`` (the theory stepsizes need it; without it
 ``grad_batch(x, rows) -> gradient over those rows`` (minibatch estimators), ``metrics(x) -> {name: value}``
 (logged every evaluation round, averaged over the workers: give each worker a slice of a held-out set), and
 ``gram()`` / ``diagonal()`` (curvature for the exact L of the whole problem; else L is taken as mean L_i, an
-upper bound). docs/objectives.md has the whole contract, examples/ridge.py a complete example.
+upper bound), and a model's ``layout()`` with its buffer hooks (``initial_buffers()``, ``begin_round(key, b)``,
+``round_buffers()``: see ``ef21.problems.torch``). docs/objectives.md has the whole contract, examples/ridge.py a complete example.
 
 Every worker must present the same objective: its identity (the function's name, the file's content hash or the
 module's version, the options and d) is checked by the master at join.
@@ -30,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ef21.errors import UserError
+
+from .layout import ModelLayout
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class PluginObjective:
         self.identity = identity(ref, options)
         n = getattr(inner, "n_samples", None)
         self.n_samples: int | None = int(n) if n is not None and callable(getattr(inner, "grad_batch", None)) else None
+        self._layout = self._read_layout()
 
     def _fail(self, what: str) -> None:
         raise UserError(f"objective {self.ref.label} (rank {self.rank}) {what}")
@@ -217,6 +221,47 @@ class PluginObjective:
         except (TypeError, ValueError):
             self._fail("metrics(x) must return a mapping of names to numbers")
         return None
+
+    # -- a model's layout and buffers (ef21.problems.torch) -----------------------------------------------------------
+
+    def _read_layout(self) -> ModelLayout | None:
+        if not callable(getattr(self.inner, "layout", None)):
+            return None
+        lay = self._call("layout")
+        if not isinstance(lay, ModelLayout) or lay.d != self.d:
+            self._fail(f"layout() returned {type(lay).__name__} whose parameters do not hold d = {self.d} entries")
+        return lay
+
+    def layout(self) -> ModelLayout | None:
+        """The model's tensors (None for an objective that is not a model)."""
+        return self._layout
+
+    def _buffers(self, b: Any, what: str) -> np.ndarray:
+        size = 0 if self._layout is None else self._layout.buffer_size
+        try:
+            b = np.asarray(b, dtype=np.float64)
+        except (TypeError, ValueError):
+            self._fail(f"returned {what} that are not numbers")
+        if b.shape != (size,) or not np.all(np.isfinite(b)):
+            self._fail(f"returned {what} of shape {b.shape} or with NaN/Inf, expected ({size},) finite")
+        return b
+
+    def initial_buffers(self) -> np.ndarray | None:
+        """b⁰, the model's buffers as built (None: it carries none)."""
+        if self._layout is None or not self._layout.buffers or not callable(getattr(self.inner, "initial_buffers",
+                                                                                     None)):
+            return None
+        return self._buffers(self._call("initial_buffers"), "initial buffers")
+
+    def begin_round(self, key: tuple[int, int, int], buffers: np.ndarray | None) -> None:
+        if callable(getattr(self.inner, "begin_round", None)):
+            self._call("begin_round", key, buffers)
+
+    def round_buffers(self) -> np.ndarray | None:
+        if not callable(getattr(self.inner, "round_buffers", None)):
+            return None
+        b = self._call("round_buffers")
+        return None if b is None else self._buffers(b, "buffers")
 
     def gram(self) -> np.ndarray | None:
         return self._optional_array("gram", (self.d, self.d))

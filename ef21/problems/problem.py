@@ -11,6 +11,7 @@ import numpy as np
 from ef21.errors import UserError
 
 from .data import BUILTIN, DataInfo, Dataset, data_info, load_dataset, load_shard, make_shard, shard_bounds
+from .layout import ModelLayout, check_same_layout
 from .objectives import LeastSquares, LogisticRegression, PowerIteration, SeparableQuadratic
 
 __all__ = ["Problem", "ProblemSpec", "build_problem", "local_objective", "quadratic_mean", "problem_fingerprint"]
@@ -56,6 +57,10 @@ class Problem:
     """A lower bound of f (0 for the losses here), for the Theorem 2 bound."""
     x0: np.ndarray | None = None
     """The objective's own start (a plugin's initial weights), used when --x0 is not given."""
+    layout: ModelLayout | None = None
+    """A model's tensors (the same on every worker, checked)."""
+    buffers0: np.ndarray | None = None
+    """A model's initial buffers b⁰ (rank 0's, as the networked master takes them)."""
 
     @property
     def n(self) -> int:
@@ -192,11 +197,13 @@ def build_problem(cfg: ProblemSpec, ds: Dataset | None = None) -> Problem:
         if len(dims) > 1:
             raise UserError(f"the objective's dimension differs between workers: "
                             f"{', '.join(f'rank {i}: d={o.d}' for i, o in enumerate(objs))}")
+    layout = check_same_layout([getattr(o, "layout", lambda: None)() for o in objs])
     L_vals = [o.smoothness() for o in objs]
     L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]
     L = global_smoothness(cfg, objs, rows)
     x0 = getattr(objs[0], "x0", lambda: None)()
-    return Problem(objs, L, L_i, f_lower=0.0, x0=x0)
+    b0 = getattr(objs[0], "initial_buffers", lambda: None)()
+    return Problem(objs, L, L_i, f_lower=0.0, x0=x0, layout=layout, buffers0=b0)
 
 
 def problem_fingerprint(cfg: ProblemSpec) -> str:

@@ -77,7 +77,7 @@ class Welcome(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Setup(_message.Message):
-    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim", "x0_digest")
+    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim", "layout", "buffers", "x0_digest")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,8 @@ class Setup(_message.Message):
     X0_FIELD_NUMBER: _ClassVar[int]
     POWER_ITERATION_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     X0_DIGEST_FIELD_NUMBER: _ClassVar[int]
     rank: int
     smoothness: float
@@ -97,8 +99,18 @@ class Setup(_message.Message):
     x0: SparseVector
     power_iteration: bool
     dim: int
+    layout: str
+    buffers: SparseVector
     x0_digest: bytes
-    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., layout: _Optional[str] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
+
+class NamedVector(_message.Message):
+    __slots__ = ("name", "vector")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vector: SparseVector
+    def __init__(self, name: _Optional[str] = ..., vector: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Leave(_message.Message):
     __slots__ = ("reason",)
@@ -123,7 +135,7 @@ class PowerReply(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "x_is_own_x0")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state", "x_is_own_x0")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +148,7 @@ class Start(_message.Message):
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PAGE_P_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     X_IS_OWN_X0_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
@@ -149,18 +162,21 @@ class Start(_message.Message):
     momentum: SparseVector
     weight: float
     page_p: float
+    state: _containers.RepeatedCompositeFieldContainer[NamedVector]
     x_is_own_x0: bool
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., x_is_own_x0: _Optional[bool] = ...) -> None: ...
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ..., x_is_own_x0: _Optional[bool] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("round", "message", "replace")
+    __slots__ = ("round", "message", "replace", "buffers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     message: SparseVector
     replace: bool
-    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    buffers: SparseVector
+    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Eval(_message.Message):
     __slots__ = ("round", "grad", "f", "distortion", "metrics")
@@ -184,32 +200,36 @@ class Eval(_message.Message):
     def __init__(self, round: _Optional[int] = ..., grad: _Optional[_Union[SparseVector, _Mapping]] = ..., f: _Optional[float] = ..., distortion: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "aggregate", "replace", "scale", "checksum", "missing")
+    __slots__ = ("round", "aggregate", "replace", "scale", "checksum", "missing", "buffers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     aggregate: SparseVector
     replace: bool
     scale: float
     checksum: bytes
     missing: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ..., missing: _Optional[_Iterable[int]] = ...) -> None: ...
+    buffers: SparseVector
+    def __init__(self, round: _Optional[int] = ..., aggregate: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., scale: _Optional[float] = ..., checksum: _Optional[bytes] = ..., missing: _Optional[_Iterable[int]] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
 
 class Resync(_message.Message):
-    __slots__ = ("round", "x", "g", "momentum")
+    __slots__ = ("round", "x", "g", "momentum", "state")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     G_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     round: int
     x: SparseVector
     g: SparseVector
     momentum: SparseVector
-    def __init__(self, round: _Optional[int] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    state: _containers.RepeatedCompositeFieldContainer[NamedVector]
+    def __init__(self, round: _Optional[int] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("reason", "failed")
