@@ -118,6 +118,7 @@ class WorkerNode:
         self.state: Any = method.worker_init(objective.d) if state is None else state
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule, buffers)
+        self.replica.scratch = np.empty_like(self.replica.x)  # x −= s·g's product, kept: see Replica.scratch
         if extra_state is not None:
             self.replica.set_extra_state(extra_state)
         if g is not None:

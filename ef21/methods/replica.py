@@ -46,7 +46,8 @@ class Replica:
     opt_state: State | None = None
     """The optimizer's state (None without one)."""
     scratch: np.ndarray | None = field(default=None, repr=False)
-    """The step's product s·g, in a buffer kept across rounds: the step allocates nothing of size d."""
+    """A d-long buffer for the step's product s·g, kept across rounds so the step allocates nothing of size d (a
+    worker's replica); None: a temporary each round (the master's, whose memory target is (n + 3)·8d bytes)."""
 
     @property
     def x_step(self) -> float:
@@ -81,11 +82,12 @@ class Replica:
                     self.v *= rule.momentum
                     self.v += self.g
                 direction = self.v
-            if self.scratch is None or self.scratch.shape != self.x.shape:
-                self.scratch = np.empty_like(self.x)
-            # x −= s·g in two passes, as numpy's own expression computes it (the same bits), into the kept buffer.
-            np.multiply(direction, rule.x_step, out=self.scratch)
-            np.subtract(self.x, self.scratch, out=self.x)
+            if self.scratch is None:
+                self.x -= rule.x_step * direction
+            else:
+                # The same two operations (the same bits), the product into the kept buffer.
+                np.multiply(direction, rule.x_step, out=self.scratch)
+                np.subtract(self.x, self.scratch, out=self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)
 
