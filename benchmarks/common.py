@@ -58,6 +58,24 @@ def write_json(path: Path | None, name: str, results: list[dict[str, Any]], **ex
     print(f"wrote {path}")
 
 
+def config_flags(cfg: Any) -> list[str]:
+    """The command-line flags of a RunConfig: every field that differs from its default (what `ef21 master` needs
+    to run the same configuration)."""
+    import dataclasses
+
+    defaults = type(cfg)()
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "objective_args" or v is None or v == getattr(defaults, f.name):
+            continue
+        out += [f"--{f.name.replace('_', '-')}", repr(v) if isinstance(v, float) else str(v)]
+    return out
+
+
+# -- raw logs: scratch by default ------------------------------------------------------------------------------------
+
+
 # -- raw logs: scratch by default --------------------------------------------------------------------------------------
 
 def add_logs_arg(ap: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/netns.py
-from common import add_logs_arg, logs_dir, print_table, thin, write_json  # noqa: E402
+from common import add_logs_arg, config_flags, logs_dir, print_table, thin, write_json  # noqa: E402
 
 from ef21.engine.config import RunConfig  # noqa: E402
 
@@ -114,19 +114,6 @@ def run_config(p: Problem, m: Method, n: int, rounds: int, tol: float = 0.0) -> 
                      **problem)  # type: ignore[arg-type]
 
 
-def cli_flags(cfg: RunConfig) -> list[str]:
-    """The master's command line for a RunConfig (the fields this benchmark sets)."""
-    out = (["--problem", "quadratic", "--dim", str(cfg.dim)] if cfg.problem == "quadratic"
-           else ["--data", str(cfg.data), "--lam", repr(cfg.lam)])
-    out += ["--workers", str(cfg.workers), "--method", cfg.method, "--stepsize-mult", repr(cfg.stepsize_mult),
-            "--x0", str(cfg.x0), "--rounds", str(cfg.rounds), "--encoding", cfg.encoding, "--init", cfg.init]
-    if cfg.k is not None and cfg.method != "gd":
-        out += ["--k", str(cfg.k)]
-    if cfg.downlink_k is not None:
-        out += ["--downlink-k", str(cfg.downlink_k)]
-    return out
-
-
 class Link:
     """The master in one namespace and the n workers in another (tests/netns.py), the workers' link shaped both
     ways: they share it to the master, as workers behind one uplink do."""
@@ -173,7 +160,7 @@ def run_once(link: Link | None, cfg: RunConfig, log: Path) -> dict:
     host = link.master_host if link else "127.0.0.1"
     port = "50051" if link else str(_free_port())
     master = [PY, "-m", "ef21", "master", "--host", "0.0.0.0" if link else host, "--port", port,
-              "--status-port", "-1", *cli_flags(cfg), "--eval-every", str(10**9), "--log", str(log)]
+              "--status-port", "-1", *config_flags(cfg), "--eval-every", str(10**9), "--log", str(log)]
     worker = [PY, "-m", "ef21_worker", "--master", f"{host}:{port}", "--connect-timeout", "60"]
     mp = subprocess.Popen((link.prefix("master") if link else []) + master, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)

@@ -273,7 +273,7 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         grad = gradient(obj, x)
         # With the worker's kept buffers, as WorkerNode passes them: the step then moves g_i in place (here a
         # copy of it, moved again at every repetition: the timing does not depend on its values).
-        ctx = WorkerContext(comp, 1e-3, "full", None, np.empty(d), np.empty(d))
+        ctx = WorkerContext(comp, 1e-3, "full", None, scratch=np.empty(d), mag=np.empty(d))
         state = np.array(worker.state)
         t_method = best_time(lambda: method.worker_step(state, grad, ctx, None), number, repeat=3)
         # The same step without the buffers: it allocates the residual and |residual| and copies g_i, as every

@@ -1,6 +1,6 @@
 """The two messages of every round — a worker's Update and the master's RoundResult — written and read in the
-protobuf wire format by hand; so are the worker's two other messages that carry a dense vector of d (Eval and
-PowerReply), whose copies otherwise set a worker's peak memory at d = 10⁶.
+protobuf wire format by hand; so are the worker's other messages that carry a dense vector of d (Eval and
+PowerReply) or a d×d Gram (GramReply), whose copies otherwise set a worker's peak memory at d = 10⁶.
 
 Why: the generated protobuf classes copy a bytes field when it is assigned, again when the message is
 serialized, and again when it is read back; a round's vectors are the bulk of the traffic, so those copies cost
@@ -26,6 +26,7 @@ _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 _WORKER_UPDATE = 3
 _WORKER_EVAL = 4
 _WORKER_POWER_REPLY = 6
+_WORKER_GRAM_REPLY = 8
 _MASTER_ROUND_RESULT = 3
 
 
@@ -152,6 +153,14 @@ def power_reply_bytes(iteration: int, w: EncodedVector) -> bytes:
         body += [_key(1, _VARINT), _varint(iteration)]
     body += _wrap(2, _vector_parts(w))
     return b"".join(_wrap(_WORKER_POWER_REPLY, body))
+
+
+def gram_reply_bytes(gram: Buffer, attempt: int) -> bytes:
+    """A serialized WorkerMessage carrying a GramReply (the d×d matrix's bytes, joined in with one copy)."""
+    body: list[Buffer] = [_key(1, _LEN), _varint(len(gram)), gram] if len(gram) else []
+    if attempt:
+        body += [_key(2, _VARINT), _varint(attempt)]
+    return b"".join(_wrap(_WORKER_GRAM_REPLY, body))
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------

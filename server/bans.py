@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .session import Refusal
 
@@ -62,14 +62,16 @@ class Bans:
         rec = self._records.get(identity)
         return rec is not None and rec.faults >= self.max_faults
 
-    def admit(self, identity: str, waiting_ranks: list[int]) -> None:
-        """Refuse a banned identity's join (PERMISSION_DENIED), saying which ranks the run now waits for."""
+    def admit(self, identity: str, waiting_ranks: Callable[[], list[int]]) -> None:
+        """Refuse a banned identity's join (PERMISSION_DENIED), saying which ranks the run now waits for (asked
+        only then: a join is O(1) whatever n, thousands of them O(n))."""
         if not self.banned(identity):
             return
         rec = self._records[identity]
         rec.refused_joins += 1
         rec.last_refused = time.time()
-        waiting = f"; the run waits for rank(s) {_ranks(waiting_ranks)}" if waiting_ranks else ""
+        waiting_now = waiting_ranks()
+        waiting = f"; the run waits for rank(s) {_ranks(waiting_now)}" if waiting_now else ""
         log.warning("refused a worker from banned %s (%d bad messages, --max-faults %d)%s", identity, rec.faults,
                     self.max_faults, waiting)
         raise Refusal("PERMISSION_DENIED", f"{identity} sent {rec.faults} bad messages (--max-faults "

@@ -22,7 +22,7 @@ import numpy as np
 from ef21.errors import UserError
 
 FORMAT = "ef21-checkpoint/1"
-EXTRA = ("v", "g_tilde")
+EXTRA = ("v", "g_tilde", "w")
 STATE_PREFIX = "state."
 """Arrays named ``state.NAME``: the replicated state beside x, g and v (a model's buffers, the optimizer's)."""
 
@@ -36,8 +36,8 @@ class Checkpoint:
     rows: np.ndarray | None
     """The master's per-worker state (EF21's g_i), when the method keeps one."""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
-    """Optional state of extensions: ``v`` (EF21-HB's direction), ``g_tilde`` (EF21-BC's uplink aggregate), and
-    ``state.NAME`` (a model's buffers, the optimizer's state)."""
+    """Optional state of extensions: ``v`` (EF21-HB's direction), ``g_tilde`` (EF21-BC's uplink aggregate), ``w``
+    (EF21-P's shared point), and ``state.NAME`` (a model's buffers, the optimizer's state)."""
 
 
 def _digest(meta_bytes: bytes, arrays: dict[str, np.ndarray]) -> str:

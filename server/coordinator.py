@@ -48,7 +48,7 @@ from ef21_wire.serde import (
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import persistence
-from .curvature import PowerRun, SetupInterrupted, needs_power_iteration, smoothness
+from .curvature import CurvatureRun, GramRun, PowerRun, SetupInterrupted, curvature_run, smoothness
 from .membership import Membership, reference_data
 from .options import FINISHED_REASONS, MASTER_ROWS, MasterOptions
 from .rounds import RoundBook, RoundRules
@@ -89,7 +89,8 @@ class Coordinator:
         self.wake = asyncio.Event()  # anything that may let the current round (or the set-up) move on
         self.done = asyncio.Event()
         self.plan: Plan | None = None
-        self.power: PowerRun | None = None
+        self.curvature: CurvatureRun | None = None  # the exchange with the workers that L needs, while it runs
+        self.setup_attempts = 0  # set-ups begun (one more after each a lost worker interrupted); tags GramRequests
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
         self.L_i: list[float] | None = None
@@ -200,6 +201,7 @@ class Coordinator:
             counters=counts, last_grad_norm_sq=self.last_grad_norm_sq, effective_config=self.opts.effective_config,
             x=rep.x, g=rep.g, rows=self.master.rows, v=rep.v,
             g_tilde=None if self.master.downlink is None else self.master.downlink.g_tilde,
+            w=None if self.master.primal is None else self.master.primal.shared.x,
             ended=ended, log_end=None if ended is None else self.writer.offset, layout=m.layout,
             state=rep.extra_state()))
 
@@ -230,6 +232,10 @@ class Coordinator:
             if run.g_tilde is None:
                 raise UserError(f"checkpoint {used}: EF21-BC state (g_tilde) missing")
             self.master.downlink.g_tilde[:] = run.g_tilde
+        if self.master.primal is not None:
+            if run.w is None:
+                raise UserError(f"checkpoint {used}: EF21-P state (w) missing")
+            self.master.primal.shared.x[:] = run.w
         if run.rows is not None:
             if self.master.rows is None or self.master.rows.shape != run.rows.shape:
                 raise UserError(f"checkpoint {used}: per-worker state of shape {run.rows.shape} does not fit")
@@ -330,12 +336,17 @@ class Coordinator:
         self.members.fault(identity)
 
     def power_reply(self, s: WorkerStream, msg: pb.PowerReply) -> None:
-        if self.power is None:
+        if not isinstance(self.curvature, PowerRun):
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
         w = self._decode(msg.w, f"PowerReply {msg.iteration}")
         if not w.is_dense:
             raise Refusal("INVALID_ARGUMENT", "PowerReply: the product must be dense")
-        self.power.reply(s, msg.iteration, np.array(w.values))
+        self.curvature.reply(s, msg.iteration, np.array(w.values))
+
+    def gram_reply(self, s: WorkerStream, msg: pb.GramReply) -> None:
+        if not isinstance(self.curvature, GramRun):
+            raise Refusal("FAILED_PRECONDITION", f"unexpected GramReply from rank {s.rank}")
+        self.curvature.reply(s, msg.gram, msg.attempt)
 
     # -- start -----------------------------------------------------------------------------------------------------
 
@@ -344,13 +355,16 @@ class Coordinator:
         cfg, d = self.cfg, self.d
         assert d is not None and self.reference is not None
         infos: list[SetupInfo] = [self.sessions[r].setup for r in range(self.n)]  # type: ignore[misc]
-        if needs_power_iteration(cfg, infos):
-            self.state_detail = f"computing L: power iteration with {self.n} workers"
-            self.power = PowerRun(d, self.sessions, self.members.ready, self.wake)
+        self.setup_attempts += 1
+        self.curvature = curvature_run(cfg, infos, d, self.sessions, self.members.ready, self.wake,
+                                       self.setup_attempts)
+        if self.curvature is not None:
+            how = "the Grams, one rank at a time" if isinstance(self.curvature, GramRun) else "power iteration"
+            self.state_detail = f"computing L: {how} with {self.n} workers"
         try:
-            L = await smoothness(cfg, infos, self.power)
+            L = await smoothness(cfg, infos, self.curvature)
         finally:
-            self.power = None
+            self.curvature = None
         L_vals = [i.smoothness for i in infos]
         self.L_i = None if any(v is None for v in L_vals) else [float(v) for v in L_vals]  # type: ignore[arg-type]
         self.n_samples = [i.n_samples for i in infos]
@@ -373,15 +387,17 @@ class Coordinator:
         self.book.participation = self.plan.participation
         self.book.max_entries = max_entries(self.plan.compressor, d)
         self.book.buffer_size = 0 if self.plan.layout is None else self.plan.layout.buffer_size
+        self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
 
     def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
         assert self.master is not None and self.constants is not None and self.plan is not None
         self.settle()
-        rep = self.master.replica
+        rep = self.master.shared  # what the workers hold: (x, g), or with EF21-P the point w
         state = self.master.worker_state(s.rank)
-        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i.
-        if state is None and self.master.rows is not None and self.cfg.init == "full":
+        # A worker the master holds no g_i for starts with round 0's step: under --init full, its dense ∇f_i (with
+        # --master-rows none, every worker: the master holds none).
+        if state is None and self.cfg.init == "full":
             self.book.g0_ranks.add(s.rank)
         else:
             self.book.g0_ranks.discard(s.rank)
@@ -447,7 +463,7 @@ class Coordinator:
             return
         assert self.master is not None
         self.settle()
-        rep = self.master.replica
+        rep = self.master.shared
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
         resync = pb.Resync(round=msg.round, x=lean_to_proto(rep.x), g=lean_to_proto(rep.g))
         if rep.v is not None:
@@ -615,9 +631,9 @@ class Coordinator:
     def state_facts(self) -> None:
         """What the coming round needs to know about the replica, computed once it is up to date."""
         assert self.master is not None
-        rep = self.master.replica
-        self.x_finite = bool(np.isfinite(rep.x).all())
+        self.x_finite = bool(np.isfinite(self.master.x).all())
         self.g_norm = g_norm_sq(self.master)
+        rep = self.master.shared  # the checksum is of what the workers hold
         self.checksum = (state_checksum(*rep.state_arrays()) if self.master.round % self.opts.checksum_every == 0
                          else b"")
 

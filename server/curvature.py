@@ -1,7 +1,9 @@
-"""L of the whole problem at set-up, from what the workers report: their diagonals or Grams (summed in rank
-order), a power iteration whose products they compute (``PowerStep``/``PowerReply``: the master sends v, each
-worker returns A_iᵀA_i v), or for a user objective mean L_i. The same computations as ``ef21.problems.problem`` in one
-process, so the master and the simulator get the same L to the last bit."""
+"""L of the whole problem at set-up, from what the workers report: their diagonals (summed in rank order), their
+Grams (``GramRequest``/``GramReply``: asked of one rank at a time, in rank order, and folded into the sum as each
+comes, so the master holds O(d²) whatever n), a power iteration whose products they compute (``PowerStep``/
+``PowerReply``: the master sends v, each worker returns A_iᵀA_i v), or for a user objective mean L_i. The same
+computations as ``ef21.problems.problem`` in one process, so the master and the simulator get the same L to the
+last bit."""
 
 from __future__ import annotations
 
@@ -29,6 +31,60 @@ log = logging.getLogger("ef21.master")
 
 class SetupInterrupted(Exception):
     """A worker left while the start-up computation needed every worker; wait for n workers again."""
+
+
+class GramRun:
+    """Σ_i A_iᵀA_i from the workers' Grams, asked for in rank order a few at a time (``WINDOW``: the next request
+    overlaps the transfer of the one before) and added to the sum in rank order as they come: the sum starts from
+    zeros and adds rank 0's, then rank 1's, … — ``sum_in_rank_order``'s bits — while the master holds the sum and
+    at most ``WINDOW`` Grams. A lost worker interrupts it; the next try has a new ``attempt`` number, and a late answer
+to an earlier attempt is dropped (an honest worker that answered it answers the new request too)."""
+
+    WINDOW = 2
+
+    def __init__(self, d: int, sessions: dict[int, WorkerStream], ready: asyncio.Event, wake: asyncio.Event,
+                 attempt: int) -> None:
+        self.d, self.attempt = d, attempt
+        self.sessions, self.ready, self.wake = sessions, ready, wake
+        self.n = len(sessions)
+        self.sum = np.zeros((d, d))
+        self.asked = 0  # ranks asked so far (0 .. asked-1)
+        self.folded = 0  # ranks added to the sum so far
+        self.replies: dict[int, np.ndarray] = {}
+        self._request = pb.MasterMessage(gram_request=pb.GramRequest(attempt=attempt)).SerializeToString()
+
+    async def run(self) -> np.ndarray:
+        while self.folded < self.n:
+            if self.folded in self.replies:
+                self.sum += self.replies.pop(self.folded)
+                self.folded += 1
+            elif self.asked < min(self.n, self.folded + self.WINDOW):
+                self.sessions[self.asked].send(self._request)
+                self.asked += 1
+            else:
+                if not self.ready.is_set():
+                    raise SetupInterrupted
+                self.wake.clear()
+                await self.wake.wait()
+        log.info("L: the Grams of %d workers added in rank order", self.n)
+        return self.sum
+
+    def reply(self, s: WorkerStream, gram: bytes, attempt: int) -> None:
+        rank = s.rank
+        if attempt < self.attempt and s.state is StreamState.SET_UP:
+            log.info("dropped rank %s's Gram for the interrupted set-up attempt %d", rank, attempt)
+            return
+        if (attempt != self.attempt or s.state is not StreamState.SET_UP or rank is None or not self.folded <= rank < self.asked
+                or rank in self.replies):
+            raise Refusal("FAILED_PRECONDITION", f"unexpected GramReply from rank {rank}")
+        d = self.d
+        if len(gram) != 8 * d * d:
+            raise Refusal("INVALID_ARGUMENT", f"GramReply: {len(gram)} bytes, expected {8 * d * d} (d = {d})")
+        g = np.frombuffer(gram, dtype="<f8").reshape(d, d)
+        if not np.isfinite(g).all():
+            raise Refusal("INVALID_ARGUMENT", "GramReply: non-finite curvature")
+        self.replies[rank] = g
+        self.wake.set()
 
 
 class PowerRun:
@@ -64,24 +120,35 @@ class PowerRun:
         self.wake.set()
 
 
-async def smoothness(cfg: RunConfig, infos: list[SetupInfo], power: PowerRun | None) -> float | None:
-    """L of the whole problem (see the module docstring); ``power`` runs when neither diagonals nor Grams came.
+CurvatureRun = GramRun | PowerRun
+
+
+def curvature_run(cfg: RunConfig, infos: list[SetupInfo], d: int, sessions: dict[int, WorkerStream],
+                  ready: asyncio.Event, wake: asyncio.Event, attempt: int) -> CurvatureRun | None:
+    """The exchange with the workers that L needs, if any: their Grams when all have one (and no diagonal),
+    else a power iteration when all can compute products (built-in objectives only), else none."""
+    if all(i.diagonal is not None for i in infos):
+        return None
+    if all(i.has_gram for i in infos):
+        return GramRun(d, sessions, ready, wake, attempt)
+    if cfg.objective is None and all(i.power_iteration for i in infos):
+        return PowerRun(d, sessions, ready, wake)
+    return None
+
+
+async def smoothness(cfg: RunConfig, infos: list[SetupInfo], run: CurvatureRun | None) -> float | None:
+    """L of the whole problem (see the module docstring), with ``run`` the exchange ``curvature_run`` chose.
     None when a user objective gives no L_i."""
     n = len(infos)
     if all(i.diagonal is not None for i in infos):
         return global_smoothness_from_diagonals(sum_in_rank_order([i.diagonal for i in infos]), n)  # type: ignore
-    if all(i.gram is not None for i in infos):
-        grams = sum_in_rank_order([i.gram for i in infos])  # type: ignore[misc]
+    if isinstance(run, GramRun):
+        grams = await run.run()
         if cfg.objective is not None:
             return float(np.linalg.eigvalsh(grams)[-1]) / n
         return global_smoothness_from_grams(cfg, grams, sum(i.shard_rows for i in infos))
-    if cfg.objective is None and all(i.power_iteration for i in infos) and power is not None:
-        return smoothness_from_lambda(cfg, await power.run(), sum(i.shard_rows for i in infos))
+    if isinstance(run, PowerRun):
+        return smoothness_from_lambda(cfg, await run.run(), sum(i.shard_rows for i in infos))
     if any(i.smoothness is None for i in infos):
         return None
     return sum(i.smoothness for i in infos) / n  # type: ignore[misc]
-
-
-def needs_power_iteration(cfg: RunConfig, infos: list[SetupInfo]) -> bool:
-    return (not all(i.diagonal is not None for i in infos) and not all(i.gram is not None for i in infos)
-            and cfg.objective is None and all(i.power_iteration for i in infos))

@@ -17,6 +17,7 @@ from ef21.engine.config import RunConfig
 from ef21.errors import UserError
 from ef21.problems.data import data_info
 from ef21.problems.layout import ModelLayout
+from ef21.problems.objectives import GRAM_MAX_D
 from ef21.problems.problem import quadratic_fingerprint
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -88,7 +89,7 @@ class Membership:
     def hello(self, s: WorkerStream, msg: pb.Hello, run_id: str, run_state: str) -> None:
         """A new stream's Hello: the same run, still taking workers, the same data and objective, a free rank;
         then the stream holds that rank (``joined``)."""
-        self.bans.admit(s.identity or f"host {peer_host(s.peer)}", self.free_ranks())
+        self.bans.admit(s.identity or f"host {peer_host(s.peer)}", self.free_ranks)
         if msg.run_id != run_id:
             # ABORTED, not FAILED_PRECONDITION: a worker that joined before a master restart simply joins again.
             raise Refusal("ABORTED", f"run id {msg.run_id!r} is not this run ({run_id}); join again")
@@ -113,17 +114,17 @@ class Membership:
                 raise Refusal("FAILED_PRECONDITION",
                               f"objective mismatch: this worker presents {msg.objective_id or 'none'}, the run's "
                               f"workers {self.objective_id}")
-        free = self.free_ranks()
         rank = msg.requested_rank
-        if rank >= 0:
+        if rank >= 0:  # the common case, checked in O(1): thousands of joins must not cost O(n) each
             if rank >= self.n:
                 raise Refusal("INVALID_ARGUMENT", f"rank {rank} out of range (workers = {self.n})")
-            if rank not in free:
+            if self.bound(rank) is not None:
                 # Whoever claims a rank another live stream holds: logged with its identity by the service.
                 raise Refusal("ALREADY_EXISTS", f"rank {rank} is taken")
-        elif not free:
-            raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
         else:
+            free = self.free_ranks()
+            if not free:
+                raise Refusal("RESOURCE_EXHAUSTED", f"all {self.n} ranks are taken")
             rank = free[0]
         assert self.bound(rank) is None, f"rank {rank} bound twice"
         s.rank, s.hostname = rank, msg.hostname
@@ -144,28 +145,25 @@ class Membership:
         d = self.d
         if d is None:
             raise Refusal("FAILED_PRECONDITION", "Setup without the objective's dimension")
-        gram = diag = None
-        if msg.gram:
-            if len(msg.gram) != 8 * d * d:
-                raise Refusal("INVALID_ARGUMENT", f"gram has {len(msg.gram)} bytes, expected {8 * d * d}")
-            gram = np.frombuffer(msg.gram, dtype="<f8").reshape(d, d)
+        diag = None
+        if msg.has_gram and d > GRAM_MAX_D:
+            raise Refusal("INVALID_ARGUMENT", f"has_gram for d = {d} > {GRAM_MAX_D}: a Gram that large is never sent")
         if msg.diagonal:
             if len(msg.diagonal) != 8 * d:
                 raise Refusal("INVALID_ARGUMENT", f"diagonal has {len(msg.diagonal)} bytes, expected {8 * d}")
             diag = np.frombuffer(msg.diagonal, dtype="<f8")
         if not (math.isfinite(msg.smoothness) and msg.smoothness >= 0):
             raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a non-negative number")
-        for arr in (gram, diag):
-            if arr is not None and not np.all(np.isfinite(arr)):
-                raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
+        if diag is not None and not np.all(np.isfinite(diag)):
+            raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
         x0 = decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
         if x0 is not None and x0.shape[0] != d:
             raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
         if len(msg.x0_digest) not in (0, 16):
             raise Refusal("INVALID_ARGUMENT", f"Setup x0_digest has {len(msg.x0_digest)} bytes, expected 16 or none")
         layout, b0 = self._model(s, msg, d, decode)
-        return SetupInfo(msg.smoothness or None, int(msg.shard_rows), gram, diag, int(msg.n_samples) or None, x0,
-                         bool(msg.power_iteration), layout, b0, bytes(msg.x0_digest))
+        return SetupInfo(msg.smoothness or None, int(msg.shard_rows), bool(msg.has_gram), diag,
+                         int(msg.n_samples) or None, x0, bool(msg.power_iteration), layout, b0, bytes(msg.x0_digest))
 
     def _model(self, s: WorkerStream, msg: pb.Setup, d: int, decode: Callable[..., SparseVector]
                ) -> tuple[ModelLayout | None, np.ndarray | None]:

@@ -1,7 +1,7 @@
 """A run's state as a checkpoint and back: what ``--checkpoint`` writes and ``--resume`` reads (the file format
 itself is ``checkpoint.py``). Everything the run needs to continue exactly: x, g, every g_i, EF21-HB's v and
-EF21-BC's g̃, a model's buffers and the optimizer's state, the round, the constants and the plan's facts (a
-model's layout too, which ``ef21 export`` needs), the counters and where the log ends.
+EF21-BC's g̃, EF21-P's w, a model's buffers and the optimizer's state, the round, the constants and the plan's
+facts (a model's layout too, which ``ef21 export`` needs), the counters and where the log ends.
 
 It knows nothing of the master that holds the state: the coordinator hands it a ``SavedRun`` and gets one back.
 """
@@ -58,6 +58,8 @@ class SavedRun:
     rows: np.ndarray | None
     v: np.ndarray | None = None
     g_tilde: np.ndarray | None = None
+    w: np.ndarray | None = None
+    """EF21-P's shared point (the workers' replica)."""
     ended: tuple[str, str] | None = None
     """(reason, message) of a run that ended; None while it runs."""
     log_end: int | None = None
@@ -87,7 +89,7 @@ def save(path: Path, run: SavedRun) -> None:
     if run.ended is not None:
         meta["ended"] = {"reason": run.ended[0], "message": run.ended[1]}
         meta["log_end"] = run.log_end
-    extra = {name: a for name, a in (("v", run.v), ("g_tilde", run.g_tilde)) if a is not None}
+    extra = {name: a for name, a in (("v", run.v), ("g_tilde", run.g_tilde), ("w", run.w)) if a is not None}
     extra.update({checkpoint.STATE_PREFIX + name: a for name, a in run.state.items()})
     checkpoint.save(path, checkpoint.Checkpoint(meta, run.x, run.g, run.rows, extra))
 
@@ -119,6 +121,7 @@ def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
                           int(ledger.get("down_total", 0)), wire, int(meta.get("log_offset") or 0)),  # type: ignore[arg-type]
         last_grad_norm_sq=meta.get("last_grad_norm_sq"), effective_config=meta.get("effective_config"),
         x=ckpt.x, g=ckpt.g, rows=ckpt.rows, v=ckpt.extra.get("v"), g_tilde=ckpt.extra.get("g_tilde"),
+        w=ckpt.extra.get("w"),
         ended=None if not ended else (ended["reason"], ended["message"]),
         log_end=meta.get("log_end", meta.get("log_offset")), layout=layout,
         state={k[len(checkpoint.STATE_PREFIX):]: a for k, a in ckpt.extra.items()

@@ -69,6 +69,8 @@ class RoundBook:
         self.max_entries = 0  # the most entries the compressor puts in a message (set with the method)
         self.buffer_size = 0  # a model's buffers (0: none; set with the plan)
         self.g0_ranks: set[int] = set()  # ranks whose next Update may be the uncompressed g_i⁰ (d entries)
+        # Rounds whose Updates are whole gradients for every rank (MARINA's coin), from the method; None: no such.
+        self.dense_rounds: Callable[[int], bool] | None = None
         self.started_at = time.monotonic()
         self._asked: tuple[int, int | None, frozenset[int] | None] | None = None  # (t, participation, chosen(t))
 
@@ -117,8 +119,8 @@ class RoundBook:
         if not self.sampled(s.rank, t):
             raise Refusal("FAILED_PRECONDITION", f"Update from rank {s.rank}, which round {msg.round}'s sampled "
                                                  f"participation leaves out")
-        vec = decode(msg.vector, f"Update round {msg.round}",
-                     max_nnz=d if s.rank in self.g0_ranks else self.max_entries)
+        dense = s.rank in self.g0_ranks or (self.dense_rounds is not None and self.dense_rounds(t))
+        vec = decode(msg.vector, f"Update round {msg.round}", max_nnz=d if dense else self.max_entries)
         self.updates[s.rank] = (Message(vec, msg.replace, self._buffers(msg, decode)), nbytes)
 
     def _buffers(self, msg: UpdateIn, decode: Decode) -> SparseVector | None:

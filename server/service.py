@@ -35,6 +35,18 @@ def max_worker_message_bytes(d: int) -> int:
     return min(gram + 16 * d + 64 * 1024, 2**31 - 1)
 
 
+STREAM_SLACK_MIN = 64
+"""Streams the master keeps open beyond one per rank, at least: replacements whose predecessor has not ended yet,
+workers knocking while the run is full (they are told so by their Hello's refusal)."""
+
+
+def stream_limit(n: int) -> int:
+    """Train streams open at once before new ones are refused: n ranks plus max(64, n/4) more. A client that opens
+    thousands of streams and never says Hello holds at most that many (each for at most the handshake timeout);
+    the rest are refused at once, before any state exists for them."""
+    return n + max(STREAM_SLACK_MIN, n // 4)
+
+
 class MasterService:
     def __init__(self, coord: Coordinator, status: Callable[[], dict], *, token: str | None = None,
                  handshake_timeout: float = 120.0, mutual_tls: bool = False) -> None:
@@ -43,6 +55,7 @@ class MasterService:
         self.token = token
         self.handshake_timeout = handshake_timeout
         self.mutual_tls = mutual_tls  # charge faults to the client's certificate rather than its host
+        self.over_limit = 0  # Train streams refused because too many were open (see ``stream_limit``)
 
     async def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
         if self.token is None or token_matches(self.token, context.invocation_metadata()):
@@ -82,8 +95,9 @@ class MasterService:
         """One worker's stream: a reader task feeds its messages to the coordinator while this task writes what
         the master sends, until the stream ends (``streams``); then the call closes with the end's status."""
         await self._authorize(context, "Train")
+        await self._within_stream_limit(context)
         s = self.coord.open_stream(context.peer(), identity_of(context, self.mutual_tls))
-        reader = asyncio.create_task(self._read(requests, s), name=f"read-{context.peer()}")
+        reader = asyncio.create_task(self._read(context, s), name=f"read-{context.peer()}")
         try:
             while True:
                 out = await s.outbox.get()
@@ -102,25 +116,43 @@ class MasterService:
             return
         await context.abort(getattr(grpc.StatusCode, end.code), end.message)
 
-    async def _read(self, requests: AsyncIterator[bytes], s: WorkerStream) -> None:
-        """Feed one stream's messages to the coordinator, each checked against the stream's state first."""
-        it = requests.__aiter__()
+    async def _within_stream_limit(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) a stream past ``stream_limit``: logged for the 1st, 2nd, 4th, 8th, …
+        refusal, so that a storm names itself in the log without flooding it."""
+        live, limit = len(self.coord.members.live), stream_limit(self.coord.n)
+        if live < limit:
+            return
+        self.over_limit += 1
+        self.coord.refuse("RESOURCE_EXHAUSTED")
+        why = (f"{live} streams are open, the limit for {self.coord.n} workers is {limit}: a join storm, or clients "
+               f"that open streams and never say Hello")
+        if self.over_limit & (self.over_limit - 1) == 0:
+            log.warning("refused a stream from %s (%d refused so far): %s", context.peer(), self.over_limit, why)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+    async def _read(self, context: grpc.aio.ServicerContext, s: WorkerStream) -> None:
+        """Feed one stream's messages to the coordinator, each checked against the stream's state first.
+
+        Read with ``context.read()``, not the handler's request iterator: that iterator is an async generator
+        whose frame keeps the last message it yielded until the next one arrives (see below)."""
         try:
             while True:
                 try:
                     if s.state is StreamState.CONNECTED:
-                        raw = await asyncio.wait_for(it.__anext__(), self.handshake_timeout)
+                        raw = await asyncio.wait_for(context.read(), self.handshake_timeout)
                     else:
-                        raw = await it.__anext__()
-                except StopAsyncIteration:
-                    self.coord.lost(s, "worker closed its stream")
-                    return
+                        raw = await context.read()
                 except asyncio.TimeoutError:
                     raise Refusal("DEADLINE_EXCEEDED", f"no Hello within {self.handshake_timeout:g} s") from None
+                if raw is grpc.aio.EOF:
+                    self.coord.lost(s, "worker closed its stream")
+                    return
                 s.received(raw)
-                if s.ended:
-                    continue  # in flight when the stream ended (e.g. the run's last round): never applied
-                self._dispatch(s, raw)
+                if not s.ended:  # else in flight when the stream ended (e.g. the run's last round): never applied
+                    self._dispatch(s, raw)
+                # Let go of the message now, not when the next one arrives: a worker set up says nothing until the
+                # start, and its d×d Gram (8 MB at d = 10³) held here by every stream was O(n·d²) of master memory.
+                del raw
         except Refusal as r:
             self._refuse(s, r)
         except grpc.aio.AioRpcError as exc:
@@ -152,6 +184,8 @@ class MasterService:
             self.coord.resync(s, msg.resync_request)
         elif kind == "power_reply":
             self.coord.power_reply(s, msg.power_reply)
+        elif kind == "gram_reply":
+            self.coord.gram_reply(s, msg.gram_reply)
         elif kind == "leave":
             self.coord.leave(s, msg.leave)
         else:  # a kind ``streams.ACCEPTS`` lets through but nothing here handles: a bug, refused all the same

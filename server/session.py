@@ -14,7 +14,8 @@ class SetupInfo:
     smoothness: float | None
     """L_i; None when the objective gives none."""
     shard_rows: int
-    gram: np.ndarray | None
+    has_gram: bool
+    """The worker sends its shard's Gram when asked (``curvature.GramRun``)."""
     diagonal: np.ndarray | None
     n_samples: int | None = None
     x0: np.ndarray | None = None

@@ -6,8 +6,8 @@ messages each state accepts.
         └──────────────────┴──────────────────┴─────────────────┴──▶ left | lost | refused
 
 A stream is ``connected`` until its Hello is accepted; ``joined`` then holds a rank (Welcome sent); ``set up``
-once its Setup is (it waits for the run's start, and may answer the power iteration for L); ``running`` once the
-master has sent it the state to start from. It ends ``finished`` (the run ended: Stop sent), ``left`` (the worker
+once its Setup is (it waits for the run's start, and may answer the master's requests for L: its Gram, the power
+iteration's products); ``running`` once the master has sent it the state to start from. It ends ``finished`` (the run ended: Stop sent), ``left`` (the worker
 said Leave), ``lost`` (the stream closed or broke) or ``refused`` (a message was refused). An end is final: the
 stream is closed with its status code at once, its rank is unbound at once, and a rank that a stream held is
 never that stream's again — only a new stream, through a new Hello, can take it. Nothing is ever sent to an ended
@@ -59,7 +59,7 @@ TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
 ACCEPTS: dict[StreamState, frozenset[str]] = {
     S.CONNECTED: frozenset({"hello"}),
     S.JOINED: frozenset({"setup", "leave"}),
-    S.SET_UP: frozenset({"power_reply", "leave"}),
+    S.SET_UP: frozenset({"power_reply", "gram_reply", "leave"}),
     S.RUNNING: frozenset({"update", "eval", "resync_request", "leave"}),
     **{end: frozenset() for end in ENDS},
 }

@@ -11,7 +11,9 @@ the initialization), the log records the state x^t, then the master forms its di
 A rule runs rounds 0..T and returns a ``Trace`` with one entry per round.
 
 Rules for the extensions (§3.6–3.12: SGD, PAGE and SGDM with a given minibatch sequence and coins, BC, HB, Prox,
-W, and PP by sampling, which is EF21-PP with the sampled pattern) follow the same shape. To add a rule: one more
+W, and PP by sampling, which is EF21-PP with the sampled pattern) follow the same shape. The family since 2021
+(docs/methods-family.md: CLAG/LAG, EControl, DIANA, MARINA, and EF21-P on the downlink) is written as uplink rules
+driven by one loop, ``family``. To add a rule: one more
 function, with its math in the docstring, using ``Recorder`` for the log and the compressors below.
 """
 
@@ -625,3 +627,264 @@ def theory_gamma(L: float, L_tilde: float, alpha: float) -> float:
 def logreg_smoothness(A: np.ndarray, lam: float) -> float:
     """λ_max(AᵀA/(4N)) + 2λ (method doc §5)."""
     return float(np.linalg.eigvalsh(A.T @ A / (4.0 * A.shape[0]))[-1]) + 2.0 * lam
+
+
+# -- the family since 2021 (docs/methods-family.md) ----------------------------------------------------------------
+
+
+@dataclass
+class URandK:
+    """Keep k coordinates drawn uniformly without replacement and scale them by d/k: unbiased, ω = d/k − 1. The
+    draw is the convention of RandK above."""
+
+    k: int
+    randomized: bool = True
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        assert rng is not None
+        d = v.shape[0]
+        keep = rng.choice(d, size=self.k, replace=False)
+        out = np.zeros(d)
+        out[keep] = v[keep] * (d / self.k)
+        return Sent(out, self.k, True, np.sort(keep))
+
+
+@dataclass
+class Natural:
+    """Natural compression: each nonzero v_j, with 2^e ≤ |v_j| < 2^(e+1), becomes sign(v_j)·2^(e+1) with
+    probability |v_j|/2^e − 1, else sign(v_j)·2^e: unbiased, ω = 1/8. One uniform draw per nonzero coordinate,
+    in index order (``rng.random(count)``); a dense message of d values."""
+
+    randomized: bool = True
+
+    def __call__(self, v: np.ndarray, rng: np.random.Generator | None = None) -> Sent:
+        assert rng is not None
+        out = np.zeros_like(v)
+        nz = np.flatnonzero(v)
+        u = rng.random(nz.shape[0])
+        for j, draw in zip(nz, u):
+            low = 2.0 ** (np.frexp(abs(v[j]))[1] - 1)  # the power of two at or below |v_j|
+            out[j] = np.sign(v[j]) * (2.0 * low if draw < abs(v[j]) / low - 1.0 else low)
+        return Sent(out, v.shape[0], False)
+
+
+def skip(d: int) -> Sent:
+    """CLAG's message of a worker whose trigger did not fire: no values, an empty support."""
+    return Sent(np.zeros(d), 0, True, np.zeros(0, dtype=int))
+
+
+class Uplink(Protocol):
+    """One uplink rule of the family, worker and master sides, round by round at the points the workers hold."""
+
+    selector: bool
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        """Round t: (the messages, each worker's estimate of ∇f_i for G, the direction g^t that moves x, the
+        values the master's sum of the messages carries)."""
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        """What the log's ‖g‖² is of, before this round (None at round 0)."""
+
+
+@dataclass
+class ClagUplink:
+    """CLAG (3PC): g_i⁰ = ∇f_i(x⁰) sent whole; from round 1 worker i sends c_i = C(∇f_i − g_i) and sets
+    g_i = g_i + c_i when ‖∇f_i − g_i‖² > ζ‖∇f_i(x^t) − ∇f_i(x^{t−1})‖², else a skip (g_i unchanged). g = g + Σc_i/n.
+    LAG: C the identity. Every message carries one selector bit (sent or skipped)."""
+
+    comp: Compressor
+    zeta: float
+    seed: int = 0
+    selector: bool = True
+    g_i: list[np.ndarray] = field(default_factory=list)
+    prev: list[np.ndarray] = field(default_factory=list)
+    g: np.ndarray | None = None
+    skipped: int = 0
+    fired: int = 0
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        return self.g
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        n = len(grads)
+        if t == 0:
+            sent = [dense(v) for v in grads]
+            self.g_i = [v.copy() for v in grads]
+            self.g = sum(self.g_i) / n
+        else:
+            sent = []
+            for i in range(n):
+                lhs = float(np.sum((grads[i] - self.g_i[i]) ** 2))
+                rhs = self.zeta * float(np.sum((grads[i] - self.prev[i]) ** 2))
+                if lhs > rhs:
+                    s = self.comp(grads[i] - self.g_i[i], worker_rng(self.comp, self.seed, i, t))
+                    self.g_i[i] = self.g_i[i] + s.value
+                    self.fired += 1
+                else:
+                    s = skip(grads[i].shape[0])
+                    self.skipped += 1
+                sent.append(s)
+            self.g = self.g + sum(s.value for s in sent) / n
+        self.prev = [v.copy() for v in grads]
+        return sent, list(self.g_i), self.g, union_entries(sent)
+
+
+@dataclass
+class Ef21Uplink:
+    """EF21 (§3.4) as an uplink: g_i⁰ = ∇f_i(x⁰) sent whole, then c_i = C(∇f_i − g_i), g_i = g_i + c_i,
+    g = g + Σc_i/n."""
+
+    comp: Compressor
+    seed: int = 0
+    selector: bool = False
+    g_i: list[np.ndarray] = field(default_factory=list)
+    g: np.ndarray | None = None
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        return self.g
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        n = len(grads)
+        if t == 0:
+            sent = [dense(v) for v in grads]
+            self.g_i = [v.copy() for v in grads]
+            self.g = sum(self.g_i) / n
+        else:
+            sent = [self.comp(grads[i] - self.g_i[i], worker_rng(self.comp, self.seed, i, t)) for i in range(n)]
+            self.g_i = [self.g_i[i] + sent[i].value for i in range(n)]
+            self.g = self.g + sum(s.value for s in sent) / n
+        return sent, list(self.g_i), self.g, union_entries(sent)
+
+
+@dataclass
+class EControlUplink:
+    """EControl: h_i⁰ = ∇f_i(x⁰) sent whole, e_i⁰ = 0; then Δ_i = C(η e_i + ∇f_i − h_i), e_i = e_i + ∇f_i − h_i − Δ_i,
+    h_i = h_i + Δ_i; g = g + ΣΔ_i/n."""
+
+    comp: Compressor
+    eta: float
+    seed: int = 0
+    selector: bool = False
+    h: list[np.ndarray] = field(default_factory=list)
+    e: list[np.ndarray] = field(default_factory=list)
+    g: np.ndarray | None = None
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        return self.g
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        n = len(grads)
+        if t == 0:
+            sent = [dense(v) for v in grads]
+            self.h = [v.copy() for v in grads]
+            self.e = [np.zeros_like(v) for v in grads]
+            self.g = sum(self.h) / n
+        else:
+            sent = []
+            for i in range(n):
+                s = self.comp(self.eta * self.e[i] + grads[i] - self.h[i], worker_rng(self.comp, self.seed, i, t))
+                self.e[i] = self.e[i] + grads[i] - self.h[i] - s.value
+                self.h[i] = self.h[i] + s.value
+                sent.append(s)
+            self.g = self.g + sum(s.value for s in sent) / n
+        return sent, list(self.h), self.g, union_entries(sent)
+
+
+@dataclass
+class DianaUplink:
+    """DIANA: h_i⁰ = ∇f_i(x⁰) sent whole (``full``: the first direction is their mean) or h_i⁰ = 0; then
+    m_i = Q(∇f_i − h_i), the direction ĝ = h + Σm_i/n with h = (1/n)Σh_i, then h_i = h_i + α m_i. The estimate of
+    ∇f_i for G is h_i + m_i; the log's ‖g‖² is ‖h‖²."""
+
+    comp: Compressor
+    alpha: float
+    full_start: bool = True
+    seed: int = 0
+    selector: bool = False
+    h_i: list[np.ndarray] = field(default_factory=list)
+    h: np.ndarray | None = None
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        return self.h
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        n = len(grads)
+        if t == 0 and self.full_start:
+            sent = [dense(v) for v in grads]
+            self.h_i = [v.copy() for v in grads]
+            self.h = sum(self.h_i) / n
+            return sent, list(self.h_i), self.h, union_entries(sent)
+        if t == 0:
+            self.h_i = [np.zeros_like(v) for v in grads]
+            self.h = np.zeros_like(grads[0])
+        sent = [self.comp(grads[i] - self.h_i[i], worker_rng(self.comp, self.seed, i, t)) for i in range(n)]
+        estimates = [self.h_i[i] + sent[i].value for i in range(n)]
+        mean_m = sum(s.value for s in sent) / n
+        direction = self.h + mean_m
+        self.h_i = [self.h_i[i] + self.alpha * sent[i].value for i in range(n)]
+        self.h = self.h + self.alpha * mean_m
+        return sent, estimates, direction, union_entries(sent)
+
+
+@dataclass
+class MarinaUplink:
+    """MARINA: in round 0 and whenever the round's coin is up, worker i sends ∇f_i whole and g_i = ∇f_i; else it
+    sends q_i = Q(∇f_i(x^t) − ∇f_i(x^{t−1})) and g_i = g_i + q_i. g = (1/n)Σg_i."""
+
+    comp: Compressor
+    coins: dict[int, bool]
+    seed: int = 0
+    selector: bool = False
+    g_i: list[np.ndarray] = field(default_factory=list)
+    prev: list[np.ndarray] = field(default_factory=list)
+    g: np.ndarray | None = None
+
+    @property
+    def logged_g(self) -> np.ndarray | None:
+        return self.g
+
+    def round(self, t: int, grads: list[np.ndarray]) -> tuple[list[Sent], list[np.ndarray], np.ndarray, int]:
+        n = len(grads)
+        if t == 0 or self.coins[t]:
+            sent = [dense(v) for v in grads]
+            self.g_i = [v.copy() for v in grads]
+        else:
+            sent = [self.comp(grads[i] - self.prev[i], worker_rng(self.comp, self.seed, i, t)) for i in range(n)]
+            self.g_i = [self.g_i[i] + sent[i].value for i in range(n)]
+        self.prev = [v.copy() for v in grads]
+        self.g = sum(self.g_i) / n
+        return sent, list(self.g_i), self.g, union_entries(sent)
+
+
+def family(p: Problem, x0: np.ndarray, gamma: float, T: int, uplink: Uplink, *,
+           down: Compressor | None = None, seed: int = 0) -> Trace:
+    """A rule of the family: each round the workers send at the point they hold, the master moves
+    x^{t+1} = x^t − γ g^t.
+
+    Without ``down`` the workers hold x itself and the broadcast is the sum of the messages. With ``down``, EF21-P:
+    the workers hold w (w⁰ = x⁰) and evaluate there (the log's f, ‖∇f‖² and G are at w^t; ``Trace.x`` is the
+    master's x^t); the broadcast is b = C_P(x^{t+1} − w^t) (its generator ``default_rng([seed, t, 4])`` when C_P is
+    randomized) and w^{t+1} = w^t + b."""
+    rec, x = Recorder(p, selector=uplink.selector), x0.copy()
+    w = x0.copy()
+    for t in range(T + 1):
+        at = x if down is None else w
+        grads = all_grads(p, at)
+        logged = uplink.logged_g
+        sent, estimates, g, entries = uplink.round(t, grads)
+        rec.record(t, x, grads, estimates, sent, None if t == 0 else logged)
+        rec.trace.f[-1] = sum(p.value(i, at) for i in range(p.n)) / p.n
+        x = x - gamma * g
+        if down is None:
+            rec.broadcast(t, entries)
+        else:
+            rng = np.random.default_rng([seed, t, 4]) if getattr(down, "randomized", False) else None
+            b = down(x - w, rng)
+            rec.broadcast(t, b.entries)
+            w = w + b.value
+    return rec.trace

@@ -83,8 +83,14 @@ class RawClient:
 
     def setup_message(self, rank: int) -> pb.Setup:
         obj = local_objective(self.cfg, rank, self.ds)
-        return pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows,
-                        gram=np.ascontiguousarray(obj.gram(), dtype="<f8").tobytes(), dim=self.ds.d)
+        return pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows, has_gram=True, dim=self.ds.d)
+
+    def gram_reply(self, attempt: int, rank: int | None = None) -> bytes:
+        """The answer to the master's GramRequest (its ``attempt``): this rank's Gram."""
+        r = self.rank if rank is None else rank
+        obj = local_objective(self.cfg, r, self.ds)
+        return pb.WorkerMessage(gram_reply=pb.GramReply(
+            gram=np.ascontiguousarray(obj.gram(), dtype="<f8").tobytes(), attempt=attempt)).SerializeToString()
 
     async def setup(self, rank: int | None = None) -> bool:
         r = self.rank if rank is None else rank

@@ -128,16 +128,44 @@ def check_constrained_link(doc: dict) -> None:
         assert len(r["trace"]) >= 2 and r["trace"][-1][0] == r["rounds"]  # the figure redraws from the JSON
 
 
+def check_family(doc: dict) -> None:
+    results = doc["results"]
+    by = {r["key"]: r for r in results}
+    assert {"ef21", "ef21-bc", "clag", "lag", "econtrol", "diana", "marina", "p-diana"} <= set(by)
+    for r in results:  # every method reached the target, and the service's final iterate is the simulation's
+        assert r["reached"] and r["same_as_simulation"] and r["wall_s"] > 0
+        assert r["bits_both"] == r["bits_up"] + r["bits_down"] and r["trace"][-1][0] == r["rounds"]
+        # The paper's count: 32 bits a value, round 0 not counted.
+        assert r["bits_up"] % 32 == 0 and r["bits_down"] % 32 == 0
+    # EF21-P's broadcast is K values a round, whatever the uplink sends (x^R has had R − 1 counted broadcasts, and
+    # its evaluation round R's uplink is counted too).
+    p = by["p-diana"]
+    assert p["bits_down"] == 32 * p["flags"]["downlink_k"] * (p["rounds"] - 1)
+    # A CLAG worker that skips sends no values: never more than EF21's k a round.
+    assert by["clag"]["bits_up"] <= 32 * by["clag"]["flags"]["k"] * by["clag"]["rounds"]
+
+
 def check_liveness(doc: dict) -> None:
     for r in doc["results"]:  # a black-holed peer was noticed on both sides (how fast: the full run's table)
         assert r["case"] == "hole" and r["server_detects_s"] > 0 and r["client_detects_s"] > 0
+
+
+def check_capacity(doc: dict) -> None:
+    assert {r["case"] for r in doc["results"]} == {"quad", "logreg"}
+    for r in doc["results"]:  # every fake worker joined and the run finished; the bytes are the round's messages
+        n, k = r["n"], r["k"]
+        assert r["result"] == "completes" and r["workers_started"] == n and not r["worker_errors"]
+        assert r["join_s"] > 0 and r["round_ms"] > 0 and r["peak_rss_mib"] > 0 and len(r["load_before"]) == 3
+        assert n * 12 * k <= 1e3 * r["up_kb"] <= n * (12 * k + OVERHEAD)
+        assert 0 < 1e3 * r["down_kb"] <= n * (12 * n * k + OVERHEAD)  # the union of n supports, to each worker
 
 
 CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
-    "round_cpu.py": check_round_cpu, "liveness.py": check_liveness,
+    "round_cpu.py": check_round_cpu, "family.py": check_family, "liveness.py": check_liveness,
+    "capacity.py": check_capacity,
 }
 
 
@@ -150,7 +178,7 @@ def test_benchmark_smoke(script, tmp_path):
         if reason := unavailable():
             (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
     out = tmp_path / "out.json"
-    extra = ["--out", str(tmp_path / "cl")] if script == "constrained_link.py" else []
+    extra = ["--out", str(tmp_path / "cl")] if script in ("constrained_link.py", "family.py") else []
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],
                        capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert r.returncode == 0, r.stderr

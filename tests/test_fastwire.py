@@ -11,6 +11,7 @@ from ef21.compression.compressors import TopK
 from ef21.compression.sparse import SparseVector
 from ef21_wire.fastwire import (
     eval_bytes,
+    gram_reply_bytes,
     power_reply_bytes,
     read_round_result,
     read_update,
@@ -115,6 +116,10 @@ def test_eval_and_power_reply_bytes_equal_the_generated_serialization(rng, round
     ours = power_reply_bytes(round_ % 300, encode(grad))
     ref = pb.WorkerMessage(power_reply=pb.PowerReply(iteration=round_ % 300, w=vector_to_proto(grad)))
     assert ours == ref.SerializeToString()
+    gram = rng.standard_normal((40, 40))
+    for attempt in (0, 1, round_):
+        ref = pb.WorkerMessage(gram_reply=pb.GramReply(gram=gram.astype("<f8").tobytes(), attempt=attempt))
+        assert gram_reply_bytes(memoryview(gram).cast("B"), attempt) == ref.SerializeToString()
 
 
 def test_other_encodings_fall_back_to_the_generated_parser():

@@ -4,6 +4,7 @@ on evaluation rounds unless --eval-grad asks for ‖∇f‖², and every run sti
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -39,11 +40,16 @@ def test_state_vectors_travel_sparse_when_smaller_with_their_exact_bits():
 
 
 async def _start_of(client: RawClient, rank: int, digest: bytes) -> pb.MasterMessage | Ended | None:
+    """Hello and a Setup with ``digest``, the Gram when the master asks for it; then the master's next message."""
     assert isinstance(await client.hello(rank), pb.MasterMessage)
     setup = client.setup_message(rank)
     setup.x0_digest = digest
     await client.send(setup=setup)
-    return await client.recv()
+    while True:
+        got = await client.recv()
+        if not (isinstance(got, pb.MasterMessage) and got.WhichOneof("kind") == "gram_request"):
+            return got
+        await client.write(client.gram_reply(got.gram_request.attempt))
 
 
 async def test_a_worker_with_the_runs_x0_is_sent_no_x_and_one_without_gets_it_whole():
@@ -52,13 +58,8 @@ async def test_a_worker_with_the_runs_x0_is_sent_no_x_and_one_without_gets_it_wh
     async with running_master(MasterOptions(cfg)) as master:
         async with grpc.aio.insecure_channel(master.address) as ch:
             own, other = RawClient(ch, cfg), RawClient(ch, cfg)
-            await own.hello(0)
-            setup = own.setup_message(0)
-            setup.x0_digest = vector_digest(x0)
-            await own.send(setup=setup)
-            wrong = vector_digest(x0 + 1.0)
-            got_other = await _start_of(other, 1, wrong)
-            got_own = await own.recv()
+            got_own, got_other = await asyncio.gather(_start_of(own, 0, vector_digest(x0)),
+                                                      _start_of(other, 1, vector_digest(x0 + 1.0)))
             assert isinstance(got_own, pb.MasterMessage) and isinstance(got_other, pb.MasterMessage)
             s_own, s_other = got_own.start, got_other.start
             assert s_own.x_is_own_x0 and not s_own.HasField("x")

@@ -66,7 +66,7 @@ def test_in_place_step_equals_the_copying_step_and_undoes_exactly():
     copy_ctx = WorkerContext(TopK(k), 0.1, "full", None)
     msg_copy, g_copy, dist_copy = EF21().worker_step(g_i.copy(), grad, copy_ctx, grad)
     kept = g_i.copy()
-    ctx = WorkerContext(TopK(k), 0.1, "full", None, np.empty(d), np.empty(d))
+    ctx = WorkerContext(TopK(k), 0.1, "full", None, scratch=np.empty(d), mag=np.empty(d))
     msg, pending, dist = EF21().worker_step(kept, grad, ctx, grad)
     assert isinstance(pending, InPlace) and pending.state is kept
     np.testing.assert_array_equal(msg.vector.indices, msg_copy.vector.indices)
@@ -85,7 +85,7 @@ def test_in_place_rounds_with_left_out_workers_equal_the_copying_simulation(k, m
     original = WorkerContext.__init__
 
     def copying(self, *args, **kwargs):  # the context without buffers: the step copies, as before
-        original(self, *args[:4], **{k: v for k, v in kwargs.items() if k not in ("scratch", "mag")})
+        original(self, *args, **{k: v for k, v in kwargs.items() if k not in ("scratch", "mag")})
 
     monkeypatch.setattr(WorkerContext, "__init__", copying)
     slow = simulate(cfg, keep_iterates=True, missing=missing)

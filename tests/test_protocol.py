@@ -11,7 +11,7 @@ import pytest
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.problems.data import data_info, load_dataset
-from ef21.problems.problem import local_objective
+from ef21.problems.problem import build_problem, global_smoothness, local_objective
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
 from ef21_wire.serde import dense_to_proto, lean_from_proto, state_checksum, vector_from_proto, vector_to_proto
@@ -36,7 +36,8 @@ class HandClient:
         assert raw is not grpc.aio.EOF, (await self.call.code(), await self.call.details())
         return pb.MasterMessage.FromString(raw)
 
-    async def handshake(self, cfg: RunConfig, rank: int) -> tuple[pb.Start, object]:
+    async def set_up(self, cfg: RunConfig, rank: int) -> object:
+        """Join, Hello, Setup (saying the shard has a Gram); returns the shard's objective."""
         reply = await MasterStub(self.channel).Join(pb.JoinRequest(hostname="hand", protocol_version=PROTOCOL_VERSION))
         ds = load_dataset(cfg.data)
         await self.send(hello=pb.Hello(run_id=reply.run_id, requested_rank=rank, hostname="hand",
@@ -44,8 +45,17 @@ class HandClient:
                                        n_rows=ds.n_rows))
         assert (await self.recv()).welcome.rank == rank
         obj = local_objective(cfg, rank, ds)
-        await self.send(setup=pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows,
-                                       gram=obj.gram().astype("<f8").tobytes()))
+        await self.send(setup=pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows, has_gram=True))
+        return obj
+
+    async def send_gram(self, obj, attempt: int) -> None:  # type: ignore[no-untyped-def]
+        await self.send(gram_reply=pb.GramReply(gram=obj.gram().astype("<f8").tobytes(), attempt=attempt))
+
+    async def handshake(self, cfg: RunConfig, rank: int) -> tuple[pb.Start, object]:
+        obj = await self.set_up(cfg, rank)
+        req = (await self.recv()).gram_request
+        assert req.attempt >= 1
+        await self.send_gram(obj, req.attempt)
         return (await self.recv()).start, obj
 
 
@@ -192,3 +202,47 @@ async def test_a_worker_refuses_an_aggregate_larger_than_n_messages_make():
     finally:
         await server.stop(0)
     assert code == 1 and "bad aggregate from the master: 5 entries, at most 4 allowed" in err, err
+
+
+async def _refused(c: HandClient) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await c.recv()
+    return err.value
+
+
+async def test_grams_are_asked_in_rank_order_and_a_gram_nobody_asked_for_is_refused():
+    """The master asks for two Grams at a time, in rank order. A Gram sent unasked is refused (and its sender's
+    loss interrupts the set-up); the next attempt asks again, an answer to the interrupted attempt arriving late is
+    dropped without harm, and L is the one the simulator computes from the same Grams."""
+    cfg = RunConfig(workers=3, rounds=10, k=2)
+    async with running_master(MasterOptions(cfg)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = [HandClient(ch) for _ in range(4)]
+            objs = [await c[r].set_up(cfg, r) for r in range(3)]
+            assert [(await c[r].recv()).gram_request.attempt for r in (0, 1)] == [1, 1]
+            await c[2].send_gram(objs[2], 1)  # rank 2 was not asked yet
+            err = await _refused(c[2])
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "unexpected GramReply" in err.details()
+            objs[2] = await c[3].set_up(cfg, 2)  # a new worker takes rank 2: the set-up begins again
+            assert [(await c[r].recv()).gram_request.attempt for r in (0, 1)] == [2, 2]
+            await c[0].send_gram(objs[0], 1)  # late, for the interrupted attempt: dropped
+            for r in (0, 1):
+                await c[r].send_gram(objs[r], 2)
+            assert (await c[3].recv()).gram_request.attempt == 2
+            await c[3].send_gram(objs[2], 2)
+            starts = [(await c[r].recv()).start for r in (0, 1, 3)]
+            assert len({s.gamma for s in starts}) == 1 and starts[0].gamma > 0
+        expected = global_smoothness(cfg, build_problem(cfg).objectives, load_dataset(cfg.data).n_rows)
+        assert master.coord.constants.L == expected  # the same bits
+
+
+async def test_a_gram_of_the_wrong_size_is_refused():
+    cfg = RunConfig(workers=1, rounds=10, k=2)
+    async with running_master(MasterOptions(cfg)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            c = HandClient(ch)
+            await c.set_up(cfg, 0)
+            attempt = (await c.recv()).gram_request.attempt
+            await c.send(gram_reply=pb.GramReply(gram=b"\0" * 64, attempt=attempt))
+            err = await _refused(c)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "GramReply: 64 bytes" in err.details()

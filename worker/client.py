@@ -26,14 +26,15 @@ from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig, make_x0
 from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting, sends_eval_grad
-from ef21.engine.plan import resolve_method, step_rule
+from ef21.engine.plan import resolve_method, worker_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
 from ef21.methods.estimators import batch_size_for, make_estimator
 from ef21.methods.participation import participation_count
 from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
+from ef21.problems.objectives import offers_gram
 from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
-from ef21_wire.fastwire import RoundResultIn, eval_bytes, power_reply_bytes
+from ef21_wire.fastwire import RoundResultIn, eval_bytes, gram_reply_bytes, power_reply_bytes
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import (
     fill_vector,
@@ -94,6 +95,14 @@ RETRY_CAP_S = 1.0
 within about a second (the channel's own reconnect backoff is capped the same way, worker/channel.py)."""
 
 
+JOIN_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+"""Join answers that say nothing about this worker, only that the call did not get through: the master's own
+refusals are FAILED_PRECONDITION (protocol version) and UNAUTHENTICATED. CANCELLED and INTERNAL ("Internal
+error from Core") come from gRPC itself when a master takes a storm of a thousand joins at once: seen in
+benchmarks/capacity.py at n ≥ 1024, where a worker that gave up on them left the run waiting for --join-timeout."""
+
+
 async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinReply:
     deadline = time.monotonic() + opts.connect_timeout
     delay = 0.1
@@ -102,7 +111,7 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
             return await stub.Join(pb.JoinRequest(hostname=opts.hostname, protocol_version=PROTOCOL_VERSION),
                                    timeout=10.0, wait_for_ready=False, metadata=opts.security.metadata())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.code() not in JOIN_RETRYABLE:
                 raise WorkerFailure(f"join refused: {exc.code().name}: {exc.details()}") from None
             if time.monotonic() + delay > deadline:
                 raise WorkerFailure(f"master {opts.master} unreachable for {opts.connect_timeout:g} s "
@@ -405,20 +414,20 @@ def own_x0(obj: Any, x0_spec: str | None) -> np.ndarray | None:
 
 
 def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarray | None = None) -> pb.WorkerMessage:
-    """What a worker's objective tells the master at set-up: L_i, its curvature, its shard's size, d, and the
-    digest of ``x0`` (its own x⁰, ``own_x0``). Rank 0 also sends its objective's x0() when the run's --x0 does
-    not override it: the master takes the run's x⁰ from it."""
-    gram, diag = obj.gram(), obj.diagonal()
+    """What a worker's objective tells the master at set-up: L_i, its curvature (a diagonal, or that it has a Gram
+    to send when asked), its shard's size, d, and the digest of ``x0`` (its own x⁰, ``own_x0``). Rank 0 also sends
+    its objective's x0() when the run's --x0 does not override it: the master takes the run's x⁰ from it."""
+    diag = obj.diagonal()
+    has_gram = diag is None and offers_gram(obj)
     L_i = obj.smoothness()
     objective_x0 = getattr(obj, "x0", lambda: None)() if rank == 0 and x0_spec is None else None
     layout = getattr(obj, "layout", lambda: None)()
     b0 = getattr(obj, "initial_buffers", lambda: None)() if rank == 0 else None
     setup = pb.Setup(
-        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0),
-        gram=b"" if gram is None else np.ascontiguousarray(gram, dtype="<f8").tobytes(),
+        rank=rank, smoothness=0.0 if L_i is None else L_i, shard_rows=getattr(obj, "n_rows", 0), has_gram=has_gram,
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
-        power_iteration=gram is None and diag is None and hasattr(obj, "gram_matvec"),
+        power_iteration=not has_gram and diag is None and hasattr(obj, "gram_matvec"),
         layout="" if layout is None else layout.to_json(), x0_digest=b"" if x0 is None else vector_digest(x0))
     if objective_x0 is not None:
         fill_vector(setup.x0, SparseVector.dense(objective_x0))
@@ -428,7 +437,8 @@ def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarra
 
 
 async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None, x0: np.ndarray | None) -> pb.MasterMessage:
-    """Send the Setup and answer the master's power iteration for L; returns the master's Start (or Stop)."""
+    """Send the Setup and answer what the master asks for L (this shard's Gram, or the power iteration's
+    products); returns the master's Start (or Stop)."""
     d = obj.d
     await st.send(setup_message(obj, rank, x0_spec, x0))
     while True:
@@ -448,6 +458,12 @@ async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None, x0: np.n
         kind = msg.WhichOneof("kind")
         if kind in ("start", "stop"):
             return msg
+        if kind == "gram_request":
+            # Built when asked and let go once sent: a worker holds its d×d Gram only for this message.
+            gram = np.ascontiguousarray(obj.gram(), dtype="<f8")
+            await st.send(gram_reply_bytes(memoryview(gram).cast("B"), msg.gram_request.attempt))
+            del gram
+            continue
         if kind != "power_step":
             raise WorkerFailure(f"expected Start, got {kind}")
         # One product of the master's power iteration for L: A_iᵀA_i v.
@@ -476,8 +492,8 @@ def update_message(report: WorkerReport, *, compact: bool = False) -> bytes:
 
 
 def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
-    """The most entries an honest sparse RoundResult holds: K with EF21-BC (its broadcast compressor's output),
-    else the union of n messages of at most k entries each."""
+    """The most entries an honest sparse RoundResult holds: K with EF21-BC or EF21-P (its broadcast compressor's
+    output), else the union of n messages of at most k entries each."""
     if cfg.downlink_k is not None:
         return min(d, cfg.downlink_k)
     return min(d, cfg.workers * max_entries(node.compressor, d))
@@ -517,7 +533,7 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
     tau = (batch_size_for(getattr(obj, "n_samples", None), cfg.batch_size, cfg.batch_fraction, rank)
            if estimator.stochastic else 0)
     setting = WorkerSetting(
-        gamma=start.gamma, rule=step_rule(cfg, method, start.gamma),
+        gamma=start.gamma, rule=worker_rule(cfg, method, start.gamma),
         init="full" if cfg.init == "full" else "compressed", seed=cfg.seed, n=cfg.workers, estimator=estimator,
         tau=tau, page_p=start.page_p or 1.0,
         grad_scale=1.0 if start.weight == 0.0 else 1.0 / (cfg.workers * start.weight),

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ef21.compression.compressors import COMPRESSOR_NAMES
-from ef21.engine.config import ENCODINGS, ESTIMATORS, INIT_MODES, PROBLEMS, WEIGHTS, RunConfig
+from ef21.engine.config import DOWNLINK_METHODS, ENCODINGS, ESTIMATORS, INIT_MODES, PROBLEMS, WEIGHTS, RunConfig
 from ef21.errors import UserError
 from ef21.methods import METHODS
 from ef21.methods.optim import OPTIMIZERS, SCHEDULES
@@ -68,7 +68,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("EF21 extensions")
     x.add_argument("--downlink-k", type=int, default=None, metavar="K",
                    help="EF21-BC: the master compresses its broadcast to K entries")
-    x.add_argument("--downlink-compressor", default="topk", help="EF21-BC's compressor on the master (default topk)")
+    x.add_argument("--downlink-compressor", default="topk",
+                   help="the master's compressor of its broadcast (default topk)")
+    x.add_argument("--downlink-method", default="ef21-bc", choices=DOWNLINK_METHODS,
+                   help="what --downlink-k compresses: ef21-bc the direction g (default), ef21-p the model "
+                        "(EF21-P: workers hold w, the broadcast moves it by C(x - w))")
     x.add_argument("--participation", default=None, metavar="P",
                    help="EF21-PP: a fraction in (0, 1] or a count 1..n of workers sampled each round")
     x.add_argument("--momentum", type=float, default=0.0, metavar="ETA",
@@ -77,6 +81,17 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="EF21-Prox: l1:LAMBDA, box:LO:HI or l2ball:R (x <- prox(x - gamma g))")
     x.add_argument("--weights", default="uniform", choices=WEIGHTS,
                    help="EF21-W: smoothness weighs worker i by L_i / sum L_j")
+    f = p.add_argument_group("the EF21 family since 2021 (docs/methods-family.md)")
+    f.add_argument("--clag-zeta", type=float, default=1.0, metavar="ZETA",
+                   help="CLAG/LAG: send only when |grad f_i - g_i|^2 > ZETA |grad f_i(x^t) - grad f_i(x^t-1)|^2 "
+                        "(default 1; 0 is EF21)")
+    f.add_argument("--econtrol-eta", type=float, default=None, metavar="ETA",
+                   help="EControl: the share of its error a worker feeds back, in (0, 1] (default: the compressor's "
+                        "alpha, k/d for Top-k)")
+    f.add_argument("--diana-alpha", type=float, default=None, metavar="ALPHA",
+                   help="DIANA: stepsize of the shifts, in (0, 1/(omega+1)] (default 1/(omega+1))")
+    f.add_argument("--marina-p", type=float, default=None, metavar="P",
+                   help="MARINA: probability of a dense round (default 1/(omega+1), k/d for urandk)")
     o = p.add_argument_group("optimizer (the master's step on the aggregate g, on every replica)")
     o.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help="sgd, adam or adamw on g with peak learning rate --stepsize (default: the method's own "
@@ -124,7 +139,9 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         objective=ns.objective, objective_args=parse_objective_args(ns.objective_arg), estimator=ns.estimator,
         batch_size=ns.batch_size, batch_fraction=ns.batch_fraction, page_p=ns.page_p, sgdm_eta=ns.sgdm_eta,
         downlink_k=ns.downlink_k, downlink_compressor=ns.downlink_compressor, participation=ns.participation,
-        momentum=ns.momentum, prox=ns.prox, weights=ns.weights, optimizer=ns.optimizer, nesterov=ns.nesterov,
+        momentum=ns.momentum, prox=ns.prox, weights=ns.weights, downlink_method=ns.downlink_method,
+        clag_zeta=ns.clag_zeta, econtrol_eta=ns.econtrol_eta, diana_alpha=ns.diana_alpha, marina_p=ns.marina_p,
+        optimizer=ns.optimizer, nesterov=ns.nesterov,
         beta1=ns.beta1, beta2=ns.beta2, eps=ns.eps, weight_decay=ns.weight_decay, clip_norm=ns.clip_norm,
         lr_schedule=ns.lr_schedule, warmup=ns.warmup, decay_rounds=ns.decay_rounds, min_lr=ns.min_lr,
         k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor, eval_grad=ns.eval_grad,

@@ -6,7 +6,8 @@ EXIT_FAILED = 1
 """The run failed (a worker's error the master could not recover from, a checkpoint it could not write); a worker
 refused by the master, or one whose master broke the protocol."""
 EXIT_USAGE = 2
-"""Bad input: a flag, a file, a configuration; one line on stderr says which."""
+"""Bad input: a flag, a file, a configuration; one line on stderr says which. Also a worker whose objective the
+master refused at set-up as not fitting the run (another d, another model): starting it again would not help."""
 EXIT_DIVERGED = 3
 EXIT_JOIN_TIMEOUT = 4
 """The other side never came: the master's workers within ``--join-timeout``, or a worker's master within

@@ -21,6 +21,7 @@ INIT_MODES = ("full", "compressed")
 ENCODINGS = ("plain", "compact")
 ESTIMATORS = ("full", "sgd", "page", "sgdm")
 WEIGHTS = ("uniform", "smoothness")
+DOWNLINK_METHODS = ("ef21-bc", "ef21-p")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,18 @@ class RunConfig:
     """EF21-Prox: ``l1:LAMBDA``, ``box:LO:HI`` or ``l2ball:R``; x ← prox_{γr}(x − γg)."""
     weights: str = "uniform"
     """EF21-W: ``smoothness`` weighs worker i by w_i = L_i / Σ L_j (its own stepsize rule)."""
+    downlink_method: str = "ef21-bc"
+    """What ``downlink_k`` compresses: ``ef21-bc`` the direction g (EF21-BC), ``ef21-p`` the model (EF21-P: the
+    workers hold a point w that the broadcast C_P(x − w) moves)."""
+    # -- the family since 2021 (docs/methods-family.md) ---------------------------------------------------------------
+    clag_zeta: float = 1.0
+    """ζ ≥ 0 of CLAG/LAG's trigger: send only when ‖∇f_i − g_i‖² > ζ‖∇f_i(x^t) − ∇f_i(x^{t−1})‖²."""
+    econtrol_eta: float | None = None
+    """η in (0, 1] of EControl: the share of its error a worker feeds back; None: the compressor's α (δ)."""
+    diana_alpha: float | None = None
+    """α of DIANA's shifts, in (0, 1/(ω+1)]; None: 1/(ω+1)."""
+    marina_p: float | None = None
+    """Probability of MARINA's dense round, in (0, 1]; None: 1/(ω+1) (k/d for urandk)."""
     # -- the master's optimizer on g (ef21.methods.optim), replicated on every replica ----------------------------
     optimizer: str | None = None
     """None: the method's own step (x ← x − γg, with EF21-HB or -Prox); ``sgd``, ``adam`` or ``adamw``: that
@@ -173,6 +186,12 @@ class RunConfig:
             parse_prox(self.prox)
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.downlink_method not in DOWNLINK_METHODS:
+            raise UserError(f"--downlink-method must be one of {', '.join(DOWNLINK_METHODS)}, "
+                            f"got {self.downlink_method!r}")
+        if self.downlink_method == "ef21-p" and self.downlink_k is None:
+            raise UserError("--downlink-method ef21-p compresses the broadcast model: it needs --downlink-k K")
+        self._check_family()
         check_combination(self)
         check_optimizer(self)
         if self.k_per_tensor is not None:
@@ -183,6 +202,17 @@ class RunConfig:
                 raise UserError(f"--k-per-tensor is layer-wise Top-k: it needs --compressor topk, not {self.compressor}")
         if self.k_floor < 1:
             raise UserError(f"--k-floor must be >= 1, got {self.k_floor}")
+
+    def _check_family(self) -> None:
+        if not (math.isfinite(self.clag_zeta) and self.clag_zeta >= 0.0):
+            raise UserError(f"--clag-zeta must be >= 0 (the trigger's ζ), got {self.clag_zeta}")
+        if self.econtrol_eta is not None and not 0.0 < self.econtrol_eta <= 1.0:
+            raise UserError(f"--econtrol-eta must lie in (0, 1] (0 is EF21: use --method ef21), "
+                            f"got {self.econtrol_eta}")
+        if self.diana_alpha is not None and not 0.0 < self.diana_alpha <= 1.0:
+            raise UserError(f"--diana-alpha must lie in (0, 1/(omega+1)], got {self.diana_alpha}")
+        if self.marina_p is not None and not 0.0 < self.marina_p <= 1.0:
+            raise UserError(f"--marina-p must lie in (0, 1], got {self.marina_p}")
 
     @property
     def uses_data(self) -> bool:

@@ -18,7 +18,7 @@ from ef21.compression.sparse import SparseVector
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
 from ef21.methods.base import InPlace, committed
 from ef21.methods.buffers import buffer_delta, mean_delta
-from ef21.methods.downlink import BroadcastCompressor
+from ef21.methods.downlink import BroadcastCompressor, PrimalBroadcast
 from ef21.methods.estimators import EstimateContext, Estimator, Full
 from ef21.methods.participation import participants
 from ef21.methods.replica import Replica, StepRule
@@ -107,7 +107,8 @@ class WorkerNode:
     ) -> None:
         """A fresh worker (round 0), or with ``g``, ``v``, ``state``, ``extra_state`` (the replica's buffers and
         optimizer state) and ``round_`` one that takes over a running rank (its estimator state, if any, restarts
-        from the full gradient). ``buffers``: the model's b⁰."""
+        from the full gradient). ``state`` is the row the master kept for the rank, which the method turns into its
+        own state (``Method.resume_state``). ``buffers``: the model's b⁰."""
         self.method = method
         self.compressor = compressor
         self.objective = objective
@@ -115,7 +116,7 @@ class WorkerNode:
         self.setting = setting or WorkerSetting(gamma, StepRule(1.0 if method.gamma_in_message else gamma),
                                                 init, seed)
         self.gamma = self.setting.gamma
-        self.state: Any = method.worker_init(objective.d) if state is None else state
+        self.state: Any = method.worker_init(objective.d) if state is None else method.resume_state(state)
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule, buffers)
         self.replica.scratch = np.empty_like(self.replica.x)  # x −= s·g's product, kept: see Replica.scratch
@@ -174,7 +175,8 @@ class WorkerNode:
         if self._scratch is None:
             d = self.replica.x.shape[0]
             self._scratch = (np.empty(d), np.empty(d))
-        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, *self._scratch)
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
+                            mag=self._scratch[1])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()
@@ -211,11 +213,12 @@ class WorkerNode:
 
 class MasterNode:
     """The master's state: its replica of (x, g), the method's per-worker rows (EF21's g_i), EF21-W's weights and
-    EF21-BC's broadcast compressor."""
+    EF21-BC's broadcast compressor, or EF21-P's copy of the workers' point w."""
 
     def __init__(self, method: Method, n: int, x0: np.ndarray, *, gamma: float, rule: StepRule | None = None,
                  weights: np.ndarray | None = None, downlink: BroadcastCompressor | None = None,
-                 rows_dtype: Any = np.float64, buffers: np.ndarray | None = None) -> None:
+                 rows_dtype: Any = np.float64, buffers: np.ndarray | None = None,
+                 primal: PrimalBroadcast | None = None) -> None:
         self.method = method
         self.n = n
         self.d = x0.shape[0]
@@ -223,11 +226,17 @@ class MasterNode:
         self.replica = Replica.start(x0, rule or StepRule(1.0 if method.gamma_in_message else gamma), buffers)
         self.weights = weights
         self.downlink = downlink
+        self.primal = primal
         self.round = 0
 
     @property
     def x(self) -> np.ndarray:
         return self.replica.x
+
+    @property
+    def shared(self) -> Replica:
+        """The replica every worker holds a copy of: the master's own, or with EF21-P the point w."""
+        return self.replica if self.primal is None else self.primal.shared
 
     def aggregate(self, messages: Sequence[Message | None]) -> Downlink:
         """Fold one round's messages, in rank order (None: left out), and move (x, g); returns the downlink."""
@@ -237,14 +246,19 @@ class MasterNode:
 
     def fold(self, messages: Sequence[Message | None]) -> Downlink:
         """The round's downlink and the method's per-worker state: O(n·k) for sparse messages (EF21-BC adds an
-        O(d) pass: its compressor looks at the whole g̃ − g).
+        O(d) pass: its compressor looks at the whole g̃ − g; EF21-P moves the model here, O(d), and compresses
+        x^{t+1} − w).
 
         Split from ``apply`` so that a networked master can send the downlink before it spends O(d) on its own
         replica, which then overlaps with the workers' next gradient.
         """
         if len(messages) != self.n:
             raise ValueError(f"expected {self.n} messages, got {len(messages)}")
-        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights)
+        down = self.method.master_aggregate(self.rows, messages, self.d, self.weights, round_=self.round)
+        if self.primal is not None:
+            # EF21-P's broadcast is of the model the uplink has just moved: the model's O(d) step comes first.
+            self.replica.apply(down)
+            return self.primal.transform(self.replica.x, self.round)
         if self.downlink is not None:
             down = self.downlink.transform(down, self.replica.g, self.round)
         b = self.replica.buffers
@@ -255,7 +269,8 @@ class MasterNode:
         return down
 
     def apply(self, down: Downlink) -> None:
-        self.replica.apply(down)
+        """Apply the round's broadcast: to the master's replica, or with EF21-P to its copy of w."""
+        self.shared.apply(down)
         self.round += 1
 
     def worker_state(self, rank: int) -> Any:

@@ -10,7 +10,8 @@ A round, for every method:
 4. the master may transform the downlink (EF21-BC compresses it, ``ef21.methods.downlink``);
 5. master and workers apply the same ``Downlink`` to their replicas with ``Replica.apply``: g ← g + D·scale (or
    g ← D·scale), then the step (x ← x − s·g, or with heavy ball or a prox, ``ef21.methods.replica``), so every replica
-   holds the same bits as the master.
+   holds the same bits as the master. (EF21-P: the workers' replica is the shared point w, which the broadcast
+   moves directly; the master keeps the model (x, g) apart, ``ef21.methods.downlink``.)
 
 Round 0 is the initialization: the first ``worker_step`` of a fresh state sends g_i⁰.
 
@@ -66,6 +67,8 @@ class WorkerContext:
     gamma: float
     init: InitMode
     rng: np.random.Generator | None
+    round: int = 0
+    """The round being computed (MARINA's shared coin is drawn from (seed, round))."""
     scratch: np.ndarray | None = None
     """A d-long float64 buffer the step may overwrite. Given, the step may also update its state in place and
     return it as an ``InPlace`` (the caller commits it, or undoes it when the round leaves the message out); the
@@ -118,12 +121,15 @@ class Method(Protocol):
         """The master's per-worker state (n × d rows), or None for methods that need none."""
 
     def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int,
-                         weights: np.ndarray | None = None) -> Downlink:
-        """Fold one round's messages (rank order, None = left out) into the downlink, updating ``rows``.
+                         weights: np.ndarray | None = None, round_: int = 0) -> Downlink:
+        """Fold round ``round_``'s messages (rank order, None = left out) into the downlink, updating ``rows``.
         ``weights`` (EF21-W): the aggregate moves by Σ w_i c_i instead of (1/n)Σ c_i."""
 
-    def master_worker_state(self, rows: np.ndarray | None, rank: int) -> Any:
-        """Worker ``rank``'s state as the master knows it, for a replacement; None: start it fresh."""
+    def master_worker_state(self, rows: np.ndarray | None, rank: int) -> np.ndarray | None:
+        """Worker ``rank``'s row as the master keeps it, for a replacement; None: start it fresh."""
+
+    def resume_state(self, row: np.ndarray) -> Any:
+        """A replacement worker's method state from the row the master handed it (``master_worker_state``)."""
 
 
 def sum_messages(messages: Sequence[Message | None], d: int, weights: np.ndarray | None = None) -> SparseVector:
@@ -148,12 +154,15 @@ class Stateless:
         return None
 
     def master_aggregate(self, rows: None, messages: Sequence[Message | None], d: int,
-                         weights: np.ndarray | None = None) -> Downlink:
+                         weights: np.ndarray | None = None, round_: int = 0) -> Downlink:
         require_all(self.name, messages)
         return Downlink(sum_messages(messages, d), "replace", 1.0 / len(messages))
 
     def master_worker_state(self, rows: None, rank: int) -> None:
         return None
+
+    def resume_state(self, row: np.ndarray) -> Any:
+        return row
 
     def stale_distortion(self, state: Any, reference: np.ndarray) -> None:
         return None

@@ -70,7 +70,7 @@ class EF21:
         return None if dtype is None else np.zeros((n, d), dtype=dtype)
 
     def master_aggregate(self, rows: np.ndarray | None, messages: Sequence[Message | None], d: int,
-                         weights: np.ndarray | None = None) -> Downlink:
+                         weights: np.ndarray | None = None, round_: int = 0) -> Downlink:
         if rows is not None:
             for rank, msg in enumerate(messages):
                 if msg is not None:
@@ -84,3 +84,6 @@ class EF21:
             return None
         row = rows[rank]
         return None if not row.any() else np.array(row, dtype=np.float64)
+
+    def resume_state(self, row: np.ndarray) -> Any:
+        return row

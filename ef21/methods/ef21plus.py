@@ -46,7 +46,7 @@ class EF21Plus(EF21):
         return np.zeros((n, d), dtype=dtype)
 
     def master_aggregate(self, rows: np.ndarray, messages: Sequence[Message | None], d: int,
-                         weights: np.ndarray | None = None) -> Downlink:
+                         weights: np.ndarray | None = None, round_: int = 0) -> Downlink:
         if not any(m is not None and m.replace for m in messages):
             return super().master_aggregate(rows, messages, d)  # pure EF21 rounds keep the downlink sparse
         n = len(messages)

@@ -1,7 +1,8 @@
 """(x, g): the model and the aggregate direction, held identically by the master and every worker, and the step
-that moves x — plain, heavy ball (EF21-HB), proximal (EF21-Prox) or an optimizer on g (``optim``: SGD with
-momentum or Nesterov, Adam, AdamW, clipping, a schedule) — with the state beside them: the heavy ball's v, the
-optimizer's state and the model's buffers b (``buffers``).
+that moves x — plain, heavy ball (EF21-HB), proximal (EF21-Prox), DIANA's shifted step or an optimizer on g
+(``optim``: SGD with momentum or Nesterov, Adam, AdamW, clipping, a schedule) — with the state beside them: the
+heavy ball's v, the optimizer's state and the model's buffers b (``buffers``); and EF21-P's shared point, which the
+broadcast moves directly.
 
 Every replica applies the same downlink with the same code, so the master's copy and each worker's hold the same
 bits; a checksum over all of it catches one that drifts.
@@ -24,12 +25,19 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StepRule:
     """How x moves once g is updated: x ← x − s·g; with ``momentum`` η (EF21-HB) v ← ηv + g (v⁰ = g⁰) and
-    x ← x − s·v; with ``prox`` x ← prox_{s·r}(x − s·g)."""
+    x ← x − s·v; with ``prox`` x ← prox_{s·r}(x − s·g).
+
+    ``shift`` α (DIANA): g holds the shift h, and an added downlink D moves x ← x − s·(h + D·scale) before
+    h ← h + α·D·scale (a replacing one sets h ← D·scale and steps as usual: the round-0 start).
+    ``primal`` (EF21-P, the workers' replica): x is the shared point w and the downlink moves it,
+    w ← w + D·scale; g and the step are unused."""
 
     x_step: float
     """s: γ for most methods, 1 for EF whose messages already carry γ."""
     momentum: float = 0.0
     prox: Prox | None = None
+    shift: float | None = None
+    primal: bool = False
     optimizer: Transform | None = None
     """An optimizer on g (``ef21.methods.optim``): x ← x + update(g), in place of the steps above."""
 
@@ -63,12 +71,22 @@ class Replica:
         return Replica(x, np.zeros_like(x), rule, buffers=b, opt_state=opt)
 
     def apply(self, down: Downlink) -> None:
+        rule = self.rule
+        if down.buffers is not None and self.buffers is not None:
+            down.buffers.add_to(self.buffers)
+        if rule.primal:
+            down.vector.add_to(self.x, down.scale)
+            return
+        if rule.shift is not None and down.mode == "add":
+            # DIANA: x moves by h + D·scale (built in a scratch vector so that h keeps its own bits), then h moves.
+            direction = self.g.copy()
+            down.vector.add_to(direction, down.scale)
+            self.x -= rule.x_step * direction
+            down.vector.add_to(self.g, rule.shift * down.scale)
+            return
         if down.mode == "replace":
             self.g[:] = 0.0
         down.vector.add_to(self.g, down.scale)
-        if down.buffers is not None and self.buffers is not None:
-            down.buffers.add_to(self.buffers)
-        rule = self.rule
         if rule.optimizer is not None:
             assert self.opt_state is not None
             update, self.opt_state = rule.optimizer.update(self.g, self.opt_state, self.x)

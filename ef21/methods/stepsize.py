@@ -9,6 +9,9 @@ Where the stepsize of a variant comes from:
 - EF21-BC, -HB, -Prox, -SGD, -PAGE: the Theorem 2 stepsize with the workers' α, which is what the authors' code
   runs for every one of them (method doc §4, last paragraph); their papers' own bounds sit in appendices that
   this project could not check, and the ``rule`` string says so.
+- The family since 2021 (``family_stepsize``, docs/methods-family.md): CLAG 1/(L + L̃·√(max(β, ζ)/θ)) (the 3PC
+  code); MARINA 1/(L + L̃·√((1 − p)ω/(pn))) (the 3PC code); DIANA 1/(L + (L̃/α)·√(12ω/n)) (derived here for the
+  nonconvex case); EControl Theorem 2's (its own bound not verified); EF21-P the uplink's rule (likewise).
 """
 
 from __future__ import annotations
@@ -35,14 +38,20 @@ class TheoryConstants:
     """Arithmetic mean of the L_i (EF21-W's constant)."""
     p: float | None = None
     """Participation probability of EF21-PP."""
+    omega: float | None = None
+    """ω of the unbiased compressor (DIANA, MARINA)."""
+    params: dict[str, float] | None = None
+    """The method's own parameters as resolved (ζ, η, DIANA's α, MARINA's p)."""
 
     def describe(self) -> str:
         mu = "" if self.mu is None else f" mu={self.mu:.6g}"
         p = "" if self.p is None else f" p={self.p:.6g}"
+        omega = "" if self.omega is None else f" omega={self.omega:.6g}"
+        params = "".join(f" {k}={v:.6g}" for k, v in (self.params or {}).items())
         return (
             f"L={_num(self.L)} L~={_num(self.L_tilde)} alpha={self.alpha:.6g} theta={self.theta:.6g} "
-            f"beta={self.beta:.6g}{mu}{p} gamma={self.gamma:.6g} ({self.rule}, base {self.gamma_base:.6g} "
-            f"x {self.multiplier:g})"
+            f"beta={self.beta:.6g}{mu}{p}{omega}{params} gamma={self.gamma:.6g} ({self.rule}, base "
+            f"{self.gamma_base:.6g} x {self.multiplier:g})"
         )
 
 
@@ -149,3 +158,54 @@ def theory_stepsize(
         rule = "Theorem 3"
     return TheoryConstants(L, L_tilde, alpha, theta, beta, mu, base, multiplier, base * multiplier, rule,
                            L_am=L_am, p=participation)
+
+
+FAMILY = ("clag", "lag", "econtrol", "diana", "marina")
+
+
+def family_stepsize(
+    method: str,
+    L: float | None,
+    L_tilde: float | None,
+    alpha: float,
+    *,
+    n: int,
+    omega: float | None = None,
+    params: dict[str, float] | None = None,
+    multiplier: float = 1.0,
+    override: float | None = None,
+    primal: bool = False,
+) -> TheoryConstants:
+    """The base stepsize of a method of the family since 2021 (``FAMILY``), times ``multiplier``.
+
+    ``alpha``: the uplink compressor's α (1/(ω+1) for an unbiased-only one); ``params``: ``zeta`` (CLAG, LAG),
+    ``eta`` (EControl), ``diana_alpha`` (DIANA's shift stepsize), ``marina_p`` (MARINA). ``primal``: EF21-P on the downlink, whose own bound is not
+    verified here, so the uplink's rule stands and the rule string says so.
+    """
+    params = params or {}
+    theta, beta = theta_beta(alpha)
+    w = 0.0 if omega is None else omega
+    if override is not None:
+        base, rule = override, "given"
+    elif L is None or L_tilde is None:
+        raise UserError("the objective gives no smoothness constant (L_i), so there is no theory stepsize: "
+                        "give --stepsize")
+    elif method in ("clag", "lag"):
+        base = 1.0 / (L + L_tilde * math.sqrt(max(beta, params["zeta"]) / theta))
+        rule = f"{method.upper()}, 3PC code: 1/(L + L~ sqrt(max(beta, zeta)/theta))"
+    elif method == "diana":
+        base = 1.0 / (L + (L_tilde / params["diana_alpha"]) * math.sqrt(12.0 * w / n))
+        rule = "DIANA, nonconvex, derived here: 1/(L + (L~/alpha_D) sqrt(12 omega/n))"
+    elif method == "marina":
+        p = params["marina_p"]
+        base = 1.0 / (L + L_tilde * math.sqrt((1.0 - p) * w / (p * n)))
+        rule = "MARINA, 3PC code: 1/(L + L~ sqrt((1-p) omega/(p n)))"
+    elif method == "econtrol":
+        base = 1.0 / L if alpha >= 1.0 else 1.0 / (L + L_tilde * math.sqrt(beta / theta))
+        rule = "EF21 Theorem 2 (EControl's own bound not verified)"
+    else:
+        raise ValueError(f"{method} is not a method of the family")
+    if primal and override is None:
+        rule += "; EF21-P's own bound not verified: the uplink's rule"
+    return TheoryConstants(L, L_tilde, alpha, theta, beta, None, base, multiplier, base * multiplier, rule,
+                           omega=omega, params=params or None)

@@ -15,6 +15,7 @@ PAGE_COIN_STREAM = 2
 PARTICIPATION_STREAM = 3
 DOWNLINK_STREAM = 4
 # 5: a PyTorch objective's own draws (dropout, augmentation), keyed by (seed, rank, round) in ef21.problems.torch.
+MARINA_COIN_STREAM = 6
 
 
 def round_rng(seed: int, rank: int, round_: int) -> np.random.Generator:

@@ -32,18 +32,24 @@ class VariantSpec(Protocol):
     def weights(self) -> str: ...
     @property
     def mu(self) -> float | None: ...
+    @property
+    def downlink_method(self) -> str: ...
 
 
 # Methods that take a stochastic estimator in place of ∇f_i (EF21+ compares its candidates with ∇f_i itself).
 ESTIMATOR_METHODS = ("gd", "dcgd", "ef", "ef21")
 PROX_METHODS = ("gd", "ef21")
+# EF21-P's uplinks: DIANA and MARINA as in its paper; EF21 runs too, as a heuristic (no theory pairs them).
+PRIMAL_METHODS = ("ef21", "diana", "marina")
+# Methods whose stepsize rule has a PL variant (--mu): EF21's Theorem 3 and the older baselines it is applied to.
+MU_METHODS = ("gd", "dcgd", "ef", "ef21", "ef21plus")
 
 
 def extensions(cfg: VariantSpec) -> list[str]:
     """The extensions a configuration switches on, by their paper names."""
     out = []
     if cfg.downlink_k is not None:
-        out.append("BC")
+        out.append("P" if cfg.downlink_method == "ef21-p" else "BC")
     if cfg.participation is not None:
         out.append("PP")
     if cfg.momentum > 0.0 and getattr(cfg, "optimizer", None) is None:
@@ -65,13 +71,20 @@ def check_combination(cfg: VariantSpec) -> None:
     ext = extensions(cfg)
     stochastic = cfg.estimator != "full"
     if stochastic and cfg.method not in ESTIMATOR_METHODS:
-        raise UserError(f"--estimator {cfg.estimator} works with {', '.join(ESTIMATOR_METHODS)}, not {cfg.method} "
-                        f"(EF21+ chooses between candidates by their distance to the full gradient)")
+        why = (" (EF21+ chooses between candidates by their distance to the full gradient)"
+               if cfg.method == "ef21plus" else "")
+        raise UserError(f"--estimator {cfg.estimator} works with {', '.join(ESTIMATOR_METHODS)}, not "
+                        f"{cfg.method}{why}")
     for name in ext:
-        allowed = PROX_METHODS if name == "Prox" else ("ef21",)
+        allowed = PROX_METHODS if name == "Prox" else PRIMAL_METHODS if name == "P" else ("ef21",)
         if cfg.method not in allowed:
-            raise UserError(f"{_flag(name)} is an option of the {' and '.join(allowed)} method"
+            raise UserError(f"{_flag(name)} is an option of the {_join(allowed)} method"
                             f"{'s' if len(allowed) > 1 else ''}, not {cfg.method}")
+    if getattr(cfg, "optimizer", None) is not None and (cfg.method == "diana" or "P" in ext):
+        # Both move x by their own rule (DIANA's shifted step, EF21-P's shared point), which an optimizer would
+        # have to replace.
+        raise UserError(f"--optimizer is not an option of {'EF21-P' if 'P' in ext else 'diana'}: it moves x by its "
+                        f"own rule (docs/methods-family.md)")
     if len(ext) > 1 and set(ext) not in COVERED:
         raise UserError(f"EF21 with {' + '.join(ext)} is not covered by the theory (covered: one extension at a time, "
                         f"BC + PP, HB + PP); choose one")
@@ -82,12 +95,16 @@ def check_combination(cfg: VariantSpec) -> None:
         if bad or (cfg.estimator == "page" and "W" in ext):
             raise UserError(f"--estimator {cfg.estimator} with {' + '.join(bad or ['W'])} is not covered by the theory "
                             f"(covered: the stochastic estimators with BC and PP, and SGD with W)")
-    if cfg.mu is not None and (ext or stochastic):
+    if cfg.mu is not None and (ext or stochastic or cfg.method not in MU_METHODS):
         raise UserError("--mu (the PL stepsize of Theorem 3) is derived for plain EF21 with full gradients only")
 
 
+def _join(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _flag(name: str) -> str:
-    return {"BC": "--downlink-k", "PP": "--participation", "HB": "--momentum", "Prox": "--prox",
+    return {"BC": "--downlink-k", "P": "--downlink-method ef21-p", "PP": "--participation", "HB": "--momentum", "Prox": "--prox",
             "W": "--weights smoothness"}[name]
 
 

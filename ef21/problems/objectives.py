@@ -34,6 +34,17 @@ class Objective(Protocol):
         """The curvature diagonal of a separable objective, else None."""
 
 
+def offers_gram(obj: Any) -> bool:
+    """Whether ``obj.gram()`` gives a matrix, without building it where the answer is known: a design matrix has
+    one for d ≤ GRAM_MAX_D, a separable objective gives its diagonal instead; anything else is asked."""
+    if isinstance(obj, _DesignMatrix):
+        return obj.d <= GRAM_MAX_D
+    if isinstance(obj, SeparableQuadratic):
+        return False
+    gram = getattr(obj, "gram", None)
+    return callable(gram) and gram() is not None
+
+
 def is_sparse(A: Any) -> bool:
     return hasattr(A, "tocsr")
 

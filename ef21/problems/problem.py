@@ -12,7 +12,7 @@ from ef21.errors import UserError
 
 from .data import BUILTIN, DataInfo, Dataset, data_info, load_dataset, load_shard, make_shard, shard_bounds
 from .layout import ModelLayout, check_same_layout
-from .objectives import LeastSquares, LogisticRegression, PowerIteration, SeparableQuadratic
+from .objectives import LeastSquares, LogisticRegression, PowerIteration, SeparableQuadratic, offers_gram
 
 __all__ = ["Problem", "ProblemSpec", "build_problem", "local_objective", "quadratic_mean", "problem_fingerprint"]
 
@@ -133,6 +133,22 @@ def sum_in_rank_order(parts: list[np.ndarray]) -> np.ndarray:
     return acc
 
 
+def gram_sum(objectives: list[Any]) -> np.ndarray | None:
+    """Σ_i A_iᵀA_i, each Gram built and added in rank order and then let go: O(d²) memory whatever n (the master
+    asks its workers for their Grams one at a time and adds them in the same order: the same bits). None when
+    some objective has no Gram."""
+    acc = None
+    for o in objectives:
+        G = o.gram()
+        if G is None:
+            return None
+        if acc is None:
+            acc = np.zeros_like(G)
+        acc += G
+        del G
+    return acc
+
+
 def smoothness_from_lambda(cfg: ProblemSpec, lam_max: float, n_rows: int) -> float:
     """L of the whole problem from λ_max(AᵀA) = λ_max(Σ_i A_iᵀA_i)."""
     if cfg.problem == "logreg":
@@ -162,11 +178,11 @@ def global_smoothness(cfg: ProblemSpec, objectives: list[Any], n_rows: int) -> f
     diags = [o.diagonal() for o in objectives]
     if all(v is not None for v in diags):
         return global_smoothness_from_diagonals(sum_in_rank_order(diags), len(objectives))
-    grams = [o.gram() for o in objectives]
-    if all(v is not None for v in grams):
+    grams = gram_sum(objectives) if all(offers_gram(o) for o in objectives) else None
+    if grams is not None:
         if cfg.objective is not None:  # a user's Gram: its λ_max is the curvature of mean f_i·n
-            return float(np.linalg.eigvalsh(sum_in_rank_order(grams))[-1]) / len(objectives)
-        return global_smoothness_from_grams(cfg, sum_in_rank_order(grams), n_rows)
+            return float(np.linalg.eigvalsh(grams)[-1]) / len(objectives)
+        return global_smoothness_from_grams(cfg, grams, n_rows)
     if cfg.objective is None and all(hasattr(o, "gram_matvec") for o in objectives):
         pi = global_power_iteration(objectives[0].d)
         lam = pi.run(lambda v: sum_in_rank_order([o.gram_matvec(v) for o in objectives]))

@@ -77,11 +77,10 @@ class Welcome(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Setup(_message.Message):
-    __slots__ = ("rank", "smoothness", "shard_rows", "gram", "diagonal", "n_samples", "x0", "power_iteration", "dim", "layout", "buffers", "x0_digest")
+    __slots__ = ("rank", "smoothness", "shard_rows", "diagonal", "n_samples", "x0", "power_iteration", "dim", "layout", "buffers", "has_gram", "x0_digest")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
-    GRAM_FIELD_NUMBER: _ClassVar[int]
     DIAGONAL_FIELD_NUMBER: _ClassVar[int]
     N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     X0_FIELD_NUMBER: _ClassVar[int]
@@ -89,11 +88,11 @@ class Setup(_message.Message):
     DIM_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    HAS_GRAM_FIELD_NUMBER: _ClassVar[int]
     X0_DIGEST_FIELD_NUMBER: _ClassVar[int]
     rank: int
     smoothness: float
     shard_rows: int
-    gram: bytes
     diagonal: bytes
     n_samples: int
     x0: SparseVector
@@ -101,8 +100,23 @@ class Setup(_message.Message):
     dim: int
     layout: str
     buffers: SparseVector
+    has_gram: bool
     x0_digest: bytes
-    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., gram: _Optional[bytes] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., layout: _Optional[str] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., layout: _Optional[str] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., has_gram: _Optional[bool] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
+
+class GramRequest(_message.Message):
+    __slots__ = ("attempt",)
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    def __init__(self, attempt: _Optional[int] = ...) -> None: ...
+
+class GramReply(_message.Message):
+    __slots__ = ("gram", "attempt")
+    GRAM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    gram: bytes
+    attempt: int
+    def __init__(self, gram: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class NamedVector(_message.Message):
     __slots__ = ("name", "vector")
@@ -246,7 +260,7 @@ class ResyncRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "setup", "update", "eval", "resync_request", "power_reply", "leave")
+    __slots__ = ("hello", "setup", "update", "eval", "resync_request", "power_reply", "leave", "gram_reply")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SETUP_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +268,7 @@ class WorkerMessage(_message.Message):
     RESYNC_REQUEST_FIELD_NUMBER: _ClassVar[int]
     POWER_REPLY_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
+    GRAM_REPLY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     setup: Setup
     update: Update
@@ -261,23 +276,26 @@ class WorkerMessage(_message.Message):
     resync_request: ResyncRequest
     power_reply: PowerReply
     leave: Leave
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., eval: _Optional[_Union[Eval, _Mapping]] = ..., resync_request: _Optional[_Union[ResyncRequest, _Mapping]] = ..., power_reply: _Optional[_Union[PowerReply, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ...) -> None: ...
+    gram_reply: GramReply
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., setup: _Optional[_Union[Setup, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., eval: _Optional[_Union[Eval, _Mapping]] = ..., resync_request: _Optional[_Union[ResyncRequest, _Mapping]] = ..., power_reply: _Optional[_Union[PowerReply, _Mapping]] = ..., leave: _Optional[_Union[Leave, _Mapping]] = ..., gram_reply: _Optional[_Union[GramReply, _Mapping]] = ...) -> None: ...
 
 class MasterMessage(_message.Message):
-    __slots__ = ("welcome", "start", "round_result", "stop", "resync", "power_step")
+    __slots__ = ("welcome", "start", "round_result", "stop", "resync", "power_step", "gram_request")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ROUND_RESULT_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     POWER_STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAM_REQUEST_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     start: Start
     round_result: RoundResult
     stop: Stop
     resync: Resync
     power_step: PowerStep
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., power_step: _Optional[_Union[PowerStep, _Mapping]] = ...) -> None: ...
+    gram_request: GramRequest
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., power_step: _Optional[_Union[PowerStep, _Mapping]] = ..., gram_request: _Optional[_Union[GramRequest, _Mapping]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
