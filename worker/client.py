@@ -436,7 +436,8 @@ def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarra
     return pb.WorkerMessage(setup=setup)
 
 
-async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None, x0: np.ndarray | None) -> pb.MasterMessage:
+async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None = None,
+                  x0: np.ndarray | None = None) -> pb.MasterMessage:
     """Send the Setup and answer what the master asks for L (this shard's Gram, or the power iteration's
     products); returns the master's Start (or Stop)."""
     d = obj.d
