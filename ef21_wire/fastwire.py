@@ -146,12 +146,14 @@ def eval_bytes(round_: int, grad: EncodedVector, rest: bytes) -> bytes:
     return b"".join(_wrap(_WORKER_EVAL, body))
 
 
-def power_reply_bytes(iteration: int, w: EncodedVector) -> bytes:
-    """A serialized WorkerMessage carrying a PowerReply."""
+def power_reply_bytes(iteration: int, w: EncodedVector, attempt: int) -> bytes:
+    """A serialized WorkerMessage carrying a PowerReply (``attempt``: the PowerStep's, echoed)."""
     body: list[Buffer] = []
     if iteration:
         body += [_key(1, _VARINT), _varint(iteration)]
     body += _wrap(2, _vector_parts(w))
+    if attempt:
+        body += [_key(3, _VARINT), _varint(attempt)]
     return b"".join(_wrap(_WORKER_POWER_REPLY, body))
 
 

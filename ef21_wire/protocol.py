@@ -7,7 +7,8 @@ from __future__ import annotations
 #    EF21-W's weight and PAGE's p; Hello carries the objective's identity.
 # 4: a model's layout and initial buffers on Setup, its buffer changes on Update and RoundResult, the replicated
 #    state beside x, g and v (buffers, the optimizer's state) on Start and Resync.
-# 5: the Gram comes on request (GramRequest/GramReply, one rank at a time, in rank order), not in Setup.
+# 5: the Gram comes on request (GramRequest/GramReply, one rank at a time, in rank order), not in Setup; the
+#    set-up attempt on GramRequest/PowerStep, echoed by GramReply/PowerReply.
 # 6: the EF21 family (docs/methods-family.md): under EF21-P, Start's and Resync's x and the checksum are the
 #    workers' shared point w; MARINA's dense rounds carry whole gradients; CLAG's skip is an empty Update.
 # 7: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),

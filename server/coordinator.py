@@ -48,7 +48,7 @@ from ef21_wire.serde import (
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from . import persistence
-from .curvature import CurvatureRun, GramRun, PowerRun, SetupInterrupted, curvature_run, smoothness
+from .curvature import CurvatureRun, GramRun, PowerRun, SetupInterrupted, curvature_run, smoothness, stale_answer
 from .membership import Membership, reference_data
 from .options import FINISHED_REASONS, MASTER_ROWS, MasterOptions
 from .rounds import RoundBook, RoundRules
@@ -90,7 +90,8 @@ class Coordinator:
         self.done = asyncio.Event()
         self.plan: Plan | None = None
         self.curvature: CurvatureRun | None = None  # the exchange with the workers that L needs, while it runs
-        self.setup_attempts = 0  # set-ups begun (one more after each a lost worker interrupted); tags GramRequests
+        # Set-ups begun (one more after each a lost worker interrupted); tags GramRequests and PowerSteps.
+        self.setup_attempts = 0
         self.master: MasterNode | None = None
         self.constants: TheoryConstants | None = None
         self.L_i: list[float] | None = None
@@ -336,14 +337,21 @@ class Coordinator:
         self.members.fault(identity)
 
     def power_reply(self, s: WorkerStream, msg: pb.PowerReply) -> None:
+        if stale_answer(s, msg.attempt, self.curvature, self.setup_attempts):
+            log.info("dropped rank %s's PowerReply %d for the interrupted set-up attempt %d", s.rank, msg.iteration,
+                     msg.attempt)
+            return
         if not isinstance(self.curvature, PowerRun):
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
         w = self._decode(msg.w, f"PowerReply {msg.iteration}")
         if not w.is_dense:
             raise Refusal("INVALID_ARGUMENT", "PowerReply: the product must be dense")
-        self.curvature.reply(s, msg.iteration, np.array(w.values))
+        self.curvature.reply(s, msg.iteration, np.array(w.values), msg.attempt)
 
     def gram_reply(self, s: WorkerStream, msg: pb.GramReply) -> None:
+        if stale_answer(s, msg.attempt, self.curvature, self.setup_attempts):
+            log.info("dropped rank %s's Gram for the interrupted set-up attempt %d", s.rank, msg.attempt)
+            return
         if not isinstance(self.curvature, GramRun):
             raise Refusal("FAILED_PRECONDITION", f"unexpected GramReply from rank {s.rank}")
         self.curvature.reply(s, msg.gram, msg.attempt)

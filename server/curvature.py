@@ -38,7 +38,8 @@ class GramRun:
     overlaps the transfer of the one before) and added to the sum in rank order as they come: the sum starts from
     zeros and adds rank 0's, then rank 1's, … — ``sum_in_rank_order``'s bits — while the master holds the sum and
     at most ``WINDOW`` Grams. A lost worker interrupts it; the next try has a new ``attempt`` number, and a late answer
-to an earlier attempt is dropped (an honest worker that answered it answers the new request too)."""
+    to an earlier attempt is dropped (``stale_answer``: an honest worker that answered it answers the new request
+    too)."""
 
     WINDOW = 2
 
@@ -71,11 +72,8 @@ to an earlier attempt is dropped (an honest worker that answered it answers the 
 
     def reply(self, s: WorkerStream, gram: bytes, attempt: int) -> None:
         rank = s.rank
-        if attempt < self.attempt and s.state is StreamState.SET_UP:
-            log.info("dropped rank %s's Gram for the interrupted set-up attempt %d", rank, attempt)
-            return
-        if (attempt != self.attempt or s.state is not StreamState.SET_UP or rank is None or not self.folded <= rank < self.asked
-                or rank in self.replies):
+        if (attempt != self.attempt or s.state is not StreamState.SET_UP or rank is None
+                or not self.folded <= rank < self.asked or rank in self.replies):
             raise Refusal("FAILED_PRECONDITION", f"unexpected GramReply from rank {rank}")
         d = self.d
         if len(gram) != 8 * d * d:
@@ -88,10 +86,15 @@ to an earlier attempt is dropped (an honest worker that answered it answers the 
 
 
 class PowerRun:
-    """One power iteration with the workers, product by product; a lost worker interrupts it."""
+    """One power iteration with the workers, product by product. A lost worker interrupts it; the next try starts
+    again from iteration 0 with a new ``attempt`` number, which every step carries and every answer echoes, so a
+    late answer to the interrupted attempt's step is dropped (``stale_answer``) rather than taken for the new one's
+    (and the worker's real answer then refused as a second)."""
 
-    def __init__(self, d: int, sessions: dict[int, WorkerStream], ready: asyncio.Event, wake: asyncio.Event) -> None:
+    def __init__(self, d: int, sessions: dict[int, WorkerStream], ready: asyncio.Event, wake: asyncio.Event,
+                 attempt: int) -> None:
         self.pi = global_power_iteration(d)
+        self.attempt = attempt
         self.sessions, self.ready, self.wake = sessions, ready, wake
         self.replies: dict[int, np.ndarray] = {}
 
@@ -100,7 +103,7 @@ class PowerRun:
         while not self.pi.done:
             self.replies = {}
             step = pb.MasterMessage(power_step=pb.PowerStep(iteration=self.pi.iterations,
-                                                            v=dense_to_proto(self.pi.vector)))
+                                                            v=dense_to_proto(self.pi.vector), attempt=self.attempt))
             data = step.SerializeToString()
             for r in range(n):
                 self.sessions[r].send(data)
@@ -113,14 +116,25 @@ class PowerRun:
         log.info("L: power iteration converged to %.12g in %d products", self.pi.value, self.pi.iterations)
         return self.pi.value
 
-    def reply(self, s: WorkerStream, iteration: int, w: np.ndarray) -> None:
-        if s.state is not StreamState.SET_UP or iteration != self.pi.iterations or s.rank in self.replies:
+    def reply(self, s: WorkerStream, iteration: int, w: np.ndarray, attempt: int) -> None:
+        if (attempt != self.attempt or s.state is not StreamState.SET_UP or iteration != self.pi.iterations
+                or s.rank in self.replies):
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {iteration} from rank {s.rank}")
         self.replies[s.rank] = w
         self.wake.set()
 
 
 CurvatureRun = GramRun | PowerRun
+
+
+def stale_answer(s: WorkerStream, attempt: int, current: CurvatureRun | None, attempts: int) -> bool:
+    """Whether a GramReply/PowerReply answers a set-up attempt a lost worker interrupted (``attempts``: those begun;
+    ``current``: the exchange running now, if any): it may arrive while the master waits for n workers again, or
+    after the next attempt began, and is dropped — the worker answers the next attempt's request too. An attempt
+    never begun (0: an answer to no request, or one from the future) is not stale: the exchange refuses it."""
+    if s.state is not StreamState.SET_UP or not 1 <= attempt <= attempts:
+        return False
+    return current is None or attempt != current.attempt
 
 
 def curvature_run(cfg: RunConfig, infos: list[SetupInfo], d: int, sessions: dict[int, WorkerStream],
@@ -132,7 +146,7 @@ def curvature_run(cfg: RunConfig, infos: list[SetupInfo], d: int, sessions: dict
     if all(i.has_gram for i in infos):
         return GramRun(d, sessions, ready, wake, attempt)
     if cfg.objective is None and all(i.power_iteration for i in infos):
-        return PowerRun(d, sessions, ready, wake)
+        return PowerRun(d, sessions, ready, wake, attempt)
     return None
 
 

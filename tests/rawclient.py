@@ -15,7 +15,7 @@ from ef21.engine.config import RunConfig
 from ef21.problems.data import Dataset, data_info, load_dataset
 from ef21.problems.problem import local_objective
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
-from ef21_wire.serde import vector_to_proto
+from ef21_wire.serde import dense_to_proto, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -81,9 +81,11 @@ class RawClient:
             self.rank = reply.welcome.rank
         return reply
 
-    def setup_message(self, rank: int) -> pb.Setup:
+    def setup_message(self, rank: int, *, power_iteration: bool = False) -> pb.Setup:
+        """This rank's Setup, offering its Gram, or (``power_iteration``) products A_iᵀA_i v instead."""
         obj = local_objective(self.cfg, rank, self.ds)
-        return pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows, has_gram=True, dim=self.ds.d)
+        return pb.Setup(rank=rank, smoothness=obj.smoothness(), shard_rows=obj.n_rows, has_gram=not power_iteration,
+                        power_iteration=power_iteration, dim=self.ds.d)
 
     def gram_reply(self, attempt: int, rank: int | None = None) -> bytes:
         """The answer to the master's GramRequest (its ``attempt``): this rank's Gram."""
@@ -92,10 +94,19 @@ class RawClient:
         return pb.WorkerMessage(gram_reply=pb.GramReply(
             gram=np.ascontiguousarray(obj.gram(), dtype="<f8").tobytes(), attempt=attempt)).SerializeToString()
 
-    async def setup(self, rank: int | None = None) -> bool:
+    def power_reply(self, step: pb.PowerStep, scale: float = 1.0) -> bytes:
+        """The answer to the master's PowerStep (echoing its iteration and attempt): A_iᵀA_i v of this rank's
+        shard, times ``scale`` (1: honest)."""
+        assert self.rank is not None
+        obj = local_objective(self.cfg, self.rank, self.ds)
+        w = scale * obj.gram_matvec(vector_from_proto(step.v, expected_dim=self.ds.d).values)
+        return pb.WorkerMessage(power_reply=pb.PowerReply(iteration=step.iteration, w=dense_to_proto(w),
+                                                          attempt=step.attempt)).SerializeToString()
+
+    async def setup(self, rank: int | None = None, *, power_iteration: bool = False) -> bool:
         r = self.rank if rank is None else rank
         assert r is not None
-        return await self.send(setup=self.setup_message(r))
+        return await self.send(setup=self.setup_message(r, power_iteration=power_iteration))
 
     def cancel(self) -> None:
         self.call.cancel()

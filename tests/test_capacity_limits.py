@@ -1,6 +1,7 @@
 """What a master holds at once, over real sockets: a storm of streams that never say Hello is refused past the
 stream limit with RESOURCE_EXHAUSTED (named in the log), the rest are cut at the handshake timeout, and the honest
-run that follows is the simulator's to the bit."""
+run that follows is the simulator's to the bit; a worker whose Join gets the answers gRPC itself gives under a storm
+of joins (CANCELLED, INTERNAL, UNKNOWN) tries again and takes its part in the run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import logging
 import resource
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -15,7 +17,7 @@ import numpy as np
 from ef21.engine.config import RunConfig
 from ef21_server.coordinator import MasterOptions
 from ef21_server.service import stream_limit
-from ef21_wire.protocol import TRAIN_METHOD
+from ef21_wire.protocol import SERVICE, TRAIN_METHOD
 
 from .helpers import ef21_cli, eventually, finish, one_error_line, running_master, spawn_worker
 from .test_service import assert_same_as_simulation
@@ -69,3 +71,67 @@ def test_a_run_past_the_open_files_limit_is_refused_with_one_line():
                  preexec_fn=low_limit, timeout=60)
     line = one_error_line(r)
     assert "--workers 1000 needs about 1064 open files" in line and "may open 256" in line
+
+
+class FlakyFront:
+    """A gRPC server in front of the real master, on its own port, that answers the first Joins itself with the
+    codes of ``fail`` (what gRPC answers a master's thousandth join with) and forwards every other call — Join, and
+    Train's byte streams both ways — to the master unchanged."""
+
+    def __init__(self, master: str, fail: list[grpc.StatusCode]) -> None:
+        self.fail = list(fail)
+        self.joins = 0
+        self.channel = grpc.aio.insecure_channel(master)
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "Join": grpc.unary_unary_rpc_method_handler(self._join),
+            "Train": grpc.stream_stream_rpc_method_handler(self._train),
+        }),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    async def _join(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.joins += 1
+        if self.fail:
+            await context.abort(self.fail.pop(0), "front: the join did not get through")
+        return await self.channel.unary_unary(f"/{SERVICE}/Join")(request, timeout=10)
+
+    async def _train(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = self.channel.stream_stream(TRAIN_METHOD)()
+
+        async def uplink() -> None:
+            async for raw in requests:
+                await call.write(raw)
+            await call.done_writing()
+
+        up = asyncio.create_task(uplink())
+        try:
+            async for raw in call:
+                yield raw
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+        finally:
+            up.cancel()
+            call.cancel()
+
+
+async def test_a_worker_tries_again_after_the_join_answers_of_a_storm(tmp_path):
+    """ef21 worker's Join retries CANCELLED, INTERNAL and UNKNOWN (JOIN_RETRYABLE) rather than exit: two real
+    workers reach a real master through a front that answers the first three Joins with those codes; both finish,
+    and the run is the simulator's to the bit."""
+    cfg = RunConfig(workers=2, method="ef21", compressor="topk", k=3, stepsize_mult=64, rounds=20, x0="normal:0")
+    opts = MasterOptions(cfg, log=tmp_path / "l.jsonl", save_iterates=tmp_path / "xs.npy")
+    codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN]
+    async with running_master(opts) as master:
+        front = FlakyFront(master.address, codes)
+        await front.server.start()
+        try:
+            results = await finish([await spawn_worker(front.address, "--connect-timeout", "20") for _ in range(2)],
+                                   timeout=40)
+            assert [code for code, _ in results] == [0, 0], results
+            await asyncio.wait_for(master.wait(), 10)
+        finally:
+            await front.server.stop(None)
+            await front.channel.close()
+    assert front.joins >= len(codes) + 2 and not front.fail
+    rows = [json.loads(line) for line in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert_same_as_simulation(cfg, np.load(tmp_path / "xs.npy"), rows)

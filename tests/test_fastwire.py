@@ -113,11 +113,12 @@ def test_eval_and_power_reply_bytes_equal_the_generated_serialization(rng, round
     assert ours == ref.SerializeToString()
     back = pb.WorkerMessage.FromString(ours).eval
     assert back.HasField("distortion") == ("distortion" in extra) and dict(back.metrics) == extra.get("metrics", {})
-    ours = power_reply_bytes(round_ % 300, encode(grad))
-    ref = pb.WorkerMessage(power_reply=pb.PowerReply(iteration=round_ % 300, w=vector_to_proto(grad)))
-    assert ours == ref.SerializeToString()
     gram = rng.standard_normal((40, 40))
     for attempt in (0, 1, round_):
+        ours = power_reply_bytes(round_ % 300, encode(grad), attempt)
+        ref = pb.WorkerMessage(power_reply=pb.PowerReply(iteration=round_ % 300, w=vector_to_proto(grad),
+                                                         attempt=attempt))
+        assert ours == ref.SerializeToString()
         ref = pb.WorkerMessage(gram_reply=pb.GramReply(gram=gram.astype("<f8").tobytes(), attempt=attempt))
         assert gram_reply_bytes(memoryview(gram).cast("B"), attempt) == ref.SerializeToString()
 

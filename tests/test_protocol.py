@@ -11,14 +11,22 @@ import pytest
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.problems.data import data_info, load_dataset
-from ef21.problems.problem import build_problem, global_smoothness, local_objective
+from ef21.problems.problem import (
+    build_problem,
+    global_power_iteration,
+    global_smoothness,
+    local_objective,
+    smoothness_from_lambda,
+    sum_in_rank_order,
+)
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
 from ef21_wire.serde import dense_to_proto, lean_from_proto, state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
-from .helpers import finish, running_master, spawn_worker
+from .helpers import eventually, finish, running_master, spawn_worker
+from .rawclient import RawClient
 
 
 class HandClient:
@@ -234,6 +242,61 @@ async def test_grams_are_asked_in_rank_order_and_a_gram_nobody_asked_for_is_refu
             assert len({s.gamma for s in starts}) == 1 and starts[0].gamma > 0
         expected = global_smoothness(cfg, build_problem(cfg).objectives, load_dataset(cfg.data).n_rows)
         assert master.coord.constants.L == expected  # the same bits
+
+
+async def _power_step(c: RawClient) -> pb.PowerStep:
+    msg = await c.recv()
+    assert isinstance(msg, pb.MasterMessage) and msg.WhichOneof("kind") == "power_step", msg
+    return msg.power_step
+
+
+async def test_late_answers_to_an_interrupted_power_iteration_are_dropped():
+    """L by power iteration, which a lost worker interrupts: the next attempt starts again from iteration 0, so a
+    late answer to the old attempt's step 0 has the new step's iteration number. Both late answers here — one that
+    comes while the master waits for a replacement, one that comes after the new attempt began — are scaled by 10⁶:
+    taken for the new step, either would change L (or, before the steps carried an attempt, get the honest answer
+    that follows refused as a second one and the worker thrown out). They are dropped, and L is the simulator's to
+    the last bit (and λ_max of the pooled Gram's to 1e-9)."""
+    cfg = RunConfig(workers=3, rounds=10, k=2)
+    async with running_master(MasterOptions(cfg)) as master:
+        async with grpc.aio.insecure_channel(master.address) as ch:
+            ds = load_dataset(cfg.data)
+            c = [RawClient(ch, cfg, ds) for _ in range(4)]
+            for r in range(3):
+                assert (await c[r].hello(r)).welcome.rank == r  # type: ignore[union-attr]
+                await c[r].setup(power_iteration=True)
+            old = [await _power_step(c[r]) for r in range(3)]
+            assert [(s.iteration, s.attempt) for s in old] == [(0, 1)] * 3
+            c[1].cancel()  # rank 1 is lost before anyone answers: the set-up waits for n workers again
+            await eventually(lambda: master.coord.curvature is None and master.coord.setup_attempts == 1,
+                             timeout=10, what="the interrupted set-up")
+            assert await c[0].write(c[0].power_reply(old[0], scale=1e6))  # late, while the master waits
+            assert (await c[3].hello(1)).welcome.rank == 1  # type: ignore[union-attr]
+            await c[3].setup(power_iteration=True)
+            clients = [c[0], c[3], c[2]]  # ranks 0, 1, 2
+            steps = [await _power_step(x) for x in clients]
+            assert [(s.iteration, s.attempt) for s in steps] == [(0, 2)] * 3
+            assert await c[2].write(c[2].power_reply(old[2], scale=1e6))  # late, and its iteration is the new one's
+            products = 0
+            while True:
+                for x, step in zip(clients, steps):
+                    assert await x.write(x.power_reply(step))
+                products += 1
+                first = await clients[0].recv()
+                assert isinstance(first, pb.MasterMessage), first
+                if first.WhichOneof("kind") == "start":
+                    break
+                steps = [first.power_step] + [await _power_step(x) for x in clients[1:]]
+                assert {(s.iteration, s.attempt) for s in steps} == {(products, 2)}
+            for x in clients[1:]:
+                msg = await x.recv()
+                assert isinstance(msg, pb.MasterMessage) and msg.WhichOneof("kind") == "start", msg
+        objs = build_problem(cfg).objectives
+        pi = global_power_iteration(ds.d)
+        lam = pi.run(lambda v: sum_in_rank_order([o.gram_matvec(v) for o in objs]))
+        assert products == pi.iterations > 1
+        assert master.coord.constants.L == smoothness_from_lambda(cfg, lam, ds.n_rows)  # the simulator's bits
+        assert master.coord.constants.L == pytest.approx(global_smoothness(cfg, objs, ds.n_rows), rel=1e-9)
 
 
 async def test_a_gram_of_the_wrong_size_is_refused():

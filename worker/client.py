@@ -472,11 +472,11 @@ async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None = None,
             v = vector_from_proto(msg.power_step.v, expected_dim=d).values
         except CodecError as exc:
             raise WorkerFailure(f"bad PowerStep from the master: {exc}") from None
-        iteration = msg.power_step.iteration
+        iteration, attempt = msg.power_step.iteration, msg.power_step.attempt
         del msg  # each step's vectors of d are released before the next one arrives
         w = obj.gram_matvec(v)
         del v
-        await st.send(power_reply_bytes(iteration, encode(SparseVector.dense(w))))
+        await st.send(power_reply_bytes(iteration, encode(SparseVector.dense(w)), attempt))
         del w
 
 

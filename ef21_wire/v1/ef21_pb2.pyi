@@ -133,20 +133,24 @@ class Leave(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class PowerStep(_message.Message):
-    __slots__ = ("iteration", "v")
+    __slots__ = ("iteration", "v", "attempt")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     V_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     v: SparseVector
-    def __init__(self, iteration: _Optional[int] = ..., v: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, iteration: _Optional[int] = ..., v: _Optional[_Union[SparseVector, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class PowerReply(_message.Message):
-    __slots__ = ("iteration", "w")
+    __slots__ = ("iteration", "w", "attempt")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     W_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     w: SparseVector
-    def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Start(_message.Message):
     __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state", "x_is_own_x0")
