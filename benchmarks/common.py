@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -74,6 +75,9 @@ def config_flags(cfg: Any) -> list[str]:
 
 # -- raw logs: scratch by default ------------------------------------------------------------------------------------
 
+
+# -- raw logs: scratch by default --------------------------------------------------------------------------------------
+
 def add_logs_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--logs", type=Path, default=None, metavar="DIR",
                     help="keep the runs' per-round logs here (default: a scratch folder, deleted at exit); "
@@ -101,7 +105,7 @@ def thin(values: Sequence[Any], points: int = 200) -> list[int]:
     return sorted({0, n - 1, *idx.tolist()})
 
 
-# -- process memory --------------------------------------------------------------------------------------------------
+# -- process memory ----------------------------------------------------------------------------------------------------
 
 def _status_kib(pid: int, field: str) -> int | None:
     try:
@@ -170,3 +174,55 @@ def idle_rss_mib(imports: Sequence[str]) -> float:
     code = "import " + ", ".join(imports) + "\nprint(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
+
+
+# -- the service started apart: a master and n workers, as on n + 1 machines -------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_apart(master_flags: Sequence[str], workers: int, log: Path, *, label: str = "ef21",
+              master_prefix: Sequence[str] = (), worker_prefixes: Sequence[Sequence[str]] | None = None,
+              host: str = "127.0.0.1", port: int = 50051,
+              timeout_s: float = 3600) -> tuple[list[dict[str, Any]], float]:
+    """``ef21 master --workers N MASTER_FLAGS`` and N ``ef21 worker`` processes started apart: the master under
+    ``master_prefix`` (e.g. ``ip netns exec NS``; it then listens on every address) on ``host:port``, worker r
+    under ``worker_prefixes[r]``. Returns the per-round log's records and the whole command's seconds (start-up
+    included); raises with the master's stderr if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    master = [*master_prefix, sys.executable, "-m", "ef21", "master", "--workers", str(workers), *master_flags,
+              "--log", str(log), "--quiet", "--status-port", "-1", "--host", "0.0.0.0" if master_prefix else host,
+              "--port", str(port)]
+    t0 = time.perf_counter()
+    mp = subprocess.Popen(master, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    ws = [subprocess.Popen([*(worker_prefixes[r] if worker_prefixes else []), sys.executable, "-m", "ef21_worker",
+                            "--master", f"{host}:{port}", "--connect-timeout", "120"], cwd=ROOT,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+          for r in range(workers)]
+    try:
+        _, err = mp.communicate(timeout=timeout_s)
+        for w in ws:
+            w.wait(timeout=120)
+    finally:
+        for p in (mp, *ws):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if mp.returncode != 0:
+        raise RuntimeError(f"{label}: ef21 master failed ({mp.returncode}): {err.strip()[-2000:]}")
+    return [json.loads(line) for line in log.read_text().splitlines()], time.perf_counter() - t0
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so that a benchmark stopped by ``kill PID`` still runs its ``finally`` blocks:
+    its child processes are ended and its network namespaces deleted, not left behind."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages: what a shared machine was doing while a benchmark ran."""
+    return [round(v, 2) for v in os.getloadavg()]

@@ -1,5 +1,6 @@
-"""Shared by ``torch_digits.py`` and ``vs_ddp.py``: the digits examples trained through the real service
-(``ef21 run``: a master and worker processes on loopback), read back from the per-round log as accuracy curves."""
+"""Shared by ``torch_digits.py``, ``vs_ddp.py`` and ``vs_powersgd.py``: the digits examples trained through the
+real service (``ef21 run``, or master and workers started apart), read back from the per-round log as accuracy
+curves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, run_apart
+
 EXAMPLES = {"mlp": ROOT / "examples" / "digits_mlp.py", "cnn": ROOT / "examples" / "digits_cnn.py"}
 
 
@@ -23,6 +25,8 @@ class Curve:
     d: int = 0
     rounds: list[int] = field(default_factory=list)
     acc: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    """Held-out loss at the same rounds (where the run reports it)."""
     wire_bytes: list[int] = field(default_factory=list)
     """Cumulative bytes of the training traffic, up + down (evaluation traffic not included)."""
     eval_bytes: list[int] = field(default_factory=list)
@@ -50,13 +54,18 @@ class Curve:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "d": self.d, "rounds": self.rounds, "acc": self.acc,
+        return {"label": self.label, "d": self.d, "rounds": self.rounds, "acc": self.acc, "loss": self.loss,
                 "wire_bytes": self.wire_bytes, "eval_bytes": self.eval_bytes, "time_s": self.time_s}
+
+
+def objective_spec(model: str) -> str:
+    """The ``--objective`` of an example by its key (mlp, cnn), or ``model`` itself (FILE.py:FUNC)."""
+    return f"examples/{EXAMPLES[model].name}:make" if model in EXAMPLES else model
 
 
 def ef21_command(model: str, workers: int, rounds: int, eval_every: int, flags: Sequence[str],
                  objective_args: Sequence[str] = (), log: Path | None = None) -> list[str]:
-    cmd = ["ef21", "run", "--workers", str(workers), "--objective", f"examples/{EXAMPLES[model].name}:make",
+    cmd = ["ef21", "run", "--workers", str(workers), "--objective", objective_spec(model),
            *[a for kv in objective_args for a in ("--objective-arg", kv)], *flags, "--rounds", str(rounds),
            "--eval-every", str(eval_every)]
     return cmd + ([] if log is None else ["--log", str(log)])
@@ -75,13 +84,19 @@ def run_ef21(label: str, model: str, workers: int, rounds: int, eval_every: int,
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{label}: ef21 run failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    curve = Curve(label, process_s=wall, command=" ".join(shown))
+    return read_curve(label, log, wall, " ".join(shown))
+
+
+def read_curve(label: str, log: Path, process_s: float = 0.0, command: str = "") -> Curve:
+    """The evaluation rounds of an ef21 run's per-round log, as a curve."""
+    curve = Curve(label, process_s=process_s, command=command)
     for line in log.read_text().splitlines():
         rec = json.loads(line)
         if not rec.get("metrics"):
             continue
         curve.rounds.append(rec["round"])
         curve.acc.append(rec["metrics"]["test_acc"])
+        curve.loss.append(rec["metrics"].get("test_loss", float("nan")))
         curve.wire_bytes.append(rec["wire_bytes_up"] + rec["wire_bytes_down"])
         curve.eval_bytes.append(rec["eval_bytes"])
         curve.time_s.append(rec["elapsed_s"])
@@ -90,12 +105,26 @@ def run_ef21(label: str, model: str, workers: int, rounds: int, eval_every: int,
     return curve
 
 
+def run_ef21_apart(label: str, objective: str, workers: int, rounds: int, eval_every: int, flags: Sequence[str],
+                   log: Path, objective_args: Sequence[str] = (), **where: Any) -> tuple[Curve, list[dict[str, Any]]]:
+    """An example through ``ef21 master`` and ``workers`` × ``ef21 worker`` started apart (``common.run_apart``:
+    ``where`` places them, e.g. each in a network namespace). Returns the evaluation curve and every round's log
+    record."""
+    master_flags = ["--objective", objective, *[a for kv in objective_args for a in ("--objective-arg", kv)], *flags,
+                    "--rounds", str(rounds), "--eval-every", str(eval_every)]
+    records, seconds = run_apart(master_flags, workers, log, label=label, **where)
+    shown = " ".join(ef21_command(objective, workers, rounds, eval_every, flags, objective_args))
+    return read_curve(label, log, seconds, shown), records
+
+
 def example_dim(model: str, objective_args: Sequence[str] = ()) -> int:
-    """d of an example's model (builds rank 0's objective in this process)."""
+    """d of an example's model, by its key or its module's path from the repository's root (builds rank 0's
+    objective in this process)."""
     from ef21.problems.plugins import build_objective
 
     opts = tuple(tuple(kv.split("=", 1)) for kv in objective_args)
-    return build_objective(f"{EXAMPLES[model]}:make", opts, 0, 1, 0).d  # type: ignore[arg-type]
+    module = EXAMPLES[model] if model in EXAMPLES else ROOT / model
+    return build_objective(f"{module}:make", opts, 0, 1, 0).d  # type: ignore[arg-type]
 
 
 def mb(n: float) -> float:

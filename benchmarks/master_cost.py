@@ -48,28 +48,37 @@ def fold_grid(smoke: bool) -> tuple[list[list], list[dict]]:
              for k in (100, 10_000) if d * n <= 2 * 10**8 and k * 10 <= d])
     rows, results = [], []
     for d, n, k in grid:
-        msgs = [Message(TopK(k)(rng.standard_normal(d))) for _ in range(n)]
-        tracemalloc.start()
-        master = MasterNode(EF21(), n, np.zeros(d), gamma=0.1)
-        master.aggregate(msgs)  # warm-up; also the first allocation of everything it holds
-        held = tracemalloc.get_traced_memory()[0]
-        tracemalloc.stop()
-        number = 5 if d >= 1_000_000 else 50
-        t_round = best_time(lambda: master.aggregate(msgs), number, repeat=3)
-        t_fold = best_time(lambda: sparse_sum([m.vector for m in msgs], d), number, repeat=3)
-        all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
-        all_val = np.concatenate([m.vector.values for m in msgs])
-        acc = np.zeros(d)
-
-        def scatter() -> None:
-            np.add.at(acc, all_idx, all_val)
-
-        t_scatter = best_time(scatter, number, repeat=3)
-        target = (n + 3) * 8 * d
-        rows.append([d, n, k, t_round * 1e3, t_fold * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target])
-        results.append({"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3,
-                        "scatter_add_ms": t_scatter * 1e3, "held_bytes": held, "target_bytes": target})
+        row, result = fold_case(d, n, k, rng)
+        rows.append(row)
+        results.append(result)
     return rows, results
+
+
+def fold_case(d: int, n: int, k: int, rng: np.random.Generator) -> tuple[list, dict]:
+    """One (d, n, k): the master's round, its fold alone and one np.add.at of all the entries, and what it holds."""
+    msgs = [Message(TopK(k)(rng.standard_normal(d))) for _ in range(n)]
+    tracemalloc.start()
+    master = MasterNode(EF21(), n, np.zeros(d), gamma=0.1)
+    master.aggregate(msgs)  # warm-up; also the first allocation of everything it holds
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    number = 5 if d >= 1_000_000 else 50
+    t_round = best_time(lambda: master.aggregate(msgs), number, repeat=3)
+    t_fold = best_time(lambda: sparse_sum([m.vector for m in msgs], d), number, repeat=3)
+    t_node_fold = best_time(lambda: master.fold(msgs), number, repeat=3)  # whatever MasterNode folds with
+    all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
+    all_val = np.concatenate([m.vector.values for m in msgs])
+    acc = np.zeros(d)
+
+    def scatter() -> None:
+        np.add.at(acc, all_idx, all_val)
+
+    t_scatter = best_time(scatter, number, repeat=3)
+    target = (n + 3) * 8 * d
+    return ([d, n, k, t_round * 1e3, t_fold * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target],
+            {"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3,
+             "node_fold_ms": t_node_fold * 1e3, "scatter_add_ms": t_scatter * 1e3, "held_bytes": held,
+             "target_bytes": target})
 
 
 def rows_settings(d: int, n: int, k: int) -> tuple[list[list], list[dict]]:

@@ -223,9 +223,10 @@ import torch.distributed as dist
 from ef21.engine.config import RunConfig
 from ef21.problems.problem import local_objective
 torch.set_num_threads(1)  # n processes share the cores, as ef21's workers do
-rank, n, port, problem, d, rounds, up, down, out = sys.argv[1:10]
-rank, n, d, rounds, up, down = int(rank), int(n), int(d), int(rounds), int(up), int(down)
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+rank, n, port, problem, d, rounds, up, down, out, addr, iface, star, psgd_rank, dtype = sys.argv[1:15]
+rank, n, d, rounds, up, down, psgd_rank = int(rank), int(n), int(d), int(rounds), int(up), int(down), int(psgd_rank)
+dtype = getattr(torch, dtype)
+os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port, **({"GLOO_SOCKET_IFNAME": iface} if iface else {}))
 dist.init_process_group("gloo", rank=rank, world_size=n)
 cfg = (RunConfig(workers=n, data="mushrooms") if problem == "mushrooms"
        else RunConfig(workers=n, problem="quadratic", dim=d))
@@ -236,19 +237,20 @@ if problem == "mushrooms":
         x2 = x * x
         return torch.nn.functional.softplus(-y * (A @ x)).mean() + lam * (x2 / (1 + x2)).sum()
 else:
-    h, c = torch.from_numpy(obj.h), torch.from_numpy(obj.c)
+    h, c = torch.from_numpy(obj.h).to(dtype), torch.from_numpy(obj.c).to(dtype)
     def loss(x):
         return 0.5 * (h * (x - c) ** 2).sum()
-x = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+x = torch.zeros(d, dtype=torch.float64 if problem == "mushrooms" else dtype, requires_grad=True)
 opt = torch.optim.SGD([x], lr=0.5 / n)  # the step does not matter for the time; the sum is averaged by lr
-times = {"star": [], "allreduce": []}
-msg_up, msg_down = torch.full((up,), 2, dtype=torch.uint8), torch.full((down,), 1, dtype=torch.uint8)
-gather = [torch.empty(up, dtype=torch.uint8) for _ in range(n)] if rank == 0 else None
-dist.barrier()
-for _ in range(rounds):  # Gloo's transport in ef21's pattern: gather to rank 0, broadcast back
-    dist.gather(msg_up, gather, dst=0)
-    dist.broadcast(msg_down, src=0)
-    times["star"].append(time.perf_counter())
+times = {"star": [], "allreduce": [], "powersgd": []}
+if star == "1":
+    msg_up, msg_down = torch.full((up,), 2, dtype=torch.uint8), torch.full((down,), 1, dtype=torch.uint8)
+    gather = [torch.empty(up, dtype=torch.uint8) for _ in range(n)] if rank == 0 else None
+    dist.barrier()
+    for _ in range(rounds):  # Gloo's transport in ef21's pattern: gather to rank 0, broadcast back
+        dist.gather(msg_up, gather, dst=0)
+        dist.broadcast(msg_down, src=0)
+        times["star"].append(time.perf_counter())
 dist.barrier()
 for _ in range(rounds):  # the data-parallel GD loop
     opt.zero_grad(set_to_none=True)
@@ -256,6 +258,29 @@ for _ in range(rounds):  # the data-parallel GD loop
     dist.all_reduce(x.grad)
     opt.step()
     times["allreduce"].append(time.perf_counter())
+if psgd_rank and problem != "mushrooms" and d % 1000 == 0:
+    # DDP + PowerSGD on the same quadratic, x held as a 1000 x (d/1000) matrix (PowerSGD leaves vectors alone):
+    # what a PyTorch user's compressed all-reduce costs a step at this size. Start after 2 dense steps.
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel
+    class Quadratic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            shape = (1000, d // 1000)
+            self.w = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+            self.h, self.c = h.view(shape), c.view(shape)  # this rank's own: plain tensors, never synced
+        def forward(self):
+            return 0.5 * (self.h * (self.w - self.c) ** 2).sum()
+    ddp = DistributedDataParallel(Quadratic())
+    ddp.register_comm_hook(psgd.PowerSGDState(None, matrix_approximation_rank=psgd_rank, start_powerSGD_iter=2),
+                           psgd.powerSGD_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    dist.barrier()
+    for _ in range(rounds):
+        opt.zero_grad(set_to_none=True)
+        ddp().backward()
+        opt.step()
+        times["powersgd"].append(time.perf_counter())
 if rank == 0:
     with open(out, "w") as f:
         json.dump(times, f)
@@ -274,18 +299,32 @@ def torch_available() -> bool:
 
 def gloo_run(case: Case, n: int, rounds: int, up: int, down: int, tmp: Path) -> tuple[float, float]:
     """Median seconds a step of Gloo's star pattern and of the all-reduce GD loop (n processes)."""
-    with socket.socket() as s:  # a free port for the rendezvous (released just before rank 0 binds it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    times = gloo_times(case, n, rounds, up, down, tmp)
+    return times["star"], times["allreduce"]
+
+
+def gloo_times(case: Case, n: int, rounds: int, up: int, down: int, tmp: Path, *, star: bool = True,
+               powersgd_rank: int = 0, dtype: str = "float64", prefixes: list[list[str]] | None = None,
+               addr: str = "127.0.0.1", iface: str = "", port: int | None = None) -> dict[str, float | None]:
+    """Median seconds a step of each Gloo loop that ran: ``star`` (ef21's pattern on Gloo), ``allreduce`` (the GD
+    loop) and, with ``powersgd_rank``, DDP + PowerSGD on the quadratic; rank r starts under ``prefixes[r]`` (a
+    network namespace) and the rendezvous is at ``addr`` over ``iface``."""
+    if port is None:
+        with socket.socket() as s:  # a free port for the rendezvous (released just before rank 0 binds it)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     out = tmp / "gloo.json"
-    procs = [subprocess.Popen([sys.executable, "-c", GLOO_RANK, str(r), str(n), str(port), case.problem, str(case.d),
-                               str(rounds), str(up), str(down), str(out)], cwd=ROOT, stdin=subprocess.DEVNULL)
-             for r in range(n)]
-    codes = [p.wait(timeout=3600) for p in procs]
+    out.unlink(missing_ok=True)
+    procs = [subprocess.Popen([*(prefixes[r] if prefixes else []), sys.executable, "-c", GLOO_RANK, str(r), str(n),
+                               str(port), case.problem, str(case.d), str(rounds), str(up), str(down), str(out), addr,
+                               iface, "1" if star else "0", str(powersgd_rank), dtype], cwd=ROOT,
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    errs = [p.communicate(timeout=3600)[1] for p in procs]  # c10d's warnings: shown only if a rank fails
+    codes = [p.returncode for p in procs]
     if any(codes):
-        raise SystemExit(f"a Gloo process failed: exit statuses {codes}")
+        raise SystemExit(f"a Gloo process failed: exit statuses {codes}\n{next(e for e, c in zip(errs, codes) if c)}")
     times = json.loads(out.read_text())
-    return float(np.median(steady(times["star"]))), float(np.median(steady(times["allreduce"])))
+    return {k: float(np.median(steady(v))) if v else None for k, v in times.items()}
 
 
 # -- the arithmetic a round must do ------------------------------------------------------------------------------------

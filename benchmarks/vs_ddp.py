@@ -23,9 +23,6 @@ all-reduce; ef21's workers evaluate theirs (and send a dense gradient for ‖∇
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,108 +30,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ddp_runs  # noqa: E402
 from common import base_parser, print_table, write_json  # noqa: E402
+from ddp_runs import GLOO_NOTE, Contender, iface_bytes  # noqa: E402
 from digits_runs import EXAMPLES, Curve, example_dim, mb, run_ef21  # noqa: E402
-
-GLOO_NOTE = "Gloo ring all-reduce, counted: 2(N-1)*4d bytes a step + (N-1)*4d for the initial broadcast"
-
-
-def ring_allreduce_bytes(n: int, d: int, steps: int) -> int:
-    """Bytes all N processes send for DDP: the initial broadcast of the weights and ``steps`` ring all-reduces of
-    d float32 values (reduce-scatter and all-gather: 2(N − 1) chunks of d/N values from each process)."""
-    return (n - 1) * 4 * d + steps * 2 * (n - 1) * 4 * d
 
 
 def loopback_tx_bytes() -> int:
-    """Bytes sent on ``lo`` so far (/proc/net/dev): everything a run sends — TCP/IP headers, rendezvous, HTTP/2,
-    evaluations — when it is alone in its network namespace (``--measure-loopback``)."""
-    for line in Path("/proc/net/dev").read_text().splitlines():
-        name, _, fields = line.partition(":")
-        if name.strip() == "lo":
-            return int(fields.split()[8])
-    raise RuntimeError("no lo interface in /proc/net/dev")
-
-
-def _load_example(model: str) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"digits_{model}", EXAMPLES[model])
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _ddp_rank(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
-    """One DDP process: the training loop a PyTorch user writes, on ef21's shards and minibatches."""
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from ef21.methods.estimators import batch_rng, draw_batch
-    from ef21.problems.plugins import ObjectiveContext
-    from ef21.problems.torch import seeded
-
-    torch.set_num_threads(1)  # N processes share the cores, as ef21's workers do
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mod = _load_example(cfg["model"])
-    options = dict(kv.split("=", 1) for kv in cfg["objective_args"])
-    ctx = ObjectiveContext(rank, world, cfg["seed"], options)
-    X, y, X_test, y_test = mod.digits_split(ctx, int(options.get("split_seed", 0)))
-    X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
-    X_test, y_test = torch.as_tensor(X_test, dtype=torch.float32), torch.as_tensor(y_test)
-    model = seeded(cfg["seed"], lambda: mod.build(options))
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["stepsize"])
-    loss_fn = torch.nn.CrossEntropyLoss()
-    d = sum(p.numel() for p in model.parameters())
-    rounds, every = cfg["rounds"], cfg["eval_every"]
-    curve: dict[str, list] = {"rounds": [], "acc": [], "time_s": []}
-    dist.barrier()
-    t0 = time.perf_counter()
-    for t in range(rounds + 1):
-        if rank == 0 and (t % every == 0 or t == rounds):
-            with torch.no_grad():
-                acc = float((model(X_test).argmax(1) == y_test).double().mean())
-            curve["rounds"].append(t)
-            curve["acc"].append(acc)
-            curve["time_s"].append(time.perf_counter() - t0)
-        if t == rounds:
-            break
-        rows = (torch.arange(X.shape[0]) if t == 0 else
-                torch.from_numpy(draw_batch(batch_rng(cfg["seed"], rank, t), X.shape[0], cfg["batch_size"])))
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ddp(X[rows]), y[rows]).backward()  # DDP all-reduces (averages) the gradients here
-        opt.step()
-    if rank == 0:
-        curve["d"] = d
-        Path(out).write_text(json.dumps(curve))
-    # Everyone leaves together: a rank tearing Gloo down while a peer is still in a collective aborts the process.
-    dist.barrier()
-    dist.destroy_process_group()
+    """Bytes sent on ``lo`` so far: everything a run sends — TCP/IP headers, rendezvous, HTTP/2, evaluations —
+    when it is alone in its network namespace (``--measure-loopback``)."""
+    return iface_bytes("lo")[0]
 
 
 def run_ddp(model: str, workers: int, rounds: int, eval_every: int, stepsize: float, batch_size: int,
             objective_args: list[str], tmp: Path) -> Curve:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:  # a free port for the rendezvous (released just before the processes bind it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp / "ddp_curve.json"
-    cfg = {"model": model, "seed": 0, "rounds": rounds, "eval_every": eval_every, "stepsize": stepsize,
-           "batch_size": batch_size, "objective_args": objective_args}
     t0 = time.perf_counter()
-    mp.spawn(_ddp_rank, args=(workers, port, cfg, str(out)), nprocs=workers, join=True)
-    doc = json.loads(out.read_text())
-    d = doc["d"]
-    c = Curve("DDP (Gloo) SGD", d=d, rounds=doc["rounds"], acc=doc["acc"], time_s=doc["time_s"],
-              process_s=time.perf_counter() - t0,
-              command=f"torch DDP, {workers} processes, SGD lr={stepsize}, batch {batch_size}")
-    c.wire_bytes = [ring_allreduce_bytes(workers, d, r) for r in c.rounds]
-    c.eval_bytes = [0] * len(c.rounds)
-    return c
+    (r,) = ddp_runs.run_ddp(str(EXAMPLES[model]), objective_args, [(Contender("DDP (Gloo) SGD"), rounds, eval_every)],
+                            workers, stepsize=stepsize, batch_size=batch_size, tmp=tmp)
+    return Curve("DDP (Gloo) SGD", d=r.d, rounds=r.rounds, acc=r.acc, loss=r.loss, time_s=r.time_s,
+                 wire_bytes=r.counted_bytes, eval_bytes=[0] * len(r.rounds), process_s=time.perf_counter() - t0,
+                 command=f"torch DDP, {workers} processes, SGD lr={stepsize}, batch {batch_size}")
 
 
 def plot(curves: list[Curve], target: float, path: Path, title: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 #    set-up attempt on GramRequest/PowerStep, echoed by GramReply/PowerReply.
 # 6: the EF21 family (docs/methods-family.md): under EF21-P, Start's and Resync's x and the checksum are the
 #    workers' shared point w; MARINA's dense rounds carry whole gradients; CLAG's skip is an empty Update.
-PROTOCOL_VERSION = 6
+# 7: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
+#    Start/Resync state vectors sparse when smaller, Eval.grad absent for objectives that report metrics.
+PROTOCOL_VERSION = 7
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 

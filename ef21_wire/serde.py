@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from typing import Any
 
 import numpy as np
 
 from ef21.compression.codec import CodecError, EncodedVector, decode, encode
-from ef21.compression.sparse import SparseVector
+from ef21.compression.sparse import INDEX_DTYPE, SparseVector
 
 from .fastwire import RoundResultIn, UpdateIn, read_round_result, read_update, round_result_bytes, update_bytes
 from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
@@ -102,6 +103,29 @@ def dense_to_proto(x: np.ndarray) -> pb.SparseVector:
     return vector_to_proto(SparseVector.dense(x))
 
 
+def lean_to_proto(x: np.ndarray) -> pb.SparseVector:
+    """A state vector (x, g, g_i, v) for Start and Resync: sparse when its nonzero entries, at 12 bytes each, take
+    fewer bytes than d dense values (g = 0 at round 0 is then empty). Nonzero by bits, so −0.0 travels as itself
+    and the replica's checksum still agrees."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    support = np.flatnonzero(x.view(np.uint64))
+    if 12 * support.size >= 8 * x.size:
+        return dense_to_proto(x)
+    return vector_to_proto(SparseVector(x.size, support.astype(INDEX_DTYPE), x[support]))
+
+
+def lean_from_proto(m: pb.SparseVector, d: int) -> np.ndarray:
+    """The dense vector of ``lean_to_proto``'s message (raises ef21.compression.codec.CodecError)."""
+    v = vector_from_proto(m, expected_dim=d)
+    return np.array(v.values, dtype=np.float64) if v.is_dense else v.to_dense()
+
+
+def vector_digest(x: np.ndarray) -> bytes:
+    """BLAKE2b-128 of x's float64 little-endian bytes: the x0 a worker computed itself against the master's,
+    once per run (a 32-bit CRC, enough for the per-round drift check, is too weak to stand in for a transfer)."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(x, dtype="<f8")).cast("B"), digest_size=16).digest()
+
+
 def state_checksum(x: np.ndarray, g: np.ndarray, *more: np.ndarray | None) -> bytes:
     """Digest of the exact bits of a replica, to detect a worker that fell out of sync (8 bytes: CRC-32 of x and
     of g, and the rest of the replicated state — EF21-HB's v, a model's buffers, the optimizer's state, as
@@ -121,7 +145,7 @@ def state_to_proto(dst: Any, state: dict[str, np.ndarray]) -> None:
     for name, a in state.items():
         item = dst.add()
         item.name = name
-        fill_vector(item.vector, SparseVector.dense(a))
+        item.vector.CopyFrom(lean_to_proto(a))  # an optimizer's moments start at zero: sent empty
 
 
 def state_from_proto(src: Any, expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

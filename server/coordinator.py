@@ -38,11 +38,12 @@ from ef21.problems.data import shard_bounds
 from ef21_wire.fastwire import UpdateIn
 from ef21_wire.protocol import GRPC_FRAME_BYTES
 from ef21_wire.serde import (
-    dense_to_proto,
     encoded_from_proto,
+    lean_to_proto,
     round_result_to_bytes,
     state_checksum,
     state_to_proto,
+    vector_digest,
 )
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -83,7 +84,7 @@ class Coordinator:
                        else 1 if opts.round_timeout is not None else self.n)
         self.book = RoundBook(RoundRules(self.n, cfg.rounds, opts.eval_every, opts.round_timeout,
                                          min_workers if method.tolerates_missing else self.n,
-                                         method.tolerates_missing, cfg.seed))
+                                         method.tolerates_missing, cfg.seed, cfg.eval_grad, cfg.tol))
         self.tolerates_missing = method.tolerates_missing
         self.wake = asyncio.Event()  # anything that may let the current round (or the set-up) move on
         self.done = asyncio.Event()
@@ -115,6 +116,7 @@ class Coordinator:
         self.x_finite = True
         self.g_norm: float | None = None
         self.checksum = b""
+        self._x0_digest: bytes | None = None  # of x⁰, once a round-0 Start needs it
         self._iterates: list[np.ndarray] = []
         self.round_start: persistence.Counters | None = None  # the counters as the round in progress began
         self._pending_log: RoundRecord | None = None  # a closed round not yet logged (its line is off the path)
@@ -408,22 +410,37 @@ class Coordinator:
         else:
             self.book.g0_ranks.discard(s.rank)
         start = pb.Start(
-            gamma=self.constants.gamma, x_step=rep.x_step, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g),
+            gamma=self.constants.gamma, x_step=rep.x_step, g=lean_to_proto(rep.g),
             constants_json=json.dumps(self.constants.__dict__), checksum_every=self.opts.checksum_every,
             eval_every=self.opts.eval_every, round=self.round, page_p=self.plan.page_p,
             weight=0.0 if self.plan.weights is None else float(self.plan.weights[s.rank]),
         )
+        if self._has_own_x0(s):
+            start.x_is_own_x0 = True  # the worker computed x⁰ itself: d values fewer to send
+        else:
+            if self.round == 0 and s.setup is not None and s.setup.x0_digest:
+                log.warning("rank %d's own x0 differs from the run's (its objective's x0() or the --x0 file differ "
+                            "from rank 0's): it is sent the run's x0", s.rank)
+            start.x.CopyFrom(lean_to_proto(rep.x))
         if rep.v is not None:
-            start.momentum.CopyFrom(dense_to_proto(rep.v))
+            start.momentum.CopyFrom(lean_to_proto(rep.v))
         state_to_proto(start.state, rep.extra_state())
         if state is not None:
-            start.worker_state.CopyFrom(dense_to_proto(state))
+            start.worker_state.CopyFrom(lean_to_proto(state))
         elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
             log.warning("rank %d: --master-rows none keeps no g_i, so the replacement starts from g_i = 0 and the "
                         "aggregate no longer equals the mean of the workers' g_i", s.rank)
         s.move(StreamState.RUNNING)
         s.send(pb.MasterMessage(start=start).SerializeToString())
         self.wake.set()
+
+    def _has_own_x0(self, s: WorkerStream) -> bool:
+        """Whether the worker starts from an x it computed itself: round 0, and its digest is of the run's x⁰."""
+        if self.round != 0 or s.setup is None or not s.setup.x0_digest or self.master is None:
+            return False
+        if self._x0_digest is None:
+            self._x0_digest = vector_digest(self.master.replica.x)
+        return s.setup.x0_digest == self._x0_digest
 
     # -- the round's messages (the service calls these) ------------------------------------------------------------
 
@@ -456,9 +473,9 @@ class Coordinator:
         self.settle()
         rep = self.master.shared
         log.warning("rank %d is out of sync at round %d: sending the dense state", s.rank, msg.round)
-        resync = pb.Resync(round=msg.round, x=dense_to_proto(rep.x), g=dense_to_proto(rep.g))
+        resync = pb.Resync(round=msg.round, x=lean_to_proto(rep.x), g=lean_to_proto(rep.g))
         if rep.v is not None:
-            resync.momentum.CopyFrom(dense_to_proto(rep.v))
+            resync.momentum.CopyFrom(lean_to_proto(rep.v))
         state_to_proto(resync.state, rep.extra_state())
         s.send(pb.MasterMessage(resync=resync).SerializeToString())
 

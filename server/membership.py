@@ -159,9 +159,11 @@ class Membership:
         x0 = decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
         if x0 is not None and x0.shape[0] != d:
             raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
+        if len(msg.x0_digest) not in (0, 16):
+            raise Refusal("INVALID_ARGUMENT", f"Setup x0_digest has {len(msg.x0_digest)} bytes, expected 16 or none")
         layout, b0 = self._model(s, msg, d, decode)
         return SetupInfo(msg.smoothness or None, int(msg.shard_rows), bool(msg.has_gram), diag,
-                         int(msg.n_samples) or None, x0, bool(msg.power_iteration), layout, b0)
+                         int(msg.n_samples) or None, x0, bool(msg.power_iteration), layout, b0, bytes(msg.x0_digest))
 
     def _model(self, s: WorkerStream, msg: pb.Setup, d: int, decode: Callable[..., SparseVector]
                ) -> tuple[ModelLayout | None, np.ndarray | None]:

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ef21.compression.sparse import SparseVector
-from ef21.engine.nodes import is_eval_round
+from ef21.engine.nodes import is_eval_round, sends_eval_grad
 from ef21.methods import Message
 from ef21.methods.participation import participants
 from ef21_wire.fastwire import UpdateIn
@@ -36,6 +36,9 @@ class RoundRules:
     min_workers: int
     tolerates_missing: bool
     seed: int
+    eval_grad: bool = False
+    """--eval-grad: every Eval carries the dense gradient, even an objective's that reports metrics."""
+    tol: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -135,14 +138,22 @@ class RoundBook:
         if (not self.is_eval_round(msg.round) or s.rank in self.evals
                 or (s.rank not in self.updates and self.sampled(s.rank, t))):
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
-        grad = decode(msg.grad, f"Eval round {msg.round}")
-        if not grad.is_dense:
-            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the gradient must be dense")
+        grad = None
+        if msg.HasField("grad"):
+            vec = decode(msg.grad, f"Eval round {msg.round}")
+            if not vec.is_dense:
+                raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the gradient must be dense")
+            grad = vec.values
+        elif sends_eval_grad(self.rules.eval_grad, self.rules.tol, bool(msg.metrics)):
+            # Only an objective with metrics of its own may leave it out, and not under --eval-grad or --tol.
+            raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: the dense gradient is missing (it may be "
+                                              f"left out only for an objective that reports metrics, without "
+                                              f"--eval-grad or --tol)")
         dist = msg.distortion if msg.HasField("distortion") else None
         values = [msg.f, *msg.metrics.values()] + ([] if dist is None else [dist])
         if not all(math.isfinite(v) for v in values):
             raise Refusal("INVALID_ARGUMENT", f"Eval round {msg.round}: non-finite f, distortion or metric")
-        self.evals[s.rank] = EvalInfo(grad.values, msg.f, dist, dict(msg.metrics) or None, nbytes)
+        self.evals[s.rank] = EvalInfo(grad, msg.f, dist, dict(msg.metrics) or None, nbytes)
 
     def forget(self, rank: int) -> None:
         """A lost worker's contribution to the open round goes too: a replacement recomputes it."""

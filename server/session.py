@@ -24,13 +24,16 @@ class SetupInfo:
     """A model's tensors (the same for every worker: checked at set-up)."""
     buffers0: np.ndarray | None = None
     """A model's initial buffers b⁰."""
+    x0_digest: bytes = b""
+    """Digest of the x0 the worker computed itself (``ef21_wire.serde.vector_digest``); empty: it cannot."""
 
 
 @dataclass(frozen=True)
 class EvalInfo:
     """A worker's evaluation of one round: ∇f_i(x^t), f_i(x^t), its distortion and metrics, and the bytes."""
 
-    grad: np.ndarray
+    grad: np.ndarray | None
+    """None: left out (the objective reports metrics; ``ef21.engine.nodes.sends_eval_grad``)."""
     f: float
     distortion: float | None
     metrics: dict[str, float] | None

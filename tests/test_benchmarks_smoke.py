@@ -218,6 +218,77 @@ def test_torch_benchmark_smoke(script, tmp_path):
         check_torch_recipes(doc)
 
 
+def check_vs_powersgd(doc: dict) -> None:
+    """The race's bytes against an independent count: what the kernel saw on each link is at least what the runs
+    counted themselves (payloads; headers and set-up only add), and each timing run ends where its curve said."""
+    assert doc["namespaces"] and doc["links"] == ["1gbit"]
+    rows = {r["label"]: r for r in doc["results"]}
+    assert rows["DDP dense (Gloo)"]["steps_to_target"] is not None  # the target is its best less the margin
+    timed = [r for r in rows.values() if r["steps_to_target"] is not None]
+    assert {r["kind"] for r in timed} == {"ddp", "ef21"}
+    for r in timed:
+        link = r["links"]["1gbit"]
+        assert link["same_as_curve"] and link["final_acc"] >= r["target_acc"] - 1e-12
+        assert link["time_to_target_s"] > 0
+        counted = r["counted_bytes_to_target"] + link.get("eval_bytes", 0)
+        assert counted <= link["total_sent_bytes"] < 20 * counted + 200_000
+        if r["kind"] == "ef21":  # everything a worker sends or receives crosses the master's link
+            hosts = link["per_host"]
+            assert link["master_bytes"] == hosts["m"][0] + hosts["m"][1]
+            assert hosts["m"][1] >= sum(s for h, (s, _) in hosts.items() if h != "m") - 4096
+
+
+def check_model_scale(doc: dict) -> None:
+    figs = {r["key"]: r for r in doc["results"]}
+    assert {r["section"] for r in doc["results"]} == {"rounds", "mlp", "worker", "decode", "fold"}
+    for link in doc["links"]:  # every peer ran on every link, and the ratios are of the figures printed
+        base = f"rounds/quadratic-10000/n2/{link}"
+        ef, ar, ps = (figs[f"{base}/{k}"]["value"] for k in ("ef21_ms", "allreduce_ms", "powersgd1_ms"))
+        assert ef > 0 and ar > 0 and ps > 0
+        assert figs[f"{base}/ef21_vs_allreduce"]["value"] == pytest.approx(ef / ar)
+        assert figs[f"{base}/ef21_ms"]["detail"]["up_bytes"] >= 12 * 100  # Top-100 of d = 10^4 on the uplink
+    assert figs["decode/k1000/copy_vs_decode"]["value"] == pytest.approx(
+        figs["decode/k1000/copy_us"]["value"] / figs["decode/k1000/decode_us"]["value"])
+    assert figs["worker/quadratic-10000/float64/step_ms"]["value"] > figs["worker/quadratic-10000/float64/gradient_ms"][
+        "value"]
+    assert figs["worker/quadratic-10000/float64/step_ms"]["detail"]["downlink_nnz"] <= 2 * 100
+
+
+@pytest.mark.slow
+def test_model_scale_smoke(tmp_path):
+    """The model-scale figures, tiny; then the same script prints them beside a baseline (its own output)."""
+    pytest.importorskip("torch", reason="PyTorch is not installed: the Gloo and DDP peers are not run")
+    out = tmp_path / "out.json"
+    script = str(ROOT / "benchmarks" / "model_scale.py")
+    r = subprocess.run([sys.executable, script, "--smoke", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    check_model_scale(doc)
+    r = subprocess.run([sys.executable, script, "--smoke", "--sections", "fold", "--baseline", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"baseline ({doc['date']})" in r.stdout and "new / baseline" in r.stdout
+
+
+@pytest.mark.slow
+def test_vs_powersgd_smoke(tmp_path):
+    """The race, tiny: two processes, three contenders, a 1 Gbit/s star of network namespaces (root only)."""
+    pytest.importorskip("torch", reason="PyTorch is not installed: the race is not run")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import netns
+
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"the race measures bytes on shaped links in network namespaces: {reason}")
+    out, fig = tmp_path / "out.json", tmp_path / "fig.png"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_powersgd.py"), "--smoke", "--json", str(out),
+                        "--plot", str(fig)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    check_vs_powersgd(json.loads(out.read_text()))
+    assert fig.stat().st_size > 0
+
+
 def test_no_raw_logs_under_benchmark_results():
     """Results keep summaries (JSON) and figures; per-round logs are regenerated on demand (--logs DIR)."""
     if (ROOT / ".git").exists() and shutil.which("git"):

@@ -21,7 +21,7 @@ from ef21.problems.problem import (
 )
 from ef21_server.coordinator import MasterOptions
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
-from ef21_wire.serde import dense_to_proto, state_checksum, vector_from_proto, vector_to_proto
+from ef21_wire.serde import dense_to_proto, lean_from_proto, state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_wire.v1.ef21_pb2_grpc import MasterStub
 
@@ -73,7 +73,7 @@ async def test_resync_sends_the_masters_dense_state():
         async with grpc.aio.insecure_channel(master.address) as ch:
             c = HandClient(ch)
             start, obj = await c.handshake(cfg, 0)
-            x0 = vector_from_proto(start.x, expected_dim=112).values
+            x0 = lean_from_proto(start.x, 112)
             g0 = obj.grad(x0)
             await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(g0)), replace=True))
             await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(g0)), f=obj.value(x0)))
@@ -164,7 +164,7 @@ async def test_an_update_larger_than_the_compressor_makes_is_refused(init, bad_r
             c = HandClient(ch)
             start, obj = await c.handshake(cfg, 0)
             if bad_round == 1:
-                x0 = vector_from_proto(start.x, expected_dim=112).values
+                x0 = lean_from_proto(start.x, 112)
                 await c.send(update=pb.Update(round=0, message=vector_to_proto(SparseVector.dense(obj.grad(x0)))))
                 await c.send(eval=pb.Eval(round=0, grad=vector_to_proto(SparseVector.dense(obj.grad(x0)))))
                 assert (await c.recv()).round_result.round == 0  # the dense g_i⁰ was accepted

@@ -24,8 +24,8 @@ from ef21.cli.exits import EXIT_FAILED, EXIT_JOIN_TIMEOUT
 from ef21.compression.codec import CodecError, decode, encode, fits_float32
 from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
-from ef21.engine.config import RunConfig
-from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting
+from ef21.engine.config import RunConfig, make_x0
+from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting, sends_eval_grad
 from ef21.engine.plan import resolve_method, worker_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
@@ -38,11 +38,13 @@ from ef21_wire.fastwire import RoundResultIn, eval_bytes, gram_reply_bytes, powe
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
 from ef21_wire.serde import (
     fill_vector,
+    lean_from_proto,
     read_round_result_fast,
     round_result_from_proto,
     state_checksum,
     state_from_proto,
     update_to_bytes,
+    vector_digest,
     vector_from_proto,
 )
 from ef21_wire.v1 import ef21_pb2 as pb
@@ -352,10 +354,12 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
     obj = await asyncio.to_thread(local_objective, cfg, rank, data.ds, None, data.info)
     release_free_heap()  # the loader's scratch (rows parsed one by one) is garbage from here on
     d = obj.d
-    first = await _set_up(st, obj, rank)
+    x0 = own_x0(obj, cfg.x0)
+    first = await _set_up(st, obj, rank, cfg.x0, x0)
     if first.WhichOneof("kind") == "stop":
         return first.stop.reason
-    node = _node_from_start(first.start, cfg, obj, rank, d)
+    node = _node_from_start(first.start, cfg, obj, rank, d, x0)
+    del x0
     session.started = True
     eval_every = max(1, first.start.eval_every)
     del first  # its dense x and g: the replica holds its own copies
@@ -369,7 +373,7 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
                 await asyncio.sleep(pause.uniform(0.0, opts.delay))
             await st.send(update_message(report, compact=compact))
         if evaluate:
-            await st.send(eval_message(report))
+            await st.send(eval_message(report, cfg))
         got = await st.recv()
         if isinstance(got, RoundResultIn):
             rr = got
@@ -400,13 +404,23 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             await _resync(st, node, d)
 
 
-def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
+def own_x0(obj: Any, x0_spec: str | None) -> np.ndarray | None:
+    """The x⁰ this worker computes itself, as the master does (``make_x0`` of the run's --x0 and the objective's
+    own x0()); None when it cannot (an --x0 file this machine lacks): the master then sends x."""
+    try:
+        return make_x0(x0_spec, obj.d, getattr(obj, "x0", lambda: None)())
+    except UserError:
+        return None
+
+
+def setup_message(obj: Any, rank: int, x0_spec: str | None = None, x0: np.ndarray | None = None) -> pb.WorkerMessage:
     """What a worker's objective tells the master at set-up: L_i, its curvature (a diagonal, or that it has a Gram
-    to send when asked), its shard's size, d."""
+    to send when asked), its shard's size, d, and the digest of ``x0`` (its own x⁰, ``own_x0``). Rank 0 also sends
+    its objective's x0() when the run's --x0 does not override it: the master takes the run's x⁰ from it."""
     diag = obj.diagonal()
     has_gram = diag is None and offers_gram(obj)
     L_i = obj.smoothness()
-    x0 = getattr(obj, "x0", lambda: None)() if rank == 0 else None
+    objective_x0 = getattr(obj, "x0", lambda: None)() if rank == 0 and x0_spec is None else None
     layout = getattr(obj, "layout", lambda: None)()
     b0 = getattr(obj, "initial_buffers", lambda: None)() if rank == 0 else None
     setup = pb.Setup(
@@ -414,19 +428,20 @@ def setup_message(obj: Any, rank: int) -> pb.WorkerMessage:
         diagonal=b"" if diag is None else np.ascontiguousarray(diag, dtype="<f8").tobytes(),
         n_samples=getattr(obj, "n_samples", None) or 0, dim=obj.d,
         power_iteration=not has_gram and diag is None and hasattr(obj, "gram_matvec"),
-        layout="" if layout is None else layout.to_json())
-    if x0 is not None:
-        fill_vector(setup.x0, SparseVector.dense(x0))
+        layout="" if layout is None else layout.to_json(), x0_digest=b"" if x0 is None else vector_digest(x0))
+    if objective_x0 is not None:
+        fill_vector(setup.x0, SparseVector.dense(objective_x0))
     if b0 is not None:
         fill_vector(setup.buffers, SparseVector.dense(b0))
     return pb.WorkerMessage(setup=setup)
 
 
-async def _set_up(st: Stream, obj: Any, rank: int) -> pb.MasterMessage:
+async def _set_up(st: Stream, obj: Any, rank: int, x0_spec: str | None = None,
+                  x0: np.ndarray | None = None) -> pb.MasterMessage:
     """Send the Setup and answer what the master asks for L (this shard's Gram, or the power iteration's
     products); returns the master's Start (or Stop)."""
     d = obj.d
-    await st.send(setup_message(obj, rank))
+    await st.send(setup_message(obj, rank, x0_spec, x0))
     while True:
         try:
             msg = await st.recv_proto()
@@ -485,22 +500,33 @@ def aggregate_bound(cfg: RunConfig, node: WorkerNode, d: int) -> int:
     return min(d, cfg.workers * max_entries(node.compressor, d))
 
 
-def eval_message(report: WorkerReport) -> bytes:
+def eval_message(report: WorkerReport, cfg: RunConfig | None = None) -> bytes:
     """An evaluation round's exact figures, serialized: the dense ∇f_i(x^t) (joined into the message by hand,
-    one copy), f_i(x^t), the distortion and metrics."""
+    one copy) unless the objective reports metrics and the run does not ask for ‖∇f‖² (``sends_eval_grad``),
+    f_i(x^t), the distortion and metrics."""
     assert report.grad is not None and report.f is not None
     rest = pb.Eval(f=report.f, distortion=report.distortion, metrics=report.metrics or None)
+    if cfg is not None and not sends_eval_grad(cfg.eval_grad, cfg.tol, report.metrics is not None):
+        rest.round = report.round
+        return pb.WorkerMessage(eval=rest).SerializeToString()
     return eval_bytes(report.round, encode(SparseVector.dense(report.grad)), rest.SerializeToString())
 
 
-def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int) -> WorkerNode:
-    """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message."""
+def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int,
+                     x0: np.ndarray | None = None) -> WorkerNode:
+    """The worker's side of the master's plan (``ef21.engine.plan.Plan.worker_setting``), from the Start message;
+    ``x0``: the worker's own x⁰, which the Start may name instead of sending x."""
     layout = getattr(obj, "layout", lambda: None)()
     method, comp = resolve_method(cfg, d, layout)
-    x = vector_from_proto(start.x, expected_dim=d).values
-    g = vector_from_proto(start.g, expected_dim=d).values if start.HasField("g") else None
-    v = vector_from_proto(start.momentum, expected_dim=d).values if start.HasField("momentum") else None
-    state = vector_from_proto(start.worker_state, expected_dim=d).values if start.HasField("worker_state") else None
+    if start.x_is_own_x0:
+        if x0 is None:
+            raise WorkerFailure("the master's Start names this worker's own x0, but it sent no digest of one")
+        x = x0
+    else:
+        x = lean_from_proto(start.x, d)
+    g = lean_from_proto(start.g, d) if start.HasField("g") else None
+    v = lean_from_proto(start.momentum, d) if start.HasField("momentum") else None
+    state = lean_from_proto(start.worker_state, d) if start.HasField("worker_state") else None
     expected_step = 1.0 if method.gamma_in_message else start.gamma
     if start.x_step != expected_step:
         raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker expects {expected_step}")
@@ -530,8 +556,8 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    node.replica.x[:] = vector_from_proto(msg.resync.x, expected_dim=d).values
-    node.replica.g[:] = vector_from_proto(msg.resync.g, expected_dim=d).values
+    node.replica.x[:] = lean_from_proto(msg.resync.x, d)
+    node.replica.g[:] = lean_from_proto(msg.resync.g, d)
     if msg.resync.HasField("momentum"):
-        node.replica.v = np.array(vector_from_proto(msg.resync.momentum, expected_dim=d).values)
+        node.replica.v = lean_from_proto(msg.resync.momentum, d)
     node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

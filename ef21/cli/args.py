@@ -114,6 +114,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--rounds", "-T", type=int, default=1000, help="number of rounds (default 1000)")
     s.add_argument("--tol", type=float, default=0.0,
                    help="stop once |grad f|^2 < tol (with --prox: the gradient mapping's |G|^2)")
+    s.add_argument("--eval-grad", action="store_true",
+                   help="evaluate |grad f|^2 (each worker's dense gradient sent) on evaluation rounds even when the "
+                        "objective reports its own metrics (default: only objectives without metrics, or --tol)")
     s.add_argument("--x0", default=None,
                    help="zeros, normal:SEED or a .npy file (default: the objective's own x0, else zeros)")
 
@@ -141,7 +144,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         optimizer=ns.optimizer, nesterov=ns.nesterov,
         beta1=ns.beta1, beta2=ns.beta2, eps=ns.eps, weight_decay=ns.weight_decay, clip_norm=ns.clip_norm,
         lr_schedule=ns.lr_schedule, warmup=ns.warmup, decay_rounds=ns.decay_rounds, min_lr=ns.min_lr,
-        k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor,
+        k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor, eval_grad=ns.eval_grad,
     )
 
 

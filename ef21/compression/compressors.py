@@ -34,7 +34,7 @@ class Compressor(Protocol):
     def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector: ...
 
 
-def top_k_indices(x: np.ndarray, k: int) -> np.ndarray:
+def top_k_indices(x: np.ndarray, k: int, mag_out: np.ndarray | None = None) -> np.ndarray:
     """Indices of the k largest |x_j|, sorted ascending; among equal magnitudes the lower index wins.
 
     O(d), never a full sort. For k ≪ d a threshold t read off a strided sample of |x| cuts the vector down to
@@ -45,7 +45,7 @@ def top_k_indices(x: np.ndarray, k: int) -> np.ndarray:
     d = x.shape[0]
     if k >= d:
         return np.arange(d, dtype=INDEX_DTYPE)
-    mag = np.abs(x)
+    mag = np.abs(x) if mag_out is None else np.abs(x, out=mag_out)  # ``mag_out``: a kept d-long buffer
     if d >= _SAMPLED_MIN_D and k * _SAMPLED_MAX_FRACTION <= d:
         cand = _candidates(mag, k)
         if cand is not None:
@@ -122,6 +122,21 @@ class TopK:
     def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
         idx = top_k_indices(x, self.k)
         return SparseVector(x.shape[0], idx, x[idx])
+
+    def compress_with(self, x: np.ndarray, rng: np.random.Generator | None, buffer: np.ndarray) -> SparseVector:
+        """The same vector as ``self(x)``, its magnitudes computed into ``buffer`` (d-long float64, overwritten)
+        instead of a fresh temporary."""
+        idx = top_k_indices(x, self.k, buffer)
+        return SparseVector(x.shape[0], idx, x[idx])
+
+
+def compress(compressor: Compressor, x: np.ndarray, rng: np.random.Generator | None,
+             buffer: np.ndarray | None) -> SparseVector:
+    """``compressor(x, rng)``, with a d-long scratch ``buffer`` for the compressors that can use one (Top-k)."""
+    with_buffer = getattr(compressor, "compress_with", None)
+    if buffer is None or with_buffer is None:
+        return compressor(x, rng)
+    return with_buffer(x, rng, buffer)
 
 
 def _random_support(d: int, k: int, rng: np.random.Generator | None) -> np.ndarray:

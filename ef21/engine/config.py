@@ -55,6 +55,10 @@ class RunConfig:
     mu: float | None = None
     """PL constant; when given, the base stepsize follows Theorem 3."""
     rounds: int = 1000
+    eval_grad: bool = False
+    """Evaluate ‖∇f‖² (every worker's dense gradient travels to the master) even for an objective that reports its
+    own metrics; without it such objectives log f and their metrics only, unless ``tol`` needs ‖∇f‖². Objectives
+    without metrics always evaluate it (it is their only figure)."""
     tol: float = 0.0
     """Stop once ‖∇f(x^t)‖² (with a prox: ‖G_γ(x^t)‖²) < tol."""
     x0: str | None = None

@@ -16,6 +16,7 @@ import numpy as np
 from ef21.compression.compressors import Compressor
 from ef21.compression.sparse import SparseVector
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
+from ef21.methods.base import InPlace, committed
 from ef21.methods.buffers import buffer_delta, mean_delta
 from ef21.methods.downlink import BroadcastCompressor, PrimalBroadcast
 from ef21.methods.estimators import EstimateContext, Estimator, Full
@@ -28,6 +29,13 @@ from ef21.problems.objectives import Objective, SeparableQuadratic, _DesignMatri
 def is_eval_round(t: int, eval_every: int, rounds: int) -> bool:
     """Rounds on which workers evaluate f_i and ∇f_i exactly for the log (and send their dense gradient)."""
     return t % eval_every == 0 or t >= rounds
+
+
+def sends_eval_grad(eval_grad: bool, tol: float, has_metrics: bool) -> bool:
+    """Whether a worker's evaluation carries its dense ∇f_i(x^t) (for the log's ‖∇f‖²): always for objectives
+    without metrics of their own (it is their figure) and when ``--tol`` stops on ‖∇f‖²; for the others only with
+    ``--eval-grad``, since at model scale those d floats per worker are most of what an evaluation moves."""
+    return eval_grad or tol > 0 or not has_metrics
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +119,7 @@ class WorkerNode:
         self.state: Any = method.worker_init(objective.d) if state is None else method.resume_state(state)
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule, buffers)
+        self.replica.scratch = np.empty_like(self.replica.x)  # x −= s·g's product, kept: see Replica.scratch
         if extra_state is not None:
             self.replica.set_extra_state(extra_state)
         if g is not None:
@@ -121,6 +130,8 @@ class WorkerNode:
         self.x_prev: np.ndarray | None = None
         self._pending: Any = None
         self._pending_est: Any = None
+        # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
 
     def participates(self, round_: int | None = None) -> bool:
         s = self.setting
@@ -161,7 +172,11 @@ class WorkerNode:
             assert full is not None
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
-        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t)
+        if self._scratch is None:
+            d = self.replica.x.shape[0]
+            self._scratch = (np.empty(d), np.empty(d))
+        ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
+                            mag=self._scratch[1])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()
@@ -181,8 +196,10 @@ class WorkerNode:
     def apply(self, down: Downlink, included: bool = True) -> None:
         """Apply the round's downlink; a worker left out of the round keeps its previous state."""
         if included:
-            self.state = self._pending
+            self.state = committed(self._pending)
             self.est_state = self._pending_est
+        elif isinstance(self._pending, InPlace):
+            self._pending.undo()  # the step moved g_i in place; the round did not take it
         self._pending = self._pending_est = None
         if self.setting.estimator.name == "page":
             # PAGE evaluates its minibatch at x^{t+1} and x^t: keep the point this round started from.

@@ -46,6 +46,9 @@ class RoundRecord:
     """EF21-Prox: ‖G_γ(x^t)‖², the gradient mapping's squared norm (the stationarity measure with a prox)."""
     metrics: dict[str, float] | None = None
     """A plugin objective's metrics, averaged over the workers (evaluation rounds)."""
+    grad_norm_skipped: bool | None = None
+    """True on an evaluation round whose ‖∇f‖² was left out: the objective reports its own metrics and
+    ``--eval-grad`` was not given, so no worker sent its dense gradient (null otherwise)."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -69,14 +72,16 @@ def mean_metrics(metrics: list[dict[str, float] | None] | None) -> dict[str, flo
 
 
 def make_record(
-    t: int, fs: list[float] | None, distortions: list[float] | None, grads: list[np.ndarray] | None,
+    t: int, fs: list[float] | None, distortions: list[float] | None, grads: list[np.ndarray | None] | None,
     ledger: CommLedger, elapsed_s: float, *, prox_at: tuple[object, np.ndarray, float] | None = None,
     metrics: list[dict[str, float] | None] | None = None, **extra: object,
 ) -> RoundRecord:
     """A log line from the workers' figures, given in rank order. What is not known is null: ‖∇f‖² without
     every gradient, f and G in a round that left workers out or did not evaluate. ``prox_at``: (prox, x^t, γ)
     for EF21-Prox's gradient mapping."""
-    grad_norm_sq = grad_map = None
+    grad_norm_sq = grad_map = skipped = None
+    if grads is not None and any(g is None for g in grads):
+        grads, skipped = None, True  # left out by design (``sends_eval_grad``), said so in the log
     if grads is not None:
         grad = mean_gradient(grads)
         grad_norm_sq = float(grad @ grad)
@@ -94,6 +99,7 @@ def make_record(
         bits_down_per_worker=ledger.bits_down_per_worker,
         grad_map_norm_sq=grad_map,
         metrics=mean_metrics(metrics),
+        grad_norm_skipped=skipped,
         **extra,  # type: ignore[arg-type]
     )
 

@@ -16,7 +16,7 @@ from ef21.problems.problem import Problem, build_problem
 
 from .accounting import CommLedger, sends_selector
 from .config import RunConfig, make_x0
-from .nodes import MasterNode, WorkerNode, WorkerReport, is_eval_round
+from .nodes import MasterNode, WorkerNode, WorkerReport, is_eval_round, sends_eval_grad
 from .plan import Plan, make_plan
 from .records import RoundRecord, g_norm_sq, make_record, stop_check
 
@@ -40,12 +40,14 @@ def plan_for(cfg: RunConfig, problem: Problem) -> Plan:
 
 
 def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float,
-                    master: MasterNode, prox: object | None = None) -> RoundRecord:
-    """The log line of a round: figures only when every worker evaluated (an evaluation round)."""
+                    master: MasterNode, prox: object | None, cfg: RunConfig) -> RoundRecord:
+    """The log line of a round: figures only when every worker evaluated (an evaluation round); ‖∇f‖² from the
+    gradients a networked worker would send (``sends_eval_grad``)."""
     evaluated = all(r.grad is not None for r in reports)
     fs = [r.f for r in reports] if evaluated else None
     dist = [r.distortion for r in reports] if evaluated and all(r.distortion is not None for r in reports) else None
-    grads = [r.grad for r in reports] if evaluated else None
+    grads = [r.grad if sends_eval_grad(cfg.eval_grad, cfg.tol, r.metrics is not None) else None
+             for r in reports] if evaluated else None
     prox_at = None if prox is None else (prox, master.x, master.replica.x_step)
     return make_record(t, fs, dist, grads, ledger, time.perf_counter() - t0,  # type: ignore[arg-type]
                        g_norm_sq=g_norm_sq(master), prox_at=prox_at,
@@ -98,7 +100,7 @@ def simulate(
         left_out = replayed | sampled_out
         messages = [None if i in left_out else r.message for i, r in enumerate(reports)]
         ledger.record(t, messages)
-        rec = summarize_round(t, reports, ledger, t0, master, prox)
+        rec = summarize_round(t, reports, ledger, t0, master, prox, cfg)
         if left_out:
             rec = dataclasses.replace(rec, missing=sorted(left_out))
             if replayed - sampled_out:

@@ -69,6 +69,31 @@ class WorkerContext:
     rng: np.random.Generator | None
     round: int = 0
     """The round being computed (MARINA's shared coin is drawn from (seed, round))."""
+    scratch: np.ndarray | None = None
+    """A d-long float64 buffer the step may overwrite. Given, the step may also update its state in place and
+    return it as an ``InPlace`` (the caller commits it, or undoes it when the round leaves the message out); the
+    steady round then allocates nothing of size d. None: the step copies (callers that keep the old state)."""
+    mag: np.ndarray | None = None
+    """A second d-long float64 buffer, for Top-k's magnitudes (``ef21.compression.compressors.compress``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class InPlace:
+    """A worker state its step changed in place at ``indices`` (their previous values in ``before``): committing
+    is free and undoing, for a round that left the message out, is O(k) — where a copy of the state was O(d)."""
+
+    state: np.ndarray
+    indices: np.ndarray
+    before: np.ndarray
+
+    def undo(self) -> np.ndarray:
+        self.state[self.indices] = self.before
+        return self.state
+
+
+def committed(pending: Any) -> Any:
+    """The state a step left, once the round took its message."""
+    return pending.state if isinstance(pending, InPlace) else pending
 
 
 class Method(Protocol):

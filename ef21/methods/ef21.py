@@ -12,9 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ef21.compression.compressors import compress
 from ef21.compression.sparse import SparseVector
 
-from .base import Downlink, Message, WorkerContext, sq_dist, sum_messages
+from .base import Downlink, InPlace, Message, WorkerContext, sq_dist, sum_messages
 
 
 def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool,
@@ -38,21 +39,29 @@ class EF21:
         return None  # g_i does not exist until round 0 sends it
 
     def worker_step(self, g_i: np.ndarray | None, grad: np.ndarray, ctx: WorkerContext,
-                    reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
+                    reference: np.ndarray | None) -> tuple[Message, np.ndarray | InPlace, float | None]:
         if g_i is None:
             return initial_step(grad, ctx, replace=False, reference=reference)
-        r = grad - g_i
-        c = ctx.compressor(r, ctx.rng)
-        g_new = g_i.copy()
-        c.add_to(g_new)
+        r = grad - g_i if ctx.scratch is None else np.subtract(grad, g_i, out=ctx.scratch)
+        c = compress(ctx.compressor, r, ctx.rng, ctx.mag)
+        new: np.ndarray | InPlace
+        if ctx.scratch is not None and c.indices is not None:
+            # g_i moves at c's k entries only: update it in place (O(k)), keeping what it held there.
+            new = InPlace(g_i, c.indices, g_i[c.indices])
+            c.add_to(g_i)
+            g_new = g_i
+        else:
+            g_new = g_i.copy()
+            c.add_to(g_new)
+            new = g_new
         if reference is None:
-            return Message(c), g_new, None
+            return Message(c), new, None
         if reference is not grad:
-            return Message(c), g_new, sq_dist(g_new, reference)
+            return Message(c), new, sq_dist(g_new, reference)
         # ‖g_new − ∇f_i‖² = ‖r − c‖², from the residual already in hand (compressors never alias their input):
         # one O(d) pass fewer than subtracting the gradient again.
         c.add_to(r, -1.0)
-        return Message(c), g_new, float(r @ r)
+        return Message(c), new, float(r @ r)
 
     def stale_distortion(self, g_i: np.ndarray | None, reference: np.ndarray) -> float | None:
         return None if g_i is None else sq_dist(g_i, reference)

@@ -10,7 +10,7 @@ bits; a checksum over all of it catches one that drifts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +53,9 @@ class Replica:
     """The model's buffers b (None when the objective has none)."""
     opt_state: State | None = None
     """The optimizer's state (None without one)."""
+    scratch: np.ndarray | None = field(default=None, repr=False)
+    """A d-long buffer for the step's product s·g, kept across rounds so the step allocates nothing of size d (a
+    worker's replica); None: a temporary each round (the master's, whose memory target is (n + 3)·8d bytes)."""
 
     @property
     def x_step(self) -> float:
@@ -88,15 +91,21 @@ class Replica:
             assert self.opt_state is not None
             update, self.opt_state = rule.optimizer.update(self.g, self.opt_state, self.x)
             self.x += update
-        elif rule.momentum > 0.0:
-            if self.v is None:
-                self.v = self.g.copy()
-            else:
-                self.v *= rule.momentum
-                self.v += self.g
-            self.x -= rule.x_step * self.v
         else:
-            self.x -= rule.x_step * self.g
+            direction = self.g
+            if rule.momentum > 0.0:
+                if self.v is None:
+                    self.v = self.g.copy()
+                else:
+                    self.v *= rule.momentum
+                    self.v += self.g
+                direction = self.v
+            if self.scratch is None:
+                self.x -= rule.x_step * direction
+            else:
+                # The same two operations (the same bits), the product into the kept buffer.
+                np.multiply(direction, rule.x_step, out=self.scratch)
+                np.subtract(self.x, self.scratch, out=self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)
 

@@ -77,7 +77,7 @@ class Welcome(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Setup(_message.Message):
-    __slots__ = ("rank", "smoothness", "shard_rows", "diagonal", "n_samples", "x0", "power_iteration", "dim", "layout", "buffers", "has_gram")
+    __slots__ = ("rank", "smoothness", "shard_rows", "diagonal", "n_samples", "x0", "power_iteration", "dim", "layout", "buffers", "has_gram", "x0_digest")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class Setup(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     HAS_GRAM_FIELD_NUMBER: _ClassVar[int]
+    X0_DIGEST_FIELD_NUMBER: _ClassVar[int]
     rank: int
     smoothness: float
     shard_rows: int
@@ -100,7 +101,8 @@ class Setup(_message.Message):
     layout: str
     buffers: SparseVector
     has_gram: bool
-    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., layout: _Optional[str] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., has_gram: _Optional[bool] = ...) -> None: ...
+    x0_digest: bytes
+    def __init__(self, rank: _Optional[int] = ..., smoothness: _Optional[float] = ..., shard_rows: _Optional[int] = ..., diagonal: _Optional[bytes] = ..., n_samples: _Optional[int] = ..., x0: _Optional[_Union[SparseVector, _Mapping]] = ..., power_iteration: _Optional[bool] = ..., dim: _Optional[int] = ..., layout: _Optional[str] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., has_gram: _Optional[bool] = ..., x0_digest: _Optional[bytes] = ...) -> None: ...
 
 class GramRequest(_message.Message):
     __slots__ = ("attempt",)
@@ -151,7 +153,7 @@ class PowerReply(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state", "x_is_own_x0")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class Start(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PAGE_P_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    X_IS_OWN_X0_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
     x: SparseVector
@@ -178,7 +181,8 @@ class Start(_message.Message):
     weight: float
     page_p: float
     state: _containers.RepeatedCompositeFieldContainer[NamedVector]
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ...) -> None: ...
+    x_is_own_x0: bool
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ..., x_is_own_x0: _Optional[bool] = ...) -> None: ...
 
 class Update(_message.Message):
     __slots__ = ("round", "message", "replace", "buffers")

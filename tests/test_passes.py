@@ -1,0 +1,93 @@
+"""A worker's steady round allocates nothing of size d beyond its gradient (issue 22, point 3): EF21's residual and
+Top-k's magnitudes go into buffers the worker keeps, g_i moves in place at the k sent entries (undone in O(k) when
+the round leaves the message out), and the replica's x −= s·g uses a kept buffer too. Counted by tracing the
+allocations of a real ``WorkerNode`` round; the bits are checked against the copying path."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from ef21.compression.compressors import TopK
+from ef21.engine.config import RunConfig, make_x0
+from ef21.engine.nodes import WorkerNode, gradient
+from ef21.engine.simulate import plan_for, simulate
+from ef21.methods import EF21, WorkerContext
+from ef21.methods.base import InPlace
+from ef21.problems.problem import build_problem
+
+D = 1 << 17  # on Top-k's sampled path (d >= 16,384, k <= d/16)
+
+
+def nodes(cfg: RunConfig):
+    problem = build_problem(cfg)
+    plan = plan_for(cfg, problem)
+    x0 = make_x0(cfg.x0, problem.d, problem.x0)
+    workers = [WorkerNode(plan.method, plan.compressor, obj, i, gamma=plan.gamma, x0=x0,
+                          setting=plan.worker_setting(i)) for i, obj in enumerate(problem.objectives)]
+    return workers, plan.master_node(x0)
+
+
+def peak_of(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_steady_round_allocates_nothing_of_size_d_beyond_the_gradient():
+    cfg = RunConfig(problem="quadratic", dim=D, workers=2, k=D // 100, rounds=10)
+    workers, master = nodes(cfg)
+    for _ in range(3):  # round 0 (dense g_i⁰) and two steady rounds: the kept buffers exist from here on
+        reports = [w.step(evaluate=False) for w in workers]
+        down = master.aggregate([r.message for r in reports])
+        for w in workers:
+            w.apply(down)
+    w = workers[0]
+    grad_peak = peak_of(lambda: gradient(w.objective, w.replica.x))
+    others = workers[1].step(evaluate=False)
+    state: dict = {}
+    peak = peak_of(lambda: state.update(report=w.step(evaluate=False)))
+    down = master.aggregate([state["report"].message, others.message])
+    peak = max(peak, peak_of(lambda: w.apply(down)))
+    # The gradient's own temporaries, then Top-k's bool mask (d bytes) and k-sized work; before this change the
+    # round added a residual, |residual|, a copy of g_i and s·g: four float vectors of d (32·d bytes).
+    assert peak <= grad_peak + 2 * D + 64 * cfg.k, (peak, grad_peak)
+
+
+def test_in_place_step_equals_the_copying_step_and_undoes_exactly():
+    rng = np.random.default_rng(5)
+    d, k = 50_000, 400
+    g_i, grad = rng.standard_normal(d), rng.standard_normal(d)
+    copy_ctx = WorkerContext(TopK(k), 0.1, "full", None)
+    msg_copy, g_copy, dist_copy = EF21().worker_step(g_i.copy(), grad, copy_ctx, grad)
+    kept = g_i.copy()
+    ctx = WorkerContext(TopK(k), 0.1, "full", None, scratch=np.empty(d), mag=np.empty(d))
+    msg, pending, dist = EF21().worker_step(kept, grad, ctx, grad)
+    assert isinstance(pending, InPlace) and pending.state is kept
+    np.testing.assert_array_equal(msg.vector.indices, msg_copy.vector.indices)
+    assert msg.vector.values.tobytes() == msg_copy.vector.values.tobytes()
+    assert kept.tobytes() == g_copy.tobytes() and dist == dist_copy
+    assert pending.undo().tobytes() == g_i.tobytes()  # a round that left the message out: g_i as it was
+
+
+@pytest.mark.parametrize("k", [D // 100, D // 8])  # the sampled Top-k path and the full selection
+def test_in_place_rounds_with_left_out_workers_equal_the_copying_simulation(k, monkeypatch):
+    # EF21-PP: rank 1's message dropped in some rounds (its in-place step undone) — against the same run with every
+    # step copying g_i, as the code did before the buffers.
+    cfg = RunConfig(problem="quadratic", dim=D // 8, workers=3, k=k // 8, rounds=12)
+    missing = {2: [1], 3: [1], 7: [0, 2]}
+    fast = simulate(cfg, keep_iterates=True, missing=missing)
+    original = WorkerContext.__init__
+
+    def copying(self, *args, **kwargs):  # the context without buffers: the step copies, as before
+        original(self, *args, **{k: v for k, v in kwargs.items() if k not in ("scratch", "mag")})
+
+    monkeypatch.setattr(WorkerContext, "__init__", copying)
+    slow = simulate(cfg, keep_iterates=True, missing=missing)
+    assert np.array(fast.xs).tobytes() == np.array(slow.xs).tobytes()
+    assert [r.G for r in fast.records] == [r.G for r in slow.records]
