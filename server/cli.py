@@ -23,7 +23,6 @@ from ef21_worker.channel import add_client_security_args, client_security_from_a
 from . import checkpoint
 from .console import format_status, print_summary
 from .coordinator import MasterOptions
-from .limits import check_open_files
 from .master import ListenOptions, Master
 from .security import ServerSecurity
 
@@ -144,7 +143,6 @@ def master_options(ns: argparse.Namespace) -> tuple[MasterOptions, ListenOptions
                        resume=ns.resume, max_faults=ns.max_faults, join_timeout=ns.join_timeout,
                        require_data=ns.command == "run", master_rows=ns.master_rows,
                        effective_config=resolved_effective_config(ns, cfg))
-    check_open_files(cfg.workers, "worker", "--workers")
     lo = ListenOptions(host=ns.host, port=ns.port, status_host=ns.status_host,
                        status_port=None if ns.status_port < 0 else ns.status_port)
     sec = ServerSecurity(ns.tls_cert, ns.tls_key, ns.tls_ca, resolve_token(ns.token, ns.token_file),

@@ -15,6 +15,7 @@ from ef21.errors import UserError
 from .coordinator import Coordinator, MasterOptions
 from .grpc_server import build_server
 from .history import History
+from .limits import check_open_files
 from .listen import check_can_listen
 from .metrics import CONTENT_TYPE, RoundObserver, make_registry, render
 from .security import ServerSecurity
@@ -54,6 +55,8 @@ class Master:
         self.security = security or ServerSecurity()
         self._on_round = on_round
         self.coord = Coordinator(opts, on_round=self._observe)
+        # After the run's own checks (its data must split over the workers first), before any socket is open.
+        check_open_files(self.coord.n, "worker", "--workers")
         # The dashboard's curves and the round distributions in /metrics: fed once per round, after its downlink.
         self.history = History()
         self.observer = RoundObserver(self.coord.n)
