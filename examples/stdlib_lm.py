@@ -1,7 +1,7 @@
 """A small decoder-only transformer language model (GPT-style, character level) trained on the Python standard
 library's own source code: the text is on every machine that runs Python, so nothing is downloaded.
 
-    ef21 run --workers 4 --objective examples/stdlib_lm.py:make --k-per-tensor 0.25 --k-floor 4 \\
+    ef21 run --workers 4 --objective examples/stdlib_lm.py:make --k-per-tensor 0.5 --k-floor 4 \\
         --encoding compact --estimator sgd --batch-size 8 --optimizer adamw --weight-decay 0.1 --clip-norm 1.0 \\
         --stepsize 1e-3 --lr-schedule cosine --warmup 100 --min-lr 1e-4 --rounds 1500 --eval-every 150 \\
         --checkpoint runs/lm.ckpt
