@@ -281,3 +281,31 @@ def test_ef21p_diana_resumes_from_its_checkpoint_exactly(tmp_path):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(61))
     assert rows[-1]["grad_norm_sq"] == sim.records[-1].grad_norm_sq
+
+
+def test_family_stepsize_rules_against_their_formulas():
+    """Each family rule's stepsize against its formula written out independently here (θ, β from α by hand), and
+    EF21-P's rule string: the paper (arXiv 2209.15218v2) bounds only EF21-P + DIANA, so MARINA/EF21 under it say
+    "heuristic"."""
+    from ef21.methods.stepsize import family_stepsize
+
+    L, Lt, a, n, w = 2.0, 3.0, 0.04, 8, 9.0
+    th = 1.0 - (1.0 - a) ** 0.5
+    be = (1.0 - a) / th
+    want = {
+        ("clag", 4.0): 1.0 / (L + Lt * (max(be, 4.0) / th) ** 0.5),
+        ("clag", 0.0): 1.0 / (L + Lt * (be / th) ** 0.5),
+        ("econtrol", None): 1.0 / (L + Lt * (be / th) ** 0.5),
+        ("diana", None): 1.0 / (L + Lt * 10.0 * (12.0 * w / n) ** 0.5),  # α_D = 1/(ω + 1) = 0.1
+        ("marina", None): 1.0 / (L + Lt * ((1.0 - 0.1) * w / (0.1 * n)) ** 0.5),
+    }
+    params = {"clag": lambda z: {"zeta": z}, "econtrol": lambda _: {"eta": a},
+              "diana": lambda _: {"diana_alpha": 0.1}, "marina": lambda _: {"marina_p": 0.1}}
+    for (method, z), gamma in want.items():
+        got = family_stepsize(method, L, Lt, a, n=n, omega=w, params=params[method](z), multiplier=3.0)
+        assert got.gamma_base == pytest.approx(gamma, rel=1e-12), method
+        assert got.gamma == pytest.approx(3.0 * gamma, rel=1e-12), method
+    diana = family_stepsize("diana", L, Lt, a, n=n, omega=w, params={"diana_alpha": 0.1}, primal=True)
+    assert "Thm 5.1" in diana.rule and "heuristic" not in diana.rule
+    marina = family_stepsize("marina", L, Lt, a, n=n, omega=w, params={"marina_p": 0.1}, primal=True)
+    assert "heuristic" in marina.rule and "Thm 5.1" not in marina.rule
