@@ -19,9 +19,11 @@ import pytest
 from ef21.engine.config import RunConfig
 from ef21.engine.simulate import simulate
 from ef21.errors import UserError
+from ef21.methods.stepsize import family_stepsize
 
 from . import oracle
 from .helpers import one_error_line
+from .test_config_files import free_port
 from .test_oracle import assert_matches_oracle, make_case
 
 PY = sys.executable
@@ -287,8 +289,6 @@ def test_family_stepsize_rules_against_their_formulas():
     """Each family rule's stepsize against its formula written out independently here (θ, β from α by hand), and
     EF21-P's rule string: the paper (arXiv 2209.15218v2) bounds only EF21-P + DIANA, so MARINA/EF21 under it say
     "heuristic"."""
-    from ef21.methods.stepsize import family_stepsize
-
     L, Lt, a, n, w = 2.0, 3.0, 0.04, 8, 9.0
     th = 1.0 - (1.0 - a) ** 0.5
     be = (1.0 - a) / th
@@ -315,11 +315,7 @@ def test_master_and_workers_from_config_files_equal_the_simulator(tmp_path):
     """The compose path without docker: ``ef21 master --config`` picks the family method (DIANA with EF21-P on the
     downlink) from a TOML file, three ``ef21 worker --config`` processes know only the master's address (as the
     compose file's workers), and the master's iterate and log are the simulator's bit for bit."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     method = ('method = "diana"\ncompressor = "urandk"\nk = 8\ndownlink-method = "ef21-p"\ndownlink-k = 8\n'
               'workers = 3\nrounds = 40\nstepsize-mult = 8\nx0 = "normal:0"\n')
     (tmp_path / "m.toml").write_text(method + f'[master]\nhost = "127.0.0.1"\nport = {port}\nstatus-port = -1\n'
