@@ -19,9 +19,11 @@ import pytest
 from ef21.engine.config import RunConfig
 from ef21.engine.simulate import simulate
 from ef21.errors import UserError
+from ef21.methods.stepsize import family_stepsize
 
 from . import oracle
 from .helpers import one_error_line
+from .test_config_files import free_port
 from .test_oracle import assert_matches_oracle, make_case
 
 PY = sys.executable
@@ -281,3 +283,64 @@ def test_ef21p_diana_resumes_from_its_checkpoint_exactly(tmp_path):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(61))
     assert rows[-1]["grad_norm_sq"] == sim.records[-1].grad_norm_sq
+
+
+def test_family_stepsize_rules_against_their_formulas():
+    """Each family rule's stepsize against its formula written out independently here (θ, β from α by hand), and
+    EF21-P's rule string: the paper (arXiv 2209.15218v2) bounds only EF21-P + DIANA, so MARINA/EF21 under it say
+    "heuristic"."""
+    L, Lt, a, n, w = 2.0, 3.0, 0.04, 8, 9.0
+    th = 1.0 - (1.0 - a) ** 0.5
+    be = (1.0 - a) / th
+    want = {
+        ("clag", 4.0): 1.0 / (L + Lt * (max(be, 4.0) / th) ** 0.5),
+        ("clag", 0.0): 1.0 / (L + Lt * (be / th) ** 0.5),
+        ("econtrol", None): 1.0 / (L + Lt * (be / th) ** 0.5),
+        ("diana", None): 1.0 / (L + Lt * 10.0 * (12.0 * w / n) ** 0.5),  # α_D = 1/(ω + 1) = 0.1
+        ("marina", None): 1.0 / (L + Lt * ((1.0 - 0.1) * w / (0.1 * n)) ** 0.5),
+    }
+    params = {"clag": lambda z: {"zeta": z}, "econtrol": lambda _: {"eta": a},
+              "diana": lambda _: {"diana_alpha": 0.1}, "marina": lambda _: {"marina_p": 0.1}}
+    for (method, z), gamma in want.items():
+        got = family_stepsize(method, L, Lt, a, n=n, omega=w, params=params[method](z), multiplier=3.0)
+        assert got.gamma_base == pytest.approx(gamma, rel=1e-12), method
+        assert got.gamma == pytest.approx(3.0 * gamma, rel=1e-12), method
+    diana = family_stepsize("diana", L, Lt, a, n=n, omega=w, params={"diana_alpha": 0.1}, primal=True)
+    assert "Thm 5.1" in diana.rule and "heuristic" not in diana.rule
+    marina = family_stepsize("marina", L, Lt, a, n=n, omega=w, params={"marina_p": 0.1}, primal=True)
+    assert "heuristic" in marina.rule and "Thm 5.1" not in marina.rule
+
+
+def test_master_and_workers_from_config_files_equal_the_simulator(tmp_path):
+    """The compose path without docker: ``ef21 master --config`` picks the family method (DIANA with EF21-P on the
+    downlink) from a TOML file, three ``ef21 worker --config`` processes know only the master's address (as the
+    compose file's workers), and the master's iterate and log are the simulator's bit for bit."""
+    port = free_port()
+    method = ('method = "diana"\ncompressor = "urandk"\nk = 8\ndownlink-method = "ef21-p"\ndownlink-k = 8\n'
+              'workers = 3\nrounds = 40\nstepsize-mult = 8\nx0 = "normal:0"\n')
+    (tmp_path / "m.toml").write_text(method + f'[master]\nhost = "127.0.0.1"\nport = {port}\nstatus-port = -1\n'
+                                     'round-timeout = 30\njoin-timeout = 60\n')
+    (tmp_path / "w.toml").write_text(f'[worker]\nmaster = "127.0.0.1:{port}"\nconnect-timeout = 60\n')
+    log, out = tmp_path / "l.jsonl", tmp_path / "x.npy"
+    master = subprocess.Popen([PY, "-m", "ef21", "master", "--config", "m.toml", "--log", str(log), "--out", str(out),
+                               "-q"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([PY, "-m", "ef21", "worker", "--config", "w.toml"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        _, err = master.communicate(timeout=120)
+        assert master.returncode == 0, err
+        for w in workers:
+            _, werr = w.communicate(timeout=30)
+            assert w.returncode == 0, werr
+    finally:
+        for p in (master, *workers):
+            if p.poll() is None:
+                p.kill()
+    sim = simulate(config_of(["--method", "diana", "--compressor", "urandk", "--k", "8", "--downlink-method", "ef21-p",
+                              "--downlink-k", "8", "--workers", "3", "--rounds", "40", "--stepsize-mult", "8",
+                              "--x0", "normal:0"]))
+    np.testing.assert_array_equal(np.load(out), sim.x)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(41))
+    assert [(r["grad_norm_sq"], r["bits_down_per_worker"]) for r in rows] == \
+        [(rec.grad_norm_sq, rec.bits_down_per_worker) for rec in sim.records]

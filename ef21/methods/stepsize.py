@@ -11,7 +11,9 @@ Where the stepsize of a variant comes from:
   this project could not check, and the ``rule`` string says so.
 - The family since 2021 (``family_stepsize``, docs/methods-family.md): CLAG 1/(L + L̃·√(max(β, ζ)/θ)) (the 3PC
   code); MARINA 1/(L + L̃·√((1 − p)ω/(pn))) (the 3PC code); DIANA 1/(L + (L̃/α)·√(12ω/n)) (derived here for the
-  nonconvex case); EControl Theorem 2's (its own bound not verified); EF21-P the uplink's rule (likewise).
+  nonconvex case); EControl Theorem 2's (its own bound not read here); EF21-P the uplink's rule: the paper
+  (arXiv 2209.15218v2) bounds EF21-P + DIANA only for convex f (Theorem 5.1: γ ≤ min{n/(160ωL_max), α_P/(100L)}),
+  never with MARINA or EF21, and its nonconvex theorem (6.2) is for EF21-P + DCGD; docs/methods-family.md.
 """
 
 from __future__ import annotations
@@ -179,8 +181,9 @@ def family_stepsize(
     """The base stepsize of a method of the family since 2021 (``FAMILY``), times ``multiplier``.
 
     ``alpha``: the uplink compressor's α (1/(ω+1) for an unbiased-only one); ``params``: ``zeta`` (CLAG, LAG),
-    ``eta`` (EControl), ``diana_alpha`` (DIANA's shift stepsize), ``marina_p`` (MARINA). ``primal``: EF21-P on the downlink, whose own bound is not
-    verified here, so the uplink's rule stands and the rule string says so.
+    ``eta`` (EControl), ``diana_alpha`` (DIANA's shift stepsize), ``marina_p`` (MARINA). ``primal``: EF21-P on the downlink. Its paper's
+    bound covers only convex f with DIANA on the uplink (Theorem 5.1, far smaller: α_P/(100L)), so the uplink's rule
+    stands and the rule string says so.
     """
     params = params or {}
     theta, beta = theta_beta(alpha)
@@ -202,10 +205,14 @@ def family_stepsize(
         rule = "MARINA, 3PC code: 1/(L + L~ sqrt((1-p) omega/(p n)))"
     elif method == "econtrol":
         base = 1.0 / L if alpha >= 1.0 else 1.0 / (L + L_tilde * math.sqrt(beta / theta))
-        rule = "EF21 Theorem 2 (EControl's own bound not verified)"
+        rule = "EF21 Theorem 2 (EControl's own bound not read here)"
     else:
         raise ValueError(f"{method} is not a method of the family")
     if primal and override is None:
-        rule += "; EF21-P's own bound not verified: the uplink's rule"
+        # EF21-P's paper (arXiv 2209.15218v2) pairs it with DIANA (convex f, Theorem 5.1) and DCGD (Theorem 6.2);
+        # its DIANA bound is far below the uplink's rule, so the uplink's rule stands and says so.
+        rule += ("; EF21-P: the uplink's rule (the paper's Thm 5.1, convex f only: min{n/(160 omega L_max), "
+                 "alpha_P/(100 L)})" if method == "diana" else
+                 f"; EF21-P + {method.upper()} is a heuristic: the paper pairs EF21-P with DIANA and DCGD only")
     return TheoryConstants(L, L_tilde, alpha, theta, beta, None, base, multiplier, base * multiplier, rule,
                            omega=omega, params=params or None)

@@ -39,7 +39,8 @@ class VariantSpec(Protocol):
 # Methods that take a stochastic estimator in place of ∇f_i (EF21+ compares its candidates with ∇f_i itself).
 ESTIMATOR_METHODS = ("gd", "dcgd", "ef", "ef21")
 PROX_METHODS = ("gd", "ef21")
-# EF21-P's uplinks: DIANA and MARINA as in its paper; EF21 runs too, as a heuristic (no theory pairs them).
+# EF21-P's uplinks: DIANA as in its paper (arXiv 2209.15218v2, Algorithm 1); MARINA and EF21 run too, as heuristics
+# (the paper leaves EF21-P + MARINA open, §6, and never pairs EF21-P with EF21).
 PRIMAL_METHODS = ("ef21", "diana", "marina")
 # Methods whose stepsize rule has a PL variant (--mu): EF21's Theorem 3 and the older baselines it is applied to.
 MU_METHODS = ("gd", "dcgd", "ef", "ef21", "ef21plus")
