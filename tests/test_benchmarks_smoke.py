@@ -132,8 +132,10 @@ def check_family(doc: dict) -> None:
     results = doc["results"]
     by = {r["key"]: r for r in results}
     assert {"ef21", "ef21-bc", "clag", "lag", "econtrol", "diana", "marina", "p-diana"} <= set(by)
-    for r in results:  # every method reached the target, and the service's final iterate is the simulation's
-        assert r["reached"] and r["same_as_simulation"] and r["wall_s"] > 0
+    for r in results:  # every method reached the target; where it went through the service, to the same iterate
+        assert r["reached"]
+        if r["key"] in ("ef21", "clag", "p-diana"):
+            assert r["same_as_simulation"] and r["wall_s"] > 0
         assert r["bits_both"] == r["bits_up"] + r["bits_down"] and r["trace"][-1][0] == r["rounds"]
         # The paper's count: 32 bits a value, round 0 not counted.
         assert r["bits_up"] % 32 == 0 and r["bits_down"] % 32 == 0
