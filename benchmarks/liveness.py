@@ -215,7 +215,7 @@ def main() -> None:
     if reason:
         print(f"liveness: skipped ({reason})")
         return
-    cands = [(3.0, 3.0)] if args.smoke else CANDIDATES
+    cands = [(1.0, 2.0)] if args.smoke else CANDIDATES
     kinds = ["hole"] if args.smoke else ["hole", "busy", "lossy", "gil"]
     results: list[dict] = []
     for batch in (["hole"], ["busy", "lossy", "gil"]):
