@@ -16,32 +16,21 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' namespaces, which the star is made of
+
+from tests.netns import Network  # noqa: E402
+
 PREFIX = "i22"
-"""The start of every name created here (this work's tag, so that whoever lists namespaces knows whose they are)."""
-IFACE = "race0"
-"""The name of the link inside each host's namespace (names are per namespace, so every host's is the same: what
-GLOO_SOCKET_IFNAME names)."""
-SUBNET = "10.122.0"
+"""The start of the private loopback's namespace name (so that whoever lists namespaces knows whose it is)."""
 
 
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def tbf_burst(rate: str) -> str:
-    """A bucket big enough for the rate at the kernel's timer granularity (rate / HZ: 500 kB at 1 Gbit/s and
-    HZ = 250), small enough not to let a burst through unshaped on slow links."""
-    r = rate.lower()
-    return "512kb" if r.endswith("gbit") else "64kb" if r.startswith("100") else "16kb"
-
-
-def shape(ns: str, dev: str, rate: str) -> None:
-    """Limit what ``dev`` (in namespace ``ns``) sends to ``rate`` with a token bucket."""
-    sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-       "burst", tbf_burst(rate), "latency", "100ms")
 
 
 def link_stats(ns: str | None) -> dict[str, tuple[int, int]]:
@@ -60,8 +49,8 @@ def unavailable() -> str | None:
     try:
         with Star(["a"], "100mbit"):
             pass
-    except subprocess.CalledProcessError as exc:
-        return f"cannot make shaped namespaces: {(exc.stderr or '').strip()}"
+    except RuntimeError as exc:
+        return f"cannot make shaped namespaces: {exc}"
     return None
 
 
@@ -105,45 +94,25 @@ class Loopback:
 
 
 class Star:
-    """``hosts`` behind one switch: a bridge in a hub namespace and, for each host, a namespace joined to the bridge
-    by a veth pair whose two ends are both shaped to ``rate`` (None: unshaped). Host h has address ``addr(h)`` on
-    its interface ``IFACE``; ``link_bytes()`` reads every link's counters on the switch side."""
+    """``hosts`` behind one switch (``tests.netns.Network``: a bridge in a hub namespace, each host in a namespace of
+    its own joined to it by a veth pair), both ends of every link shaped to ``rate`` (None: unshaped). Host h has
+    address ``addr(h)`` on its interface ``iface``; ``link_bytes()`` reads every link's counters on the switch side."""
 
-    iface = IFACE
+    iface = "eth0"
+    """The link's name inside each host's namespace (the same in every one: what GLOO_SOCKET_IFNAME names)."""
 
     def __init__(self, hosts: Sequence[str], rate: str | None) -> None:
         self.rate = rate
         self.name = rate or "veth"
-        tag = uuid.uuid4().hex[:5]
-        self.hub = f"{PREFIX}h{tag}"
         self.hosts = list(hosts)
-        self._ns = {h: f"{PREFIX}{tag}{h}" for h in hosts}
-        self._port = {h: f"{PREFIX}{tag}{h}" for h in hosts}  # the switch's end, in the hub namespace
-        self._addr = {h: f"{SUBNET}.{i + 1}" for i, h in enumerate(hosts)}
-        self._made: list[str] = []
+        self.net = Network(hosts, label="race")
         try:
-            self._add_ns(self.hub)
-            sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-            sh("ip", "-n", self.hub, "link", "set", "br0", "up")
-            for h in hosts:
-                ns, port = self._ns[h], self._port[h]
-                self._add_ns(ns)
-                sh("ip", "link", "add", port, "netns", self.hub, "type", "veth", "peer", "name", IFACE, "netns", ns)
-                sh("ip", "-n", self.hub, "link", "set", port, "master", "br0")
-                sh("ip", "-n", self.hub, "link", "set", port, "up")
-                sh("ip", "-n", ns, "addr", "add", f"{self._addr[h]}/24", "dev", IFACE)
-                sh("ip", "-n", ns, "link", "set", IFACE, "up")
-                if rate is not None:
-                    shape(ns, IFACE, rate)
-                    shape(self.hub, port, rate)
+            if rate is not None:
+                for h in hosts:
+                    self.net.rate(h, rate)
         except BaseException:
             self.close()
             raise
-
-    def _add_ns(self, ns: str) -> None:
-        sh("ip", "netns", "add", ns)
-        self._made.append(ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
 
     def __enter__(self) -> Star:
         return self
@@ -152,18 +121,16 @@ class Star:
         self.close()
 
     def prefix(self, host: str) -> list[str]:
-        return ["ip", "netns", "exec", self._ns[host]]
+        return self.net.cmd(host)
 
     def addr(self, host: str) -> str:
-        return self._addr[host]
+        return self.net.addr(host)
 
     def link_bytes(self) -> dict[str, tuple[int, int]]:
         """(bytes host h sent, bytes host h received) so far, for every host: its link's counters on the switch
         side (what the switch received from it, what it sent to it), Ethernet headers included."""
-        stats = link_stats(self.hub)
-        return {h: (stats[self._port[h]][1], stats[self._port[h]][0]) for h in self.hosts}
+        stats = link_stats(self.net.hub)
+        return {h: (stats[self.net.port(h)][1], stats[self.net.port(h)][0]) for h in self.hosts}
 
     def close(self) -> None:
-        for ns in reversed(self._made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._made = []
+        self.net.close()

@@ -112,7 +112,8 @@ class Network:
     def addr(self, node: str) -> str:
         return f"{SUBNET}.{self.nodes.index(node) + 2}"
 
-    def _veth(self, node: str) -> str:
+    def port(self, node: str) -> str:
+        """The switch's end of the node's link (in the hub namespace)."""
         return f"v-{self.nodes.index(node)}"
 
     # -- running things in a node --------------------------------------------------------------------------------
@@ -150,10 +151,10 @@ class Network:
     # -- faults ----------------------------------------------------------------------------------------------------
 
     def link_down(self, node: str) -> None:
-        sh("ip", "-n", self.hub, "link", "set", self._veth(node), "down")
+        sh("ip", "-n", self.hub, "link", "set", self.port(node), "down")
 
     def link_up(self, node: str) -> None:
-        sh("ip", "-n", self.hub, "link", "set", self._veth(node), "up")
+        sh("ip", "-n", self.hub, "link", "set", self.port(node), "up")
 
     def blackhole(self, node: str, on: bool = True) -> None:
         """Everything to and from ``node`` silently dropped (no RST, no ICMP); ``on=False`` lifts it."""
@@ -174,7 +175,7 @@ class Network:
         holds ``latency`` worth of bytes)."""
         burst = "512kb" if rate.endswith("gbit") else "64kb" if rate.startswith("100") else "16kb"
         how = ""
-        for ns, dev in ((self.ns(node), "eth0"), (self.hub, self._veth(node))):
+        for ns, dev in ((self.ns(node), "eth0"), (self.hub, self.port(node))):
             tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root"]
             if delay is not None:
                 try:
