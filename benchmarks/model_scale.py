@@ -315,6 +315,8 @@ def decode_section(d: int, ks: list[int]) -> Iterator[Figure]:
     from wire import decode_update, update_raw
 
     from ef21.compression.compressors import TopK
+    from ef21_wire.serde import vector_to_proto
+    from ef21_wire.v1 import ef21_pb2 as pb
 
     rng = np.random.default_rng(0)
     for k in ks:
@@ -330,6 +332,14 @@ def decode_section(d: int, ks: list[int]) -> Iterator[Figure]:
         yield figure(f"{base}/copy_us", "decode", f"numpy copy of the same {12 * k} bytes", 1e6 * t_copy, "us")
         yield figure(f"{base}/copy_vs_decode", "decode", f"k={k}: copy / decode (1 = as fast as a copy)",
                      t_copy / t_dec, "x")
+        # Before protocol 8: the same Update without pads, as the generated code writes it; its arrays land where
+        # their fields start (the values 4 bytes off here), and decode copies what is unaligned.
+        plain = pb.WorkerMessage(update=pb.Update(round=12345, message=vector_to_proto(vec))).SerializeToString()
+        t_plain = best_time(lambda: decode_update(plain, d), number)
+        yield figure(f"{base}/unpadded_decode_us", "decode", f"decode the same Update without pads (protocol 7's "
+                     f"layout)", 1e6 * t_plain, "us")
+        yield figure(f"{base}/copy_vs_unpadded_decode", "decode", f"k={k}: copy / decode without pads", t_copy / t_plain,
+                     "x")
 
 
 def fold_section(cases: list[tuple[int, int, int]]) -> Iterator[Figure]:
@@ -341,6 +351,10 @@ def fold_section(cases: list[tuple[int, int, int]]) -> Iterator[Figure]:
         base = f"fold/d{d}/n{n}/k{k}"
         what = f"master d={d:.0e} n={n} Top-{k}"
         yield figure(f"{base}/fold_ms", "fold", f"{what}: fold (sparse_sum of the messages)", r["fold_ms"], "ms")
+        yield figure(f"{base}/mask_fold_ms", "fold", f"{what}: the previous fold (d-long accumulator and mask)",
+                     r["mask_fold_ms"], "ms")
+        yield figure(f"{base}/fold_vs_mask", "fold", f"{what}: fold / the previous fold", r["fold_ms"] / r["mask_fold_ms"],
+                     "x")
         yield figure(f"{base}/node_fold_ms", "fold", f"{what}: MasterNode.fold (the downlink, the rows)",
                      r["node_fold_ms"], "ms")
         yield figure(f"{base}/round_ms", "fold", f"{what}: fold + apply (the master's round)", r["round_ms"], "ms")

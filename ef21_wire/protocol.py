@@ -13,9 +13,19 @@ from __future__ import annotations
 #    workers' shared point w; MARINA's dense rounds carry whole gradients; CLAG's skip is an empty Update.
 # 7: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
 #    Start/Resync state vectors sparse when smaller, Eval.grad absent for objectives that report metrics.
-PROTOCOL_VERSION = 7
+# 8: aligned payloads: SparseVector.align_values/align_indices pads put a vector's arrays 8-byte aligned in the
+#    message (read in place, no copy); JoinReply.protocol_version, and a peer of another version refused at Join
+#    (FAILED_PRECONDITION naming both versions; the worker exits 2).
+PROTOCOL_VERSION = 8
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
+
+
+def version_mismatch(worker: int, master: int) -> str:
+    """The one line both sides log when their protocol versions differ (0: a peer that does not say, i.e. one
+    older than protocol 8 on the master's side of a Join)."""
+    return (f"protocol version mismatch: the worker speaks protocol {worker or 'before 8'}, the master "
+            f"{master or 'before 8'}: run the same ef21 release on the master and every worker")
 
 # The gRPC framing adds a 5-byte prefix (compressed flag + length) to every message on the stream.
 GRPC_FRAME_BYTES = 5

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from ef21.problems.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
-from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE
+from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE, version_mismatch
 from ef21_wire.serde import read_update_fast, update_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
@@ -68,10 +68,13 @@ class MasterService:
     async def join(self, req: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         await self._authorize(context, "Join")
         if req.protocol_version != PROTOCOL_VERSION:
+            why = version_mismatch(req.protocol_version, PROTOCOL_VERSION)
+            log.warning("refused Join from %s: %s", context.peer(), why)
             self.coord.refuse("FAILED_PRECONDITION")
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"protocol version {req.protocol_version} != master's {PROTOCOL_VERSION}")
-        return self.coord.join_reply()
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+        reply = self.coord.join_reply()
+        reply.protocol_version = PROTOCOL_VERSION
+        return reply
 
     async def status(self, req: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         await self._authorize(context, "Status")

@@ -212,16 +212,17 @@ def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
 
 def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
     from ef21.compression.compressors import TopK
-    from ef21.compression.sparse import sparse_sum
+    from ef21.compression.sparse import INDEX_DTYPE, _masked_sum, _merged_sum, sparse_sum
 
     rng = np.random.default_rng(3)
     for _ in range(20):
-        d = int(rng.integers(5, 3000))  # both the sorted (few entries) and the dense-mask (many) paths
+        d = int(rng.integers(5, 3000))  # the merge (few entries) and the dense-mask (many) paths, each checked
         vecs = [TopK(int(rng.integers(1, d + 1)))(rng.standard_normal(d) * 10.0 ** rng.integers(-8, 8))
                 for _ in range(int(rng.integers(1, 9)))]
         acc = np.zeros(d)
         for v in vecs:
             acc[v.indices] += v.values
-        s = sparse_sum(vecs, d)
-        assert np.array_equal(s.indices, np.unique(np.concatenate([v.indices for v in vecs])))
-        assert s.to_dense().tobytes() == acc.tobytes()
+        union = np.unique(np.concatenate([v.indices for v in vecs]))
+        for s in (sparse_sum(vecs, d), *((_merged_sum(vecs, d), _masked_sum(vecs, d)) if len(vecs) > 1 else ())):
+            assert np.array_equal(s.indices, union) and s.indices.dtype == INDEX_DTYPE
+            assert s.to_dense().tobytes() == acc.tobytes()

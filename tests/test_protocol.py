@@ -185,7 +185,8 @@ async def test_a_worker_refuses_an_aggregate_larger_than_n_messages_make():
                    112, np.arange(5, dtype="<u4"), np.ones(5))), scale=0.5)}
 
     async def join(request, context):
-        return pb.JoinReply(run_id="rogue", config_json=json.dumps(cfg.to_dict()), workers=2)
+        return pb.JoinReply(run_id="rogue", config_json=json.dumps(cfg.to_dict()), workers=2,
+                            protocol_version=PROTOCOL_VERSION)
 
     async def train(requests, context):
         async for raw in requests:

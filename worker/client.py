@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ef21.cli.exits import EXIT_FAILED, EXIT_JOIN_TIMEOUT
+from ef21.cli.exits import EXIT_FAILED, EXIT_JOIN_TIMEOUT, EXIT_USAGE
 from ef21.compression.codec import CodecError, decode, encode, fits_float32
 from ef21.compression.compressors import max_entries
 from ef21.compression.sparse import SparseVector
@@ -35,7 +35,7 @@ from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
 from ef21.problems.objectives import offers_gram
 from ef21.problems.problem import local_objective, quadratic_fingerprint, streams_shards
 from ef21_wire.fastwire import RoundResultIn, eval_bytes, gram_reply_bytes, power_reply_bytes
-from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round
+from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD, is_eval_round, version_mismatch
 from ef21_wire.serde import (
     fill_vector,
     lean_from_proto,
@@ -108,9 +108,13 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
     delay = 0.1
     while True:
         try:
-            return await stub.Join(pb.JoinRequest(hostname=opts.hostname, protocol_version=PROTOCOL_VERSION),
-                                   timeout=10.0, wait_for_ready=False, metadata=opts.security.metadata())
+            reply = await stub.Join(pb.JoinRequest(hostname=opts.hostname, protocol_version=PROTOCOL_VERSION),
+                                    timeout=10.0, wait_for_ready=False, metadata=opts.security.metadata())
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # The master's only refusal of a Join that is not about the token: another protocol version. Starting
+                # again would not help (exit 2, as for a bad flag); the master's message names both versions.
+                raise WorkerFailure(f"join refused: {exc.details()}", EXIT_USAGE, status=exc.code()) from None
             if exc.code() not in JOIN_RETRYABLE:
                 raise WorkerFailure(f"join refused: {exc.code().name}: {exc.details()}") from None
             if time.monotonic() + delay > deadline:
@@ -119,6 +123,11 @@ async def join_with_backoff(stub: MasterStub, opts: WorkerOptions) -> pb.JoinRep
             log.info("master %s not reachable yet; retrying in %.1f s", opts.master, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_CAP_S)
+            continue
+        if reply.protocol_version != PROTOCOL_VERSION:  # a master of protocol 8 or later that let us in all the same
+            raise WorkerFailure(f"join refused: {version_mismatch(PROTOCOL_VERSION, reply.protocol_version)}",
+                                EXIT_USAGE)
+        return reply
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,7 +7,8 @@ EXIT_FAILED = 1
 refused by the master, or one whose master broke the protocol."""
 EXIT_USAGE = 2
 """Bad input: a flag, a file, a configuration; one line on stderr says which. Also a worker whose objective the
-master refused at set-up as not fitting the run (another d, another model): starting it again would not help."""
+master refused at set-up as not fitting the run (another d, another model), or one whose master speaks another
+protocol version: starting it again would not help."""
 EXIT_DIVERGED = 3
 EXIT_JOIN_TIMEOUT = 4
 """The other side never came: the master's workers within ``--join-timeout``, or a worker's master within

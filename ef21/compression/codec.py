@@ -120,16 +120,34 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
 
 
 def _check_increasing_below(idx: np.ndarray, dim: int) -> None:
-    if idx.shape[0] > 1 and not (idx[1:] > idx[:-1]).all():
-        raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
-    if idx.shape[0] and int(idx[-1]) >= dim:  # increasing, so the last is the largest
+    """Strictly increasing (so no duplicates) and below dim, in one pass over the indices: one comparison of each
+    index with the next into k bytes, and ``argmin`` over those (it stops at the first False: a short scan of bytes,
+    ~10x cheaper than ``all``); the range then needs only the last index."""
+    k = idx.shape[0]
+    if k > 1:
+        step = np.greater(idx[1:], idx[:-1])
+        if not step[step.argmin()]:
+            raise CodecError("indices are not strictly increasing (unsorted or duplicate)")
+    if k and int(idx[-1]) >= dim:  # increasing, so the last is the largest
         raise CodecError(f"index {int(idx[-1])} out of range for dimension {dim}")
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
-    """A view into a message lands wherever its field starts; numpy's fast loops and BLAS need aligned data, and
-    one copy costs less than a slow pass (10-20x slower for the dot product of the finite check)."""
+    """A view into a message lands wherever its field starts: aligned when the sender wrote it so (the hand-written
+    path, protocol 8), perhaps not from another writer (the generated code adds no pads). numpy's fast loops and BLAS
+    need aligned data, and one copy costs less than a slow pass (10-20x slower for the finite check's dot product)."""
     return a if a.flags.aligned else a.copy()
+
+
+def _check_finite(vals: np.ndarray) -> None:
+    """One pass: v·v is non-finite iff some entry is NaN/Inf, or it overflows, which only finite huge values do: those
+    are then checked one by one. (A BLAS dot product is ~1.5x faster than an isfinite pass and allocates nothing.)"""
+    if not vals.shape[0]:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        square = float(np.dot(vals, vals))  # np.dot: BLAS at once; the @ operator costs ~4 µs more a call
+    if not math.isfinite(square) and not np.isfinite(vals).all():
+        raise CodecError("non-finite value (NaN or Inf)")
 
 
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
@@ -138,8 +156,9 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
     ``max_nnz`` bounds the entries of any vector (a dense one carries ``expected_dim``): what the sender's
     compressor can produce.
 
-    Each check is one vectorised pass over the arrays: this runs on every message the master receives.
-    Plain float64 values are a read-only view of the buffer, which the vector keeps alive.
+    Each check is one vectorised pass over the arrays: this runs on every message the master receives. Plain
+    float64 values and uint32 indices are read-only views of the buffer (no copy) when they arrive aligned, as the
+    hand-written writer sends them (ef21_wire/fastwire.py); the vector keeps the buffer alive.
     """
     if e.dim != expected_dim:
         raise CodecError(f"dimension {e.dim} != {expected_dim}")
@@ -152,12 +171,7 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
         vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))
-    # v·v is non-finite iff some entry is NaN/Inf, or it overflows, which only finite huge values do: those are
-    # then checked one by one. (A BLAS dot product is ~3x faster than a sum or an isfinite pass.)
-    with np.errstate(over="ignore", invalid="ignore"):
-        square = float(vals @ vals) if vals.shape[0] else 0.0
-    if not math.isfinite(square) and not np.isfinite(vals).all():
-        raise CodecError("non-finite value (NaN or Inf)")
+    _check_finite(vals)
     n = vals.shape[0]
     if e.dense:
         if len(e.indices) or e.index_bits:

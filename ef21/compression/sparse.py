@@ -69,9 +69,13 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     """Sum of vectors, added in the order given; sparse over the union of the supports unless one is dense.
 
     The order is part of the contract: float addition is not associative, and the master and every replica must
-    get the same bits, so callers pass messages in rank order. Both sparse paths add every coordinate's values
-    one after another in rank order starting from 0.0 (``np.bincount`` adds each bin's weights in input order),
-    so they give exactly the bits of adding the vectors one by one.
+    get the same bits, so callers pass messages in rank order. Every path adds each coordinate's values one after
+    another in rank order starting from 0.0 (``np.bincount`` adds each bin's weights in input order, ``np.add.at``
+    goes through its entries in order), so they all give exactly the bits of adding the vectors one by one.
+
+    Cost, for m = Σ nnz entries of n vectors: O(m·log n) by a merge of the n ascending runs (``_merged_sum``), no
+    term in d, while m·log2(n) ≤ d/4; past that the union is a good part of d and a d-long mask costs less
+    (``_masked_sum``, O(m + d)). docs/benchmarks/master.md has the measurements behind the switch.
     """
     if any(v.indices is None for v in vectors):
         acc = np.zeros(dim, dtype=np.float64)
@@ -84,19 +88,41 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
         v = vectors[0]
         return SparseVector(dim, v.indices, v.values + 0.0)  # + 0.0: the same bits as 0.0 + v, as a copy
     total = sum(v.nnz for v in vectors)
-    if total * 64 >= dim:
-        # Many entries for the dimension: accumulate into a dense buffer (np.zeros is calloc, so untouched pages
-        # cost nothing) and find the support with a mask: O(entries + d/8), no sort.
-        idx = np.concatenate([v.indices for v in vectors])
-        acc = np.zeros(dim, dtype=np.float64)
-        # np.add.at is unbuffered and goes through the entries in order: rank order within every coordinate.
-        np.add.at(acc, idx, np.concatenate([v.values for v in vectors]))
-        mark = np.zeros(dim, dtype=bool)
-        mark[idx] = True
-        support = np.flatnonzero(mark)
-        return SparseVector(dim, support.astype(INDEX_DTYPE), acc[support])
-    idx = np.concatenate([v.indices for v in vectors])
-    vals = np.concatenate([v.values for v in vectors])
-    support, inverse = np.unique(idx, return_inverse=True)
-    summed = np.bincount(inverse, weights=vals, minlength=support.shape[0])
+    if total * max(1, (len(vectors) - 1).bit_length()) * MERGE_PER_MASK > dim:
+        return _masked_sum(vectors, dim)
+    return _merged_sum(vectors, dim)
+
+
+MERGE_PER_MASK = 4
+"""How many coordinates of the d-long mask (an O(d) pass, plus page faults of fresh memory) cost as much as one
+entry of the merge moves, per level of log2(n): measured, benchmarks/master_cost.py."""
+
+
+def _merged_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
+    """The sum by merging the ascending index runs: a stable sort (timsort, which finds the n runs and merges them
+    in O(m·log n)) keeps each coordinate's entries in rank order, so ``np.bincount`` over the merged order adds them
+    as the rank-ordered sum does."""
+    idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
+    order = np.argsort(idx, kind="stable")
+    merged = idx[order]
+    first = np.empty(merged.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=first[1:])
+    support = merged[first]
+    slot = np.cumsum(first) - 1  # each merged entry's place in the support
+    summed = np.bincount(slot, weights=np.concatenate([v.values for v in vectors])[order],
+                         minlength=support.shape[0])
     return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), summed)
+
+
+def _masked_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
+    """The sum through d-long buffers: accumulate into a dense one (np.zeros is calloc, so untouched pages cost
+    nothing) and find the support with a mask: O(m + d), no sort."""
+    idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
+    acc = np.zeros(dim, dtype=np.float64)
+    # np.add.at is unbuffered and goes through the entries in order: rank order within every coordinate.
+    np.add.at(acc, idx, np.concatenate([v.values for v in vectors]))
+    mark = np.zeros(dim, dtype=bool)
+    mark[idx] = True
+    support = np.flatnonzero(mark)
+    return SparseVector(dim, support.astype(INDEX_DTYPE), acc[support])

@@ -15,20 +15,24 @@ FLOAT64: ValueType
 FLOAT32: ValueType
 
 class SparseVector(_message.Message):
-    __slots__ = ("dim", "indices", "values", "dense", "value_type", "index_bits")
+    __slots__ = ("dim", "indices", "values", "dense", "value_type", "index_bits", "align_values", "align_indices")
     DIM_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
     INDEX_BITS_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_VALUES_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_INDICES_FIELD_NUMBER: _ClassVar[int]
     dim: int
     indices: bytes
     values: bytes
     dense: bool
     value_type: ValueType
     index_bits: int
-    def __init__(self, dim: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dense: _Optional[bool] = ..., value_type: _Optional[_Union[ValueType, str]] = ..., index_bits: _Optional[int] = ...) -> None: ...
+    align_values: bytes
+    align_indices: bytes
+    def __init__(self, dim: _Optional[int] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dense: _Optional[bool] = ..., value_type: _Optional[_Union[ValueType, str]] = ..., index_bits: _Optional[int] = ..., align_values: _Optional[bytes] = ..., align_indices: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("hostname", "protocol_version")
@@ -39,16 +43,18 @@ class JoinRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "config_json", "workers", "ended")
+    __slots__ = ("run_id", "config_json", "workers", "ended", "protocol_version")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_json: str
     workers: int
     ended: str
-    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ..., ended: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, run_id: _Optional[str] = ..., config_json: _Optional[str] = ..., workers: _Optional[int] = ..., ended: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("run_id", "requested_rank", "hostname", "data_fingerprint", "dim", "n_rows", "objective_id")
