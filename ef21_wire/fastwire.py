@@ -176,15 +176,17 @@ def _message(field: int, build: Callable[[int], list[Buffer]]) -> bytes:
     return b"".join(_wrap_at(field, 0, build))
 
 
+def _round_head(at: int, round_: int, vector: EncodedVector, replace: bool) -> list[Buffer]:
+    """Fields 1-3 of both round messages (the round, the vector, the replace flag), the content starting at ``at``."""
+    parts: list[Buffer] = [_key(1, _VARINT), _varint(round_)] if round_ else []
+    parts += _vector_at(2, vector)(parts, at)
+    return parts + ([_key(3, _VARINT), b"\x01"] if replace else [])
+
+
 def update_bytes(round_: int, vector: EncodedVector, replace: bool, buffers: EncodedVector | None = None) -> bytes:
     """A serialized WorkerMessage carrying this Update."""
     def body(at: int) -> list[Buffer]:
-        parts: list[Buffer] = []
-        if round_:
-            parts += [_key(1, _VARINT), _varint(round_)]
-        parts += _vector_at(2, vector)(parts, at)
-        if replace:
-            parts += [_key(3, _VARINT), b"\x01"]
+        parts = _round_head(at, round_, vector, replace)
         if buffers is not None:
             parts += _vector_at(6, buffers)(parts, at)
         return parts
@@ -197,13 +199,7 @@ def round_result_bytes(round_: int, aggregate: EncodedVector, replace: bool, sca
     packed = b"".join(_varint(r) for r in missing)
 
     def body(at: int) -> list[Buffer]:
-        parts: list[Buffer] = []
-        if round_:
-            parts += [_key(1, _VARINT), _varint(round_)]
-        parts += _vector_at(2, aggregate)(parts, at)
-        if replace:
-            parts += [_key(3, _VARINT), b"\x01"]
-        parts += _double(4, scale)
+        parts = _round_head(at, round_, aggregate, replace) + _double(4, scale)
         if checksum:
             parts += [_key(5, _LEN), _varint(len(checksum)), checksum]
         if missing:
