@@ -103,6 +103,7 @@ def check_sparse_scale(doc: dict) -> None:
 def check_master_cost(doc: dict) -> None:
     for r in doc["results"]:
         assert 0 < r["held_bytes"] <= r["target_bytes"] == (r["n"] + 3) * 8 * r["d"]
+        assert r["mask_fold_ms"] > 0  # the previous fold, timed beside the merge
     rows = {r["master_rows"]: r for r in doc["rows_settings"]}
     assert set(rows) == {"full", "float32", "none"}
     d, n = rows["full"]["d"], rows["full"]["n"]
@@ -251,6 +252,10 @@ def check_model_scale(doc: dict) -> None:
         assert figs[f"{base}/ef21_ms"]["detail"]["up_bytes"] >= 12 * 100  # Top-100 of d = 10^4 on the uplink
     assert figs["decode/k1000/copy_vs_decode"]["value"] == pytest.approx(
         figs["decode/k1000/copy_us"]["value"] / figs["decode/k1000/decode_us"]["value"])
+    assert figs["decode/k1000/unpadded_decode_us"]["value"] > 0  # protocol 7's layout, timed in the same run
+    fold = "fold/d10000/n2/k100"
+    assert figs[f"{fold}/fold_vs_mask"]["value"] == pytest.approx(
+        figs[f"{fold}/fold_ms"]["value"] / figs[f"{fold}/mask_fold_ms"]["value"])
     assert figs["worker/quadratic-10000/float64/step_ms"]["value"] > figs["worker/quadratic-10000/float64/gradient_ms"][
         "value"]
     assert figs["worker/quadratic-10000/float64/step_ms"]["detail"]["downlink_nnz"] <= 2 * 100
