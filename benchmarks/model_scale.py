@@ -338,8 +338,8 @@ def decode_section(d: int, ks: list[int]) -> Iterator[Figure]:
         t_plain = best_time(lambda: decode_update(plain, d), number)
         yield figure(f"{base}/unpadded_decode_us", "decode", f"decode the same Update without pads (protocol 7's "
                      f"layout)", 1e6 * t_plain, "us")
-        yield figure(f"{base}/copy_vs_unpadded_decode", "decode", f"k={k}: copy / decode without pads", t_copy / t_plain,
-                     "x")
+        yield figure(f"{base}/copy_vs_unpadded_decode", "decode", f"k={k}: copy / decode without pads",
+                     t_copy / t_plain, "x")
 
 
 def fold_section(cases: list[tuple[int, int, int]]) -> Iterator[Figure]:
@@ -353,8 +353,8 @@ def fold_section(cases: list[tuple[int, int, int]]) -> Iterator[Figure]:
         yield figure(f"{base}/fold_ms", "fold", f"{what}: fold (sparse_sum of the messages)", r["fold_ms"], "ms")
         yield figure(f"{base}/mask_fold_ms", "fold", f"{what}: the previous fold (d-long accumulator and mask)",
                      r["mask_fold_ms"], "ms")
-        yield figure(f"{base}/fold_vs_mask", "fold", f"{what}: fold / the previous fold", r["fold_ms"] / r["mask_fold_ms"],
-                     "x")
+        yield figure(f"{base}/fold_vs_mask", "fold", f"{what}: fold / the previous fold",
+                     r["fold_ms"] / r["mask_fold_ms"], "x")
         yield figure(f"{base}/node_fold_ms", "fold", f"{what}: MasterNode.fold (the downlink, the rows)",
                      r["node_fold_ms"], "ms")
         yield figure(f"{base}/round_ms", "fold", f"{what}: fold + apply (the master's round)", r["round_ms"], "ms")

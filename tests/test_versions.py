@@ -44,7 +44,7 @@ async def test_an_old_worker_is_refused_at_join_with_both_versions_in_both_logs(
     assert PROTOCOL_VERSION == 8
     caplog.set_level(logging.WARNING)
     async with running_master(MasterOptions(CFG)) as master:
-        (code, err), = await finish([await spawn_old_worker(master.address)])
+        (code, err), = await finish([await spawn_old_worker(master.address)], timeout=240)
         assert master.coord.members.refused.get("FAILED_PRECONDITION") == 1
         assert master.coord.round == 0 and not master.coord.members.live  # nothing of the run was touched
     line = one_line(err)
@@ -58,7 +58,7 @@ async def test_a_worker_meeting_an_old_master_stops_with_both_versions(caplog, m
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(ef21_server.service, "PROTOCOL_VERSION", OLD)  # the master's side of Join speaks 7
     async with running_master(MasterOptions(CFG)) as master:
-        (code, err), = await finish([await spawn_worker(master.address, "--connect-timeout", "20")])
+        (code, err), = await finish([await spawn_worker(master.address, "--connect-timeout", "20")], timeout=240)
     line = one_line(err)
     assert code == 2 and "worker speaks protocol 8, the master 7" in line, (code, err)
     (logged,) = refusals(caplog)
