@@ -22,9 +22,9 @@ TRAIN_METHOD = f"/{SERVICE}/Train"
 
 
 def version_mismatch(worker: int, master: int) -> str:
-    """The one line both sides log when their protocol versions differ (0: a peer that does not say, i.e. one
-    older than protocol 8 on the master's side of a Join)."""
-    return (f"protocol version mismatch: the worker speaks protocol {worker or 'before 8'}, the master "
+    """The one line both sides log when their protocol versions differ (0: the peer did not say; a master before
+    protocol 8 sends no version in its JoinReply)."""
+    return (f"protocol version mismatch: the worker speaks protocol {worker or 'none stated'}, the master "
             f"{master or 'before 8'}: run the same ef21 release on the master and every worker")
 
 # The gRPC framing adds a 5-byte prefix (compressed flag + length) to every message on the stream.
