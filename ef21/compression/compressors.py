@@ -352,7 +352,7 @@ class Float32Values:
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
         c = self.inner(x, rng)
-        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(np.float64))
+        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(c.values.dtype))
 
 
 def make_compressor(name: str, k: int | None, d: int) -> Compressor:

@@ -8,6 +8,13 @@ import numpy as np
 
 INDEX_DTYPE = np.dtype("<u4")
 VALUE_DTYPE = np.dtype("<f8")
+F32 = np.dtype("<f4")
+
+
+def value_dtype(a: np.ndarray) -> np.dtype:
+    """The dtype a vector's values keep: float32 stays float32 (a ``--dtype float32`` run), anything else is
+    float64."""
+    return F32 if a.dtype == F32 else VALUE_DTYPE
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,12 +32,13 @@ class SparseVector:
 
     @staticmethod
     def dense(values: np.ndarray) -> SparseVector:
-        v = np.asarray(values, dtype=np.float64)
+        v = np.asarray(values)
+        v = np.asarray(v, dtype=value_dtype(v))
         return SparseVector(v.shape[0], None, v)
 
     @staticmethod
-    def zeros(dim: int) -> SparseVector:
-        return SparseVector(dim, np.zeros(0, dtype=INDEX_DTYPE), np.zeros(0, dtype=np.float64))
+    def zeros(dim: int, dtype: np.dtype | type = np.float64) -> SparseVector:
+        return SparseVector(dim, np.zeros(0, dtype=INDEX_DTYPE), np.zeros(0, dtype=dtype))
 
     @property
     def is_dense(self) -> bool:
@@ -48,7 +56,7 @@ class SparseVector:
     def to_dense(self) -> np.ndarray:
         if self.indices is None:
             return self.values.copy()
-        out = np.zeros(self.dim, dtype=np.float64)
+        out = np.zeros(self.dim, dtype=self.values.dtype)
         out[self.indices] = self.values
         return out
 
@@ -71,15 +79,17 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     The order is part of the contract: float addition is not associative, and the master and every replica must
     get the same bits, so callers pass messages in rank order. Both sparse paths add every coordinate's values
     one after another in rank order starting from 0.0 (``np.bincount`` adds each bin's weights in input order),
-    so they give exactly the bits of adding the vectors one by one.
+    so they give exactly the bits of adding the vectors one by one. float32 vectors (``--dtype float32``) are
+    summed in float32 the same way (``np.add.at``: bincount would add in float64, which no float32 replica does).
     """
+    dtype = np.result_type(*(v.values.dtype for v in vectors)) if vectors else np.dtype(np.float64)
     if any(v.indices is None for v in vectors):
-        acc = np.zeros(dim, dtype=np.float64)
+        acc = np.zeros(dim, dtype=dtype)
         for v in vectors:
             v.add_to(acc)
         return SparseVector(dim, None, acc)
     if not vectors:
-        return SparseVector.zeros(dim)
+        return SparseVector.zeros(dim, dtype)
     if len(vectors) == 1:
         v = vectors[0]
         return SparseVector(dim, v.indices, v.values + 0.0)  # + 0.0: the same bits as 0.0 + v, as a copy
@@ -88,7 +98,7 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
         # Many entries for the dimension: accumulate into a dense buffer (np.zeros is calloc, so untouched pages
         # cost nothing) and find the support with a mask: O(entries + d/8), no sort.
         idx = np.concatenate([v.indices for v in vectors])
-        acc = np.zeros(dim, dtype=np.float64)
+        acc = np.zeros(dim, dtype=dtype)
         # np.add.at is unbuffered and goes through the entries in order: rank order within every coordinate.
         np.add.at(acc, idx, np.concatenate([v.values for v in vectors]))
         mark = np.zeros(dim, dtype=bool)
@@ -98,5 +108,9 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     idx = np.concatenate([v.indices for v in vectors])
     vals = np.concatenate([v.values for v in vectors])
     support, inverse = np.unique(idx, return_inverse=True)
-    summed = np.bincount(inverse, weights=vals, minlength=support.shape[0])
+    if dtype == F32:
+        summed = np.zeros(support.shape[0], dtype=F32)
+        np.add.at(summed, inverse, vals)
+    else:
+        summed = np.bincount(inverse, weights=vals, minlength=support.shape[0])
     return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), summed)

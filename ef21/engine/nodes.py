@@ -125,7 +125,7 @@ class WorkerNode:
         if g is not None:
             self.replica.g[:] = g
         if v is not None:
-            self.replica.v = np.array(v, dtype=np.float64, copy=True)
+            self.replica.v = np.array(v, dtype=self.replica.x.dtype, copy=True)
         self.round = round_
         self.x_prev: np.ndarray | None = None
         self._pending: Any = None
@@ -155,6 +155,7 @@ class WorkerNode:
             f, full = self.objective.value_and_grad(x)
         elif participate and s.estimator.needs_full(self.est_state, ectx):
             full = gradient(self.objective, x)
+        full = self._cast(full)
         metrics = self._metrics(x) if evaluate else None
         if not participate:
             self._pending, self._pending_est = self.state, self.est_state
@@ -164,7 +165,7 @@ class WorkerNode:
                 dist = self.method.stale_distortion(self.state, self._scaled(full))
             return WorkerReport(t, None, f, full, dist, metrics)
         est, self._pending_est = s.estimator.estimate(self.est_state, self.objective, x, self.x_prev, full, ectx)
-        est = self._scaled(est)
+        est = self._scaled(self._cast(est))
         # G measures the new estimate against ∇f_i(x) (EF21-W: ∇f_i/(n·w_i), what the worker tracks). With full
         # gradients that is the vector being compressed, which lets the method reuse its residual.
         reference = None
@@ -174,7 +175,7 @@ class WorkerNode:
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
         if self._scratch is None:
             d = self.replica.x.shape[0]
-            self._scratch = (np.empty(d), np.empty(d))
+            self._scratch = (np.empty(d, dtype=x.dtype), np.empty(d, dtype=x.dtype))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
                             mag=self._scratch[1])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
@@ -185,8 +186,15 @@ class WorkerNode:
             return WorkerReport(t, msg, None, None, None, None)
         return WorkerReport(t, msg, f, full, dist, metrics)
 
+    def _cast(self, v: np.ndarray | None) -> np.ndarray | None:
+        """A gradient in the replica's dtype. The built-in objectives compute in float64 (their data are float64:
+        sums over rows keep their accuracy) and a float32 run rounds the result here, once; a PyTorch model
+        computes in x's dtype already (``ef21.problems.torch``), so this is no copy for it."""
+        dtype = self.replica.x.dtype
+        return v if v is None or v.dtype == dtype else v.astype(dtype)
+
     def _scaled(self, v: np.ndarray) -> np.ndarray:
-        scale = self.setting.grad_scale
+        scale = float(self.setting.grad_scale)  # a Python float keeps a float32 vector float32
         return v if scale == 1.0 else v * scale
 
     def _metrics(self, x: np.ndarray) -> dict[str, float] | None:

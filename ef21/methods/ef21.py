@@ -83,7 +83,7 @@ class EF21:
         if rows is None:
             return None
         row = rows[rank]
-        return None if not row.any() else np.array(row, dtype=np.float64)
+        return None if not row.any() else row.copy()
 
     def resume_state(self, row: np.ndarray) -> Any:
         return row
