@@ -132,6 +132,7 @@ class WorkerNode:
         self._pending_est: Any = None
         # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._x64: np.ndarray | None = None  # a float32 run's x, widened for the objective (``_point``)
 
     def participates(self, round_: int | None = None) -> bool:
         s = self.setting
@@ -144,7 +145,7 @@ class WorkerNode:
 
         The new method state is held back until ``apply`` says whether the master included the message.
         """
-        s, t, x = self.setting, self.round, self.replica.x
+        s, t, x = self.setting, self.round, self._point()
         begin = getattr(self.objective, "begin_round", None)
         if begin is not None:  # seeds the round's draws (dropout, augmentation); the model's buffers b^t
             begin((s.seed, self.rank, t), self.replica.buffers)
@@ -175,7 +176,7 @@ class WorkerNode:
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
         if self._scratch is None:
             d = self.replica.x.shape[0]
-            self._scratch = (np.empty(d, dtype=x.dtype), np.empty(d, dtype=x.dtype))
+            self._scratch = (np.empty_like(self.replica.x), np.empty_like(self.replica.x))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
                             mag=self._scratch[1])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
@@ -186,10 +187,23 @@ class WorkerNode:
             return WorkerReport(t, msg, None, None, None, None)
         return WorkerReport(t, msg, f, full, dist, metrics)
 
+    def _point(self) -> np.ndarray:
+        """x as the objective takes it. A float32 run casts at the boundary: the built-in and plugin objectives
+        see x widened to float64 (exactly; into a kept buffer) and compute in float64, as their data are, and the
+        gradient is rounded to float32 once (``_cast``), so none of their sums runs half in float32. An objective
+        with ``accepts_float32`` (a PyTorch model, float32 already) takes the float32 x itself and returns a
+        float32 gradient: no float64 round trip."""
+        x = self.replica.x
+        if x.dtype == np.float64 or getattr(self.objective, "accepts_float32", False):
+            return x
+        if self._x64 is None:
+            self._x64 = np.empty(x.shape[0])
+        np.copyto(self._x64, x)
+        return self._x64
+
     def _cast(self, v: np.ndarray | None) -> np.ndarray | None:
-        """A gradient in the replica's dtype. The built-in objectives compute in float64 (their data are float64:
-        sums over rows keep their accuracy) and a float32 run rounds the result here, once; a PyTorch model
-        computes in x's dtype already (``ef21.problems.torch``), so this is no copy for it."""
+        """A gradient in the replica's dtype (see ``_point``): one rounding of a float64 gradient, no copy of a
+        float32 one."""
         dtype = self.replica.x.dtype
         return v if v is None or v.dtype == dtype else v.astype(dtype)
 

@@ -362,6 +362,9 @@ class TorchObjective:
         if np.array_equal(x, self._round_x):
             self._updated = self._read_buffers()
 
+    accepts_float32 = True
+    """A ``--dtype float32`` run hands x over as float32 and gets the gradient back in float32 (no float64 copy)."""
+
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """f_i(x) and ∇f_i(x) over the whole shard."""
         return self._loss_and_grad(x, None, "full")
