@@ -131,7 +131,7 @@ class WorkerNode:
         self._pending: Any = None
         self._pending_est: Any = None
         # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._x64: np.ndarray | None = None  # a float32 run's x, widened for the objective (``_point``)
 
     def participates(self, round_: int | None = None) -> bool:
@@ -175,10 +175,12 @@ class WorkerNode:
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
         if self._scratch is None:
-            d = self.replica.x.shape[0]
-            self._scratch = (np.empty_like(self.replica.x), np.empty_like(self.replica.x))
+            k = getattr(self.compressor, "k", 0)
+            # Top-k's fused path keeps its candidates (about 2k + 32) here; more sends it down the numpy path.
+            self._scratch = (np.empty_like(self.replica.x), np.empty_like(self.replica.x),
+                             np.empty(min(self.replica.x.shape[0], 8 * k + 4096), dtype=np.int64))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
-                            mag=self._scratch[1])
+                            mag=self._scratch[1], cand=self._scratch[2])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()

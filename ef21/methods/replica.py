@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ef21.compression import kernels
+
 from .optim import State, Transform
 from .prox import Prox
 
@@ -104,7 +106,9 @@ class Replica:
                     self.v *= rule.momentum
                     self.v += self.g
                 direction = self.v
-            if self.scratch is None:
+            if kernels.sub_scaled(self.x, step, direction):
+                pass  # one compiled pass, the same bits as the two numpy operations below
+            elif self.scratch is None:
                 self.x -= step * direction
             else:
                 # The same two operations (the same bits), the product into the kept buffer.
