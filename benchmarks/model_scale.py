@@ -292,7 +292,7 @@ def worker_section(dims: list[int], n: int, dtypes: list[str]) -> Iterator[Figur
         t_encode = best_time(lambda: update_message(report), number, repeat=3)
         t_apply = best_time(lambda: worker.replica.apply(down), number, repeat=3)
         t_round = best_time(lambda: (worker.step(evaluate=False), worker.apply(down)), number, repeat=3)
-        compiled, t_round_numpy = kernels.available(), t_round
+        compiled, t_round_numpy = kernels.available(d), t_round
         if compiled:  # the numpy path, the same bits (tests/test_passes.py), timed in the same invocation
             own, kernels._compile = kernels._compile, lambda: None  # type: ignore[assignment]
             try:

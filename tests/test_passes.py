@@ -124,13 +124,15 @@ def test_the_fused_top_k_equals_the_numpy_path_ties_included(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_fused_step_of_x_equals_numpys_two_operations(dtype):
     rng = np.random.default_rng(3)
-    x, g = rng.standard_normal(10_001).astype(dtype), rng.standard_normal(10_001).astype(dtype)
+    d = kernels.MIN_D + 1
+    x, g = rng.standard_normal(d).astype(dtype), rng.standard_normal(d).astype(dtype)
     for s in (0.1, 1 / 3, 123.456789, 2.0**-30):
         want = x.copy()
         want -= s * g
         got = x.copy()
         assert kernels.sub_scaled(got, s, g)
         assert got.tobytes() == want.tobytes(), s  # no fused multiply-add: the product is rounded first
+    assert not kernels.sub_scaled(x[:100], 0.5, g[:100])  # a small d: numpy's path (numba's overhead would dominate)
 
 
 @needs_numba

@@ -150,7 +150,7 @@ class TopK:
         None where that path does not apply (no numba, a small d or a large k, a sample that misleads): the
         caller then compresses a − b as usual."""
         d, k = a.shape[0], self.k
-        if not (kernels.available() and sampled_path(d, k)):
+        if not (sampled_path(d, k) and kernels.available(d)):
             return None
         stride = sample_stride(d)
         t = sampled_threshold(np.abs(a[::stride] - b[::stride]), d, k)

@@ -24,7 +24,13 @@ from typing import Any, Callable
 import numpy as np
 
 
-@functools.cache  # imported (≈ 0.3 s) and compiled on the first round that uses them, not at every ef21 start
+MIN_D = 1 << 15
+"""Below this d a pass is a few microseconds and numba's import and first dispatch (about 2 s each on a loaded
+2-core machine, the compiled code cached on disk after the first process) would cost more than a run saves: the
+numpy path runs, and small runs (the tests' mushrooms, d = 112) never import numba."""
+
+
+@functools.cache  # imported and compiled on the first round that uses them, not at every ef21 start
 def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
     try:
         import numba
@@ -53,15 +59,15 @@ def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
     return candidates, sub_scaled
 
 
-def available() -> bool:
-    """Whether the compiled loops are in use (numba importable)."""
-    return _compile() is not None
+def available(d: int = MIN_D) -> bool:
+    """Whether the compiled loops are in use for vectors of d entries (numba importable, d ≥ ``MIN_D``)."""
+    return d >= MIN_D and _compile() is not None
 
 
 def residual_candidates(grad: np.ndarray, g_i: np.ndarray, t: float, out: np.ndarray) -> np.ndarray | None:
     """Ascending positions with |grad − g_i| ≥ t (a view of ``out``), in one pass over d; None without numba or
     when more than ``out`` holds pass (the caller's numpy path decides then)."""
-    kernels = _compile()
+    kernels = _compile() if grad.shape[0] >= MIN_D else None
     if kernels is None:
         return None
     m = kernels[0](grad, g_i, grad.dtype.type(t), out)
@@ -71,7 +77,7 @@ def residual_candidates(grad: np.ndarray, g_i: np.ndarray, t: float, out: np.nda
 def sub_scaled(x: np.ndarray, s: float, g: np.ndarray) -> bool:
     """x ← x − s·g in one pass (s rounded to x's dtype first, as numpy takes a Python float); False without numba
     (the caller does it with numpy)."""
-    kernels = _compile()
+    kernels = _compile() if x.shape[0] >= MIN_D else None
     if kernels is None or x.dtype != g.dtype:
         return False
     kernels[1](x, x.dtype.type(s), g)
