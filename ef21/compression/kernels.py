@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-
 MIN_D = 1 << 15
 """Below this d a pass is a few microseconds and numba's import and first dispatch (about 2 s each on a loaded
 2-core machine, the compiled code cached on disk after the first process) would cost more than a run saves: the
