@@ -140,10 +140,18 @@ def test_the_fused_step_of_x_equals_numpys_two_operations(dtype):
 def test_a_run_with_the_compiled_loops_equals_the_numpy_run(dtype, monkeypatch):
     """The whole simulation, with left-out workers (undone in-place steps), with numba and with the numpy
     fallback: the same bits."""
-    cfg = RunConfig(problem="quadratic", dim=D // 4, workers=3, k=D // 400, rounds=12, dtype=dtype,
-                    participation="2", x0="normal:1")
-    fast = simulate(cfg, keep_iterates=True)
+    cfg = RunConfig(problem="quadratic", dim=D // 4, workers=3, k=D // 400, rounds=12, dtype=dtype, x0="normal:1")
+    missing = {2: [1], 3: [1], 7: [0, 2]}  # stepped, then dropped: the fused step's in-place g_i undone
+    fused, own = [], TopK.compress_difference
+
+    def counted(self, a, b, cand):  # the fused path must be the one taken: count its results
+        fused.append(own(self, a, b, cand) is not None)
+        return own(self, a, b, cand)
+
+    monkeypatch.setattr(TopK, "compress_difference", counted)
+    fast = simulate(cfg, keep_iterates=True, missing=missing)
+    assert fused and all(fused)
     monkeypatch.setattr(kernels, "_compile", lambda: None)
-    plain = simulate(cfg, keep_iterates=True)
+    plain = simulate(cfg, keep_iterates=True, missing=missing)
     assert np.array(fast.xs).tobytes() == np.array(plain.xs).tobytes()
     assert [r.G for r in fast.records] == [r.G for r in plain.records]
