@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def cases(smoke: bool) -> list[tuple[str, dict, int]]:
     """(name, RunConfig's settings, rounds); the MLP only where PyTorch is installed."""
     mlp = [("digits MLP top-96", dict(objective=str(ROOT / "examples" / "digits_mlp.py") + ":make", workers=4,
-                                      k=96, stepsize=0.5), 5 if smoke else 300)]
+                                      k=96, stepsize=0.5, eval_grad=True), 5 if smoke else 300)]
     try:
         import torch  # noqa: F401
     except ImportError:
