@@ -51,11 +51,15 @@ def test_run_equals_simulate_top_k(tmp_path, dtype):
     run_and_compare(tmp_path, QUICK, dtype, via_file=dtype == "float32")
 
 
-def test_run_equals_simulate_float32_bc_and_hb(tmp_path):
-    """EF21-BC (the master's own EF21 on g, its g̃ float32) with partial participation, and EF21-HB (v float32)."""
+def test_run_equals_simulate_float32_bc_pp(tmp_path):
+    """EF21-BC (the master's own EF21 on g, its g̃ float32) with partial participation."""
     run_and_compare(tmp_path, [*QUICK, "--downlink-k", "5", "--participation", "2"], "float32")
-    (tmp_path / "hb").mkdir()
-    run_and_compare(tmp_path / "hb", [*QUICK, "--momentum", "0.5"], "float32")
+
+
+@pytest.mark.slow
+def test_run_equals_simulate_float32_hb(tmp_path):
+    """EF21-HB: the heavy ball's v float32 on every replica."""
+    run_and_compare(tmp_path, [*QUICK, "--momentum", "0.5"], "float32")
 
 
 def test_every_method_vector_is_float32_and_half_the_bytes():
