@@ -88,6 +88,8 @@ TODAY = {
     "cpu/mushrooms/n8/ours_cpu_ms": ("9.42 CPU ms", ""),
     "mlp/wide/n4/ef21_vs_powersgd1": ("3.7x (~100 / 27 ms; 32.6 ms with 1 BLAS thread)", "<= 1.0x"),
     "worker/quadratic-1000000/float32/step_ms": ("", "<= 3 ms"),
+    "worker/quadratic-1000000/float64/step_ms": ("12.7 ms; 7.72 ms with kept buffers (phase 2)", ""),
+    "worker/quadratic-10000000/float64/step_ms": ("1190 ms; 527 ms with kept buffers (phase 2)", ""),
     "worker/quadratic-1000000/float64/step_in_passes": ("~8.3 passes over d", "<= 3 passes beyond the gradient"),
     "decode/k10000/copy_vs_decode": ("0.15x", ">= 0.5x"),
     "decode/k100000/copy_vs_decode": ("0.26x", ">= 0.5x"),
@@ -236,8 +238,10 @@ def mlp_section(n: int, rounds: int, private: bool, tmp: Path, objective_args: l
 
 # -- worker ------------------------------------------------------------------------------------------------------------
 
-def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
-    """One worker's steady round without the network, part by part, on the quadratic."""
+def worker_section(dims: list[int], n: int, dtypes: list[str]) -> Iterator[Figure]:
+    """One worker's steady round without the network, part by part, on the quadratic; with the compiled loops
+    (numba, ``ef21.compression.kernels``) where installed, and the numpy path beside it."""
+    from ef21.compression import kernels
     from ef21.engine.config import RunConfig
     from ef21.engine.nodes import MasterNode, WorkerNode, WorkerReport, gradient
     from ef21.engine.plan import resolve_method
@@ -245,21 +249,23 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
     from ef21.problems.problem import build_problem
     from ef21_worker.client import update_message
 
-    if not dtype_supported(dtype):
-        print(f"  worker: --dtype {dtype}: the core has no {dtype} method vectors yet (issue 22, point 4): "
-              f"nothing measured", flush=True)
-        return
-    for d in dims:
+    for dtype in dtypes:
+        if not dtype_supported(dtype):
+            print(f"  worker: --dtype {dtype}: the core has no {dtype} method vectors yet (issue 22, point 4): "
+                  f"nothing measured", flush=True)
+            return
+    for d, dtype in [(d, dt) for dt in dtypes for d in dims]:
         k = max(1, d // 100)
         extra = {} if dtype == "float64" else {"dtype": dtype}
         cfg = RunConfig(workers=n, problem="quadratic", dim=d, method="ef21", k=k, **extra)  # type: ignore[arg-type]
+        zeros = np.zeros(d, dtype=dtype)
         prob = build_problem(cfg)
         method, comp = resolve_method(cfg, d)
         obj = prob.objectives[0]
         # Rank 0 beside n - 1 others, so that the downlink is the sparse sum of n distinct Top-k supports, as in a
         # real round; rounds 0 (g_i⁰ dense) and 1 out of the way.
-        nodes = [WorkerNode(method, comp, prob.objectives[i], i, gamma=1e-3, x0=np.zeros(d)) for i in range(n)]
-        master = MasterNode(method, n, np.zeros(d), gamma=1e-3)
+        nodes = [WorkerNode(method, comp, prob.objectives[i], i, gamma=1e-3, x0=zeros) for i in range(n)]
+        master = MasterNode(method, n, zeros, gamma=1e-3, rows_dtype=dtype)
         for _ in range(2):
             down = master.aggregate([w.step(evaluate=False).message for w in nodes])
             for w in nodes:
@@ -273,7 +279,8 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         grad = gradient(obj, x)
         # With the worker's kept buffers, as WorkerNode passes them: the step then moves g_i in place (here a
         # copy of it, moved again at every repetition: the timing does not depend on its values).
-        ctx = WorkerContext(comp, 1e-3, "full", None, scratch=np.empty(d), mag=np.empty(d))
+        ctx = WorkerContext(comp, 1e-3, "full", None, scratch=np.empty_like(x), mag=np.empty_like(x),
+                            cand=np.empty(8 * k + 4096, dtype=np.int64))
         state = np.array(worker.state)
         t_method = best_time(lambda: method.worker_step(state, grad, ctx, None), number, repeat=3)
         # The same step without the buffers: it allocates the residual and |residual| and copies g_i, as every
@@ -285,10 +292,22 @@ def worker_section(dims: list[int], n: int, dtype: str) -> Iterator[Figure]:
         t_encode = best_time(lambda: update_message(report), number, repeat=3)
         t_apply = best_time(lambda: worker.replica.apply(down), number, repeat=3)
         t_round = best_time(lambda: (worker.step(evaluate=False), worker.apply(down)), number, repeat=3)
+        compiled, t_round_numpy = kernels.available(d), t_round
+        if compiled:  # the numpy path, the same bits (tests/test_passes.py), timed in the same invocation
+            own, kernels._compile = kernels._compile, lambda: None  # type: ignore[assignment]
+            try:
+                t_round_numpy = best_time(lambda: (worker.step(evaluate=False), worker.apply(down)), number,
+                                          repeat=3)
+            finally:
+                kernels._compile = own
         base = f"worker/quadratic-{d}/{dtype}"
         what = f"worker d={d:.0e} {dtype} EF21 Top-{k}"
         yield figure(f"{base}/step_ms", "worker", f"{what}: step + apply (no network, no codec)", 1e3 * t_round, "ms",
                      downlink_nnz=down.vector.nnz)
+        yield figure(f"{base}/step_numpy_ms", "worker", f"{what}: step + apply on the numpy path (no numba)",
+                     1e3 * t_round_numpy, "ms", compiled=compiled)
+        yield figure(f"{base}/compiled_vs_numpy", "worker", f"{what}: step + apply, compiled loops / numpy",
+                     t_round / t_round_numpy, "x", compiled=compiled)
         yield figure(f"{base}/gradient_ms", "worker", f"{what}: the gradient", 1e3 * t_grad, "ms")
         yield figure(f"{base}/method_ms", "worker", f"{what}: the method step (difference, Top-k, error update)",
                      1e3 * t_method, "ms")
@@ -400,7 +419,8 @@ def run_sections(args: Any, private: bool, links: list[str], tmp: Path) -> list[
         steps.append(("mlp", lambda: mlp_section(2 if s else 4, 20 if s else 100, private, tmp,
                                                  ["layers=16"] if s else [])))
     if "worker" in args.sections:
-        steps.append(("worker", lambda: worker_section([10_000] if s else [10**6, 10**7], 2 if s else 4, args.dtype)))
+        steps.append(("worker", lambda: worker_section([10_000] if s else [10**6, 10**7], 2 if s else 4,
+                                                       ["float64", "float32"])))
     if "decode" in args.sections:
         steps.append(("decode", lambda: decode_section(100_000 if s else 10**6, [100, 1000] if s else [10**4, 10**5])))
     if "fold" in args.sections:

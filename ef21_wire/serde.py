@@ -85,9 +85,10 @@ def encoded_from_proto(m: pb.SparseVector) -> EncodedVector:
     return EncodedVector(int(m.dim), m.indices, m.values, m.dense, m.value_type == pb.FLOAT32, int(m.index_bits))
 
 
-def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
+def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | None = None,
+                      dtype: Any = np.float64) -> SparseVector:
     """Decode and validate (raises ef21.compression.codec.CodecError)."""
-    return decode(encoded_from_proto(m), expected_dim=expected_dim, max_nnz=max_nnz)
+    return decode(encoded_from_proto(m), expected_dim=expected_dim, max_nnz=max_nnz, dtype=dtype)
 
 
 def update_from_proto(m: pb.Update) -> UpdateIn:
@@ -107,18 +108,19 @@ def dense_to_proto(x: np.ndarray) -> pb.SparseVector:
 def lean_to_proto(x: np.ndarray) -> pb.SparseVector:
     """A state vector (x, g, g_i, v) for Start and Resync: sparse when its nonzero entries, at 12 bytes each, take
     fewer bytes than d dense values (g = 0 at round 0 is then empty). Nonzero by bits, so −0.0 travels as itself
-    and the replica's checksum still agrees."""
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    support = np.flatnonzero(x.view(np.uint64))
-    if 12 * support.size >= 8 * x.size:
+    and the replica's checksum still agrees. A float32 vector (``--dtype float32``) travels as float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float32 else np.float64)
+    support = np.flatnonzero(x.view(np.uint32 if x.dtype == np.float32 else np.uint64))
+    if (4 + x.itemsize) * support.size >= x.itemsize * x.size:
         return dense_to_proto(x)
     return vector_to_proto(SparseVector(x.size, support.astype(INDEX_DTYPE), x[support]))
 
 
-def lean_from_proto(m: pb.SparseVector, d: int) -> np.ndarray:
-    """The dense vector of ``lean_to_proto``'s message (raises ef21.compression.codec.CodecError)."""
-    v = vector_from_proto(m, expected_dim=d)
-    return np.array(v.values, dtype=np.float64) if v.is_dense else v.to_dense()
+def lean_from_proto(m: pb.SparseVector, d: int, dtype: Any = np.float64) -> np.ndarray:
+    """The dense vector of ``lean_to_proto``'s message, of the run's ``dtype`` (raises
+    ef21.compression.codec.CodecError)."""
+    v = vector_from_proto(m, expected_dim=d, dtype=dtype)
+    return np.array(v.values) if v.is_dense else v.to_dense()
 
 
 def vector_digest(x: np.ndarray) -> bytes:

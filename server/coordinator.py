@@ -132,7 +132,7 @@ class Coordinator:
                 # Everything that d decides is checked now, not when the workers have come (exit 2 at once).
                 resolve_method(cfg, self.d)
                 resolve_downlink(cfg, self.d)
-                make_x0(cfg.x0, self.d)
+                make_x0(cfg.x0, self.d, dtype=cfg.np_dtype)
         self._check_batches()
         self.writer = JsonlWriter(opts.log, offset=log_offset)
 
@@ -343,7 +343,7 @@ class Coordinator:
             return
         if not isinstance(self.curvature, PowerRun):
             raise Refusal("FAILED_PRECONDITION", f"unexpected PowerReply {msg.iteration} from rank {s.rank}")
-        w = self._decode(msg.w, f"PowerReply {msg.iteration}")
+        w = self._decode(msg.w, f"PowerReply {msg.iteration}", dtype=np.float64)  # curvature, not a method vector
         if not w.is_dense:
             raise Refusal("INVALID_ARGUMENT", "PowerReply: the product must be dense")
         self.curvature.reply(s, msg.iteration, np.array(w.values), msg.attempt)
@@ -379,7 +379,8 @@ class Coordinator:
         self.plan = make_plan(cfg, d, L, self.L_i, self.n_samples, layout=infos[0].layout)
         self.constants = self.plan.constants
         self._book_limits(d)
-        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0), self.opts.rows_dtype, infos[0].buffers0)
+        self.master = self.plan.master_node(make_x0(cfg.x0, d, infos[0].x0, cfg.np_dtype), self.opts.rows_dtype,
+                                            infos[0].buffers0)
         self.state_facts()
         self.state = "running"
         self.state_detail = ""
@@ -445,12 +446,16 @@ class Coordinator:
     # -- the round's messages (the service calls these) ------------------------------------------------------------
 
     def _decode(self, vec: pb.SparseVector | EncodedVector, what: str, max_nnz: int | None = None,
-                dim: int | None = None) -> SparseVector:
-        """A vector of d entries (``dim``: of another length, e.g. a model's buffers) from a peer, or a refusal."""
+                dim: int | None = None, dtype: object = None) -> SparseVector:
+        """A vector of d entries (``dim``: of another length, e.g. a model's buffers, float64) from a peer, or a
+        refusal. A method vector's values are of the run's ``--dtype`` (``dtype``: another)."""
         assert self.d is not None
+        if dtype is None:
+            dtype = self.cfg.np_dtype if dim is None else np.float64
         try:
             enc = vec if isinstance(vec, EncodedVector) else encoded_from_proto(vec)
-            return decode(enc, expected_dim=self.d if dim is None else dim, max_nnz=max_nnz)
+            return decode(enc, expected_dim=self.d if dim is None else dim, max_nnz=max_nnz,
+                          dtype=dtype)  # type: ignore[arg-type]
         except CodecError as exc:
             raise Refusal("INVALID_ARGUMENT", f"{what}: {exc}") from None
 
@@ -614,8 +619,8 @@ class Coordinator:
 
     def _broadcast(self, down: Downlink, rec: RoundRecord, dropped: list[int]) -> None:
         # The checksum is of the state this round started from, which the workers still hold when it arrives.
-        # The aggregate goes out in float64 even with the compact encoding: it is a sum of the workers' rounded
-        # values, and every replica must add exactly the same bits.
+        # The aggregate goes out in the run's dtype even with the compact encoding: it is a sum of the workers'
+        # rounded values, and every replica must add exactly the same bits.
         agg = encode(down.vector, packed=self.cfg.encoding == "compact")
         # Only the sampled ranks that were left out travel: everyone draws the sample itself.
         buffers = None if down.buffers is None else encode(down.buffers)

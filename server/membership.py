@@ -131,7 +131,7 @@ class Membership:
         s.move(StreamState.JOINED)
         self.sessions[rank] = s
 
-    def setup_info(self, s: WorkerStream, msg: pb.Setup, decode: Callable[[pb.SparseVector, str], SparseVector]
+    def setup_info(self, s: WorkerStream, msg: pb.Setup, decode: Callable[..., SparseVector]
                    ) -> SetupInfo:
         """A worker's Setup, checked: its objective's d against the run's, its curvature and start."""
         if s.state is not StreamState.JOINED or msg.rank != s.rank:
@@ -156,7 +156,7 @@ class Membership:
             raise Refusal("INVALID_ARGUMENT", f"smoothness {msg.smoothness} is not a non-negative number")
         if diag is not None and not np.all(np.isfinite(diag)):
             raise Refusal("INVALID_ARGUMENT", "non-finite curvature")
-        x0 = decode(msg.x0, "Setup x0").values if msg.HasField("x0") else None
+        x0 = decode(msg.x0, "Setup x0", dtype=np.float64).values if msg.HasField("x0") else None
         if x0 is not None and x0.shape[0] != d:
             raise Refusal("INVALID_ARGUMENT", f"Setup x0 has {x0.shape[0]} entries, expected {d}")
         if len(msg.x0_digest) not in (0, 16):

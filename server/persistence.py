@@ -99,6 +99,15 @@ def load(path: Path, cfg: RunConfig) -> tuple[SavedRun, Path, str | None]:
     ckpt, used, warning = checkpoint.load_latest(path)
     meta = ckpt.meta
     saved = RunConfig.from_dict(meta["config"])
+    if saved.dtype != cfg.dtype:
+        raise UserError(f"checkpoint {used} holds --dtype {saved.dtype} vectors, this run is --dtype {cfg.dtype}: "
+                        f"resume with --dtype {saved.dtype}")
+    kept = {"x": ckpt.x, "g": ckpt.g, "rows": ckpt.rows, **ckpt.extra}
+    wrong = sorted(k for k, a in kept.items() if a is not None and a.dtype != saved.np_dtype
+                   and not k.startswith(checkpoint.STATE_PREFIX) and not (k == "rows" and a.dtype == np.float32))
+    if wrong:  # the checksum covers the dtypes: only a file written by something else gets here
+        raise UserError(f"checkpoint {used}: {', '.join(wrong)} not {saved.dtype} as its configuration says "
+                        "(corrupt)")
     # Only the stopping rule may change on resume; anything else would make a different run.
     differ = [k for k, v in saved.to_dict().items() if k not in ("rounds", "tol") and v != cfg.to_dict()[k]]
     if differ:

@@ -888,3 +888,39 @@ def family(p: Problem, x0: np.ndarray, gamma: float, T: int, uplink: Uplink, *,
             rec.broadcast(t, b.entries)
             w = w + b.value
     return rec.trace
+
+
+def ef21_float32(p: Problem, x0: np.ndarray, gamma: float, T: int, k: int) -> list[np.ndarray]:
+    """EF21 with Top-k (§3.4, ``init="full"``) with every vector in float32 (``--dtype float32``); returns x^0..x^T.
+
+    ∇f_i(x^t) is evaluated (in float64, as the data are) at the float32 x^t and rounded to float32 once. Then, all
+    in float32: c_i = TopK(∇f_i − g_i) (lower index first among equal magnitudes), g_i ← g_i + c_i; the sum Σ c_i is
+    formed in rank order from 0; g ← g + (1/n)·Σ c_i, the scalar rounded to float32 first; x ← x − γ·g, γ likewise
+    rounded to float32 (a Python scalar takes the vector's dtype)."""
+    f32 = np.float32
+    x = x0.astype(f32)
+    xs = [x.copy()]
+    g = np.zeros(p.d, dtype=f32)
+    g_i: list[np.ndarray] = []
+    for t in range(T + 1):
+        grads = [p.grad(i, x.astype(np.float64)).astype(f32) for i in range(p.n)]
+        if t == 0:
+            sent = [gr.copy() for gr in grads]
+            g_i = [gr.copy() for gr in grads]
+        else:
+            sent = []
+            for i in range(p.n):
+                r = grads[i] - g_i[i]
+                keep = np.lexsort((np.arange(p.d), -np.abs(r)))[:k]
+                c = np.zeros(p.d, dtype=f32)
+                c[keep] = r[keep]
+                sent.append(c)
+                g_i[i] = g_i[i] + c
+        total = np.zeros(p.d, dtype=f32)
+        for c in sent:
+            total = total + c
+        g = g + total * f32(1.0 / p.n)
+        x = x - f32(gamma) * g
+        assert x.dtype == g.dtype == f32
+        xs.append(x.copy())
+    return xs

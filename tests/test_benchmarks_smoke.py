@@ -163,12 +163,21 @@ def check_capacity(doc: dict) -> None:
         assert 0 < 1e3 * r["down_kb"] <= n * (12 * n * k + OVERHEAD)  # the union of n supports, to each worker
 
 
+def check_dtype(doc: dict) -> None:
+    """Each problem ran in both dtypes, its final iterate of that dtype, the two close but not the same bits."""
+    by = {(r["problem"], r["dtype"]): r for r in doc["results"]}
+    assert {d for _, d in by} == {"float32", "float64"} and len(by) == 2 * len({p for p, _ in by})
+    for (_, dtype), r in by.items():
+        assert r["x_dtype"] == dtype and r["curve"] and r["final_grad_norm_sq"] > 0
+        assert 0 < r["x_rel_gap"] < 1e-4
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
     "round_cpu.py": check_round_cpu, "family.py": check_family, "liveness.py": check_liveness,
-    "capacity.py": check_capacity,
+    "capacity.py": check_capacity, "dtype.py": check_dtype,
 }
 
 

@@ -65,13 +65,17 @@ REFUSALS = [
      "packed indices hold 3 entries, the values 2"),
     # 0 low bits: the bit vector alone; ones at bits 0, 2, 7 → indices 0, 1, 5, and 5 ≥ dim 4.
     ("packed out of range", EncodedVector(4, b"\x85", F32x3, False, True, 1), None, "index 5 out of range"),
+    ("float64 in a float32 run", EncodedVector(10, u32(1), f64(1.0), False), None,
+     r"float64 values in a float32 run \(--dtype float32 sends float32\)"),
 ]
+DTYPE_OF = {"float64 in a float32 run": np.float32}  # the receiver's --dtype (float64 for the rest)
 
 
 @pytest.mark.parametrize("what,enc,max_nnz,match", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_each_malformed_vector_is_refused_with_its_message(what, enc, max_nnz, match):
     with pytest.raises(CodecError, match=match):
-        decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz)
+        decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz,
+               dtype=DTYPE_OF.get(what, np.float64))
 
 
 def refusal_patterns() -> list[str]:
@@ -93,7 +97,8 @@ def test_every_refusal_of_the_codec_has_a_test_above():
     tested = []
     for what, enc, max_nnz, _ in REFUSALS:
         try:
-            decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz)
+            decode(enc, expected_dim=10 if what != "packed out of range" else 4, max_nnz=max_nnz,
+               dtype=DTYPE_OF.get(what, np.float64))
         except CodecError as exc:
             tested.append(str(exc))
     patterns = refusal_patterns()

@@ -363,7 +363,7 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
     obj = await asyncio.to_thread(local_objective, cfg, rank, data.ds, None, data.info)
     release_free_heap()  # the loader's scratch (rows parsed one by one) is garbage from here on
     d = obj.d
-    x0 = own_x0(obj, cfg.x0)
+    x0 = own_x0(obj, cfg.x0, cfg.np_dtype)
     first = await _set_up(st, obj, rank, cfg.x0, x0)
     if first.WhichOneof("kind") == "stop":
         return first.stop.reason
@@ -398,7 +398,7 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             # A sparse aggregate is the union of n messages of at most k entries each (a dense one: g_i⁰, EF21+'s
             # replacements, has d).
             limit = None if rr.aggregate.dense else aggregate_bound(cfg, node, d)
-            agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit)
+            agg = decode(rr.aggregate, expected_dim=d, max_nnz=limit, dtype=cfg.np_dtype)
             b = node.replica.buffers
             buffers = None if rr.buffers is None or b is None else decode(rr.buffers, expected_dim=b.shape[0])
         except CodecError as exc:
@@ -413,11 +413,11 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
             await _resync(st, node, d)
 
 
-def own_x0(obj: Any, x0_spec: str | None) -> np.ndarray | None:
+def own_x0(obj: Any, x0_spec: str | None, dtype: Any = np.float64) -> np.ndarray | None:
     """The x⁰ this worker computes itself, as the master does (``make_x0`` of the run's --x0 and the objective's
     own x0()); None when it cannot (an --x0 file this machine lacks): the master then sends x."""
     try:
-        return make_x0(x0_spec, obj.d, getattr(obj, "x0", lambda: None)())
+        return make_x0(x0_spec, obj.d, getattr(obj, "x0", lambda: None)(), dtype)
     except UserError:
         return None
 
@@ -532,10 +532,10 @@ def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d:
             raise WorkerFailure("the master's Start names this worker's own x0, but it sent no digest of one")
         x = x0
     else:
-        x = lean_from_proto(start.x, d)
-    g = lean_from_proto(start.g, d) if start.HasField("g") else None
-    v = lean_from_proto(start.momentum, d) if start.HasField("momentum") else None
-    state = lean_from_proto(start.worker_state, d) if start.HasField("worker_state") else None
+        x = lean_from_proto(start.x, d, cfg.np_dtype)
+    g = lean_from_proto(start.g, d, cfg.np_dtype) if start.HasField("g") else None
+    v = lean_from_proto(start.momentum, d, cfg.np_dtype) if start.HasField("momentum") else None
+    state = lean_from_proto(start.worker_state, d, cfg.np_dtype) if start.HasField("worker_state") else None
     expected_step = 1.0 if method.gamma_in_message else start.gamma
     if start.x_step != expected_step:
         raise WorkerFailure(f"step mismatch: master uses {start.x_step}, this worker expects {expected_step}")
@@ -565,8 +565,9 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    node.replica.x[:] = lean_from_proto(msg.resync.x, d)
-    node.replica.g[:] = lean_from_proto(msg.resync.g, d)
+    dtype = node.replica.x.dtype
+    node.replica.x[:] = lean_from_proto(msg.resync.x, d, dtype)
+    node.replica.g[:] = lean_from_proto(msg.resync.g, d, dtype)
     if msg.resync.HasField("momentum"):
-        node.replica.v = lean_from_proto(msg.resync.momentum, d)
+        node.replica.v = lean_from_proto(msg.resync.momentum, d, dtype)
     node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

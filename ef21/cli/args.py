@@ -55,6 +55,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--encoding", default="plain", choices=ENCODINGS,
                    help="plain: float64 values, uint32 indices (12 B an entry); compact: the workers' values "
                         "rounded to float32 and indices Elias–Fano coded (~6 B an entry for Top-k)")
+    m.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                   help="the method's vectors (x, g, every g_i, message values, checkpoint): float64 (default) or "
+                        "float32 (half the bytes and memory; ef21 and ef21plus)")
     e = p.add_argument_group("stochastic gradients (EF21-SGD, -PAGE, -SGDM)")
     e.add_argument("--estimator", default="full", choices=ESTIMATORS,
                    help="full local gradients (default), sgd minibatches, page, or sgdm (momentum)")
@@ -144,7 +147,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         optimizer=ns.optimizer, nesterov=ns.nesterov,
         beta1=ns.beta1, beta2=ns.beta2, eps=ns.eps, weight_decay=ns.weight_decay, clip_norm=ns.clip_norm,
         lr_schedule=ns.lr_schedule, warmup=ns.warmup, decay_rounds=ns.decay_rounds, min_lr=ns.min_lr,
-        k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor, eval_grad=ns.eval_grad,
+        k_per_tensor=ns.k_per_tensor, k_floor=ns.k_floor, eval_grad=ns.eval_grad, dtype=ns.dtype,
     )
 
 

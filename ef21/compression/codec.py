@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sparse import INDEX_DTYPE, VALUE_DTYPE, SparseVector
+from .sparse import F32, INDEX_DTYPE, VALUE_DTYPE, SparseVector
 
-F32 = np.dtype("<f4")
 Buffer = bytes | memoryview
 
 
@@ -52,6 +51,9 @@ def _view(a: np.ndarray) -> memoryview:
 
 
 def encode(v: SparseVector, *, float32: bool = False, packed: bool = False) -> EncodedVector:
+    """``float32``: values as float32 (the compact encoding rounds them first); float32 values (a ``--dtype
+    float32`` run's) always travel as float32."""
+    float32 = float32 or v.values.dtype == F32
     vals = _view(v.values.astype(F32 if float32 else VALUE_DTYPE, copy=False))
     if v.indices is None:
         return EncodedVector(v.dim, b"", vals, True, float32)
@@ -150,8 +152,11 @@ def _check_finite(vals: np.ndarray) -> None:
         raise CodecError("non-finite value (NaN or Inf)")
 
 
-def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -> SparseVector:
-    """Buffers back to a SparseVector (values as float64), or CodecError saying what is wrong.
+def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
+           dtype: np.dtype | type = np.float64) -> SparseVector:
+    """Buffers back to a SparseVector with values of ``dtype`` (float64: float32 values are widened, exactly;
+    float32, a ``--dtype float32`` run's vectors: float64 values are refused, since narrowing would round them
+    where the sender did not), or CodecError saying what is wrong.
 
     ``max_nnz`` bounds the entries of any vector (a dense one carries ``expected_dim``): what the sender's
     compressor can produce.
@@ -167,7 +172,11 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None) -
         raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
     if max_nnz is not None and len(e.values) // width > max_nnz:  # before any pass over the values
         raise CodecError(f"{len(e.values) // width} entries, at most {max_nnz} allowed")
-    if e.float32:
+    if np.dtype(dtype) == F32:
+        if not e.float32:
+            raise CodecError("float64 values in a float32 run (--dtype float32 sends float32)")
+        vals = _aligned(np.frombuffer(e.values, dtype=F32))
+    elif e.float32:
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
         vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))

@@ -16,6 +16,7 @@ import numpy as np
 
 from ef21.errors import UserError
 
+from . import kernels
 from .sparse import INDEX_DTYPE, SparseVector
 
 
@@ -46,7 +47,7 @@ def top_k_indices(x: np.ndarray, k: int, mag_out: np.ndarray | None = None) -> n
     if k >= d:
         return np.arange(d, dtype=INDEX_DTYPE)
     mag = np.abs(x) if mag_out is None else np.abs(x, out=mag_out)  # ``mag_out``: a kept d-long buffer
-    if d >= _SAMPLED_MIN_D and k * _SAMPLED_MAX_FRACTION <= d:
+    if sampled_path(d, k):
         cand = _candidates(mag, k)
         if cand is not None:
             return cand[_select(mag[cand], k)].astype(INDEX_DTYPE, copy=False)
@@ -59,14 +60,27 @@ _SAMPLED_MAX_FRACTION = 16
 _SAMPLE_SIZE = 2048
 
 
-def _candidates(mag: np.ndarray, k: int) -> np.ndarray | None:
-    """Ascending indices of the entries with magnitude ≥ a sampled threshold, or None when fewer than k pass."""
-    d = mag.shape[0]
-    sample = mag[:: max(1, d // _SAMPLE_SIZE)]
+def sampled_path(d: int, k: int) -> bool:
+    """Whether Top-k of k out of d cuts the vector down with a sampled threshold first (``top_k_indices``)."""
+    return d >= _SAMPLED_MIN_D and k * _SAMPLED_MAX_FRACTION <= d
+
+
+def sample_stride(d: int) -> int:
+    return max(1, d // _SAMPLE_SIZE)
+
+
+def sampled_threshold(sample: np.ndarray, d: int, k: int) -> float:
+    """The threshold read off ``sample`` (the magnitudes at every ``sample_stride(d)``-th position)."""
     m = sample.shape[0]
     # Aim at about 2k + 32 survivors; the sample's own estimate of the quantile is off by ~sqrt of the count.
     want = min(m, math.ceil(m * (2 * k + 32) / d) + 4)
-    t = np.partition(sample, m - want)[m - want]
+    return np.partition(sample, m - want)[m - want]
+
+
+def _candidates(mag: np.ndarray, k: int) -> np.ndarray | None:
+    """Ascending indices of the entries with magnitude ≥ a sampled threshold, or None when fewer than k pass."""
+    d = mag.shape[0]
+    t = sampled_threshold(mag[:: sample_stride(d)], d, k)
     cand = np.flatnonzero(mag >= t)
     return cand if cand.shape[0] >= k else None
 
@@ -124,10 +138,28 @@ class TopK:
         return SparseVector(x.shape[0], idx, x[idx])
 
     def compress_with(self, x: np.ndarray, rng: np.random.Generator | None, buffer: np.ndarray) -> SparseVector:
-        """The same vector as ``self(x)``, its magnitudes computed into ``buffer`` (d-long float64, overwritten)
-        instead of a fresh temporary."""
+        """The same vector as ``self(x)``, its magnitudes computed into ``buffer`` (d-long, x's dtype,
+        overwritten) instead of a fresh temporary."""
         idx = top_k_indices(x, self.k, buffer)
         return SparseVector(x.shape[0], idx, x[idx])
+
+    def compress_difference(self, a: np.ndarray, b: np.ndarray, cand: np.ndarray) -> SparseVector | None:
+        """``self(a − b)`` without forming a − b: one compiled pass over d finds the entries whose |a − b| reaches
+        the sampled threshold (``kernels.residual_candidates``, into the kept ``cand``), and the exact selection
+        runs on those, as ``top_k_indices`` does on the same candidates — so the same indices, ties and values.
+        None where that path does not apply (no numba, a small d or a large k, a sample that misleads): the
+        caller then compresses a − b as usual."""
+        d, k = a.shape[0], self.k
+        if not (sampled_path(d, k) and kernels.available(d)):
+            return None
+        stride = sample_stride(d)
+        t = sampled_threshold(np.abs(a[::stride] - b[::stride]), d, k)
+        cand_idx = kernels.residual_candidates(a, b, t, cand)
+        if cand_idx is None or cand_idx.shape[0] < k:
+            return None
+        picked = a[cand_idx] - b[cand_idx]
+        sel = _select(np.abs(picked), k)
+        return SparseVector(d, cand_idx[sel].astype(INDEX_DTYPE), picked[sel])
 
 
 def compress(compressor: Compressor, x: np.ndarray, rng: np.random.Generator | None,
@@ -352,7 +384,7 @@ class Float32Values:
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> SparseVector:
         c = self.inner(x, rng)
-        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(np.float64))
+        return SparseVector(c.dim, c.indices, c.values.astype(np.float32).astype(c.values.dtype))
 
 
 def make_compressor(name: str, k: int | None, d: int) -> Compressor:

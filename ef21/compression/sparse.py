@@ -8,6 +8,13 @@ import numpy as np
 
 INDEX_DTYPE = np.dtype("<u4")
 VALUE_DTYPE = np.dtype("<f8")
+F32 = np.dtype("<f4")
+
+
+def value_dtype(a: np.ndarray) -> np.dtype:
+    """The dtype a vector's values keep: float32 stays float32 (a ``--dtype float32`` run), anything else is
+    float64."""
+    return F32 if a.dtype == F32 else VALUE_DTYPE
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,12 +32,13 @@ class SparseVector:
 
     @staticmethod
     def dense(values: np.ndarray) -> SparseVector:
-        v = np.asarray(values, dtype=np.float64)
+        v = np.asarray(values)
+        v = np.asarray(v, dtype=value_dtype(v))
         return SparseVector(v.shape[0], None, v)
 
     @staticmethod
-    def zeros(dim: int) -> SparseVector:
-        return SparseVector(dim, np.zeros(0, dtype=INDEX_DTYPE), np.zeros(0, dtype=np.float64))
+    def zeros(dim: int, dtype: np.dtype | type = np.float64) -> SparseVector:
+        return SparseVector(dim, np.zeros(0, dtype=INDEX_DTYPE), np.zeros(0, dtype=dtype))
 
     @property
     def is_dense(self) -> bool:
@@ -48,7 +56,7 @@ class SparseVector:
     def to_dense(self) -> np.ndarray:
         if self.indices is None:
             return self.values.copy()
-        out = np.zeros(self.dim, dtype=np.float64)
+        out = np.zeros(self.dim, dtype=self.values.dtype)
         out[self.indices] = self.values
         return out
 
@@ -76,21 +84,24 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     Cost, for m = Σ nnz entries of n vectors: O(m·log n) by a merge of the n ascending runs (``_merged_sum``), no
     term in d, while m·log2(n) ≤ d/4; past that the union is a good part of d and a d-long mask costs less
     (``_masked_sum``, O(m + d)). docs/benchmarks/master.md has the measurements behind the switch.
+    float32 vectors (``--dtype float32``) are summed in float32 the same way (``np.add.at``: bincount would add in
+    float64, which no float32 replica does).
     """
+    dtype = np.result_type(*(v.values.dtype for v in vectors)) if vectors else np.dtype(np.float64)
     if any(v.indices is None for v in vectors):
-        acc = np.zeros(dim, dtype=np.float64)
+        acc = np.zeros(dim, dtype=dtype)
         for v in vectors:
             v.add_to(acc)
         return SparseVector(dim, None, acc)
     if not vectors:
-        return SparseVector.zeros(dim)
+        return SparseVector.zeros(dim, dtype)
     if len(vectors) == 1:
         v = vectors[0]
         return SparseVector(dim, v.indices, v.values + 0.0)  # + 0.0: the same bits as 0.0 + v, as a copy
     total = sum(v.nnz for v in vectors)
     if total * max(1, (len(vectors) - 1).bit_length()) * MERGE_PER_MASK > dim:
-        return _masked_sum(vectors, dim)
-    return _merged_sum(vectors, dim)
+        return _masked_sum(vectors, dim, dtype)
+    return _merged_sum(vectors, dim, dtype)
 
 
 MERGE_PER_MASK = 4
@@ -98,7 +109,7 @@ MERGE_PER_MASK = 4
 entry of the merge moves, per level of log2(n): measured, benchmarks/master_cost.py."""
 
 
-def _merged_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
+def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype) -> SparseVector:
     """The sum by merging the ascending index runs: a stable sort (timsort, which finds the n runs and merges them
     in O(m·log n)) keeps each coordinate's entries in rank order, so ``np.bincount`` over the merged order adds them
     as the rank-ordered sum does."""
@@ -110,16 +121,20 @@ def _merged_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     np.not_equal(merged[1:], merged[:-1], out=first[1:])
     support = merged[first]
     slot = np.cumsum(first) - 1  # each merged entry's place in the support
-    summed = np.bincount(slot, weights=np.concatenate([v.values for v in vectors])[order],
-                         minlength=support.shape[0])
+    vals = np.concatenate([v.values for v in vectors])[order]
+    if dtype == F32:
+        summed = np.zeros(support.shape[0], dtype=F32)
+        np.add.at(summed, slot, vals)
+    else:
+        summed = np.bincount(slot, weights=vals, minlength=support.shape[0])
     return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), summed)
 
 
-def _masked_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
+def _masked_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype) -> SparseVector:
     """The sum through d-long buffers: accumulate into a dense one (np.zeros is calloc, so untouched pages cost
     nothing) and find the support with a mask: O(m + d), no sort."""
     idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
-    acc = np.zeros(dim, dtype=np.float64)
+    acc = np.zeros(dim, dtype=dtype)
     # np.add.at is unbuffered and goes through the entries in order: rank order within every coordinate.
     np.add.at(acc, idx, np.concatenate([v.values for v in vectors]))
     mark = np.zeros(dim, dtype=bool)

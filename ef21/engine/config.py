@@ -22,6 +22,10 @@ ENCODINGS = ("plain", "compact")
 ESTIMATORS = ("full", "sgd", "page", "sgdm")
 WEIGHTS = ("uniform", "smoothness")
 DOWNLINK_METHODS = ("ef21-bc", "ef21-p")
+DTYPES = ("float64", "float32")
+# What float32 method vectors run with: the methods and extensions whose every d-long vector keeps the run's dtype
+# (checked end to end against the simulator). The rest keep float64 state of their own, so they are refused.
+FLOAT32_METHODS = ("ef21", "ef21plus")
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ class RunConfig:
     global k over x; needs an objective that reports its tensors (a PyTorch model)."""
     k_floor: int = 1
     """With a fractional ``k_per_tensor``: every tensor keeps at least this many entries (all of a smaller one)."""
+    dtype: str = "float64"
+    """The dtype of the method's vectors — x, g, every g_i, the messages' values, the checkpoint: ``float64`` or
+    ``float32`` (half the memory and bytes; the iterates round at every step, docs/configuration.md)."""
 
     def __post_init__(self) -> None:
         if self.objective is None and self.problem in ("logreg", "lsq") and self.data is None:
@@ -159,6 +166,27 @@ class RunConfig:
             raise UserError(f"--dim must be positive, got {self.dim}")
         self._check_estimator()
         self._check_extensions()
+        self._check_dtype()
+
+    def _check_dtype(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float64":
+            return
+        if self.method not in FLOAT32_METHODS:
+            raise UserError(f"--dtype float32 runs {', '.join(FLOAT32_METHODS)}; --method {self.method} keeps "
+                            "float64 state of its own")
+        for flag, given in (("--optimizer", self.optimizer is not None), ("--prox", self.prox is not None),
+                            ("--downlink-method ef21-p", self.downlink_method == "ef21-p" and self.downlink_k),
+                            ("--estimator page", self.estimator == "page")):
+            if given:
+                raise UserError(f"--dtype float32 does not run with {flag} (its state stays float64); "
+                                "use --dtype float64")
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype of the method's vectors."""
+        return np.dtype(self.dtype)
 
     def _check_estimator(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -238,9 +266,14 @@ class RunConfig:
         return RunConfig(**d)
 
 
-def make_x0(spec: str | None, d: int, default: np.ndarray | None = None) -> np.ndarray:
+def make_x0(spec: str | None, d: int, default: np.ndarray | None = None, dtype: Any = np.float64) -> np.ndarray:
     """x⁰ from ``zeros``, ``normal:SEED`` or a .npy path, checked against d; None takes ``default`` (the
-    objective's own x⁰) or zeros."""
+    objective's own x⁰) or zeros. Drawn or read in float64, then rounded once to ``dtype`` (the run's)."""
+    x0 = _make_x0(spec, d, default)
+    return x0 if np.dtype(dtype) == x0.dtype else x0.astype(dtype)
+
+
+def _make_x0(spec: str | None, d: int, default: np.ndarray | None) -> np.ndarray:
     if spec is None:
         if default is None:
             return np.zeros(d)

@@ -125,13 +125,14 @@ class WorkerNode:
         if g is not None:
             self.replica.g[:] = g
         if v is not None:
-            self.replica.v = np.array(v, dtype=np.float64, copy=True)
+            self.replica.v = np.array(v, dtype=self.replica.x.dtype, copy=True)
         self.round = round_
         self.x_prev: np.ndarray | None = None
         self._pending: Any = None
         self._pending_est: Any = None
         # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._x64: np.ndarray | None = None  # a float32 run's x, widened for the objective (``_point``)
 
     def participates(self, round_: int | None = None) -> bool:
         s = self.setting
@@ -144,7 +145,7 @@ class WorkerNode:
 
         The new method state is held back until ``apply`` says whether the master included the message.
         """
-        s, t, x = self.setting, self.round, self.replica.x
+        s, t, x = self.setting, self.round, self._point()
         begin = getattr(self.objective, "begin_round", None)
         if begin is not None:  # seeds the round's draws (dropout, augmentation); the model's buffers b^t
             begin((s.seed, self.rank, t), self.replica.buffers)
@@ -155,6 +156,7 @@ class WorkerNode:
             f, full = self.objective.value_and_grad(x)
         elif participate and s.estimator.needs_full(self.est_state, ectx):
             full = gradient(self.objective, x)
+        full = self._cast(full)
         metrics = self._metrics(x) if evaluate else None
         if not participate:
             self._pending, self._pending_est = self.state, self.est_state
@@ -164,7 +166,7 @@ class WorkerNode:
                 dist = self.method.stale_distortion(self.state, self._scaled(full))
             return WorkerReport(t, None, f, full, dist, metrics)
         est, self._pending_est = s.estimator.estimate(self.est_state, self.objective, x, self.x_prev, full, ectx)
-        est = self._scaled(est)
+        est = self._scaled(self._cast(est))
         # G measures the new estimate against ∇f_i(x) (EF21-W: ∇f_i/(n·w_i), what the worker tracks). With full
         # gradients that is the vector being compressed, which lets the method reuse its residual.
         reference = None
@@ -173,10 +175,12 @@ class WorkerNode:
             reference = est if not s.estimator.stochastic else self._scaled(full)
         rng = round_rng(s.seed, self.rank, t) if self.compressor.randomized else None
         if self._scratch is None:
-            d = self.replica.x.shape[0]
-            self._scratch = (np.empty(d), np.empty(d))
+            k = getattr(self.compressor, "k", 0)
+            # Top-k's fused path keeps its candidates (about 2k + 32) here; more sends it down the numpy path.
+            self._scratch = (np.empty_like(self.replica.x), np.empty_like(self.replica.x),
+                             np.empty(min(self.replica.x.shape[0], 8 * k + 4096), dtype=np.int64))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
-                            mag=self._scratch[1])
+                            mag=self._scratch[1], cand=self._scratch[2])
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()
@@ -185,8 +189,28 @@ class WorkerNode:
             return WorkerReport(t, msg, None, None, None, None)
         return WorkerReport(t, msg, f, full, dist, metrics)
 
+    def _point(self) -> np.ndarray:
+        """x as the objective takes it. A float32 run casts at the boundary: the built-in and plugin objectives
+        see x widened to float64 (exactly; into a kept buffer) and compute in float64, as their data are, and the
+        gradient is rounded to float32 once (``_cast``), so none of their sums runs half in float32. An objective
+        with ``accepts_float32`` (a PyTorch model, float32 already) takes the float32 x itself and returns a
+        float32 gradient: no float64 round trip."""
+        x = self.replica.x
+        if x.dtype == np.float64 or getattr(self.objective, "accepts_float32", False):
+            return x
+        if self._x64 is None:
+            self._x64 = np.empty(x.shape[0])
+        np.copyto(self._x64, x)
+        return self._x64
+
+    def _cast(self, v: np.ndarray | None) -> np.ndarray | None:
+        """A gradient in the replica's dtype (see ``_point``): one rounding of a float64 gradient, no copy of a
+        float32 one."""
+        dtype = self.replica.x.dtype
+        return v if v is None or v.dtype == dtype else v.astype(dtype)
+
     def _scaled(self, v: np.ndarray) -> np.ndarray:
-        scale = self.setting.grad_scale
+        scale = float(self.setting.grad_scale)  # a Python float keeps a float32 vector float32
         return v if scale == 1.0 else v * scale
 
     def _metrics(self, x: np.ndarray) -> dict[str, float] | None:

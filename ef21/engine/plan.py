@@ -168,11 +168,13 @@ class Plan:
 
     def master_node(self, x0: np.ndarray, rows_dtype: object = np.float64,
                     buffers: np.ndarray | None = None) -> MasterNode:
+        if rows_dtype is not None and np.dtype(rows_dtype).itemsize > x0.dtype.itemsize:
+            rows_dtype = x0.dtype  # ``full`` rows of a float32 run are float32: the workers' g_i, exactly
         if self.downlink is not None and self.primal:
             primal = PrimalBroadcast.start(self.downlink, x0, self.rule.x_step, self.cfg.seed)
             return MasterNode(self.method, self.cfg.workers, x0, gamma=self.gamma, rule=self.rule,
                               rows_dtype=rows_dtype, primal=primal)
-        bc = None if self.downlink is None else BroadcastCompressor.start(self.downlink, self.d, self.cfg.seed)
+        bc = None if self.downlink is None else BroadcastCompressor.start(self.downlink, self.d, self.cfg.seed, x0.dtype)
         return MasterNode(self.method, self.cfg.workers, x0, gamma=self.gamma, rule=self.rule,
                           weights=self.weights, downlink=bc, rows_dtype=rows_dtype, buffers=buffers)
 

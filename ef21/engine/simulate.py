@@ -74,7 +74,7 @@ def simulate(
     problem = problem or build_problem(cfg)
     d, n = problem.d, problem.n
     plan = plan_for(cfg, problem)
-    x0 = make_x0(cfg.x0, d, problem.x0)
+    x0 = make_x0(cfg.x0, d, problem.x0, cfg.np_dtype)
     workers = [
         WorkerNode(plan.method, plan.compressor, obj, i, gamma=plan.gamma, x0=x0, setting=plan.worker_setting(i),
                    buffers=problem.buffers0)

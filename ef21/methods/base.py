@@ -70,11 +70,14 @@ class WorkerContext:
     round: int = 0
     """The round being computed (MARINA's shared coin is drawn from (seed, round))."""
     scratch: np.ndarray | None = None
-    """A d-long float64 buffer the step may overwrite. Given, the step may also update its state in place and
+    """A d-long buffer (the vectors' dtype) the step may overwrite. Given, the step may also update its state in place and
     return it as an ``InPlace`` (the caller commits it, or undoes it when the round leaves the message out); the
     steady round then allocates nothing of size d. None: the step copies (callers that keep the old state)."""
     mag: np.ndarray | None = None
-    """A second d-long float64 buffer, for Top-k's magnitudes (``ef21.compression.compressors.compress``)."""
+    """A second d-long buffer, for Top-k's magnitudes (``ef21.compression.compressors.compress``)."""
+    cand: np.ndarray | None = None
+    """A kept int64 buffer for Top-k's candidates on the fused path (``TopK.compress_difference``): given, with
+    ``scratch``, a steady EF21 step may compress ∇ − g_i in one compiled pass over d without forming it."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,8 +40,8 @@ class BroadcastCompressor:
     g_tilde: np.ndarray
 
     @staticmethod
-    def start(compressor: Compressor, d: int, seed: int) -> BroadcastCompressor:
-        return BroadcastCompressor(compressor, seed, np.zeros(d))
+    def start(compressor: Compressor, d: int, seed: int, dtype: object = np.float64) -> BroadcastCompressor:
+        return BroadcastCompressor(compressor, seed, np.zeros(d, dtype=dtype))  # type: ignore[call-overload]
 
     def transform(self, up: Downlink, g: np.ndarray, round_: int) -> Downlink:
         """From the uplink aggregate of round ``round_`` to the broadcast b; ``g`` is the replicas' g^t."""

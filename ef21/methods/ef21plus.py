@@ -50,7 +50,7 @@ class EF21Plus(EF21):
         if not any(m is not None and m.replace for m in messages):
             return super().master_aggregate(rows, messages, d)  # pure EF21 rounds keep the downlink sparse
         n = len(messages)
-        acc = np.zeros(d)
+        acc = np.zeros(d, dtype=next(m.vector.values.dtype for m in messages if m is not None))  # the run's
         for rank, msg in enumerate(messages):
             if msg is None:
                 continue

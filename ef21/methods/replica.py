@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ef21.compression import kernels
+
 from .optim import State, Transform
 from .prox import Prox
 
@@ -65,13 +67,17 @@ class Replica:
     def start(x0: np.ndarray, rule: StepRule | float, buffers: np.ndarray | None = None) -> Replica:
         if not isinstance(rule, StepRule):
             rule = StepRule(float(rule))
-        x = np.array(x0, dtype=np.float64, copy=True)
+        # x and g keep x0's dtype when it is float32 (``--dtype float32``): every vector of the step follows them.
+        x = np.array(x0, dtype=np.float32 if x0.dtype == np.float32 else np.float64, copy=True)
         opt = None if rule.optimizer is None else rule.optimizer.init(x.shape[0])
         b = None if buffers is None or len(buffers) == 0 else np.array(buffers, dtype=np.float64, copy=True)
         return Replica(x, np.zeros_like(x), rule, buffers=b, opt_state=opt)
 
     def apply(self, down: Downlink) -> None:
         rule = self.rule
+        # A Python float (never a numpy float64) times a float32 vector stays float32: one rounding, the same on
+        # every replica however the product is formed.
+        step = float(rule.x_step)
         if down.buffers is not None and self.buffers is not None:
             down.buffers.add_to(self.buffers)
         if rule.primal:
@@ -81,7 +87,7 @@ class Replica:
             # DIANA: x moves by h + D·scale (built in a scratch vector so that h keeps its own bits), then h moves.
             direction = self.g.copy()
             down.vector.add_to(direction, down.scale)
-            self.x -= rule.x_step * direction
+            self.x -= step * direction
             down.vector.add_to(self.g, rule.shift * down.scale)
             return
         if down.mode == "replace":
@@ -100,11 +106,13 @@ class Replica:
                     self.v *= rule.momentum
                     self.v += self.g
                 direction = self.v
-            if self.scratch is None:
-                self.x -= rule.x_step * direction
+            if kernels.sub_scaled(self.x, step, direction):
+                pass  # one compiled pass, the same bits as the two numpy operations below
+            elif self.scratch is None:
+                self.x -= step * direction
             else:
                 # The same two operations (the same bits), the product into the kept buffer.
-                np.multiply(direction, rule.x_step, out=self.scratch)
+                np.multiply(direction, step, out=self.scratch)
                 np.subtract(self.x, self.scratch, out=self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)

@@ -157,13 +157,17 @@ class PluginObjective:
         n = getattr(inner, "n_samples", None)
         self.n_samples: int | None = int(n) if n is not None and callable(getattr(inner, "grad_batch", None)) else None
         self._layout = self._read_layout()
+        # A model that computes in float32 (``ef21.problems.torch``) takes a --dtype float32 run's x as it is and
+        # hands back a float32 gradient, which stays float32 here (no float64 round trip).
+        self.accepts_float32 = bool(getattr(inner, "accepts_float32", False))
 
     def _fail(self, what: str) -> None:
         raise UserError(f"objective {self.ref.label} (rank {self.rank}) {what}")
 
     def _vector(self, g: Any, what: str) -> np.ndarray:
         try:
-            g = np.asarray(g, dtype=np.float64)
+            keep32 = self.accepts_float32 and getattr(g, "dtype", None) == np.float32
+            g = np.asarray(g, dtype=np.float32 if keep32 else np.float64)
         except (TypeError, ValueError):
             self._fail(f"returned a {what} that is not a numeric vector")
         if g.shape != (self.d,):

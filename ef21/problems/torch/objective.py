@@ -13,6 +13,9 @@ are x. What the method sees is float64 (x, gradients, its own state); the model 
 - ``float64``: the model and data are converted to double; about 2× the time per gradient on CPU for matrix-heavy
   models (see docs/benchmarks/pytorch.md), nothing rounded anywhere.
 
+With the run's ``--dtype float32`` the method's vectors are float32 themselves: x loads into a float32 model and
+its gradient is handed back as it is, with no float64 copy either way.
+
 **Train mode.** Gradients are taken in ``model.train()`` (``train=False``: ``eval()``), so dropout is on and
 BatchNorm normalises with the batch's statistics; metrics are taken in ``eval()``. Every random draw of a gradient
 call — dropout, and the dataset's random transforms (augmentation) — comes from torch's, numpy's and Python's
@@ -306,7 +309,7 @@ class TorchObjective:
 
     def _load(self, x: np.ndarray) -> None:
         with self._torch.no_grad():
-            self._flat.copy_(self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+            self._flat.copy_(self._torch.from_numpy(np.ascontiguousarray(x)))  # x's own dtype, cast by the copy
 
     def _loss_and_grad(self, x: np.ndarray, idx: np.ndarray | None, kind: str) -> tuple[float, np.ndarray]:
         """Mean loss and gradient over ``idx`` (None: the whole shard), in chunks of ``chunk_size`` rows whose
@@ -323,6 +326,9 @@ class TorchObjective:
         else:
             parts = [idx[i:i + self.chunk_size] for i in range(0, len(idx), self.chunk_size)]
         value, flat = 0.0, None
+        # The gradient comes back in x's dtype: float64 for a float64 run (a float32 model's gradient widens
+        # exactly), float32 for --dtype float32, where a float32 model's gradient is used as it is (no round trip).
+        out = torch.float32 if x.dtype == np.float32 else torch.float64
         with self._draws(kind), torch.enable_grad():
             for part in parts:
                 inputs, targets = self.data.batch(part)
@@ -335,7 +341,7 @@ class TorchObjective:
                     raise FloatingPointError(f"the loss is {v} on {rows} rows")
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 g = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1)
-                               for p, gr in zip(self.params, grads)]).to(torch.float64)
+                               for p, gr in zip(self.params, grads)]).to(out)
                 if len(parts) == 1:  # the one chunk: its bits, unscaled
                     value, flat = v, g
                 else:
@@ -355,6 +361,9 @@ class TorchObjective:
             self._round_x = np.array(x, dtype=np.float64, copy=True)
         if np.array_equal(x, self._round_x):
             self._updated = self._read_buffers()
+
+    accepts_float32 = True
+    """A ``--dtype float32`` run hands x over as float32 and gets the gradient back in float32 (no float64 copy)."""
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """f_i(x) and ∇f_i(x) over the whole shard."""

@@ -1,0 +1,83 @@
+"""Fused loops over d for a worker's steady round, compiled by numba when it is installed (``pip install
+'ef21[fast]'``); without it, ``None`` from each entry point sends the caller down its numpy path, which gives the
+same bits (``tests/test_passes.py`` checks both).
+
+numpy makes one pass over d per operation, each with a temporary or a kept buffer: EF21's Top-k step reads
+``grad`` and ``g_i`` to write the residual, reads that to write its magnitudes, compares them with a threshold and
+finds the survivors (four passes), and ``x −= s·g`` is two. A compiled loop does each in one:
+
+* ``residual_candidates``: the ascending positions j with |grad_j − g_i,j| ≥ t, into a kept buffer — Top-k's
+  sampled path (``ef21.compression.compressors.top_k_indices``) without ever storing the residual;
+* ``sub_scaled``: x ← x − s·g, the product rounded before the subtraction as numpy's two operations round it (no
+  fused multiply-add: numba leaves fast-math off, so LLVM does not contract the two).
+
+The magnitude is computed as numpy computes it, |a − b| in the vectors' dtype, so the candidates (and therefore the
+selection and its ties) are the same; what is left (the exact selection among ~2k candidates, the k values)
+is k-sized numpy work shared with the numpy path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+MIN_D = 1 << 15
+"""Below this d a pass is a few microseconds and numba's import and first dispatch (about 2 s each on a loaded
+2-core machine, the compiled code cached on disk after the first process) would cost more than a run saves: the
+numpy path runs, and small runs (the tests' mushrooms, d = 112) never import numba."""
+
+
+@functools.cache  # imported and compiled on the first round that uses them, not at every ef21 start
+def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def candidates(grad: Any, g_i: Any, t: Any, out: Any) -> int:  # pragma: no cover - compiled
+        """Writes the positions with |grad − g_i| ≥ t into ``out`` in ascending order; returns their count, or
+        −1 once ``out`` is full (the caller then takes the full selection)."""
+        cap = out.shape[0]
+        m = 0
+        for j in range(grad.shape[0]):
+            if abs(grad[j] - g_i[j]) >= t:
+                if m == cap:
+                    return -1
+                out[m] = j
+                m += 1
+        return m
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def sub_scaled(x: Any, s: Any, g: Any) -> None:  # pragma: no cover - compiled
+        for j in range(x.shape[0]):
+            x[j] = x[j] - s * g[j]
+
+    return candidates, sub_scaled
+
+
+def available(d: int = MIN_D) -> bool:
+    """Whether the compiled loops are in use for vectors of d entries (numba importable, d ≥ ``MIN_D``)."""
+    return d >= MIN_D and _compile() is not None
+
+
+def residual_candidates(grad: np.ndarray, g_i: np.ndarray, t: float, out: np.ndarray) -> np.ndarray | None:
+    """Ascending positions with |grad − g_i| ≥ t (a view of ``out``), in one pass over d; None without numba or
+    when more than ``out`` holds pass (the caller's numpy path decides then)."""
+    kernels = _compile() if grad.shape[0] >= MIN_D else None
+    if kernels is None:
+        return None
+    m = kernels[0](grad, g_i, grad.dtype.type(t), out)
+    return None if m < 0 else out[:m]
+
+
+def sub_scaled(x: np.ndarray, s: float, g: np.ndarray) -> bool:
+    """x ← x − s·g in one pass (s rounded to x's dtype first, as numpy takes a Python float); False without numba
+    (the caller does it with numpy)."""
+    kernels = _compile() if x.shape[0] >= MIN_D else None
+    if kernels is None or x.dtype != g.dtype:
+        return False
+    kernels[1](x, x.dtype.type(s), g)
+    return True
