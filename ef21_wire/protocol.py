@@ -13,7 +13,10 @@ from __future__ import annotations
 #    workers' shared point w; MARINA's dense rounds carry whole gradients; CLAG's skip is an empty Update.
 # 7: lean set-up and evaluation: Setup.x0_digest and Start.x_is_own_x0 (no x at round 0 for a worker that has it),
 #    Start/Resync state vectors sparse when smaller, Eval.grad absent for objectives that report metrics.
-PROTOCOL_VERSION = 7
+# 8: the aggregator tier: Update.covers (an aggregator's sum over a block of ranks, docs/aggregators.md); the master
+#    sends a block's RoundResult on the stream of the first rank covered, and its aggregator relays it;
+#    Start.included_through, so that a worker joining again keeps its own state when the master has none.
+PROTOCOL_VERSION = 8
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"
 
