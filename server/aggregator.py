@@ -35,6 +35,7 @@ from ef21.engine.tree import Tree, block_sum
 from ef21.errors import UserError
 from ef21.methods import Message
 from ef21.methods.participation import participants, participation_count
+from ef21_wire.auth import token_matches
 from ef21_wire.fastwire import read_round_result, read_update
 from ef21_wire.protocol import PROTOCOL_VERSION, SERVICE, TRAIN_METHOD
 from ef21_wire.serde import update_from_proto, vector_to_proto
@@ -128,8 +129,17 @@ class Aggregator:
 
     # -- the service the workers see --------------------------------------------------------------------------
 
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """The workers present the run token the aggregator itself presents to the master (none: none asked)."""
+        token = None if self.security is None else self.security.token
+        if token is None or token_matches(token, context.invocation_metadata()):
+            return
+        log.warning("unauthenticated call from %s: missing or wrong run token", context.peer())
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
+
     async def join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         assert self.channel is not None
+        await self._authorize(context)
         join = self.channel.unary_unary(f"/{SERVICE}/Join", request_serializer=pb.JoinRequest.SerializeToString,
                                         response_deserializer=pb.JoinReply.FromString)
         try:
@@ -140,6 +150,7 @@ class Aggregator:
 
     async def status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         assert self.channel is not None
+        await self._authorize(context)
         call = self.channel.unary_unary(f"/{SERVICE}/Status", request_serializer=pb.StatusRequest.SerializeToString,
                                         response_deserializer=pb.StatusReply.FromString)
         try:
@@ -151,6 +162,7 @@ class Aggregator:
     async def train(self, requests: object, context: grpc.aio.ServicerContext) -> None:
         """One worker's stream: relayed to its own stream to the master; the round's messages are summed."""
         assert self.channel is not None
+        await self._authorize(context)
         upstream = self.channel.stream_stream(TRAIN_METHOD)(metadata=self._metadata())
         relay = Relay(context.peer(), asyncio.Queue(), upstream)
         down = asyncio.create_task(self._from_master(relay), name=f"down-{relay.peer}")
