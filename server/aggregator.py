@@ -42,6 +42,8 @@ from ef21_wire.serde import update_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 from ef21_worker.channel import ClientSecurity, open_channel
 
+from .grpc_server import service_handler
+
 log = logging.getLogger("ef21.aggregator")
 
 # A worker's relayed stream that says nothing for this long before its Hello is dropped (as the master does).
@@ -137,27 +139,23 @@ class Aggregator:
         log.warning("unauthenticated call from %s: missing or wrong run token", context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
 
-    async def join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+    async def _forward(self, method: str, request: object, reply_type: type, context: grpc.aio.ServicerContext):
+        """A unary call passed on to the master as it is, its error (code and details) passed back."""
         assert self.channel is not None
         await self._authorize(context)
-        join = self.channel.unary_unary(f"/{SERVICE}/Join", request_serializer=pb.JoinRequest.SerializeToString,
-                                        response_deserializer=pb.JoinReply.FromString)
-        try:
-            return await join(request, timeout=30.0, metadata=self._metadata())
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
-            raise  # unreachable: abort raises
-
-    async def status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        assert self.channel is not None
-        await self._authorize(context)
-        call = self.channel.unary_unary(f"/{SERVICE}/Status", request_serializer=pb.StatusRequest.SerializeToString,
-                                        response_deserializer=pb.StatusReply.FromString)
+        call = self.channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=type(request).SerializeToString,
+                                        response_deserializer=reply_type.FromString)  # type: ignore[attr-defined]
         try:
             return await call(request, timeout=30.0, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
-            raise
+            raise  # unreachable: abort raises
+
+    async def join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        return await self._forward("Join", request, pb.JoinReply, context)
+
+    async def status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return await self._forward("Status", request, pb.StatusReply, context)
 
     async def train(self, requests: object, context: grpc.aio.ServicerContext) -> None:
         """One worker's stream: relayed to its own stream to the master; the round's messages are summed."""
@@ -431,15 +429,7 @@ class Aggregator:
             await self.channel.close()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Join": grpc.unary_unary_rpc_method_handler(
-                self.join, request_deserializer=pb.JoinRequest.FromString,
-                response_serializer=pb.JoinReply.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.status, request_deserializer=pb.StatusRequest.FromString,
-                response_serializer=pb.StatusReply.SerializeToString),
-            "Train": grpc.stream_stream_rpc_method_handler(self.train),
-        })
+        return service_handler(self.join, self.status, self.train)
 
 
 class _Refused(Exception):
