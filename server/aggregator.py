@@ -89,6 +89,7 @@ class Aggregator:
         self.participation: int | None = None
         self.d: int | None = None
         self.sums_sent = 0
+        self.last_sent = -1  # the latest round whose sum went (older rounds are forgotten)
 
     # -- set-up ------------------------------------------------------------------------------------------------
 
@@ -256,6 +257,8 @@ class Aggregator:
         if extra:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "an Update with buffers, a selector or covers cannot be "
                                                              "summed by an aggregator")
+        if round_ < self.last_sent and round_ not in self.rounds:
+            return  # a round long gone (its sum went without this worker)
         br = self.rounds.setdefault(round_, BlockRound())
         if br.sent or round_ < relay.started_at:
             log.info("rank %d's Update of round %d came after its block's sum: dropped", relay.rank, round_)
@@ -271,6 +274,8 @@ class Aggregator:
         self._maybe_send(round_)
 
     def _eval(self, relay: Relay, round_: int, raw: bytes) -> None:
+        if round_ < self.last_sent and round_ not in self.rounds:
+            return
         br = self.rounds.setdefault(round_, BlockRound())
         if br.sent:
             return  # its block's sum went without it: the master would refuse an Eval without its Update
@@ -313,6 +318,7 @@ class Aggregator:
         for r in ranks:
             up.covers.add(rank=r, entries=br.updates[r][1], dense=br.updates[r][2])
         br.sent = True
+        self.last_sent = max(self.last_sent, round_)
         self.carried[round_] = ranks
         self.sums_sent += 1
         self._write_up(carrier, pb.WorkerMessage(update=up).SerializeToString())
