@@ -217,7 +217,7 @@ def run_one(case: str, n: int, rounds: int, aggregators: int, tmp: Path, env: di
         if aggregators:
             aggs = []
             for j in range(aggregators):
-                p = spawn([python, "-m", "ef21", "aggregator", "--master", address, "--port", "0", "--index", str(j)],
+                p = spawn([python, "-m", "ef21", "aggregator", "--master", address, "--port", "0", "--block", str(j)],
                           env, stdout=subprocess.PIPE, stderr=open(tmp / f"agg-{j}.err", "w"), text=True)
                 procs.append(p)
                 aggs.append(read_address(p, f"ef21 aggregator {j}"))
@@ -391,6 +391,8 @@ def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--case", choices=sorted(CASES), nargs="+", default=["quad"])
     ap.add_argument("--n", type=int, nargs="+", default=[16, 64, 256, 1024])
+    ap.add_argument("--aggregators", type=int, nargs="+", default=[0], metavar="F",
+                    help="run each n flat (0) and through F aggregator processes (docs/aggregators.md)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="rounds of each run (default: 30 to 300, more for small n, so each run lasts seconds)")
     ap.add_argument("--join-timeout", type=float, default=300.0)
@@ -428,7 +430,7 @@ def main() -> None:
         if args.code is not None:
             env["PYTHONPATH"] = code_path(args.code, Path(tmp))
         for case in args.case:
-            for agg in [0]:  # aggregators: not built yet (issue 24, point 5); run_one takes F already
+            for agg in args.aggregators:
                 for n in args.n:
                     print(f"{case} n={n} aggregators={agg} (load {load()}) ...", flush=True)
                     rounds = args.rounds or max(30, min(300, 20000 // n))

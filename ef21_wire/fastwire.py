@@ -49,6 +49,8 @@ class UpdateIn:
     replace: bool
     buffers: EncodedVector | None = None
     """A model's change of buffers (absent for objectives without them)."""
+    covers: tuple[tuple[int, int, bool], ...] = ()
+    """An aggregator's sum: (rank, entries, dense) of every rank it covers (``Update.covers``); empty: one rank's."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ from __future__ import annotations
 # 8: aligned payloads: SparseVector.align_values/align_indices pads put a vector's arrays 8-byte aligned in the
 #    message (read in place, no copy); JoinReply.protocol_version, and a peer of another version refused at Join
 #    (FAILED_PRECONDITION naming both versions; the worker exits 2).
+#    The aggregator tier: Update.covers (an aggregator's sum over a block of ranks, docs/aggregators.md); the
+#    master sends a block's RoundResult on the stream of the first rank covered, and its aggregator relays it;
+#    Start.included_through, so that a worker joining again keeps its own state when the master has none.
+#    RunConfig.dtype (--dtype float32: float32 values in every vector of the run).
 PROTOCOL_VERSION = 8
 SERVICE = "ef21.v1.Master"
 TRAIN_METHOD = f"/{SERVICE}/Train"

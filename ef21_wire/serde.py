@@ -93,7 +93,8 @@ def vector_from_proto(m: pb.SparseVector, *, expected_dim: int, max_nnz: int | N
 
 def update_from_proto(m: pb.Update) -> UpdateIn:
     return UpdateIn(int(m.round), encoded_from_proto(m.message), m.replace,
-                    encoded_from_proto(m.buffers) if m.HasField("buffers") else None)
+                    encoded_from_proto(m.buffers) if m.HasField("buffers") else None,
+                    tuple((int(c.rank), int(c.entries), bool(c.dense)) for c in m.covers))
 
 
 def round_result_from_proto(m: pb.RoundResult) -> RoundResultIn:

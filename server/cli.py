@@ -235,3 +235,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .export import register as register_export
 
     register_export(sub)
+    from .aggregator_cli import register as register_aggregator
+
+    register_aggregator(sub)

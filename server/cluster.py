@@ -13,6 +13,7 @@ from ef21.cli.configfile import format_config
 from ef21.cli.exits import EXIT_JOIN_TIMEOUT
 from ef21.cli.progress import Progress
 from ef21.engine.records import RoundRecord
+from ef21.engine.tree import Tree
 from ef21.errors import UserError
 from ef21_wire.auth import TOKEN_ENV
 
@@ -58,6 +59,43 @@ async def _stop_workers(procs: list[asyncio.subprocess.Process]) -> None:
     await asyncio.gather(*(one(p) for p in procs))
 
 
+async def start_aggregators(master: str, n: int, F: int, env: dict[str, str], event_loop: str,
+                            verbose: bool) -> list[tuple[asyncio.subprocess.Process, str]]:
+    """F ``ef21 aggregator`` processes for the master at ``master``, one a block; each says its port first."""
+    out: list[tuple[asyncio.subprocess.Process, str]] = []
+    for j in range(F):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ef21", "aggregator", "--master", master, "--block", str(j), "--port", "0",
+            "--event-loop", event_loop, *(["-v"] if verbose else []),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, env=env, start_new_session=True)
+        out.append((proc, ""))
+    for j, (proc, _) in enumerate(out):
+        assert proc.stdout is not None
+        try:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60.0)).decode()
+        except asyncio.TimeoutError:
+            line = ""
+        if " listening on " not in line:
+            raise UserError(f"aggregator {j} did not start: {line.strip() or 'no output'}")
+        address = line.split(" listening on ", 1)[1].split(",", 1)[0]
+        print(f"ef21 run: aggregator {j}: pid {proc.pid}, {address}", flush=True)
+        out[j] = (proc, address)
+    return out
+
+
+async def _stop_aggregators(procs: list[asyncio.subprocess.Process]) -> None:
+    """Aggregators serve until told: once the workers have gone, end them."""
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.wait(), 5.0)
+        except asyncio.TimeoutError:
+            p.kill()
+            await p.wait()
+
+
 async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSecurity | None = None, *,
                             quiet: bool = False, max_restarts: int = 3, event_loop: str = "asyncio",
                             verbose: bool = False) -> int:
@@ -91,6 +129,7 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         loop.add_signal_handler(sig, interrupted.set)
     master = Master(mo, lo, security=sec, on_round=on_round)
     procs: list[asyncio.subprocess.Process] = []
+    procs_agg: list[asyncio.subprocess.Process] = []
     waiters: set[asyncio.Task] = set()
     relays: list[asyncio.Task] = []
     last_error: dict[int, str] = {}
@@ -108,9 +147,16 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
                 if sec.status_token else "") + f"; Prometheus: {master.status_url}metrics", flush=True)
         if mo.effective_config:  # after the address line, which scripts read first
             print(f"ef21 run: configuration: {format_config(mo.effective_config)}", flush=True)
+        targets = [target] * cfg.workers
+        if cfg.aggregators:
+            aggs = await start_aggregators(target, cfg.workers, cfg.aggregators, env, event_loop, verbose)
+            procs_agg.extend(p for p, _ in aggs)
+            tree = Tree(cfg.workers, cfg.aggregators)
+            targets = [aggs[tree.block_of(r)][1] for r in range(cfg.workers)]
+
         async def spawn(rank: int) -> asyncio.subprocess.Process:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ef21_worker", "--master", target, "--rank", str(rank),
+                sys.executable, "-m", "ef21_worker", "--master", targets[rank], "--rank", str(rank),
                 "--event-loop", event_loop, *(["-v"] if verbose else []),
                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                 # The run's configuration was printed once above; a worker's would repeat it n times.
@@ -167,6 +213,7 @@ async def run_local_cluster(mo: MasterOptions, lo: ListenOptions, sec: ServerSec
         bar.close()
         await master.shutdown()
         await _stop_workers(procs)
+        await _stop_aggregators(procs_agg)
         logging.getLogger("ef21.master").removeFilter(quiet_leaves)
         for r in relays:
             r.cancel()

@@ -29,6 +29,7 @@ from ef21.engine.config import make_x0
 from ef21.engine.nodes import MasterNode
 from ef21.engine.plan import Plan, make_plan, resolve_downlink, resolve_method
 from ef21.engine.records import RoundRecord, g_norm_sq, make_record, stop_check
+from ef21.engine.tree import Tree
 from ef21.errors import UserError
 from ef21.methods import Downlink, make_method
 from ef21.methods.estimators import batch_size_for
@@ -118,6 +119,7 @@ class Coordinator:
         self.checksum = b""
         self._x0_digest: bytes | None = None  # of x⁰, once a round-0 Start needs it
         self._iterates: list[np.ndarray] = []
+        self._carriers: dict[int, list[int]] | None = None  # the last closed round's block sums (aggregators)
         self.round_start: persistence.Counters | None = None  # the counters as the round in progress began
         self._pending_log: RoundRecord | None = None  # a closed round not yet logged (its line is off the path)
         self.writer = JsonlWriter(None)
@@ -397,6 +399,7 @@ class Coordinator:
         self.book.max_entries = max_entries(self.plan.compressor, d)
         self.book.buffer_size = 0 if self.plan.layout is None else self.plan.layout.buffer_size
         self.book.dense_rounds = getattr(self.plan.method, "dense_round", None)
+        self.book.tree = Tree(self.n, self.cfg.aggregators) if self.cfg.aggregators else None
 
     def _admit(self, s: WorkerStream) -> None:
         """Send a worker the state to start from: x, g (and v) and its rank's g_i at the current round."""
@@ -428,6 +431,9 @@ class Coordinator:
         state_to_proto(start.state, rep.extra_state())
         if state is not None:
             start.worker_state.CopyFrom(lean_to_proto(state))
+        elif self.book.tree is not None and s.rank in self.book.last_in:
+            # The master has only the blocks' sums; the worker (if it is the one that left) has its own g_i.
+            start.included_through = self.book.last_in[s.rank] + 1
         elif self.round > 0 and self.master.rows is None and self.tolerates_missing:
             log.warning("rank %d: --master-rows none keeps no g_i, so the replacement starts from g_i = 0 and the "
                         "aggregate no longer equals the mean of the workers' g_i", s.rank)
@@ -462,7 +468,7 @@ class Coordinator:
     def update(self, s: WorkerStream, msg: UpdateIn, nbytes: int) -> None:
         if self.book.counts(s, msg.round, self.round, "Update", self.state):
             assert self.d is not None
-            self.book.update(s, msg, nbytes, self.round, self.d, self._decode)
+            self.book.update(s, msg, nbytes, self.round, self.d, self._decode, self.sessions)
             if self.book.may_move(self.round):
                 self.wake.set()
 
@@ -601,20 +607,29 @@ class Coordinator:
         closed = self.book.close(t, self.sessions)
         self.wire_up += sum(closed.up_bytes)
         self.eval_bytes += closed.eval_bytes
-        self.ledger.record(t, closed.messages)
+        if closed.sizes is None:
+            self.ledger.record(t, closed.messages)
+        else:
+            assert self.d is not None
+            self.ledger.record_sizes(t, closed.sizes, self.d)
         evals = closed.evals
         dist = None
         if evals is not None and all(e.distortion is not None for e in evals):
             dist = [e.distortion for e in evals]
+        grads, grads_of = None if evals is None else [e.grad for e in evals], None
+        tree = self.book.tree
+        if tree is not None and grads is not None and all(g is not None for g in grads):
+            grads, grads_of = tree.grad_sums(grads), self.n  # type: ignore[arg-type]  # summed as the tree sums
         rec = make_record(
             t, None if evals is None else [e.f for e in evals], dist,  # type: ignore[misc]
-            None if evals is None else [e.grad for e in evals], self.ledger,
+            grads, self.ledger,
             time.time() - (self.rounds_started_at or self.started_at), wire_bytes_up=self.wire_up,
             wire_bytes_down=self.wire_down, uplink_msg_bytes=sum(closed.up_bytes) / max(len(closed.up_bytes), 1),
             eval_bytes=self.eval_bytes, g_norm_sq=self.g_norm, missing=closed.missing or None,
             prox_at=None if self.prox is None else (self.prox, self.master.x, self.master.replica.x_step),
-            metrics=None if evals is None else [e.metrics for e in evals],
+            metrics=None if evals is None else [e.metrics for e in evals], grads_of=grads_of,
         )
+        self._carriers = closed.carriers
         return rec, closed.messages, closed.dropped
 
     def _broadcast(self, down: Downlink, rec: RoundRecord, dropped: list[int]) -> None:
@@ -626,8 +641,15 @@ class Coordinator:
         buffers = None if down.buffers is None else encode(down.buffers)
         raw = round_result_to_bytes(rec.round, agg, down.mode == "replace", down.scale, self.checksum, dropped,
                                     buffers)
+        # Through aggregators, a block's result goes on the stream its sum came on, and the aggregator relays it to
+        # the other ranks it covered (unless that stream has gone: then to each of them).
+        relayed: set[int] = set()
+        for carrier, ranks in (self._carriers or {}).items():
+            s = self.sessions.get(carrier)
+            if s is not None and s.state is StreamState.RUNNING:
+                relayed.update(r for r in ranks if r != carrier)
         for s in self.sessions.values():
-            if s.state is StreamState.RUNNING:
+            if s.state is StreamState.RUNNING and s.rank not in relayed:
                 s.send(raw)
                 self.wire_down += len(raw) + GRPC_FRAME_BYTES
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import grpc
+
+from ef21_wire.protocol import SERVICE
+from ef21_wire.v1 import ef21_pb2 as pb
 
 # Liveness, the same on both sides and chosen from measurements (worker/channel.py says which): ping every 2 s,
 # give a connection up 4 s after an unanswered ping (and, through TCP_USER_TIMEOUT, after 4 s of unacknowledged
@@ -47,3 +52,16 @@ def build_server(handler: grpc.GenericRpcHandler, address: str, *,
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port
+
+
+def service_handler(join: Callable, status: Callable, train: Callable) -> grpc.GenericRpcHandler:
+    """The Master service (the master's, and an aggregator's in front of it): Join and Status as protobuf, Train as
+    raw bytes both ways (sizes are measured, and parsing happens after the size check)."""
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            join, request_deserializer=pb.JoinRequest.FromString, response_serializer=pb.JoinReply.SerializeToString),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            status, request_deserializer=pb.StatusRequest.FromString,
+            response_serializer=pb.StatusReply.SerializeToString),
+        "Train": grpc.stream_stream_rpc_method_handler(train),
+    })

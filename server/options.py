@@ -72,10 +72,14 @@ class MasterOptions:
         if self.master_rows == "none" and (self.checkpoint is not None or self.resume is not None):
             raise UserError("--master-rows none keeps no g_i, which a checkpoint needs: drop --checkpoint/--resume "
                             "or keep rows (full or float32)")
+        if self.config.aggregators and (self.checkpoint is not None or self.resume is not None):
+            raise UserError("--aggregators: the master sees only the blocks' sums, so it keeps no g_i, which a "
+                            "checkpoint needs: drop --checkpoint/--resume")
         if self.master_rows == "none" and self.config.method == "ef21plus":
             raise UserError("ef21plus needs every g_i on the master (a worker may replace its g_i): "
                             "--master-rows none is not possible")
 
     @property
     def rows_dtype(self) -> object:
-        return MASTER_ROWS[self.master_rows]
+        # Through aggregators the master gets sums only: it has no worker's own message to keep a row from.
+        return None if self.config.aggregators else MASTER_ROWS[self.master_rows]

@@ -13,6 +13,7 @@ import numpy as np
 
 from ef21.compression.sparse import SparseVector
 from ef21.engine.nodes import is_eval_round, sends_eval_grad
+from ef21.engine.tree import Tree
 from ef21.methods import Message
 from ef21.methods.participation import participants
 from ef21_wire.fastwire import UpdateIn
@@ -55,6 +56,11 @@ class ClosedRound:
     evals: list[EvalInfo] | None
     """Every rank's evaluation, on an evaluation round that nobody was dropped from."""
     eval_bytes: int
+    sizes: list[tuple[int, bool]] | None = None
+    """Through aggregators: (entries, dense) of every delivered rank's message, in rank order (``messages`` are
+    then the tree's: the block sums, ``ef21.engine.tree``)."""
+    carriers: dict[int, list[int]] | None = None
+    """Through aggregators: the stream (rank) each block's sum came on → the ranks it covers."""
 
 
 class RoundBook:
@@ -62,6 +68,12 @@ class RoundBook:
         self.rules = rules
         self.participation: int | None = None  # sampled participation's count, once the plan is known
         self.updates: dict[int, tuple[Message, int]] = {}
+        # Through aggregators (--aggregators F): the tree, and this round's block sums (block → (carrier rank,
+        # covered ranks, sum)) and each covered rank's (entries, dense); ``updates`` holds the sum at its carrier.
+        self.tree: Tree | None = None
+        self.blocks: dict[int, tuple[int, list[int], Message]] = {}
+        self.sizes: dict[int, tuple[int, bool]] = {}
+        self.last_in: dict[int, int] = {}  # rank → the last round its message was taken in
         self.evals: dict[int, EvalInfo] = {}
         self.missing_in: dict[int, list[int]] = {}  # round → ranks dropped (for late messages)
         self.missed_streak: dict[int, int] = {}  # rank → consecutive rounds left out
@@ -113,7 +125,11 @@ class RoundBook:
             raise Refusal("FAILED_PRECONDITION", f"{what} for round {round_}, but the current round is {t}")
         return True
 
-    def update(self, s: WorkerStream, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode) -> None:
+    def update(self, s: WorkerStream, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode,
+               sessions: dict[int, WorkerStream] | None = None) -> None:
+        if self.tree is not None or msg.covers:
+            self._block_sum(s, msg, nbytes, t, d, decode, sessions or {})
+            return
         if s.rank in self.updates:
             raise Refusal("FAILED_PRECONDITION", f"second Update from rank {s.rank} for round {msg.round}")
         if not self.sampled(s.rank, t):
@@ -122,6 +138,60 @@ class RoundBook:
         dense = s.rank in self.g0_ranks or (self.dense_rounds is not None and self.dense_rounds(t))
         vec = decode(msg.vector, f"Update round {msg.round}", max_nnz=d if dense else self.max_entries)
         self.updates[s.rank] = (Message(vec, msg.replace, self._buffers(msg, decode)), nbytes)
+
+    def _block_sum(self, s: WorkerStream, msg: UpdateIn, nbytes: int, t: int, d: int, decode: Decode,
+                   sessions: dict[int, WorkerStream]) -> None:
+        """An aggregator's sum over ranks of one block. Everything it claims is checked before anything is kept:
+        the ranks, in increasing order and each once, are of one block of the tree, start with the stream's own,
+        are held by workers whose streams come through this same aggregator (its connection: the same peer), were
+        asked this round and have not been summed already (by this message, another aggregator or a
+        straggler's)."""
+        tree = self.tree
+        if tree is None:
+            raise Refusal("FAILED_PRECONDITION", f"Update round {msg.round} sums ranks (Update.covers), but this "
+                                                 f"run has no aggregators")
+        if not msg.covers:
+            raise Refusal("FAILED_PRECONDITION", f"Update round {msg.round} from rank {s.rank}: this run sums "
+                                                 f"through aggregators (--aggregators {tree.F}); connect to one")
+        ranks = [c[0] for c in msg.covers]
+        for a, b in zip(ranks, ranks[1:]):
+            if b <= a:
+                raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: the sum covers rank {b} "
+                                                  f"{'twice' if a == b else 'out of order'}")
+        if ranks[0] != s.rank:
+            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: a sum over ranks {ranks[0]}.. must come on "
+                                              f"the stream of its first rank, not rank {s.rank}'s")
+        j = tree.block_of(ranks[0])
+        block = tree.block(j)
+        for r in ranks:
+            if r not in block:
+                raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: rank {r} is not in block {j} (ranks "
+                                                  f"{block.start}..{block.stop - 1}) of rank {s.rank}'s sum")
+            w = sessions.get(r)
+            if w is None or w.peer != s.peer or w.state is not StreamState.RUNNING:
+                raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: the sum from {s.peer} claims rank "
+                                                  f"{r}, whose worker it does not relay")
+            if r in self.updates or r in self.sizes:
+                raise Refusal("FAILED_PRECONDITION", f"Update round {msg.round}: the sum covers rank {r}, which "
+                                                     f"round {t} has summed already")
+            if not self.sampled(r, t):
+                raise Refusal("FAILED_PRECONDITION", f"Update round {msg.round}: the sum covers rank {r}, which "
+                                                     f"round {t}'s sampled participation leaves out")
+        if j in self.blocks:
+            raise Refusal("FAILED_PRECONDITION", f"Update round {msg.round}: a second sum for block {j}")
+        dense = any(r in self.g0_ranks for r in ranks) or (self.dense_rounds is not None and self.dense_rounds(t))
+        per_rank = d if dense else self.max_entries
+        if any(not 0 <= e <= min(per_rank, d) for _, e, _ in msg.covers):
+            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: a covered message of more than {per_rank} "
+                                              f"entries")
+        if msg.buffers is not None or msg.replace:
+            raise Refusal("INVALID_ARGUMENT", f"Update round {msg.round}: a sum carries no buffers or selector")
+        vec = decode(msg.vector, f"Update round {msg.round}", max_nnz=min(d, per_rank * len(ranks)))
+        summed = Message(vec)
+        self.blocks[j] = (s.rank, ranks, summed)
+        for r, e, is_dense in msg.covers:
+            self.sizes[r] = (e, is_dense)
+            self.updates[r] = (summed, nbytes if r == s.rank else 0)
 
     def _buffers(self, msg: UpdateIn, decode: Decode) -> SparseVector | None:
         """A model's change of buffers on an Update: of the model's size, finite; none where it has no buffers."""
@@ -135,8 +205,9 @@ class RoundBook:
         return b
 
     def eval(self, s: WorkerStream, msg: pb.Eval, nbytes: int, t: int, decode: Decode) -> None:
+        # Through aggregators a rank's Eval and its block's sum travel on different streams: either may come first.
         if (not self.is_eval_round(msg.round) or s.rank in self.evals
-                or (s.rank not in self.updates and self.sampled(s.rank, t))):
+                or (self.tree is None and s.rank not in self.updates and self.sampled(s.rank, t))):
             raise Refusal("FAILED_PRECONDITION", f"unexpected Eval from rank {s.rank} for round {msg.round}")
         grad = None
         if msg.HasField("grad"):
@@ -156,7 +227,11 @@ class RoundBook:
         self.evals[s.rank] = EvalInfo(grad, msg.f, dist, dict(msg.metrics) or None, nbytes)
 
     def forget(self, rank: int) -> None:
-        """A lost worker's contribution to the open round goes too: a replacement recomputes it."""
+        """A lost worker's contribution to the open round goes too: a replacement recomputes it. (Not once an
+        aggregator has summed it: the sum is the block's, and stays.)"""
+        if rank in self.sizes:
+            self.evals.pop(rank, None)
+            return
         self.updates.pop(rank, None)
         self.evals.pop(rank, None)
 
@@ -217,6 +292,13 @@ class RoundBook:
         """Close round t with what came in; the next round starts empty."""
         n = self.rules.n
         messages: list[Message | None] = [self.updates[r][0] if r in self.updates else None for r in range(n)]
+        sizes = carriers = None
+        if self.tree is not None:
+            d = next((m.vector.dim for m in messages if m is not None), 0)
+            sums = [self.blocks[j][2] if j in self.blocks else None for j in range(self.tree.F)]
+            messages = self.tree.tree_messages(sums, d) if d else messages
+            sizes = [self.sizes[r] for r in range(n) if r in self.sizes]
+            carriers = {c: ranks for c, ranks, _ in self.blocks.values()}
         missing = [r for r in range(n) if r not in self.updates]
         dropped = [r for r in self.expected(t) if r not in self.updates]
         evals = None
@@ -224,6 +306,7 @@ class RoundBook:
             evals = [self.evals[r] for r in range(n)]
         for r in range(n):
             if r in self.updates:
+                self.last_in[r] = t
                 self.g0_ranks.discard(r)  # the master now holds its g_i
                 sessions[r].rounds_done += 1
                 self.missed_streak[r] = 0
@@ -231,10 +314,15 @@ class RoundBook:
                 self.missed_streak[r] = self.missed_streak.get(r, 0) + 1
         if dropped:
             self.missing_in[t] = dropped
-        closed = ClosedRound(messages, missing, dropped, [nb for _, nb in self.updates.values()], evals,
-                             sum(e.nbytes for e in self.evals.values()))
+        up_bytes = [nb for _, nb in self.updates.values()]
+        if self.tree is not None:  # one message a block
+            up_bytes = [self.updates[c][1] for c in carriers or {}]
+        closed = ClosedRound(messages, missing, dropped, up_bytes, evals, sum(e.nbytes for e in self.evals.values()),
+                             sizes, carriers)
         self.updates.clear()
         self.evals.clear()
+        self.blocks.clear()
+        self.sizes.clear()
         return closed
 
     def staleness(self) -> tuple[str, int] | None:

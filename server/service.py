@@ -16,12 +16,13 @@ from google.protobuf.message import DecodeError
 
 from ef21.problems.objectives import GRAM_MAX_D
 from ef21_wire.auth import token_matches
-from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, SERVICE, version_mismatch
+from ef21_wire.protocol import GRPC_FRAME_BYTES, PROTOCOL_VERSION, version_mismatch
 from ef21_wire.serde import read_update_fast, update_from_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .bans import identity_of
 from .coordinator import Coordinator
+from .grpc_server import service_handler
 from .session import Refusal
 from .streams import StreamState, WorkerStream
 
@@ -207,13 +208,4 @@ class MasterService:
         self.coord.end_stream(s, StreamState.REFUSED, r.message, r.code)
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Join": grpc.unary_unary_rpc_method_handler(
-                self.join, request_deserializer=pb.JoinRequest.FromString,
-                response_serializer=pb.JoinReply.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.status, request_deserializer=pb.StatusRequest.FromString,
-                response_serializer=pb.StatusReply.SerializeToString),
-            # Raw bytes both ways: sizes are measured, and parsing happens after the size check.
-            "Train": grpc.stream_stream_rpc_method_handler(self.train),
-        })
+        return service_handler(self.join, self.status, self.train)

@@ -318,6 +318,22 @@ def union_entries(sent: list[Sent | None]) -> int:
     return int(np.unique(np.concatenate([s.support for s in kept])).shape[0]) if kept else 0
 
 
+def tree_sum(vectors: Sequence[np.ndarray | None], F: int) -> np.ndarray | None:
+    """The aggregator tier's order (docs/aggregators.md): n vectors in F blocks of consecutive ranks, block j from
+    rank ⌊j·n/F⌋ up to ⌊(j+1)·n/F⌋; each block summed from zero in rank order, then the block sums from zero in
+    block order. ``None``: left out. None when every vector is."""
+    n = len(vectors)
+    total = None
+    for j in range(F):
+        acc = None
+        for r in range(j * n // F, (j + 1) * n // F):
+            if vectors[r] is not None:
+                acc = (np.zeros_like(vectors[r]) if acc is None else acc) + vectors[r]
+        if acc is not None:
+            total = (np.zeros_like(acc) if total is None else total) + acc
+    return total
+
+
 def all_grads(p: Problem, x: np.ndarray) -> list[np.ndarray]:
     return [p.grad(i, x) for i in range(p.n)]
 
@@ -372,13 +388,14 @@ def ef(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, seed:
 
 
 def ef21(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, init: str = "full", seed: int = 0,
-         missing: dict[int, Sequence[int]] | None = None) -> Trace:
+         missing: dict[int, Sequence[int]] | None = None, aggregators: int = 0) -> Trace:
     """EF21 (§3.4), and EF21-PP (§3.8) when ``missing`` gives the participation pattern (round → ranks left out).
 
     g_i⁰ = ∇f_i(x⁰) (``init="full"``, sent whole) or C(∇f_i(x⁰)) (``"compressed"``); g⁰ = (1/n) Σ g_i⁰. Then each
     round a participating worker sends c_i^t = C(∇f_i(x^t) − g_i^{t−1}) and sets g_i^t = g_i^{t−1} + c_i^t; a
     worker left out sends nothing and keeps g_i; the master adds (1/n) Σ_{participants} c_i^t to g — still
     divided by n, so g is the mean of all n g_i, stale ones included — and moves x^{t+1} = x^t − γ g^t.
+    ``aggregators`` = F > 0: the messages are added in the tier's order (``tree_sum``).
     """
     missing = missing or {}
     rec, x = Recorder(p), x0.copy()
@@ -403,7 +420,11 @@ def ef21(p: Problem, x0: np.ndarray, gamma: float, T: int, comp: Compressor, *, 
             g_i = [g_i[i] if s is None else g_i[i] + s.value for i, s in enumerate(sent)]
         rec.record(t, x, grads, g_i, sent, None if t == 0 else g)
         rec.broadcast(t, union_entries(sent))
-        g = g + sum(s.value for s in sent if s is not None) / p.n
+        if aggregators:
+            total = tree_sum([None if s is None else s.value for s in sent], aggregators)
+            g = g + (0.0 if total is None else total) / p.n
+        else:
+            g = g + sum(s.value for s in sent if s is not None) / p.n
         x = x - gamma * g
     return rec.trace
 

@@ -147,3 +147,20 @@ def test_compose_runs_as_the_invoking_user_and_never_pulls_the_worker():
     assert services["worker"]["pull_policy"] == "never"
     m = parse_command(services["master"]["command"])
     assert 0 < m.join_timeout <= 600
+
+
+def test_the_aggregator_compose_override_splits_the_workers_by_block():
+    """deploy/compose/aggregators.yml on top of docker-compose.yml: the master sums through F aggregators, one
+    service per block, and each block's workers dial their aggregator, as many as the block has ranks."""
+    from ef21.engine.tree import Tree
+
+    override = yaml.safe_load((ROOT / "deploy" / "compose" / "aggregators.yml").read_text())["services"]
+    m = parse_command(override["master"]["command"])
+    assert m.aggregators == 2 and m.checkpoint is None
+    tree = Tree(m.workers, m.aggregators)
+    workers = {"worker": override["worker"], "worker-block-1": override["worker-block-1"]}
+    for j, (name, svc) in enumerate(workers.items()):
+        a = parse_command(override[f"aggregator-{j}"]["command"])
+        assert a.command == "aggregator" and a.block == j and a.master == f"master:{m.port}"
+        w = parse_command(svc["command"])
+        assert w.master == f"aggregator-{j}:{a.port}" and svc["deploy"]["replicas"] == len(tree.block(j))

@@ -131,3 +131,42 @@ def test_the_token_is_one_secret_readable_by_the_image_user():
         mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == vol["name"])
         assert ns.token_file.parent == Path(mount) and ns.token is None
     assert len(secrets) == 1
+
+
+def tier_documents() -> dict[str, list[dict]]:
+    """deploy/kubernetes/aggregators/: the aggregator tier's manifests, by kind."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted((DEPLOY / "aggregators").glob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            if d is not None:
+                out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def test_the_aggregator_tier_is_valid_and_consistent():
+    """Valid against the schemas; the master runs --aggregators F; the aggregators' StatefulSet has F pods whose
+    index is the block; each block's worker Job dials its aggregator's stable name and has the block's size."""
+    from ef21.engine.tree import Tree
+
+    docs = tier_documents()
+    for kind, items in docs.items():
+        for doc in items:
+            kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+    masters = [s for s in docs["StatefulSet"] if s["metadata"]["name"] == "ef21-master"]
+    aggs = [s for s in docs["StatefulSet"] if s["metadata"]["name"] == "ef21-aggregator"]
+    assert len(masters) == len(aggs) == 1
+    m = parse(container(masters[0])["args"])
+    assert m.aggregators == 2 and m.checkpoint is None and not m.resume_if_exists
+    agg = aggs[0]
+    assert agg["spec"]["replicas"] == m.aggregators
+    service = next(s for s in docs["Service"] if s["metadata"]["name"] == agg["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"  # headless: a stable name per pod
+    tree = Tree(m.workers, m.aggregators)
+    jobs = sorted(docs["Job"], key=lambda j: j["metadata"]["name"])
+    assert len(jobs) == m.aggregators
+    for j, job in enumerate(jobs):
+        a = parse(container(agg)["args"], {"POD_INDEX": str(j)})
+        assert a.command == "aggregator" and a.block == j and a.master == "ef21-master:50051"
+        w = parse(container(job)["args"])
+        assert w.master == f"{agg['metadata']['name']}-{j}.{service['metadata']['name']}:{a.port}"
+        assert job["spec"]["completions"] == job["spec"]["parallelism"] == len(tree.block(j))

@@ -29,6 +29,7 @@ from ef21.engine.nodes import WorkerNode, WorkerReport, WorkerSetting, sends_eva
 from ef21.engine.plan import resolve_method, worker_rule
 from ef21.errors import UserError
 from ef21.methods import Downlink
+from ef21.methods.base import InPlace, committed
 from ef21.methods.estimators import batch_size_for, make_estimator
 from ef21.methods.participation import participation_count
 from ef21.problems.data import DataInfo, Dataset, data_info, load_dataset
@@ -283,6 +284,7 @@ async def run_worker(opts: WorkerOptions) -> str:
         last_break = 0.0
         delay = 0.2
         unstarted_since: float | None = None  # since when attempts fail before this worker gets a Start
+        session: _Session | None = None
         while True:
             reply = await join_with_backoff(stub, opts)
             if reply.ended:
@@ -299,7 +301,7 @@ async def run_worker(opts: WorkerOptions) -> str:
             if key not in loaded:
                 loaded[key] = await asyncio.to_thread(load_worker_data, cfg)
             call = channel.stream_stream(TRAIN_METHOD)(metadata=opts.security.metadata())
-            session = _Session(rank)
+            session = _Session(rank, node=session.node if session is not None else None)
             stream = Stream(call, opts.reply_timeout)
             try:
                 return await _train(stream, cfg, reply.run_id, loaded[key], opts, session)
@@ -333,6 +335,8 @@ async def run_worker(opts: WorkerOptions) -> str:
 class _Session:
     rank: int | None
     started: bool = False
+    node: WorkerNode | None = None
+    """The node of the previous connection (kept for a master that has no g_i to hand back, ``own_state``)."""
 
 
 async def _train(st: Stream, cfg: RunConfig, run_id: str, data: WorkerData, opts: WorkerOptions,
@@ -368,6 +372,10 @@ async def _set_up_and_train(st: Stream, cfg: RunConfig, data: WorkerData, opts: 
     if first.WhichOneof("kind") == "stop":
         return first.stop.reason
     node = _node_from_start(first.start, cfg, obj, rank, d, x0)
+    kept = own_state(session.node, first.start, rank)
+    if kept is not None:
+        node.state = kept
+    session.node = node
     del x0
     session.started = True
     eval_every = max(1, first.start.eval_every)
@@ -519,6 +527,23 @@ def eval_message(report: WorkerReport, cfg: RunConfig | None = None) -> bytes:
         rest.round = report.round
         return pb.WorkerMessage(eval=rest).SerializeToString()
     return eval_bytes(report.round, encode(SparseVector.dense(report.grad)), rest.SerializeToString())
+
+
+def own_state(old: WorkerNode | None, start: pb.Start, rank: int) -> Any:
+    """The method state this worker had before its connection broke, when the master has none to hand back (the
+    aggregator tier: ``Start.included_through``) and it is still right: committed through the last round the
+    master took its message in. None: start from the Start as it is."""
+    if old is None or old.rank != rank or start.HasField("worker_state") or not start.included_through:
+        return None
+    last = start.included_through - 1
+    pending = old._pending
+    if last == old.round and pending is not None:
+        return committed(pending)  # its message of the round it was in was taken before the break
+    if last < old.round:
+        if isinstance(pending, InPlace):
+            pending.undo()  # that round's step moved g_i in place; the round did not take it
+        return old.state
+    return None
 
 
 def _node_from_start(start: pb.Start, cfg: RunConfig, obj: object, rank: int, d: int,

@@ -33,6 +33,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="an option handed to the objective's factory (repeatable)")
     g.add_argument("--lam", type=float, default=0.1, help="λ of the logistic regularizer (default 0.1)")
     g.add_argument("--workers", "-n", type=int, default=20, help="number of workers n (default 20)")
+    g.add_argument("--aggregators", type=int, default=0, metavar="F",
+                   help="sum the workers' messages through F aggregators (contiguous blocks of ranks; the order of "
+                        "the sums is part of the run); 0: the master sums them all (default)")
     g.add_argument("--shuffle", type=int, default=None, metavar="SEED",
                    help="shuffle rows with SEED before sharding (default: file order, as the paper)")
     g.add_argument("--dim", type=int, default=1000, help="d of --problem quadratic")
@@ -136,7 +139,8 @@ def parse_objective_args(items: list[str] | None) -> tuple[tuple[str, str], ...]
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
-        data=ns.data, problem=ns.problem, lam=ns.lam, workers=ns.workers, shuffle=ns.shuffle, method=ns.method,
+        data=ns.data, problem=ns.problem, lam=ns.lam, workers=ns.workers, aggregators=ns.aggregators,
+        shuffle=ns.shuffle, method=ns.method,
         compressor=ns.compressor, k=ns.k, init=ns.init, stepsize=ns.stepsize, stepsize_mult=ns.stepsize_mult,
         mu=ns.mu, rounds=ns.rounds, tol=ns.tol, x0=ns.x0, seed=ns.seed, dim=ns.dim, encoding=ns.encoding,
         objective=ns.objective, objective_args=parse_objective_args(ns.objective_arg), estimator=ns.estimator,

@@ -52,6 +52,14 @@ class CommLedger:
             self.paper_total += sum(paper_bits(m) for m in sent)
         self.payload_total += sum(payload_bits(m, self.selector) for m in sent)
 
+    def record_sizes(self, round_: int, sizes: Sequence[tuple[int, bool]], d: int) -> None:
+        """``record`` from each sent message's (entries, dense) alone: what a master behind aggregators knows
+        of the messages it received summed (``Update.covers``). The same bits as ``record`` of the messages."""
+        if round_ > 0:
+            self.paper_total += PAPER_BITS_PER_VALUE * sum(e for e, _ in sizes)
+        self.payload_total += sum((PAPER_BITS_PER_VALUE + (0 if dense else log2_ceil(d))) * e
+                                  + (1 if self.selector else 0) for e, dense in sizes)
+
     def record_down(self, round_: int, down: Downlink) -> None:
         """Count a round's broadcast in the paper's convention: 32 bits per value, round 0 excluded. Plain EF21
         sends the union of the workers' supports; EF21-BC its K entries; GD a dense vector."""

@@ -16,6 +16,8 @@ from ef21.methods.participation import participation_count
 from ef21.methods.prox import parse_prox
 from ef21.methods.variants import check_combination
 
+from .tree import check_tree
+
 PROBLEMS = ("logreg", "lsq", "quadratic")
 INIT_MODES = ("full", "compressed")
 ENCODINGS = ("plain", "compact")
@@ -46,6 +48,10 @@ class RunConfig:
     """λ of the logistic regularizer."""
     workers: int = 20
     """n, the number of workers (and shards)."""
+    aggregators: int = 0
+    """F > 0: the workers' messages are summed through F aggregators, each over a contiguous block of ranks, and
+    the master adds the F sums (``ef21.engine.tree``: the order of the additions, hence the last bits of x). 0: the
+    master sums all n itself, which F = 1 equals bit for bit."""
     shuffle: int | None = None
     """Shuffle rows with this seed before sharding; None keeps the file order (the paper's split)."""
     method: str = "ef21"
@@ -152,6 +158,8 @@ class RunConfig:
             raise UserError(f"--init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
         if self.workers <= 0:
             raise UserError(f"--workers must be positive, got {self.workers}")
+        if not 0 <= self.aggregators <= self.workers:
+            raise UserError(f"--aggregators must lie in 0..{self.workers} (the number of workers), got {self.aggregators}")
         if self.rounds < 0:
             raise UserError(f"--rounds must be >= 0, got {self.rounds}")
         if self.stepsize is not None and not (math.isfinite(self.stepsize) and self.stepsize > 0):
@@ -220,6 +228,8 @@ class RunConfig:
         if self.downlink_method == "ef21-p" and self.downlink_k is None:
             raise UserError("--downlink-method ef21-p compresses the broadcast model: it needs --downlink-k K")
         self._check_family()
+        if self.aggregators:
+            check_tree(self.method, weighted=self.weights == "smoothness", buffers=False)
         check_combination(self)
         check_optimizer(self)
         if self.k_per_tensor is not None:

@@ -27,6 +27,7 @@ from ef21.problems.problem import local_objective, quadratic_mean
 
 from .config import RunConfig, make_x0
 from .nodes import MasterNode, WorkerSetting
+from .tree import check_tree
 
 
 def resolve_method(cfg: RunConfig, d: int, layout: ModelLayout | None = None) -> tuple[Method, Compressor]:
@@ -203,6 +204,8 @@ def make_plan(cfg: RunConfig, d: int, L: float | None, L_i: list[float] | None,
         # The workers hold w, not x: a model's buffers would need a broadcast of their own beside C_P(x − w).
         raise UserError("--downlink-method ef21-p does not carry a model's buffers (BatchNorm's statistics); "
                         "use a model without buffers or --downlink-method ef21-bc")
+    if cfg.aggregators:
+        check_tree(cfg.method, weighted=cfg.weights == "smoothness", buffers=layout is not None and layout.buffer_size > 0)
     consts = constants if constants is not None else constants_for(cfg, method, comp, L, L_i, d)
     rule = step_rule(cfg, method, consts.gamma)
     estimator = make_estimator(cfg.estimator, cfg.sgdm_eta)

@@ -54,12 +54,13 @@ class RoundRecord:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def mean_gradient(grads: list[np.ndarray]) -> np.ndarray:
-    """(1/n)Σ∇f_i, summed in rank order."""
+def mean_gradient(grads: list[np.ndarray], n: int | None = None) -> np.ndarray:
+    """(1/n)Σ∇f_i, summed in rank order; ``n`` given: ``grads`` are an aggregator tier's block sums over n ranks in
+    all, added in block order (``ef21.engine.tree``)."""
     grad = np.zeros_like(grads[0])
     for g in grads:
         grad += g
-    grad /= len(grads)
+    grad /= len(grads) if n is None else n
     return grad
 
 
@@ -74,16 +75,16 @@ def mean_metrics(metrics: list[dict[str, float] | None] | None) -> dict[str, flo
 def make_record(
     t: int, fs: list[float] | None, distortions: list[float] | None, grads: list[np.ndarray | None] | None,
     ledger: CommLedger, elapsed_s: float, *, prox_at: tuple[object, np.ndarray, float] | None = None,
-    metrics: list[dict[str, float] | None] | None = None, **extra: object,
+    metrics: list[dict[str, float] | None] | None = None, grads_of: int | None = None, **extra: object,
 ) -> RoundRecord:
     """A log line from the workers' figures, given in rank order. What is not known is null: ‖∇f‖² without
     every gradient, f and G in a round that left workers out or did not evaluate. ``prox_at``: (prox, x^t, γ)
-    for EF21-Prox's gradient mapping."""
+    for EF21-Prox's gradient mapping. ``grads_of``: the gradients are block sums over this many ranks."""
     grad_norm_sq = grad_map = skipped = None
     if grads is not None and any(g is None for g in grads):
         grads, skipped = None, True  # left out by design (``sends_eval_grad``), said so in the log
     if grads is not None:
-        grad = mean_gradient(grads)
+        grad = mean_gradient(grads, grads_of)  # type: ignore[arg-type]
         grad_norm_sq = float(grad @ grad)
         if prox_at is not None:
             prox, x, gamma = prox_at

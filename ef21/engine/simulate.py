@@ -19,6 +19,7 @@ from .config import RunConfig, make_x0
 from .nodes import MasterNode, WorkerNode, WorkerReport, is_eval_round, sends_eval_grad
 from .plan import Plan, make_plan
 from .records import RoundRecord, g_norm_sq, make_record, stop_check
+from .tree import Tree
 
 __all__ = ["RunResult", "plan_for", "simulate"]
 
@@ -40,17 +41,20 @@ def plan_for(cfg: RunConfig, problem: Problem) -> Plan:
 
 
 def summarize_round(t: int, reports: list[WorkerReport], ledger: CommLedger, t0: float,
-                    master: MasterNode, prox: object | None, cfg: RunConfig) -> RoundRecord:
+                    master: MasterNode, prox: object | None, cfg: RunConfig, tree: Tree | None = None) -> RoundRecord:
     """The log line of a round: figures only when every worker evaluated (an evaluation round); ‖∇f‖² from the
-    gradients a networked worker would send (``sends_eval_grad``)."""
+    gradients a networked worker would send (``sends_eval_grad``), summed through the aggregators' ``tree``."""
     evaluated = all(r.grad is not None for r in reports)
     fs = [r.f for r in reports] if evaluated else None
     dist = [r.distortion for r in reports] if evaluated and all(r.distortion is not None for r in reports) else None
     grads = [r.grad if sends_eval_grad(cfg.eval_grad, cfg.tol, r.metrics is not None) else None
              for r in reports] if evaluated else None
     prox_at = None if prox is None else (prox, master.x, master.replica.x_step)
+    grads_of = None
+    if tree is not None and grads is not None and all(g is not None for g in grads):
+        grads, grads_of = tree.grad_sums(grads), tree.n  # type: ignore[arg-type]
     return make_record(t, fs, dist, grads, ledger, time.perf_counter() - t0,  # type: ignore[arg-type]
-                       g_norm_sq=g_norm_sq(master), prox_at=prox_at,
+                       g_norm_sq=g_norm_sq(master), prox_at=prox_at, grads_of=grads_of,
                        metrics=[r.metrics for r in reports] if evaluated else None)
 
 
@@ -80,7 +84,9 @@ def simulate(
                    buffers=problem.buffers0)
         for i, obj in enumerate(problem.objectives)
     ]
-    master = plan.master_node(x0, buffers=problem.buffers0)
+    # Through aggregators the master sees block sums only, so it keeps no per-worker rows (ef21.engine.tree).
+    tree = Tree(n, cfg.aggregators) if cfg.aggregators else None
+    master = plan.master_node(x0, rows_dtype=np.float64 if tree is None else None, buffers=problem.buffers0)
     prox = None if cfg.prox is None else parse_prox(cfg.prox)
     ledger = CommLedger(n, selector=sends_selector(plan.method))
     records: list[RoundRecord] = []
@@ -100,7 +106,7 @@ def simulate(
         left_out = replayed | sampled_out
         messages = [None if i in left_out else r.message for i, r in enumerate(reports)]
         ledger.record(t, messages)
-        rec = summarize_round(t, reports, ledger, t0, master, prox, cfg)
+        rec = summarize_round(t, reports, ledger, t0, master, prox, cfg, tree)
         if left_out:
             rec = dataclasses.replace(rec, missing=sorted(left_out))
             if replayed - sampled_out:
@@ -115,7 +121,7 @@ def simulate(
                 on_round(rec)
             stop, message = ended
             break
-        down = master.fold(messages)
+        down = master.fold(messages if tree is None else tree.fold(messages, d))
         ledger.record_down(t, down)
         master.apply(down)
         for i, w in enumerate(workers):

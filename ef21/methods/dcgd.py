@@ -12,6 +12,7 @@ from .base import Message, Stateless, WorkerContext, distortion_of
 @dataclass(frozen=True)
 class DCGD(Stateless):
     name: str = "dcgd"
+    sums_messages = True  # the master only adds the messages up (ef21.engine.tree)
     needs_contractive: bool = False
     uncompressed: bool = False
     gamma_in_message: bool = False

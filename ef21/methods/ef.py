@@ -19,6 +19,7 @@ from .base import Message, Stateless, WorkerContext, sq_dist
 @dataclass(frozen=True)
 class EF(Stateless):
     name: str = "ef"
+    sums_messages = True  # the master only adds the messages up (ef21.engine.tree)
     needs_contractive: bool = True
     uncompressed: bool = False
     gamma_in_message: bool = True

@@ -30,6 +30,7 @@ def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool,
 @dataclass(frozen=True)
 class EF21:
     name: str = "ef21"
+    sums_messages = True  # the master only adds the messages up (ef21.engine.tree)
     needs_contractive: bool = True
     uncompressed: bool = False
     gamma_in_message: bool = False

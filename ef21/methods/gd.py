@@ -13,6 +13,7 @@ from .base import Message, Stateless, WorkerContext, distortion_of
 @dataclass(frozen=True)
 class GD(Stateless):
     name: str = "gd"
+    sums_messages = True  # the master only adds the messages up (ef21.engine.tree)
     needs_contractive: bool = False
     uncompressed: bool = True
     gamma_in_message: bool = False

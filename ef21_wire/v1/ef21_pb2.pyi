@@ -159,7 +159,7 @@ class PowerReply(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., w: _Optional[_Union[SparseVector, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state", "x_is_own_x0")
+    __slots__ = ("gamma", "x_step", "x", "constants_json", "checksum_every", "eval_every", "round", "g", "worker_state", "momentum", "weight", "page_p", "state", "x_is_own_x0", "included_through")
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     X_STEP_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class Start(_message.Message):
     PAGE_P_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     X_IS_OWN_X0_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     gamma: float
     x_step: float
     x: SparseVector
@@ -188,19 +189,32 @@ class Start(_message.Message):
     page_p: float
     state: _containers.RepeatedCompositeFieldContainer[NamedVector]
     x_is_own_x0: bool
-    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ..., x_is_own_x0: _Optional[bool] = ...) -> None: ...
+    included_through: int
+    def __init__(self, gamma: _Optional[float] = ..., x_step: _Optional[float] = ..., x: _Optional[_Union[SparseVector, _Mapping]] = ..., constants_json: _Optional[str] = ..., checksum_every: _Optional[int] = ..., eval_every: _Optional[int] = ..., round: _Optional[int] = ..., g: _Optional[_Union[SparseVector, _Mapping]] = ..., worker_state: _Optional[_Union[SparseVector, _Mapping]] = ..., momentum: _Optional[_Union[SparseVector, _Mapping]] = ..., weight: _Optional[float] = ..., page_p: _Optional[float] = ..., state: _Optional[_Iterable[_Union[NamedVector, _Mapping]]] = ..., x_is_own_x0: _Optional[bool] = ..., included_through: _Optional[int] = ...) -> None: ...
+
+class Covered(_message.Message):
+    __slots__ = ("rank", "entries", "dense")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    entries: int
+    dense: bool
+    def __init__(self, rank: _Optional[int] = ..., entries: _Optional[int] = ..., dense: _Optional[bool] = ...) -> None: ...
 
 class Update(_message.Message):
-    __slots__ = ("round", "message", "replace", "buffers")
+    __slots__ = ("round", "message", "replace", "buffers", "covers")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    COVERS_FIELD_NUMBER: _ClassVar[int]
     round: int
     message: SparseVector
     replace: bool
     buffers: SparseVector
-    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ...) -> None: ...
+    covers: _containers.RepeatedCompositeFieldContainer[Covered]
+    def __init__(self, round: _Optional[int] = ..., message: _Optional[_Union[SparseVector, _Mapping]] = ..., replace: _Optional[bool] = ..., buffers: _Optional[_Union[SparseVector, _Mapping]] = ..., covers: _Optional[_Iterable[_Union[Covered, _Mapping]]] = ...) -> None: ...
 
 class Eval(_message.Message):
     __slots__ = ("round", "grad", "f", "distortion", "metrics")
