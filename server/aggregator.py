@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from ef21.compression.codec import CodecError, decode
@@ -267,7 +268,9 @@ class Aggregator:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"second Update from rank {relay.rank} for round "
                                                                 f"{round_}")
         try:
-            vec = decode(vector, expected_dim=self.d or getattr(vector, "dim", None))  # type: ignore[arg-type]
+            assert self.cfg is not None
+            vec = decode(vector, expected_dim=self.d or getattr(vector, "dim", None),  # type: ignore[arg-type]
+                         dtype=self.cfg.np_dtype)
         except CodecError as exc:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"Update round {round_}: {exc}") from None
         br.updates[relay.rank] = (Message(vec), vec.nnz, vec.is_dense)
@@ -314,7 +317,9 @@ class Aggregator:
         total = block_sum([br.updates[r][0] for r in ranks], d)
         assert total is not None
         up = pb.Update(round=round_)
-        up.message.CopyFrom(vector_to_proto(total.vector))  # float64 whatever the encoding: a sum of values
+        # The run's dtype whatever the encoding (a sum of values): float64, or float32 under --dtype float32, whose
+        # sums are float32 additions in rank order, as the simulator's.
+        up.message.CopyFrom(vector_to_proto(total.vector, float32=total.vector.values.dtype == np.float32))
         for r in ranks:
             up.covers.add(rank=r, entries=br.updates[r][1], dense=br.updates[r][2])
         br.sent = True

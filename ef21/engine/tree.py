@@ -67,7 +67,9 @@ class Tree:
         the block sums added in block order, and its scale is still 1/n."""
         if len(sums) != self.F:
             raise ValueError(f"expected {self.F} block sums, got {len(sums)}")
-        empty = Message(SparseVector.zeros(d))
+        # The empty messages in the sums' dtype: a float64 zero would widen a --dtype float32 run's sum.
+        dtype = next((s.vector.values.dtype for s in sums if s is not None), np.dtype(np.float64))
+        empty = Message(SparseVector.zeros(d, dtype))
         out: list[Message | None] = []
         for b, s in zip(self.blocks(), sums):
             out.extend([None] * len(b) if s is None else [s] + [empty] * (len(b) - 1))
