@@ -556,8 +556,7 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    node.replica.x[:] = lean_from_proto(msg.resync.x, d)
-    node.replica.g[:] = lean_from_proto(msg.resync.g, d)
+    node.replica.set_vectors(x=lean_from_proto(msg.resync.x, d), g=lean_from_proto(msg.resync.g, d))
     if msg.resync.HasField("momentum"):
-        node.replica.v = lean_from_proto(msg.resync.momentum, d)
+        node.replica.set_vectors(v=lean_from_proto(msg.resync.momentum, d))
     node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

@@ -157,11 +157,26 @@ class PluginObjective:
         n = getattr(inner, "n_samples", None)
         self.n_samples: int | None = int(n) if n is not None and callable(getattr(inner, "grad_batch", None)) else None
         self._layout = self._read_layout()
+        self._ops: Any = None
 
     def _fail(self, what: str) -> None:
         raise UserError(f"objective {self.ref.label} (rank {self.rank}) {what}")
 
-    def _vector(self, g: Any, what: str) -> np.ndarray:
+    def array_ops(self) -> Any:
+        """The objective's own backend for a worker's vectors (``ef21.compression.ops``; a ``TorchObjective``'s
+        tensors), or None: then every vector is numpy."""
+        make = getattr(self.inner, "array_ops", None)
+        self._ops = self._call("array_ops") if callable(make) else None
+        return self._ops
+
+    def _vector(self, g: Any, what: str) -> Any:
+        ops = self._ops
+        if ops is not None and ops.owns(g):  # a gradient on the objective's backend stays there: checked there
+            if tuple(g.shape) != (self.d,):
+                self._fail(f"returned a {what} of shape {tuple(g.shape)}, expected ({self.d},)")
+            if not ops.all_finite(g):
+                self._fail(f"returned a {what} with NaN or Inf")
+            return g
         try:
             g = np.asarray(g, dtype=np.float64)
         except (TypeError, ValueError):
