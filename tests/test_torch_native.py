@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from ef21.compression.compressors import TopK, compress, top_k_indices
+from ef21.compression.ops import NUMPY
 from ef21.engine.config import RunConfig
 from ef21.engine.nodes import backend_for
 from ef21.engine.simulate import plan_for, simulate
 from ef21.errors import UserError
+from ef21.methods import EF21, WorkerContext
+from ef21.methods.base import committed
 from ef21.problems.problem import build_problem
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
@@ -27,7 +30,7 @@ from ef21.problems.torch.ops import TorchOps  # noqa: E402
 from .helpers import ef21_cli as cli  # noqa: E402
 
 MLP = f"{Path(__file__).resolve().parents[1] / 'examples' / 'digits_mlp.py'}:make"
-OPS = TorchOps(torch, torch.device("cpu"))
+OPS = TorchOps(torch, "cpu", host_select=False)  # torch.topk's selection, as on a GPU
 
 
 def _tied(rng: np.random.Generator, d: int, levels: int) -> np.ndarray:
@@ -46,6 +49,30 @@ def test_torch_top_k_picks_numpy_s_entries_ties_included(rng, d):
             np.testing.assert_array_equal(got.indices, want.indices)
             np.testing.assert_array_equal(got.values, want.values)
             np.testing.assert_array_equal(OPS.top_k_indices(torch.from_numpy(x), k).numpy(), top_k_indices(x, k))
+
+
+def test_ef21_steps_on_tensors_equal_numpy_s_with_either_selection(rng):
+    """The method step itself, several rounds with in-place g_i, an undo and a distortion: tensors (CPU's numpy
+    selection on a view, and torch.topk as on a GPU) against numpy arrays."""
+    d, k = 20_000, 150
+    grads = [rng.standard_normal(d) for _ in range(4)]
+    grads[2] = np.round(grads[2], 1)  # ties at the k-th magnitude
+    runs = []
+    for ops in (NUMPY, TorchOps(torch, "cpu"), OPS):
+        state, out = None, []
+        scratch, mag = ops.empty(d), ops.empty(d)
+        for t, g in enumerate(grads):
+            ctx = WorkerContext(TopK(k), 0.1, "full", None, t, scratch=scratch, mag=mag, ops=ops)
+            grad = ops.from_numpy(g)
+            msg, new, dist = EF21().worker_step(state, grad, ctx, grad)
+            out += [msg.vector.indices, msg.vector.values, np.array([dist])]
+            state = new.undo() if t == 1 else committed(new)  # round 1 left out: g_i as it was
+            out.append(ops.to_numpy(state).copy())
+        runs.append(out)
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 BASE = RunConfig(workers=3, objective=MLP, objective_args=(("hidden", "16"),), stepsize=0.5, k=40, rounds=12)
