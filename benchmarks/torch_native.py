@@ -1,6 +1,7 @@
 """``model_scale.py --sections torch``: one worker's steady round on a PyTorch model with its method vectors in numpy
 (``EF21_TORCH_NATIVE=0``, the path before issue 22's point 5) and as torch tensors (the default), part by part, in
-one invocation: the minibatch gradient, the method step (difference, Top-k, g_i's update) and the replica's apply.
+one invocation: the minibatch gradient, the method step (difference, Top-k, g_i's update) and the replica's apply,
+each a median over calls made in turn with the other backend's.
 
 Models: the digits MLP (``examples/digits_mlp.py``, d = 9,610) and the wide MLP 64-512-512-10 of the race
 (``benchmarks/wide_mlp.py``, d = 301,066); EF21 Top-1 % on minibatches of 32 (the race's EF21), n = 4 (the
@@ -68,43 +69,52 @@ def _setup(objective: str, args: tuple, n: int, native: bool) -> dict[str, Any]:
     }}
 
 
-def _times(setups: list[dict[str, Any]], number: int, alternations: int = 3) -> list[dict[str, float]]:
-    """ms per call of every part, the backends measured in turn and the best of ``alternations`` turns kept: the
-    load of a shared machine drifts, so neither backend gets the quiet minute alone."""
-    from common import best_time
+def _times(setups: list[dict[str, Any]], calls: int) -> list[dict[str, float]]:
+    """ms per call of every part, the median over ``calls`` calls made in turn (numpy, torch, numpy, …), and the
+    median of the per-turn ratios: the load of a shared machine drifts by the second, so neither backend gets a
+    quiet moment the other did not, and a ratio of neighbouring calls cancels most of the drift."""
+    import statistics
+    import time
 
     out: list[dict[str, float]] = [{} for _ in setups]
+    ratios: dict[str, float] = {}
     for part in setups[0]["parts"]:
-        for _ in range(alternations):
-            for i, s in enumerate(setups):
-                t = 1e3 * best_time(s["parts"][part], number, repeat=3)
-                out[i][part] = min(out[i].get(part, t), t)
-    for o in out:
-        o["own"] = o["round"] - o["gradient"]
+        fns = [s["parts"][part] for s in setups]
+        for fn in fns:  # warm
+            fn()
+        samples: list[list[float]] = [[] for _ in setups]
+        for _ in range(calls):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                samples[i].append(1e3 * (time.perf_counter() - t0))
+        for i in range(len(setups)):
+            out[i][part] = statistics.median(samples[i])
+        ratios[part] = statistics.median(b / a for a, b in zip(samples[0], samples[1]))
+    out.append(ratios)
     return out
 
 
 def torch_section(smoke: bool, figure: Callable[..., Any]) -> Iterator[Any]:
     """Figures for ``model_scale.py`` (``figure(key, section, what, value, unit, **detail)``)."""
-    n, number = (2, 3) if smoke else (4, 10)
+    n, calls = (2, 5) if smoke else (4, 300)
     before = os.environ.get("EF21_TORCH_NATIVE")
     try:
         for name, (objective, args) in (SMOKE_MODELS if smoke else MODELS).items():
             setups = [_setup(objective, args, n, native) for native in (False, True)]
             assert [u["backend"] for u in setups] == ["numpy", "torch"], [u["backend"] for u in setups]
-            a, b = _times(setups, number)
+            a, b, ratio = _times(setups, calls)
             a.update(d=setups[0]["d"], k=setups[0]["k"])
             what = f"worker {name} (d={a['d']}) EF21 Top-{a['k']}, SGD batch 32"
             for part, label in (("round", "step + apply"), ("gradient", "the minibatch gradient"),
-                                ("method", "the method step"), ("apply", "the replica's apply"),
-                                ("own", "step + apply - gradient (ef21's own work)")):
+                                ("method", "the method step"), ("apply", "the replica's apply")):
                 base = f"torch/{name}/{part}"
                 yield figure(f"{base}/numpy_ms", "torch", f"{what}: {label}, numpy vectors", a[part], "ms")
                 yield figure(f"{base}/native_ms", "torch", f"{what}: {label}, torch tensors", b[part], "ms")
-                yield figure(f"{base}/native_vs_numpy", "torch", f"{what}: {label}, torch / numpy",
-                             b[part] / a[part], "x")
+                yield figure(f"{base}/native_vs_numpy", "torch", f"{what}: {label}, torch / numpy (median of "
+                             f"the ratios of neighbouring calls)", ratio[part], "x", calls=calls)
             print(f"  torch {name}: round {a['round']:.2f} -> {b['round']:.2f} ms, method "
-                  f"{a['method']:.2f} -> {b['method']:.2f} ms, own {a['own']:.2f} -> {b['own']:.2f} ms", flush=True)
+                  f"{a['method']:.3f} -> {b['method']:.3f} ms (medians)", flush=True)
     finally:
         if before is None:
             os.environ.pop("EF21_TORCH_NATIVE", None)
