@@ -14,7 +14,7 @@ import pytest
 from ef21.compression.compressors import TopK, compress, top_k_indices
 from ef21.compression.ops import NUMPY
 from ef21.engine.config import RunConfig
-from ef21.engine.nodes import backend_for
+from ef21.engine.nodes import WorkerNode, backend_for
 from ef21.engine.simulate import plan_for, simulate
 from ef21.errors import UserError
 from ef21.methods import EF21, WorkerContext
@@ -122,3 +122,25 @@ def test_a_bad_switch_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(NATIVE_ENV, "maybe")
     with pytest.raises(UserError, match=NATIVE_ENV):
         build_problem(dataclasses.replace(BASE, workers=1))
+
+
+def test_a_replacement_worker_and_a_resync_land_on_the_tensors(rng, monkeypatch):
+    """What the master hands over as numpy (a Start's g and v, the rank's g_i row; a Resync's x, g, v) becomes the
+    replica's and the method's tensors, with the same bits; the checksum covers them as numpy."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
+    cfg = dataclasses.replace(BASE, momentum=0.5)
+    problem = build_problem(cfg)
+    plan = plan_for(cfg, problem)
+    d = problem.d
+    x, g, v, row = (rng.standard_normal(d) for _ in range(4))
+    node = WorkerNode(plan.method, plan.compressor, problem.objectives[0], 0, gamma=plan.gamma, x0=x,
+                      setting=plan.worker_setting(0), g=g, v=v, state=row, round_=5)
+    assert node.ops.name == "torch" and torch.is_tensor(node.state) and torch.is_tensor(node.replica.v)
+    for want, got in zip((x, g, v), node.replica.state_arrays()):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(node.state.numpy(), row)
+    x2, g2, v2 = (rng.standard_normal(d) for _ in range(3))
+    node.replica.set_vectors(x=x2, g=g2, v=v2)  # what worker.client's Resync does
+    for want, got in zip((x2, g2, v2), node.replica.state_arrays()):
+        np.testing.assert_array_equal(got, want)
+    assert node.step(evaluate=True).message is not None  # and it steps from there
