@@ -173,7 +173,7 @@ class WorkerNode:
             dist = None
             if evaluate:
                 assert full is not None
-                state = self.state if self.ops is NUMPY or self.state is None else self.ops.to_numpy(self.state)
+                state = None if self.state is None else self.ops.to_numpy(self.state)  # numpy's: the state as is
                 dist = self.method.stale_distortion(state, self.ops.to_numpy(self._scaled(full)))
             return WorkerReport(t, None, f, self._host(full), dist, metrics)
         est, self._pending_est = s.estimator.estimate(self.est_state, self.objective, x, self.x_prev, full, ectx)

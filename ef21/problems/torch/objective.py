@@ -178,6 +178,8 @@ class TorchObjective:
     ``test``: a held-out (X, y) or Dataset evaluated by ``metrics`` in ``eval()`` under ``torch.no_grad()``; every
     worker reports its own and ef21 logs the mean over the workers, so give each worker the whole held-out set
     (exact) or equal slices.
+    ``native``: the worker keeps its method vectors as float64 tensors on the model's device (``array_ops``; the
+    same bits as numpy); None reads ``EF21_TORCH_NATIVE`` (default on), False keeps them in numpy.
     """
 
     def __init__(self, model: torch.nn.Module, loss: Callable[[Any, Any], Any], X: Any, y: Any = None, *,
