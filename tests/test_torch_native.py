@@ -102,6 +102,8 @@ def test_native_simulate_equals_the_numpy_path_bit_for_bit(monkeypatch, extra):
     assert strip == [{**dataclasses.asdict(r), "elapsed_s": 0} for r in b.records]  # f, ‖∇f‖², G, accuracy
 
 
+# Slow (30-60 s on the shared machine: three processes importing torch). CI runs it.
+@pytest.mark.slow
 def test_ef21_run_with_native_workers_equals_the_numpy_simulator(tmp_path, monkeypatch):
     """Real processes: the master (numpy) and two workers on torch tensors, every replica's checksum checked
     every round, against the simulator with the switch off."""
