@@ -19,6 +19,8 @@ Sections (``--sections``, default all):
   10⁷, no network: the gradient, the method step (difference, selection, error update), the Update's encoding and
   the replica's update from a downlink of n·k entries; in ``--dtype`` (float32 is a switch for when the core has
   it: today it says so and measures nothing).
+* torch — one worker's steady round on the digits MLP and the wide MLP with the method's vectors in numpy and as
+  torch tensors (``torch_native.py``).
 * decode — the master's decoding of one Update (``wire.decode_update``: read, decode, validate) at k = 10⁴ and
   10⁵ of d = 10⁶, against a numpy copy of the same index and value bytes (``wire.py``'s yardstick).
 * fold — the master's fold of n Top-k messages (``master_cost.fold_case``) against one ``np.add.at`` of all
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
 from common import base_parser, best_time, exit_on_sigterm, load_average, print_table, run_apart, write_json  # noqa: E402
 
-SECTIONS = ("rounds", "cpu", "mlp", "worker", "decode", "fold")
+SECTIONS = ("rounds", "cpu", "mlp", "worker", "torch", "decode", "fold")
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,10 @@ def run_sections(args: Any, private: bool, links: list[str], tmp: Path) -> list[
     if "worker" in args.sections:
         steps.append(("worker", lambda: worker_section([10_000] if s else [10**6, 10**7], 2 if s else 4,
                                                        ["float64", "float32"])))
+    if "torch" in args.sections:  # numpy vs torch-native method vectors on the MLPs (torch_native.py)
+        from torch_native import torch_section
+
+        steps.append(("torch", lambda: torch_section(s, figure)))
     if "decode" in args.sections:
         steps.append(("decode", lambda: decode_section(100_000 if s else 10**6, [100, 1000] if s else [10**4, 10**5])))
     if "fold" in args.sections:

@@ -252,7 +252,11 @@ def check_vs_powersgd(doc: dict) -> None:
 
 def check_model_scale(doc: dict) -> None:
     figs = {r["key"]: r for r in doc["results"]}
-    assert {r["section"] for r in doc["results"]} == {"rounds", "mlp", "worker", "decode", "fold"}
+    assert {r["section"] for r in doc["results"]} == {"rounds", "mlp", "worker", "torch", "decode", "fold"}
+    for part in ("round", "gradient", "method", "apply"):  # numpy and torch-native method vectors, side by side
+        base = f"torch/digits-mlp/{part}"
+        assert figs[f"{base}/numpy_ms"]["value"] > 0 and figs[f"{base}/native_ms"]["value"] > 0
+        assert figs[f"{base}/native_vs_numpy"]["value"] > 0 and figs[f"{base}/native_vs_numpy"]["detail"]["calls"] > 1
     for link in doc["links"]:  # every peer ran on every link, and the ratios are of the figures printed
         base = f"rounds/quadratic-10000/n2/{link}"
         ef, ar, ps = (figs[f"{base}/{k}"]["value"] for k in ("ef21_ms", "allreduce_ms", "powersgd1_ms"))

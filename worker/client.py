@@ -590,9 +590,9 @@ async def _resync(st: Stream, node: WorkerNode, d: int) -> None:
     msg = await st.recv_proto()
     if msg.WhichOneof("kind") != "resync":
         raise WorkerFailure(f"expected Resync, got {msg.WhichOneof('kind')}")
-    dtype = node.replica.x.dtype
-    node.replica.x[:] = lean_from_proto(msg.resync.x, d, dtype)
-    node.replica.g[:] = lean_from_proto(msg.resync.g, d, dtype)
+    # The run's dtype (a float32 run's replica is float32; a tensor replica takes float64, as the master sends).
+    dtype = np.float32 if node.replica.x.dtype == np.float32 else np.float64
+    node.replica.set_vectors(x=lean_from_proto(msg.resync.x, d, dtype), g=lean_from_proto(msg.resync.g, d, dtype))
     if msg.resync.HasField("momentum"):
-        node.replica.v = lean_from_proto(msg.resync.momentum, d, dtype)
+        node.replica.set_vectors(v=lean_from_proto(msg.resync.momentum, d, dtype))
     node.replica.set_extra_state(state_from_proto(msg.resync.state, node.replica.extra_state()))

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ef21.compression.compressors import Compressor
+from ef21.compression.ops import NUMPY, ArrayOps
 from ef21.compression.sparse import SparseVector
 from ef21.methods import Downlink, InitMode, Message, Method, WorkerContext
 from ef21.methods.base import InPlace, committed
@@ -83,6 +84,18 @@ def gradient(objective: Any, x: np.ndarray) -> np.ndarray:
     return grad(x) if isinstance(objective, _GRAD_ONLY) and grad is not None else objective.value_and_grad(x)[1]
 
 
+def backend_for(objective: Any, method: Method, rule: StepRule, dtype: np.dtype = np.dtype(np.float64)) -> ArrayOps:
+    """Where the worker keeps its method vectors: the objective's backend (``array_ops()``: a PyTorch model's
+    tensors on its device) when it offers one and the method and the step can use it (``ops_aware``,
+    ``Replica.supports``), else numpy. Either gives the same bits. A ``--dtype float32`` run stays on numpy: the
+    tensor backend is float64, and a float32 model already hands its gradient over without a float64 copy."""
+    make = getattr(objective, "array_ops", None)
+    ops = make() if make is not None and dtype == np.float64 else None
+    if ops is None or not getattr(method, "ops_aware", False) or not Replica.supports(rule):
+        return NUMPY
+    return ops
+
+
 class WorkerNode:
     """A worker's state across rounds: its method state, estimator state and replica of (x, g)."""
 
@@ -116,22 +129,22 @@ class WorkerNode:
         self.setting = setting or WorkerSetting(gamma, StepRule(1.0 if method.gamma_in_message else gamma),
                                                 init, seed)
         self.gamma = self.setting.gamma
+        self.ops = backend_for(objective, method, self.setting.rule, np.asarray(x0).dtype)
         self.state: Any = method.worker_init(objective.d) if state is None else method.resume_state(state)
+        if self.ops is not NUMPY and self.state is not None:
+            self.state = self.ops.from_numpy(self.state)  # an ops-aware method's state is one vector, or None
         self.est_state: Any = None
-        self.replica = Replica.start(x0, self.setting.rule, buffers)
-        self.replica.scratch = np.empty_like(self.replica.x)  # x −= s·g's product, kept: see Replica.scratch
+        self.replica = Replica.start(x0, self.setting.rule, buffers, self.ops)
+        self.replica.scratch = self._empty()  # x −= s·g's product, kept: see Replica.scratch
         if extra_state is not None:
             self.replica.set_extra_state(extra_state)
-        if g is not None:
-            self.replica.g[:] = g
-        if v is not None:
-            self.replica.v = np.array(v, dtype=self.replica.x.dtype, copy=True)
+        self.replica.set_vectors(g=g, v=v)
         self.round = round_
         self.x_prev: np.ndarray | None = None
         self._pending: Any = None
         self._pending_est: Any = None
         # The method step's two d-long buffers (residual, Top-k's magnitudes), kept across rounds.
-        self._scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._scratch: tuple[Any, Any, np.ndarray] | None = None
         self._x64: np.ndarray | None = None  # a float32 run's x, widened for the objective (``_point``)
 
     def participates(self, round_: int | None = None) -> bool:
@@ -163,8 +176,9 @@ class WorkerNode:
             dist = None
             if evaluate:
                 assert full is not None
-                dist = self.method.stale_distortion(self.state, self._scaled(full))
-            return WorkerReport(t, None, f, full, dist, metrics)
+                state = None if self.state is None else self.ops.to_numpy(self.state)  # numpy's: the state as is
+                dist = self.method.stale_distortion(state, self.ops.to_numpy(self._scaled(full)))
+            return WorkerReport(t, None, f, self._host(full), dist, metrics)
         est, self._pending_est = s.estimator.estimate(self.est_state, self.objective, x, self.x_prev, full, ectx)
         est = self._scaled(self._cast(est))
         # G measures the new estimate against ∇f_i(x) (EF21-W: ∇f_i/(n·w_i), what the worker tracks). With full
@@ -177,17 +191,26 @@ class WorkerNode:
         if self._scratch is None:
             k = getattr(self.compressor, "k", 0)
             # Top-k's fused path keeps its candidates (about 2k + 32) here; more sends it down the numpy path.
-            self._scratch = (np.empty_like(self.replica.x), np.empty_like(self.replica.x),
+            self._scratch = (self._empty(), self._empty(),
                              np.empty(min(self.replica.x.shape[0], 8 * k + 4096), dtype=np.int64))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
-                            mag=self._scratch[1], cand=self._scratch[2])
+                            mag=self._scratch[1], cand=self._scratch[2], ops=self.ops)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
         if self.replica.buffers is not None:
             new = getattr(self.objective, "round_buffers", lambda: None)()
             msg = dataclasses.replace(msg, buffers=buffer_delta(new, self.replica.buffers))
         if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
             return WorkerReport(t, msg, None, None, None, None)
-        return WorkerReport(t, msg, f, full, dist, metrics)
+        return WorkerReport(t, msg, f, self._host(full), dist, metrics)
+
+    def _empty(self) -> Any:
+        """A kept d-long buffer of the replica's backend and dtype (numpy: float64, or a float32 run's float32)."""
+        x = self.replica.x
+        return np.empty_like(x) if self.ops is NUMPY else self.ops.empty(x.shape[0])
+
+    def _host(self, v: Any) -> np.ndarray | None:
+        """An evaluation's gradient as numpy, what the log and the wire take (a view on CPU)."""
+        return None if v is None else self.ops.to_numpy(v)
 
     def _point(self) -> np.ndarray:
         """x as the objective takes it. A float32 run casts at the boundary: the built-in and plugin objectives
@@ -196,7 +219,7 @@ class WorkerNode:
         with ``accepts_float32`` (a PyTorch model, float32 already) takes the float32 x itself and returns a
         float32 gradient: no float64 round trip."""
         x = self.replica.x
-        if x.dtype == np.float64 or getattr(self.objective, "accepts_float32", False):
+        if self.ops is not NUMPY or x.dtype == np.float64 or getattr(self.objective, "accepts_float32", False):
             return x
         if self._x64 is None:
             self._x64 = np.empty(x.shape[0])
@@ -228,7 +251,7 @@ class WorkerNode:
         if self.setting.estimator.name == "page":
             # PAGE evaluates its minibatch at x^{t+1} and x^t: keep the point this round started from.
             if self.x_prev is None:
-                self.x_prev = self.replica.x.copy()
+                self.x_prev = self.ops.copy(self.replica.x)
             else:
                 self.x_prev[:] = self.replica.x
         self.replica.apply(down)

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, Sequence
 import numpy as np
 
 from ef21.compression.compressors import Compressor
+from ef21.compression.ops import NUMPY, ArrayOps
 from ef21.compression.sparse import SparseVector, sparse_sum
 
 InitMode = Literal["full", "compressed"]
@@ -78,6 +79,10 @@ class WorkerContext:
     cand: np.ndarray | None = None
     """A kept int64 buffer for Top-k's candidates on the fused path (``TopK.compress_difference``): given, with
     ``scratch``, a steady EF21 step may compress ∇ − g_i in one compiled pass over d without forming it."""
+    ops: ArrayOps = NUMPY
+    """The backend of the worker's vectors (``grad``, the state, the buffers above): numpy, or the objective's own
+    (PyTorch's tensors on the model's device, ``ef21.problems.torch.ops``). Methods whose ``worker_step`` does its
+    vector work through ``ops`` say so with ``ops_aware = True``; the others are always handed numpy."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,12 +90,13 @@ class InPlace:
     """A worker state its step changed in place at ``indices`` (their previous values in ``before``): committing
     is free and undoing, for a round that left the message out, is O(k) — where a copy of the state was O(d)."""
 
-    state: np.ndarray
+    state: Any
     indices: np.ndarray
-    before: np.ndarray
+    before: Any
+    ops: ArrayOps = NUMPY
 
-    def undo(self) -> np.ndarray:
-        self.state[self.indices] = self.before
+    def undo(self) -> Any:
+        self.ops.put(self.state, self.indices, self.before)
         return self.state
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ef21.compression.compressors import compress
+from ef21.compression.ops import NUMPY
 from ef21.compression.sparse import SparseVector
 
 from .base import Downlink, InPlace, Message, WorkerContext, sq_dist, sum_messages
@@ -22,9 +22,12 @@ def initial_step(grad: np.ndarray, ctx: WorkerContext, *, replace: bool,
                  reference: np.ndarray | None) -> tuple[Message, np.ndarray, float | None]:
     """Round 0: g_i⁰ is the uncompressed local gradient (``full``, the official experiments) or C(∇f_i(x⁰))
     (Algorithm 1). Sent whole, since g_i starts from 0 on the master as well."""
-    vec = SparseVector.dense(grad.copy()) if ctx.init == "full" else ctx.compressor(grad, ctx.rng)
+    ops = ctx.ops
+    host = ops.to_numpy(grad)
+    vec = SparseVector.dense(host.copy()) if ctx.init == "full" else ctx.compressor(host, ctx.rng)
     g_new = vec.to_dense()
-    return Message(vec, replace=replace), g_new, None if reference is None else sq_dist(g_new, reference)
+    dist = None if reference is None else sq_dist(g_new, ops.to_numpy(reference))
+    return Message(vec, replace=replace), ops.from_numpy(g_new), dist
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class EF21:
     uncompressed: bool = False
     gamma_in_message: bool = False
     tolerates_missing: bool = True
+    ops_aware: bool = True  # worker_step's vector work goes through ctx.ops (numpy or the model's tensors)
 
     def worker_init(self, d: int) -> np.ndarray | None:
         return None  # g_i does not exist until round 0 sends it
@@ -43,32 +47,37 @@ class EF21:
                     reference: np.ndarray | None) -> tuple[Message, np.ndarray | InPlace, float | None]:
         if g_i is None:
             return initial_step(grad, ctx, replace=False, reference=reference)
-        fused = getattr(ctx.compressor, "compress_difference", None)
-        if ctx.scratch is not None and ctx.cand is not None and fused is not None and reference is not grad:
-            # One compiled pass over d instead of four: C(∇ − g_i) without the residual (None: not applicable).
-            c = fused(grad, g_i, ctx.cand)
-            if c is not None:
-                return self._commit(g_i, c, reference)
-        r = grad - g_i if ctx.scratch is None else np.subtract(grad, g_i, out=ctx.scratch)
-        c = compress(ctx.compressor, r, ctx.rng, ctx.mag)
-        new: np.ndarray | InPlace
+        ops = ctx.ops
+        if ops is NUMPY:
+            fused = getattr(ctx.compressor, "compress_difference", None)
+            if ctx.scratch is not None and ctx.cand is not None and fused is not None and reference is not grad:
+                # One compiled pass over d instead of four: C(∇ − g_i) without the residual (None: not applicable).
+                c = fused(grad, g_i, ctx.cand)
+                if c is not None:
+                    return self._commit(g_i, c, reference)
+            # numpy keeps the run's dtype (float64, or float32 under --dtype float32) in the residual.
+            r = grad - g_i if ctx.scratch is None else np.subtract(grad, g_i, out=ctx.scratch)
+        else:  # the objective's own backend (PyTorch tensors on the model's device): float64, as the master's
+            r = ops.subtract(grad, g_i, ops.empty(grad.shape[0]) if ctx.scratch is None else ctx.scratch)
+        c = ops.compress(ctx.compressor, r, ctx.rng, ctx.mag)
+        new: Any
         if ctx.scratch is not None and c.indices is not None:
             # g_i moves at c's k entries only: update it in place (O(k)), keeping what it held there.
-            new = InPlace(g_i, c.indices, g_i[c.indices])
-            c.add_to(g_i)
+            new = InPlace(g_i, c.indices, ops.take(g_i, c.indices), ops)
+            ops.add_sparse(g_i, c)
             g_new = g_i
         else:
-            g_new = g_i.copy()
-            c.add_to(g_new)
+            g_new = ops.copy(g_i)
+            ops.add_sparse(g_new, c)
             new = g_new
         if reference is None:
             return Message(c), new, None
         if reference is not grad:
-            return Message(c), new, sq_dist(g_new, reference)
+            return Message(c), new, ops.sq_norm(ops.subtract(g_new, reference, r))
         # ‖g_new − ∇f_i‖² = ‖r − c‖², from the residual already in hand (compressors never alias their input):
         # one O(d) pass fewer than subtracting the gradient again.
-        c.add_to(r, -1.0)
-        return Message(c), new, float(r @ r)
+        ops.add_sparse(r, c, -1.0)
+        return Message(c), new, ops.sq_norm(r)
 
     @staticmethod
     def _commit(g_i: np.ndarray, c: SparseVector, reference: np.ndarray | None

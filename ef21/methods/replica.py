@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ef21.compression import kernels
+from ef21.compression.ops import NUMPY, ArrayOps
 
 from .optim import State, Transform
 from .prox import Prox
@@ -58,20 +59,44 @@ class Replica:
     scratch: np.ndarray | None = field(default=None, repr=False)
     """A d-long buffer for the step's product s·g, kept across rounds so the step allocates nothing of size d (a
     worker's replica); None: a temporary each round (the master's, whose memory target is (n + 3)·8d bytes)."""
+    ops: ArrayOps = field(default=NUMPY, repr=False)
+    """The backend of x, g and v (``ef21.compression.ops``): numpy, or a worker's model tensors (the plain and the
+    heavy-ball steps only: ``supports``). The buffers and the optimizer's state stay numpy."""
 
     @property
     def x_step(self) -> float:
         return self.rule.x_step
 
     @staticmethod
-    def start(x0: np.ndarray, rule: StepRule | float, buffers: np.ndarray | None = None) -> Replica:
+    def supports(rule: StepRule) -> bool:
+        """Whether x and g may live on a backend other than numpy under ``rule`` (the optimizers, the prox and
+        DIANA's and EF21-P's steps are numpy code)."""
+        return rule.optimizer is None and rule.prox is None and rule.shift is None and not rule.primal
+
+    @staticmethod
+    def start(x0: np.ndarray, rule: StepRule | float, buffers: np.ndarray | None = None,
+              ops: ArrayOps = NUMPY) -> Replica:
         if not isinstance(rule, StepRule):
             rule = StepRule(float(rule))
+        if ops is not NUMPY and not Replica.supports(rule):
+            raise ValueError(f"a {ops.name} replica takes the plain or heavy-ball step only")
         # x and g keep x0's dtype when it is float32 (``--dtype float32``): every vector of the step follows them.
-        x = np.array(x0, dtype=np.float32 if x0.dtype == np.float32 else np.float64, copy=True)
+        dtype = np.float32 if x0.dtype == np.float32 else np.float64
+        x = ops.from_numpy(np.asarray(x0, dtype=dtype))
         opt = None if rule.optimizer is None else rule.optimizer.init(x.shape[0])
         b = None if buffers is None or len(buffers) == 0 else np.array(buffers, dtype=np.float64, copy=True)
-        return Replica(x, np.zeros_like(x), rule, buffers=b, opt_state=opt)
+        g = ops.from_numpy(np.zeros(x.shape[0], dtype=dtype))
+        return Replica(x, g, rule, buffers=b, opt_state=opt, ops=ops)
+
+    def set_vectors(self, x: np.ndarray | None = None, g: np.ndarray | None = None,
+                    v: np.ndarray | None = None) -> None:
+        """Take x, g and the heavy ball's v as numpy arrays (a Start, a Resync), onto this replica's backend."""
+        if x is not None:
+            self.x[:] = self.ops.from_numpy(x)
+        if g is not None:
+            self.g[:] = self.ops.from_numpy(g)
+        if v is not None:
+            self.v = self.ops.from_numpy(v)
 
     def apply(self, down: Downlink) -> None:
         rule = self.rule
@@ -80,6 +105,7 @@ class Replica:
         step = float(rule.x_step)
         if down.buffers is not None and self.buffers is not None:
             down.buffers.add_to(self.buffers)
+        ops = self.ops
         if rule.primal:
             down.vector.add_to(self.x, down.scale)
             return
@@ -92,7 +118,7 @@ class Replica:
             return
         if down.mode == "replace":
             self.g[:] = 0.0
-        down.vector.add_to(self.g, down.scale)
+        ops.add_sparse(self.g, down.vector, down.scale)
         if rule.optimizer is not None:
             assert self.opt_state is not None
             update, self.opt_state = rule.optimizer.update(self.g, self.opt_state, self.x)
@@ -101,19 +127,19 @@ class Replica:
             direction = self.g
             if rule.momentum > 0.0:
                 if self.v is None:
-                    self.v = self.g.copy()
+                    self.v = ops.copy(self.g)
                 else:
                     self.v *= rule.momentum
                     self.v += self.g
                 direction = self.v
-            if kernels.sub_scaled(self.x, step, direction):
+            if ops is NUMPY and kernels.sub_scaled(self.x, step, direction):
                 pass  # one compiled pass, the same bits as the two numpy operations below
             elif self.scratch is None:
                 self.x -= step * direction
             else:
                 # The same two operations (the same bits), the product into the kept buffer.
-                np.multiply(direction, step, out=self.scratch)
-                np.subtract(self.x, self.scratch, out=self.x)
+                ops.multiply(direction, step, self.scratch)
+                ops.subtract(self.x, self.scratch, self.x)
         if rule.prox is not None:
             rule.prox.apply(self.x, rule.x_step)
 
@@ -141,5 +167,6 @@ class Replica:
             self.opt_state = {k: np.array(state[f"opt.{k}"], dtype=np.float64, copy=True) for k in self.opt_state}
 
     def state_arrays(self) -> list[np.ndarray]:
-        """What a checksum covers: x, g, (with momentum) v, then the extra state in name order."""
-        return [self.x, self.g] + ([] if self.v is None else [self.v]) + list(self.extra_state().values())
+        """What a checksum covers, as numpy: x, g, (with momentum) v, then the extra state in name order."""
+        vectors = [self.x, self.g] + ([] if self.v is None else [self.v])
+        return [self.ops.to_numpy(a) for a in vectors] + list(self.extra_state().values())

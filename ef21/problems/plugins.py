@@ -160,11 +160,26 @@ class PluginObjective:
         # A model that computes in float32 (``ef21.problems.torch``) takes a --dtype float32 run's x as it is and
         # hands back a float32 gradient, which stays float32 here (no float64 round trip).
         self.accepts_float32 = bool(getattr(inner, "accepts_float32", False))
+        self._ops: Any = None
 
     def _fail(self, what: str) -> None:
         raise UserError(f"objective {self.ref.label} (rank {self.rank}) {what}")
 
-    def _vector(self, g: Any, what: str) -> np.ndarray:
+    def array_ops(self) -> Any:
+        """The objective's own backend for a worker's vectors (``ef21.compression.ops``; a ``TorchObjective``'s
+        tensors), or None: then every vector is numpy."""
+        make = getattr(self.inner, "array_ops", None)
+        self._ops = self._call("array_ops") if callable(make) else None
+        return self._ops
+
+    def _vector(self, g: Any, what: str) -> Any:
+        ops = self._ops
+        if ops is not None and ops.owns(g):  # a gradient on the objective's backend stays there: checked there
+            if tuple(g.shape) != (self.d,):
+                self._fail(f"returned a {what} of shape {tuple(g.shape)}, expected ({self.d},)")
+            if not ops.all_finite(g):
+                self._fail(f"returned a {what} with NaN or Inf")
+            return g
         try:
             keep32 = self.accepts_float32 and getattr(g, "dtype", None) == np.float32
             g = np.asarray(g, dtype=np.float32 if keep32 else np.float64)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -53,10 +54,24 @@ import numpy as np
 
 from ef21.problems.layout import ModelLayout, TensorSpec
 
+from .ops import TorchOps
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["TorchObjective", "seeded", "require_torch"]
+
+
+NATIVE_ENV = "EF21_TORCH_NATIVE"
+
+
+def native_default() -> bool:
+    """Torch-native method vectors unless the environment says ``EF21_TORCH_NATIVE=0`` (it gives the same bits;
+    the switch is for measuring and for ruling it out)."""
+    value = os.environ.get(NATIVE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on", ""):
+        raise ValueError(f"{NATIVE_ENV}={value!r}: expected 1 or 0")
+    return value not in ("0", "false", "no", "off")
 
 
 def require_torch() -> Any:
@@ -166,11 +181,14 @@ class TorchObjective:
     ``test``: a held-out (X, y) or Dataset evaluated by ``metrics`` in ``eval()`` under ``torch.no_grad()``; every
     worker reports its own and ef21 logs the mean over the workers, so give each worker the whole held-out set
     (exact) or equal slices.
+    ``native``: the worker keeps its method vectors as float64 tensors on the model's device (``array_ops``; the
+    same bits as numpy); None reads ``EF21_TORCH_NATIVE`` (default on), False keeps them in numpy.
     """
 
     def __init__(self, model: torch.nn.Module, loss: Callable[[Any, Any], Any], X: Any, y: Any = None, *,
                  test: Any = None, collate_fn: Callable[[list], Any] | None = None, dtype: str = "float32",
-                 threads: int | None = 1, train: bool = True, chunk_size: int | None = None) -> None:
+                 threads: int | None = 1, train: bool = True, chunk_size: int | None = None,
+                 native: bool | None = None) -> None:
         torch = require_torch()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -211,8 +229,14 @@ class TorchObjective:
         self._b0 = self._read_buffers()
         self._b = self._b0.copy()
         self._key = (0, 0, 0)
-        self._round_x: np.ndarray | None = None
+        self._round_x: Any = None
         self._updated: np.ndarray | None = None
+        self.native = native_default() if native is None else bool(native)
+
+    def array_ops(self) -> TorchOps | None:
+        """The backend a worker keeps its method vectors on (``ef21.compression.ops``): torch float64 tensors on the
+        model's device, fed by autograd with no numpy round trip; None with ``native=False`` (numpy)."""
+        return TorchOps(self._torch, self._flat.device) if self.native else None
 
     # -- layout and buffers -----------------------------------------------------------------------------------------
 
@@ -307,13 +331,18 @@ class TorchObjective:
 
     # -- f_i and its gradients --------------------------------------------------------------------------------------
 
-    def _load(self, x: np.ndarray) -> None:
+    def _load(self, x: Any) -> None:
+        """Load x (numpy, or a float64 tensor from ``array_ops``) into the model: one copy, rounded to its dtype."""
         with self._torch.no_grad():
-            self._flat.copy_(self._torch.from_numpy(np.ascontiguousarray(x)))  # x's own dtype, cast by the copy
+            if self._torch.is_tensor(x):
+                self._flat.copy_(x)
+            else:  # x's own dtype (float64, or a float32 run's float32), cast by the copy
+                self._flat.copy_(self._torch.from_numpy(np.ascontiguousarray(x)))
 
-    def _loss_and_grad(self, x: np.ndarray, idx: np.ndarray | None, kind: str) -> tuple[float, np.ndarray]:
+    def _loss_and_grad(self, x: Any, idx: np.ndarray | None, kind: str) -> tuple[float, Any]:
         """Mean loss and gradient over ``idx`` (None: the whole shard), in chunks of ``chunk_size`` rows whose
-        gradients add up weighted by their rows, as gradient accumulation does."""
+        gradients add up weighted by their rows, as gradient accumulation does. The gradient is a float64 tensor
+        on the model's device when x is one (``array_ops``), else numpy (a view of that tensor on CPU)."""
         torch = self._torch
         self._load(x)
         self._load_buffers()
@@ -350,26 +379,33 @@ class TorchObjective:
                     flat = w * g if flat is None else flat.add_(g, alpha=w)
         self._note_buffers(x)
         assert flat is not None
-        return value, flat.numpy()
+        return value, (flat if torch.is_tensor(x) else flat.cpu().numpy())
 
-    def _note_buffers(self, x: np.ndarray) -> None:
+    def _note_buffers(self, x: Any) -> None:
         """Keep b after a training forward at the round's x (the first point a round evaluates; PAGE's second,
         at the previous x, does not count)."""
         if not self.train or not self._buffers:
             return
-        if self._round_x is None:
-            self._round_x = np.array(x, dtype=np.float64, copy=True)
-        if np.array_equal(x, self._round_x):
+        torch = self._torch
+        if torch.is_tensor(x):
+            if self._round_x is None:
+                self._round_x = x.clone()
+            same = torch.equal(x, self._round_x)
+        else:
+            if self._round_x is None:
+                self._round_x = np.array(x, dtype=np.float64, copy=True)
+            same = np.array_equal(x, self._round_x)
+        if same:
             self._updated = self._read_buffers()
 
     accepts_float32 = True
     """A ``--dtype float32`` run hands x over as float32 and gets the gradient back in float32 (no float64 copy)."""
 
-    def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+    def value_and_grad(self, x: Any) -> tuple[float, Any]:
         """f_i(x) and ∇f_i(x) over the whole shard."""
         return self._loss_and_grad(x, None, "full")
 
-    def grad_batch(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def grad_batch(self, x: Any, rows: np.ndarray) -> Any:
         """The gradient of the mean loss over ``rows`` of the shard (drawn by ef21 from (seed, rank, round))."""
         return self._loss_and_grad(x, np.asarray(rows, dtype=np.int64), "batch")[1]
 
@@ -377,7 +413,7 @@ class TorchObjective:
         """The model's initial weights (build it with ``seeded`` so that every worker has the same)."""
         return self._x0.copy()
 
-    def metrics(self, x: np.ndarray) -> dict[str, float]:
+    def metrics(self, x: Any) -> dict[str, float]:
         """Held-out loss and accuracy (the share of rows whose largest output is the label) at x, in ``eval()``
         with the replicated buffers b^t."""
         if self.test_rows is None:
