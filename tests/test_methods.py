@@ -212,7 +212,7 @@ def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
 
 def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
     from ef21.compression.compressors import TopK
-    from ef21.compression.sparse import INDEX_DTYPE, _masked_sum, _merged_sum, sparse_sum
+    from ef21.compression.sparse import INDEX_DTYPE, SparseVector, _masked_sum, _merged_sum, sparse_sum
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -226,3 +226,11 @@ def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
         for s in (sparse_sum(vecs, d), *((_merged_sum(vecs, d), _masked_sum(vecs, d)) if len(vecs) > 1 else ())):
             assert np.array_equal(s.indices, union) and s.indices.dtype == INDEX_DTYPE
             assert s.to_dense().tobytes() == acc.tobytes()
+        # --dtype float32: every path adds in float32, in rank order (a float64 sum rounded once would differ).
+        v32 = [SparseVector(d, v.indices, v.values.astype(np.float32)) for v in vecs]
+        acc32 = np.zeros(d, dtype=np.float32)
+        for v in v32:
+            acc32[v.indices] += v.values
+        f32 = np.dtype(np.float32)
+        for s in (sparse_sum(v32, d), *((_merged_sum(v32, d, f32), _masked_sum(v32, d, f32)) if len(v32) > 1 else ())):
+            assert s.values.dtype == np.float32 and s.to_dense().tobytes() == acc32.tobytes()

@@ -109,7 +109,7 @@ MERGE_PER_MASK = 4
 entry of the merge moves, per level of log2(n): measured, benchmarks/master_cost.py."""
 
 
-def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype) -> SparseVector:
+def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtype(np.float64)) -> SparseVector:
     """The sum by merging the ascending index runs: a stable sort (timsort, which finds the n runs and merges them
     in O(m·log n)) keeps each coordinate's entries in rank order, so ``np.bincount`` over the merged order adds them
     as the rank-ordered sum does."""
@@ -130,7 +130,7 @@ def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype) -> Spars
     return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), summed)
 
 
-def _masked_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype) -> SparseVector:
+def _masked_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtype(np.float64)) -> SparseVector:
     """The sum through d-long buffers: accumulate into a dense one (np.zeros is calloc, so untouched pages cost
     nothing) and find the support with a mask: O(m + d), no sort."""
     idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
