@@ -450,8 +450,11 @@ def plot(docs: list[dict[str, Any]], links: list[str], path: Path) -> None:
             else:
                 ax.set_ylim(max(0, target - 30), 100)
             ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    legend: dict[str, Any] = {}  # every model's contenders (the recipe models have their own EF21 settings)
+    for row in axes:
+        for h, lab in zip(*row[0].get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=7)
     fig.suptitle(f"ef21 against DDP + PowerSGD, N = {docs[0]['workers']} (dashed: DDP; the curves stop at the "
                  f"target on the links)", fontsize=9)
     fig.tight_layout(rect=(0, 1.0 / height, 1, 1))
@@ -481,17 +484,23 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                     help="only these contenders (dense DDP always runs: it sets the target)")
     ap.add_argument("--plot", type=Path, default=None, help="figure (PNG)")
-    ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                    help="only print the tables and draw --plot again from an earlier run's --json")
+    ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only print the tables and draw --plot again from earlier runs' --json (their models in "
+                         "one figure)")
+    ap.add_argument("--plot-per-link", action="store_true",
+                    help="with --plot, also one figure per link (PLOT_LINK.png: the bytes and that link's seconds)")
     add_logs_arg(ap)
     ns = ap.parse_args()
     exit_on_sigterm()
     if ns.replot is not None:
-        doc = json.loads(ns.replot.read_text())
-        for m in doc["models"]:
-            table(m, doc["links"])
+        runs = [json.loads(p.read_text()) for p in ns.replot]
+        models_done = [m for doc in runs for m in doc["models"]]
+        all_links = list(dict.fromkeys(ln for doc in runs for ln in doc["links"]))
+        for doc in runs:
+            for m in doc["models"]:
+                table(m, doc["links"])
         if ns.plot is not None:
-            plot(doc["models"], doc["links"], ns.plot)
+            plots(models_done, all_links, ns.plot, ns.plot_per_link)
         return 0
     try:
         import torch  # noqa: F401
@@ -542,8 +551,17 @@ def main() -> int:
           f"the kernel's counters of each link, everything included.")
     save(docs)
     if ns.plot is not None:
-        plot(docs, links, ns.plot)
+        plots(docs, links, ns.plot, ns.plot_per_link)
     return 0
+
+
+def plots(docs: list[dict[str, Any]], links: list[str], path: Path, per_link: bool) -> None:
+    plot(docs, links, path)
+    if per_link:
+        for ln in links:
+            done = [d for d in docs if ln in d.get("links_done", links)]
+            if done:
+                plot(done, [ln], path.with_name(f"{path.stem}_{ln}{path.suffix}"))
 
 
 if __name__ == "__main__":
