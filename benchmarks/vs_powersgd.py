@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
 from common import add_logs_arg, base_parser, exit_on_sigterm, load_average, logs_dir, print_table, write_json  # noqa: E402
 from ddp_runs import GLOO_NOTE, Contender, DDPResult, free_port, run_ddp  # noqa: E402
-from digits_runs import example_dim, run_ef21_apart  # noqa: E402
+from digits_runs import example_dim, read_curve, run_ef21_apart  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,51 @@ def race(model: Model, ns: Any, private: bool, links: list[str], logs: Path,
     return out
 
 
+def from_logs(model: Model, ns: Any, logs: Path) -> dict[str, Any]:
+    """The curves pass of a run that was cut short, rebuilt from its logs (``--logs``, or a copy of its scratch
+    folder): dense DDP's launch (``ddp-curves/ddp_results.json``: all its contenders, written when the launch ends)
+    and every ef21 contender whose log reached its last round. No link pass: the steps to the target, the counted
+    bytes and the curves only."""
+    metric = model.metric
+    ddp = [DDPResult(**r) for r in json.loads((logs / "ddp-curves" / "ddp_results.json").read_text())]
+    out: dict[str, Any] = {"model": model.key, "title": model.title, "module": model.module,
+                           "objective_args": list(model.objective_args), "d": ddp[0].d, "metric": metric,
+                           "optim": _optim(model, ns), "batch_size": ns.batch_size, "steps": ns.steps,
+                           "eval_every": ns.eval_every, "contenders": [], "links_done": [], "from_logs": True}
+    best = min(ddp[0].loss) if lower_is_better(metric) else max(ddp[0].acc)
+    target = best + ns.margin if lower_is_better(metric) else best - ns.margin
+    out.update(target=target, margin=ns.margin, dense_best=best)
+    if not lower_is_better(metric):
+        out.update(target_acc=target, dense_best_acc=best)
+    for r in ddp:
+        out["contenders"].append({"label": r.label, "kind": "ddp",
+                                  "curve": {"rounds": r.rounds, "acc": r.acc, "loss": r.loss,
+                                            "counted_bytes": r.counted_bytes, "time_s": r.time_s}})
+    for c in model.ef21 or EF21_CONTENDERS:
+        log = logs / f"{slug(c.label)}.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        if not records or records[-1]["round"] < ns.steps:
+            continue  # not run, or cut short
+        curve = read_curve(c.label, log)
+        by_round = {rec["round"]: rec for rec in records}
+        out["contenders"].append({
+            "label": c.label, "kind": "ef21", "command": " ".join(ef21_flags(c, out["d"], ns.batch_size, ns.stepsize,
+                                                                             _optim(model, ns))),
+            "curve": {"rounds": curve.rounds, "acc": curve.acc, "loss": curve.loss,
+                      "counted_bytes": [_ef21_bytes(by_round, t) for t in curve.rounds],
+                      "eval_bytes": [by_round[t - 1]["eval_bytes"] if t else 0 for t in curve.rounds],
+                      "time_s": curve.time_s}})
+    for c in out["contenders"]:
+        cv = c["curve"]
+        t = first_reaching(cv["rounds"], metric_values(cv, metric), target, metric)
+        c["steps_to_target"] = t
+        c["best_acc"] = None if lower_is_better(metric) else max(cv["acc"])
+        c["best"] = min(cv["loss"]) if lower_is_better(metric) else c["best_acc"]
+        c["counted_bytes_to_target"] = None if t is None else cv["counted_bytes"][cv["rounds"].index(t)]
+        c["links"] = {}
+    return out
+
+
 def _ef21_bytes(by_round: dict[int, dict], t: int) -> int:
     if t == 0:
         return 0
@@ -487,6 +532,9 @@ def main() -> int:
     ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                     help="only print the tables and draw --plot again from earlier runs' --json (their models in "
                          "one figure)")
+    ap.add_argument("--from-logs", type=Path, default=None, metavar="DIR",
+                    help="rebuild the curves pass of one --model from a cut-short run's logs (DIR/<model>) and "
+                         "write --json from it")
     ap.add_argument("--plot-per-link", action="store_true",
                     help="with --plot, also one figure per link (PLOT_LINK.png: the bytes and that link's seconds)")
     add_logs_arg(ap)
@@ -537,13 +585,19 @@ def main() -> int:
 
     with logs_dir(ns.logs) as logs:
         for m in models:
+            if ns.from_logs is not None:
+                logs = ns.from_logs
             if not ns.smoke:  # the model's own sizes unless given
                 ns.steps = given["steps"] or m.steps or 400
                 ns.eval_every = given["eval_every"] or m.eval_every or 25
                 ns.margin = given["margin"] if given["margin"] is not None else (m.margin or 0.01)
             ns.batch_size = given["batch_size"] or m.batch_size or 32
-            doc = race(m, ns, reason is None, links, logs / m.key,
-                       lambda d: save([*docs, {**d, "workers": ns.workers}]))
+            if ns.from_logs is not None:
+                doc = from_logs(m, ns, logs / m.key)
+                doc["links_done"] = []
+            else:
+                doc = race(m, ns, reason is None, links, logs / m.key,
+                           lambda d: save([*docs, {**d, "workers": ns.workers}]))
             doc.update(workers=ns.workers)
             docs.append(doc)
             table(doc, links)
