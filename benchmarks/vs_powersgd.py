@@ -419,6 +419,7 @@ def mb(b: float | None) -> str:
 
 
 def table(doc: dict[str, Any], links: list[str]) -> None:
+    links = [ln for ln in links if ln in doc.get("links_done", links)]
     stars = [ln for ln in links if ln != "loopback"]
     wire_link = stars[-1] if stars else None
     if lower_is_better(doc.get("metric", "test_acc")):
@@ -427,7 +428,6 @@ def table(doc: dict[str, Any], links: list[str]) -> None:
     else:
         print(f"\n{doc['title']} (d = {doc['d']:,}), N = {doc['workers']}: target = dense DDP's best "
               f"{100 * doc['dense_best_acc']:.1f} % - {100 * doc['margin']:.0f} point = {100 * doc['target_acc']:.1f} %")
-    links = [ln for ln in links if ln in doc.get("links_done", links)]
     headers = ["contender", "steps", "MB counted", *([f"MB wire/worker ({wire_link})", "MB wire all",
                                                        "MB master link"] if wire_link else ["MB lo all"]),
                *[f"s {ln}" for ln in links], "same"]
