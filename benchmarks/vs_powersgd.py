@@ -256,7 +256,7 @@ def race(model: Model, ns: Any, private: bool, links: list[str], logs: Path,
     out: dict[str, Any] = {"model": model.key, "title": model.title, "module": model.module,
                            "objective_args": args, "d": d, "metric": metric, "optim": _optim(model, ns),
                            "batch_size": ns.batch_size, "steps": ns.steps, "eval_every": ns.eval_every,
-                           "contenders": []}
+                           "contenders": [], "links_done": []}
     t_model = time.perf_counter()
     # 1. curves, on loopback
     with open_link("loopback", ns.workers, private) as env:
