@@ -284,21 +284,10 @@ def race(model: Model, ns: Any, private: bool, links: list[str], logs: Path,
             by_round = {rec["round"]: rec for rec in records}
             out["contenders"].append({
                 "label": c.label, "kind": "ef21", "command": curve.command,
-                "curve": {"rounds": curve.rounds, "acc": curve.acc, "loss": curve.loss,
-                          # training traffic that produced x^t: rounds 0..t-1 (the log's row t-1)
-                          "counted_bytes": [_ef21_bytes(by_round, t) for t in curve.rounds],
-                          "eval_bytes": [by_round[t - 1]["eval_bytes"] if t else 0 for t in curve.rounds],
-                          "time_s": curve.time_s},
+                "curve": _ef21_curve(curve, by_round),
                 "curve_lo_sent_bytes": wire["total_sent_bytes"]})
             print(f"  {model.key}: {c.label} curve in {time.perf_counter() - t0:.0f} s", flush=True)
-    for c in out["contenders"]:
-        cv = c["curve"]
-        t = first_reaching(cv["rounds"], metric_values(cv, metric), target, metric)
-        c["steps_to_target"] = t
-        c["best_acc"] = None if lower_is_better(metric) else max(cv["acc"])
-        c["best"] = min(cv["loss"]) if lower_is_better(metric) else c["best_acc"]
-        c["counted_bytes_to_target"] = None if t is None else cv["counted_bytes"][cv["rounds"].index(t)]
-        c["links"] = {}
+    _score(out["contenders"], target, metric)
     reached = {c["label"]: c["steps_to_target"] for c in out["contenders"] if c["steps_to_target"]}
     save(out)
     # 2 and 3: timing and bytes, link by link
@@ -370,11 +359,14 @@ def from_logs(model: Model, ns: Any, logs: Path) -> dict[str, Any]:
         out["contenders"].append({
             "label": c.label, "kind": "ef21", "command": " ".join(ef21_flags(c, out["d"], ns.batch_size, ns.stepsize,
                                                                              _optim(model, ns))),
-            "curve": {"rounds": curve.rounds, "acc": curve.acc, "loss": curve.loss,
-                      "counted_bytes": [_ef21_bytes(by_round, t) for t in curve.rounds],
-                      "eval_bytes": [by_round[t - 1]["eval_bytes"] if t else 0 for t in curve.rounds],
-                      "time_s": curve.time_s}})
-    for c in out["contenders"]:
+            "curve": _ef21_curve(curve, by_round)})
+    _score(out["contenders"], target, metric)
+    return out
+
+
+def _score(contenders: list[dict[str, Any]], target: float, metric: str) -> None:
+    """Each curve's steps to the target, best figure and counted bytes to the target."""
+    for c in contenders:
         cv = c["curve"]
         t = first_reaching(cv["rounds"], metric_values(cv, metric), target, metric)
         c["steps_to_target"] = t
@@ -382,7 +374,14 @@ def from_logs(model: Model, ns: Any, logs: Path) -> dict[str, Any]:
         c["best"] = min(cv["loss"]) if lower_is_better(metric) else c["best_acc"]
         c["counted_bytes_to_target"] = None if t is None else cv["counted_bytes"][cv["rounds"].index(t)]
         c["links"] = {}
-    return out
+
+
+def _ef21_curve(curve: Any, by_round: dict[int, dict]) -> dict[str, Any]:
+    return {"rounds": curve.rounds, "acc": curve.acc, "loss": curve.loss,
+            # training traffic that produced x^t: rounds 0..t-1 (the log's row t-1)
+            "counted_bytes": [_ef21_bytes(by_round, t) for t in curve.rounds],
+            "eval_bytes": [by_round[t - 1]["eval_bytes"] if t else 0 for t in curve.rounds],
+            "time_s": curve.time_s}
 
 
 def _ef21_bytes(by_round: dict[int, dict], t: int) -> int:
