@@ -204,7 +204,13 @@ def run_apart(master_flags: Sequence[str], workers: int, log: Path, *, label: st
     try:
         _, err = mp.communicate(timeout=timeout_s)
         for w in ws:
-            w.wait(timeout=120)
+            try:
+                w.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                # The master ended the run (its log is whole); a worker still tearing down after 2 minutes on an
+                # oversubscribed machine (seen at load 100 on 2 cores) is killed below rather than losing the run.
+                if mp.returncode != 0:
+                    raise
     finally:
         for p in (mp, *ws):
             if p.poll() is None:

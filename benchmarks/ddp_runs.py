@@ -5,9 +5,13 @@ One launch starts N rank processes (each optionally in its own network namespace
 of contenders one after another — dense DDP, or DDP with a communication hook (fp16, PowerSGD) — so that the
 processes' start-up (importing torch, the rendezvous) is paid once per launch. For every contender each rank builds
 the model afresh (``seeded``: the same initial weights as ef21's ``x0``), wraps it in ``DistributedDataParallel``,
-and runs ``steps`` steps of ``torch.optim.SGD``: step 0 on the whole shard (as ef21's round 0), step t ≥ 1 on the
-rows ef21 draws from (seed, rank, t). Rank 0 evaluates the held-out set at the evaluation steps while the others
-wait at the next all-reduce.
+and runs ``steps`` steps of ``torch.optim.SGD`` (or the recipe's optimizer and schedule, ``optim``: ef21's flags,
+built as torch's own classes): step 0 on the whole shard (as ef21's round 0), step t ≥ 1 on the rows ef21 draws
+from (seed, rank, t), in train mode, with the random draws (augmentation, dropout) an ef21 worker makes at that
+round — the data come from rank r's own ef21 objective (``make``). BatchNorm's running statistics are averaged over
+the ranks after every step, as ef21's replicas average their updates (DDP's ``broadcast_buffers``, rank 0's
+statistics everywhere, is off then). Rank 0 evaluates the held-out set at the evaluation steps with the objective's
+own ``metrics`` (eval mode) while the others wait at the next all-reduce.
 
 Bytes, two ways. Counted: the payload of every all-reduce (a hook's calls of ``dist.all_reduce``, seen by a
 wrapper; without a hook DDP all-reduces the d float32 gradients a step from C++), as Gloo's ring moves it: each of
@@ -21,6 +25,7 @@ which then holds what all ranks sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -91,7 +96,8 @@ def iface_bytes(iface: str) -> tuple[int, int]:
 
 
 def load_module(path: str) -> Any:
-    """A model module (``build(options)``, ``digits_split(ctx, seed)``) from its file, as ef21 loads objectives."""
+    """A model module (``build(options)``, ``make(ctx)``: the objective whose data and evaluation a rank uses) from
+    its file, as ef21 loads objectives."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"ddp_model_{Path(path).stem}", ROOT / path)
@@ -127,17 +133,16 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:
 
     dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
     mod = load_module(cfg["module"])
-    from ef21.problems.plugins import ObjectiveContext
+    from ef21.problems.plugins import build_objective
 
     options = dict(kv.split("=", 1) for kv in cfg["objective_args"])
-    ctx = ObjectiveContext(rank, n, cfg["seed"], options)
-    X, y, X_test, y_test = mod.digits_split(ctx, int(options.get("split_seed", 0)))
-    data = (torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y),
-            torch.as_tensor(X_test, dtype=torch.float32), torch.as_tensor(y_test))
+    # The data, the round's random draws (augmentation, dropout) and the held-out evaluation are the objective's
+    # own, as an ef21 worker makes them: rank r's objective is the one ef21's worker r builds.
+    obj = build_objective(f"{ROOT / cfg['module']}:make", tuple(options.items()), rank, n, cfg["seed"]).inner
     out = []
     for spec in cfg["contenders"]:
         res = _train(Contender(**spec["contender"]), spec["steps"], spec["eval_every"], cfg, rank, mod, options,
-                     data, payload)
+                     obj, payload)
         res.setup_link_bytes = [setup]
         out.append(res)
     dist.barrier()
@@ -158,24 +163,31 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:
 
 
 def _train(c: Contender, steps: int, every: int, cfg: dict[str, Any], rank: int, mod: Any, options: dict[str, str],
-           data: tuple[Any, ...], payload: list[int]) -> DDPResult:
+           obj: Any, payload: list[int]) -> DDPResult:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+    from torch_recipes import config_of, evaluate, torch_optimizer
 
     from ef21.methods.estimators import batch_rng, draw_batch
     from ef21.problems.torch import seeded
 
-    X, y, X_test, y_test = data
     n, seed, iface = cfg["workers"], cfg["seed"], cfg["iface"]
     dist.barrier()
     link0 = iface_bytes(iface)
     model = seeded(seed, lambda: mod.build(options))
+    model.train()
     d = sum(p.numel() for p in model.parameters())
+    # BatchNorm's running statistics as ef21's recipe keeps them (ef21.methods.buffers): every rank updates its
+    # copy in the step's forward, then the copies are averaged over the ranks (an all-reduce after the step, its
+    # bytes counted), so all ranks hold the mean of their updates, as every ef21 replica does. DDP's own default
+    # (broadcast_buffers: rank 0's statistics overwrite the others' at every forward) is turned off for it.
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
     # One bucket (an explicit cap also caps the first bucket, which is 1 MiB by default): with two, PowerSGD's
     # callbacks issue the buckets' P and Q all-reduces in an order that can differ between ranks, and Gloo aborts
     # on the mismatch (torch 2.13, d = 301,066).
-    ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.get("bucket_cap_mb", 25))  # broadcasts rank 0's weights
+    ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.get("bucket_cap_mb", 25),
+                                  broadcast_buffers=not buffers)  # broadcasts rank 0's weights
     state = None
     if c.hook == "fp16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -189,8 +201,14 @@ def _train(c: Contender, steps: int, every: int, cfg: dict[str, Any], rank: int,
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
     elif c.hook is not None:
         raise ValueError(f"unknown hook {c.hook!r}")
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["stepsize"])
-    loss_fn = torch.nn.CrossEntropyLoss()
+    sched, clip = None, None
+    if cfg.get("optim"):  # the recipe's optimizer and schedule, as ef21's master runs them (torch's own classes)
+        opt_cfg = config_of([*cfg["optim"].split(), "--rounds", str(cfg["horizon"])])
+        opt, sched = torch_optimizer(model, opt_cfg)
+        clip = opt_cfg.clip_norm
+    else:
+        opt = torch.optim.SGD(ddp.parameters(), lr=cfg["stepsize"])
+    loss_fn = obj.loss
     res = DDPResult(c.label, d, steps)
     payload[0] = 0
     dist.barrier()
@@ -198,21 +216,37 @@ def _train(c: Contender, steps: int, every: int, cfg: dict[str, Any], rank: int,
     for t in range(steps + 1):
         if rank == 0 and (t % every == 0 or t == steps):
             now = time.perf_counter() - t0
-            with torch.no_grad():
-                out = model(X_test)
-                res.acc.append(float((out.argmax(1) == y_test).double().mean()))
-                res.loss.append(float(loss_fn(out, y_test)))
+            m = evaluate(obj, model)  # ef21's evaluation: eval() mode, the averaged running statistics
+            res.acc.append(m.get("test_acc", float("nan")))
+            res.loss.append(m["test_loss"])
             res.rounds.append(t)
             res.time_s.append(now)
-            sent = payload[0] if c.hook is not None else t * 4 * d
+            sent = payload[0] + (t * 4 * d if c.hook is None else 0)  # dense DDP all-reduces from C++
             res.counted_bytes.append((n - 1) * 4 * d + 2 * (n - 1) * sent)
         if t == steps:
             break
-        rows = (torch.arange(X.shape[0]) if t == 0 else
-                torch.from_numpy(draw_batch(batch_rng(seed, rank, t), X.shape[0], cfg["batch_size"])))
+        # Step 0 on the whole shard (as ef21's round 0, in the objective's chunks: gradient accumulation, the
+        # all-reduce at the last), step t >= 1 on the rows ef21 draws from (seed, rank, t).
+        rows = None if t == 0 else draw_batch(batch_rng(seed, rank, t), obj.n_samples, cfg["batch_size"])
+        parts = list(obj.data.chunks(obj.chunk_size)) if rows is None else [rows]
+        total = obj.n_samples if rows is None else len(rows)
+        obj.begin_round((seed, rank, t), None)
         opt.zero_grad(set_to_none=True)
-        loss_fn(ddp(X[rows]), y[rows]).backward()  # DDP all-reduces (averages) the gradients here
+        with obj._draws("full" if rows is None else "batch"):  # the round's augmentation and dropout draws
+            for i, part in enumerate(parts):
+                inputs, targets = obj.data.batch(part)
+                w = (obj.n_samples if part is None else len(part)) / total
+                with ddp.no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
+                    (loss_fn(ddp(inputs), targets) * w).backward()  # DDP all-reduces (averages) at the last part
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            for b in buffers:
+                dist.all_reduce(b)  # counted: goes through the wrapper
+                b.div_(n)
         if rank == 0:
             res.step_end_s.append(time.perf_counter() - t0)
     dist.barrier()
@@ -232,7 +266,8 @@ def free_port() -> int:
 
 
 def run_ddp(module: str, objective_args: Sequence[str], contenders: Sequence[tuple[Contender, int, int]],
-            workers: int, *, stepsize: float, batch_size: int, tmp: Path, seed: int = 0,
+            workers: int, *, stepsize: float, batch_size: int, tmp: Path, seed: int = 0, optim: str | None = None,
+            horizon: int = 0,
             prefixes: Sequence[Sequence[str]] | None = None, addr: str = "127.0.0.1", iface: str = "lo",
             port: int | None = None, timeout_s: float = 3600) -> list[DDPResult]:
     """Train each (contender, steps, eval_every) in turn with ``workers`` rank processes; rank r starts under
@@ -241,7 +276,8 @@ def run_ddp(module: str, objective_args: Sequence[str], contenders: Sequence[tup
     out = tmp / "ddp_results.json"
     out.unlink(missing_ok=True)
     cfg = {"module": module, "objective_args": list(objective_args), "seed": seed, "workers": workers,
-           "stepsize": stepsize, "batch_size": batch_size, "addr": addr, "iface": iface,
+           "stepsize": stepsize, "batch_size": batch_size, "optim": optim, "horizon": horizon, "addr": addr,
+           "iface": iface,
            "port": port if port is not None else free_port(), "out": str(out),
            "contenders": [{"contender": asdict(c), "steps": s, "eval_every": e} for c, s, e in contenders]}
     cfg_path = tmp / "ddp_config.json"

@@ -95,7 +95,7 @@ def read_curve(label: str, log: Path, process_s: float = 0.0, command: str = "")
         if not rec.get("metrics"):
             continue
         curve.rounds.append(rec["round"])
-        curve.acc.append(rec["metrics"]["test_acc"])
+        curve.acc.append(rec["metrics"].get("test_acc", float("nan")))  # a language model has a loss only
         curve.loss.append(rec["metrics"].get("test_loss", float("nan")))
         curve.wire_bytes.append(rec["wire_bytes_up"] + rec["wire_bytes_down"])
         curve.eval_bytes.append(rec["eval_bytes"])
