@@ -226,6 +226,11 @@ def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
         for s in (sparse_sum(vecs, d), *((_merged_sum(vecs, d), _masked_sum(vecs, d)) if len(vecs) > 1 else ())):
             assert np.array_equal(s.indices, union) and s.indices.dtype == INDEX_DTYPE
             assert s.to_dense().tobytes() == acc.tobytes()
+        # Empty messages among them (CLAG's skips), and none but empty ones.
+        empty = SparseVector.zeros(d)
+        mixed = sparse_sum([empty, *vecs, empty], d)
+        assert np.array_equal(mixed.indices, union) and mixed.to_dense().tobytes() == acc.tobytes()
+        assert sparse_sum([empty, empty], d).nnz == 0
         # --dtype float32: every path adds in float32, in rank order (a float64 sum rounded once would differ).
         v32 = [SparseVector(d, v.indices, v.values.astype(np.float32)) for v in vecs]
         acc32 = np.zeros(d, dtype=np.float32)

@@ -99,6 +99,8 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
         v = vectors[0]
         return SparseVector(dim, v.indices, v.values + 0.0)  # + 0.0: the same bits as 0.0 + v, as a copy
     total = sum(v.nnz for v in vectors)
+    if not total:  # every vector empty (CLAG's skips, a round of zero messages): the merge needs one entry
+        return SparseVector.zeros(dim, dtype)
     if total * max(1, (len(vectors) - 1).bit_length()) * MERGE_PER_MASK > dim:
         return _masked_sum(vectors, dim, dtype)
     return _merged_sum(vectors, dim, dtype)
