@@ -120,11 +120,13 @@ def test_master_killed_and_resumed_ends_with_the_same_x(tmp_path):
                                  "--connect-timeout", "60"], stderr=subprocess.PIPE, text=True) for _ in range(3)]
     try:
         ck = tmp_path / "ck.npz"
-        for _ in range(600):
+        import time
+        deadline = time.monotonic() + 120  # ~5 s idle; a busy CI machine can take many times that to start 4 processes
+        while time.monotonic() < deadline and master.poll() is None:
             if ck.exists() and checkpoint.load_one(ck).meta["round"] >= 75:
                 break
-            import time
             time.sleep(0.05)
+        assert master.poll() is None, master.communicate()[1]  # a master that died says why
         master.send_signal(signal.SIGKILL)
         master.wait(timeout=10)
         saved = checkpoint.load_one(ck).meta
