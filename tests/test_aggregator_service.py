@@ -97,8 +97,17 @@ def covers_update(round_: int, d: int, covers: list[int]) -> bytes:
     return pb.WorkerMessage(update=up).SerializeToString()
 
 
+LIES = {  # (ranks the sum from rank 2 claims, what the refusal says), the same for rank 3's
+    "unrelayed-and-twice": (([2, 3], "claims rank 3, whose worker it does not relay"), ([3, 3], "covers rank 3 twice")),
+    "wrong-stream-and-order": (([3], "must come on the stream of its first rank"),
+                               ([3, 2], "covers rank 2 out of order")),
+    "outside-the-block": (([2, 5], "rank 5 is not in block 1"), ([3, 3], "covers rank 3 twice")),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
 @pytest.mark.asyncio(loop_scope="function")
-async def test_lying_aggregators_are_refused_and_the_run_stays_exact(tmp_path: Path, caplog) -> None:
+async def test_lying_aggregators_are_refused_and_the_run_stays_exact(lie: str, tmp_path: Path, caplog) -> None:
     """Block 0 is a real aggregator with two real workers; block 1's ranks 2 and 3 are held by two hand-written
     "aggregators" on two connections. One sends a sum claiming rank 3, which it does not relay; the other a sum
     covering rank 3 twice. Both are refused (INVALID_ARGUMENT), named in the log, and the run goes on without
@@ -120,12 +129,12 @@ async def test_lying_aggregators_are_refused_and_the_run_stays_exact(tmp_path: P
                 assert isinstance(welcome, pb.MasterMessage) and welcome.welcome.rank == r
                 await c.setup()
             await asyncio.gather(until_start(liar), until_start(other))
-            await liar.write(covers_update(0, 112, [2, 3]))
-            await other.write(covers_update(0, 112, [3, 3]))
+            (claim2, said2), (claim3, said3) = LIES[lie]
+            await liar.write(covers_update(0, 112, claim2))
+            await other.write(covers_update(0, 112, claim3))
             ends = [await c.recv(30) for c in (liar, other)]
             assert [e.code for e in ends] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, ends  # type: ignore[union-attr]
-            assert "claims rank 3, whose worker it does not relay" in ends[0].details  # type: ignore[union-attr]
-            assert "covers rank 3 twice" in ends[1].details  # type: ignore[union-attr]
+            assert said2 in ends[0].details and said3 in ends[1].details, ends  # type: ignore[union-attr]
             codes = await finish(workers, 120)
             assert [c for c, _ in codes] == [0, 0], codes
         finally:
@@ -135,7 +144,7 @@ async def test_lying_aggregators_are_refused_and_the_run_stays_exact(tmp_path: P
             await agg.wait()
         await asyncio.wait_for(master.coord.done.wait(), 30)
     logged = caplog.text
-    assert "claims rank 3, whose worker it does not relay" in logged and "covers rank 3 twice" in logged
+    assert said2 in logged and said3 in logged
     log = read_log(tmp_path / "l.jsonl")
     missing = {r["round"]: r["missing"] for r in log if r.get("missing")}
     assert all(m == [2, 3] for m in missing.values()) and len(log) == cfg.rounds + 1
