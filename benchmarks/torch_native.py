@@ -55,7 +55,8 @@ def _setup(objective: str, args: tuple, n: int, native: bool) -> dict[str, Any]:
     x = ops.copy(worker.replica.x)
     rows = draw_batch(batch_rng(0, 0, 5), obj.n_samples, 32)
     grad = obj.grad_batch(x, rows)
-    ctx = WorkerContext(plan.compressor, plan.gamma, "full", None, scratch=ops.empty(d), mag=ops.empty(d), ops=ops)
+    ctx = WorkerContext(plan.compressor, plan.gamma, "full", None, scratch=ops.empty_like(x), mag=ops.empty_like(x),
+                       ops=ops)
     state = ops.copy(worker.state)
 
     def method() -> None:  # g_i moves in place and back: every repetition steps from the same state

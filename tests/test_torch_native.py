@@ -60,7 +60,8 @@ def test_ef21_steps_on_tensors_equal_numpy_s_with_either_selection(rng):
     runs = []
     for ops in (NUMPY, TorchOps(torch, "cpu"), OPS):
         state, out = None, []
-        scratch, mag = ops.empty(d), ops.empty(d)
+        like = ops.from_numpy(grads[0])
+        scratch, mag = ops.empty_like(like), ops.empty_like(like)
         for t, g in enumerate(grads):
             ctx = WorkerContext(TopK(k), 0.1, "full", None, t, scratch=scratch, mag=mag, ops=ops)
             grad = ops.from_numpy(g)

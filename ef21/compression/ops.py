@@ -29,7 +29,8 @@ class ArrayOps(Protocol):
     def to_numpy(self, v: Any) -> np.ndarray:
         """``v`` as numpy: a view where the backend shares host memory (numpy, torch on CPU), else a copy."""
 
-    def empty(self, d: int) -> Any: ...
+    def empty_like(self, v: Any) -> Any:
+        """An uninitialised vector of ``v``'s length, dtype and device (a kept buffer of the run's vectors)."""
 
     def copy(self, v: Any) -> Any: ...
 
@@ -74,8 +75,8 @@ class NumpyOps:
     def to_numpy(self, v: np.ndarray) -> np.ndarray:
         return v
 
-    def empty(self, d: int) -> np.ndarray:
-        return np.empty(d)
+    def empty_like(self, v: np.ndarray) -> np.ndarray:
+        return np.empty_like(v)
 
     def copy(self, v: np.ndarray) -> np.ndarray:
         return v.copy()

@@ -135,7 +135,7 @@ class WorkerNode:
             self.state = self.ops.from_numpy(self.state)  # an ops-aware method's state is one vector, or None
         self.est_state: Any = None
         self.replica = Replica.start(x0, self.setting.rule, buffers, self.ops)
-        self.replica.scratch = self._empty()  # x −= s·g's product, kept: see Replica.scratch
+        self.replica.scratch = self.ops.empty_like(self.replica.x)  # x −= s·g's product, kept: see Replica.scratch
         if extra_state is not None:
             self.replica.set_extra_state(extra_state)
         self.replica.set_vectors(g=g, v=v)
@@ -191,8 +191,9 @@ class WorkerNode:
         if self._scratch is None:
             k = getattr(self.compressor, "k", 0)
             # Top-k's fused path keeps its candidates (about 2k + 32) here; more sends it down the numpy path.
-            self._scratch = (self._empty(), self._empty(),
-                             np.empty(min(self.replica.x.shape[0], 8 * k + 4096), dtype=np.int64))
+            like = self.replica.x  # the buffers take its backend and dtype (a float32 run's float32)
+            self._scratch = (self.ops.empty_like(like), self.ops.empty_like(like),
+                             np.empty(min(like.shape[0], 8 * k + 4096), dtype=np.int64))
         ctx = WorkerContext(self.compressor, self.gamma, s.init, rng, t, scratch=self._scratch[0],
                             mag=self._scratch[1], cand=self._scratch[2], ops=self.ops)
         msg, self._pending, dist = self.method.worker_step(self.state, est, ctx, reference)
@@ -202,11 +203,6 @@ class WorkerNode:
         if not evaluate:  # a gradient computed for the estimator (round 0, PAGE's coin) is not an evaluation
             return WorkerReport(t, msg, None, None, None, None)
         return WorkerReport(t, msg, f, self._host(full), dist, metrics)
-
-    def _empty(self) -> Any:
-        """A kept d-long buffer of the replica's backend and dtype (numpy: float64, or a float32 run's float32)."""
-        x = self.replica.x
-        return np.empty_like(x) if self.ops is NUMPY else self.ops.empty(x.shape[0])
 
     def _host(self, v: Any) -> np.ndarray | None:
         """An evaluation's gradient as numpy, what the log and the wire take (a view on CPU)."""

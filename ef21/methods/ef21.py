@@ -55,10 +55,8 @@ class EF21:
                 c = fused(grad, g_i, ctx.cand)
                 if c is not None:
                     return self._commit(g_i, c, reference)
-            # numpy keeps the run's dtype (float64, or float32 under --dtype float32) in the residual.
-            r = grad - g_i if ctx.scratch is None else np.subtract(grad, g_i, out=ctx.scratch)
-        else:  # the objective's own backend (PyTorch tensors on the model's device): float64, as the master's
-            r = ops.subtract(grad, g_i, ops.empty(grad.shape[0]) if ctx.scratch is None else ctx.scratch)
+        # The residual in the gradient's dtype and on its device (float64, or a --dtype float32 run's float32).
+        r = ops.subtract(grad, g_i, ops.empty_like(grad) if ctx.scratch is None else ctx.scratch)
         c = ops.compress(ctx.compressor, r, ctx.rng, ctx.mag)
         new: Any
         if ctx.scratch is not None and c.indices is not None:

@@ -37,8 +37,8 @@ class TorchOps:
     def to_numpy(self, v: Any) -> np.ndarray:
         return v.detach().cpu().numpy()
 
-    def empty(self, d: int) -> Any:
-        return self._torch.empty(d, dtype=self._torch.float64, device=self.device)
+    def empty_like(self, v: Any) -> Any:
+        return self._torch.empty_like(v)
 
     def copy(self, v: Any) -> Any:
         return v.clone()
