@@ -26,7 +26,6 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from ef21.compression.codec import CodecError, decode
@@ -317,9 +316,9 @@ class Aggregator:
         total = block_sum([br.updates[r][0] for r in ranks], d)
         assert total is not None
         up = pb.Update(round=round_)
-        # The run's dtype whatever the encoding (a sum of values): float64, or float32 under --dtype float32, whose
-        # sums are float32 additions in rank order, as the simulator's.
-        up.message.CopyFrom(vector_to_proto(total.vector, float32=total.vector.values.dtype == np.float32))
+        # In the run's dtype whatever the encoding (a sum of values): float64, or float32 under --dtype float32 (the
+        # codec sends float32 values as float32), whose sums are float32 additions in rank order, as the simulator's.
+        up.message.CopyFrom(vector_to_proto(total.vector))
         for r in ranks:
             up.covers.add(rank=r, entries=br.updates[r][1], dense=br.updates[r][2])
         br.sent = True
