@@ -275,13 +275,16 @@ def run_one(case: str, n: int, rounds: int, aggregators: int, tmp: Path, env: di
             key = re.sub(r"\d+", "N", o["error"])[:160]
             errors[key] = errors.get(key, 0) + 1
     retries: dict[str, int] = {}
+    examples: dict[str, str] = {}  # one whole reason per kind: gRPC's debug_error_string says where it ended
     for o in outcomes:
         for why in o.get("retries", []):
             key_ = re.sub(r"\d+", "N", why.split("debug_error_string")[0])[:160]
             retries[key_] = retries.get(key_, 0) + 1
+            examples.setdefault(key_, why[:600])
     out["workers_started"] = len(started)
     out["worker_errors"] = errors
     out["stream_retries"] = retries  # streams that broke before the Welcome and were opened again
+    out["stream_retry_examples"] = examples
     out["join_s"] = (max(started) - t0) if len(started) == n else None
     out["peak_rss_mib"] = max((s.hwm_kib for s in mon.samples), default=0) / 1024
     out["rss_capped"] = mon.capped

@@ -19,7 +19,7 @@ log = logging.getLogger("ef21.aggregator")
 async def serve(agg: Aggregator, address: str) -> int:
     """Join the master, listen for the block's workers, serve until SIGTERM/SIGINT (or the process is ended)."""
     await agg.connect()
-    server, port = build_server(agg.handler(), address)
+    server, port = build_server(agg.handler(), address, peers=len(agg.block))
     await server.start()
     host = address.rsplit(":", 1)[0]
     # The first line on stdout: `ef21 run` (and scripts) read the port from it.

@@ -31,17 +31,38 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+PENDING_CALLS_DEFAULT = 1_000
+"""gRPC core's own soft limit on calls that arrived but that the application has not taken yet (its hard limit is
+3× that). grpc.aio takes new calls one at a time from the event loop, so a join storm queues them there; past the
+soft limit core drops new calls at random with a rising probability (random early detection) and past the hard
+one all of them, and the client sees its fresh stream end ``CANCELLED`` or, when a write raced the drop,
+``INTERNAL: Internal error from Core``, before the master has seen any of it."""
+
+
+def pending_calls(peers: int) -> int:
+    """The pending-call limit for a server that ``peers`` clients may reach at once: each may have its Join and its
+    Train stream queued, plus the master's own slack for replacements and knockers (``service.stream_limit``).
+    Below n ≈ 500 gRPC's default holds; at n = 4 096 it dropped 12 229 fresh streams during one join
+    (benchmarks/capacity.py, docs/benchmarks/capacity.md)."""
+    return max(PENDING_CALLS_DEFAULT, 2 * peers + max(64, peers // 4))
+
+
 def build_server(handler: grpc.GenericRpcHandler, address: str, *,
                  credentials: grpc.ServerCredentials | None = None,
-                 max_message: int | None = None) -> tuple[grpc.aio.Server, int]:
+                 max_message: int | None = None, peers: int = 0) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with our handler bound to ``address`` ("host:port", port 0 for any free port).
 
-    ``max_message``: the receive limit, when the dimension is known up front (it follows from d).
+    ``max_message``: the receive limit, when the dimension is known up front (it follows from d). ``peers``: how
+    many clients may reach it at once (the master's n, an aggregator's block), which sizes gRPC's queue of calls
+    not yet taken (``pending_calls``): the server's own limits, which say why, then decide, not a random drop.
     """
     options = list(SERVER_OPTIONS)
     if max_message is not None:
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_message))
+    pending = pending_calls(peers)
+    options += [("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", 3 * pending)]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))
     try:

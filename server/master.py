@@ -69,7 +69,7 @@ class Master:
         try:
             self.server, self.port = build_server(
                 self.service.handler(), f"{listen.host}:{listen.port}", credentials=credentials,
-                max_message=None if d is None else max_worker_message_bytes(d))
+                max_message=None if d is None else max_worker_message_bytes(d), peers=self.coord.n)
         except OSError as exc:
             raise UserError(f"--port {listen.port}: {exc}") from None
         self.http: StatusHTTPServer | None = None
