@@ -23,6 +23,7 @@ from ef21.problems.problem import (
 from ef21_wire.serde import dense_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
 
+from .heap import HeapTrimmer
 from .session import Refusal, SetupInfo
 from .streams import StreamState, WorkerStream
 
@@ -42,6 +43,8 @@ class GramRun:
     too)."""
 
     WINDOW = 2
+    TRIM_EVERY = 4
+    """Return the allocator's free memory to the system after every 4th Gram of 1 MB or more (``heap``)."""
 
     def __init__(self, d: int, sessions: dict[int, WorkerStream], ready: asyncio.Event, wake: asyncio.Event,
                  attempt: int) -> None:
@@ -53,12 +56,15 @@ class GramRun:
         self.folded = 0  # ranks added to the sum so far
         self.replies: dict[int, np.ndarray] = {}
         self._request = pb.MasterMessage(gram_request=pb.GramRequest(attempt=attempt)).SerializeToString()
+        self.heap = HeapTrimmer(self.TRIM_EVERY) if 8 * d * d >= 2**20 else None
 
     async def run(self) -> np.ndarray:
         while self.folded < self.n:
             if self.folded in self.replies:
                 self.sum += self.replies.pop(self.folded)
                 self.folded += 1
+                if self.heap is not None:
+                    self.heap.tick()
             elif self.asked < min(self.n, self.folded + self.WINDOW):
                 self.sessions[self.asked].send(self._request)
                 self.asked += 1

@@ -172,12 +172,21 @@ def check_dtype(doc: dict) -> None:
         assert 0 < r["x_rel_gap"] < 1e-4
 
 
+def check_grpc_residue(doc: dict) -> None:
+    """Both message sizes measured on the same connections; the server's RSS read before and after."""
+    rows = doc["results"]
+    assert [r["chunk_bytes"] for r in rows] == [1_000_000, 2**18] and {r["connections"] for r in rows} == {8}
+    for r in rows:
+        assert r["rss_before_mib"] > 0 and r["rss_after_mib"] > 0
+        assert r["kept_mib_per_connection"] == pytest.approx((r["rss_after_mib"] - r["rss_before_mib"]) / 8)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "round_rate.py": check_round_rate, "wire.py": check_wire, "master_cost.py": check_master_cost,
     "constrained_link.py": check_constrained_link, "compact.py": check_compact,
     "scrape_overhead.py": check_scrape_overhead, "sparse_scale.py": check_sparse_scale,
     "round_cpu.py": check_round_cpu, "family.py": check_family, "liveness.py": check_liveness,
-    "capacity.py": check_capacity, "dtype.py": check_dtype,
+    "capacity.py": check_capacity, "dtype.py": check_dtype, "grpc_residue.py": check_grpc_residue,
 }
 
 
