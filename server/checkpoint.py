@@ -54,6 +54,21 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
+def _keep_as_previous(path: Path) -> None:
+    """The current checkpoint becomes ``PATH.prev`` while ``PATH`` itself stays in place until the new one is
+    renamed over it, so that whoever reads ``PATH`` (a test, a backup job, a person) never finds it missing: a hard
+    link renamed onto ``.prev``. Where the file system has no hard links, the old file is moved, and for a moment
+    only ``.prev`` exists (``load`` falls back to it)."""
+    prev = previous_path(path)
+    link = path.with_name(f".{prev.name}.tmp{os.getpid()}")
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, prev)
+        return
+    os.replace(link, prev)
+
+
 def save(path: Path, ckpt: Checkpoint) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +85,7 @@ def save(path: Path, ckpt: Checkpoint) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     if path.exists():
-        os.replace(path, previous_path(path))
+        _keep_as_previous(path)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

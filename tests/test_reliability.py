@@ -209,6 +209,26 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     assert r.returncode == 2 and "no previous checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_checkpoint_is_at_its_path_at_every_moment(tmp_path):
+    """While the master writes checkpoint after checkpoint, another process that looks at PATH always finds one
+    (the old one is hard-linked to PATH.prev, then the new one renamed over PATH): a backup job, or a test waiting
+    for round 75, never sees it missing between the two renames."""
+    path = tmp_path / "ck.npz"
+    meta = {"config": RunConfig(workers=2, rounds=10).to_dict(), "run_id": "abc", "round": 0}
+    checkpoint.save(path, checkpoint.Checkpoint(meta, np.zeros(112), np.zeros(112), None))
+    watcher = subprocess.Popen([PY, "-c", "import os, sys\nmissing = looks = 0\nwhile not os.path.exists(sys.argv[2]):\n"
+                                "    looks += 1\n    missing += not os.path.exists(sys.argv[1])\nprint(looks, missing)",
+                                str(path), str(tmp_path / "done")], stdout=subprocess.PIPE, text=True)
+    for r in range(1, 400):
+        checkpoint.save(path, checkpoint.Checkpoint(meta | {"round": r}, np.full(112, r), np.zeros(112), None))
+    (tmp_path / "done").touch()
+    looks, missing = (int(v) for v in watcher.communicate(timeout=30)[0].split())
+    assert looks > 1000 and missing == 0, (looks, missing)
+    assert checkpoint.load_one(path).meta["round"] == 399
+    assert checkpoint.load_one(checkpoint.previous_path(path)).meta["round"] == 398
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     path = tmp_path / "ck.npz"
     cfg = RunConfig(workers=2, rounds=10, k=3)
