@@ -90,6 +90,9 @@ class Aggregator:
         self.d: int | None = None
         self.sums_sent = 0
         self.last_sent = -1  # the latest round whose sum went (older rounds are forgotten)
+        # Set when the master's Stop passes through: the run is over, and the aggregator leaves as its workers do
+        # (a compose or job topology would otherwise never end: nothing else stops an aggregator).
+        self.over = asyncio.Event()
 
     # -- set-up ------------------------------------------------------------------------------------------------
 
@@ -397,6 +400,10 @@ class Aggregator:
             if old is not None and old is not relay:
                 old.ended = True
             self.relays[relay.rank] = relay
+        elif kind == "stop":
+            if not self.over.is_set():
+                log.info("the run is over (%s)", msg.stop.reason)
+            self.over.set()
         elif kind == "start":
             relay.started_at = int(msg.start.round)
             self.eval_every = max(1, msg.start.eval_every)

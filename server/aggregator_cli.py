@@ -15,10 +15,17 @@ from .grpc_server import build_server
 
 log = logging.getLogger("ef21.aggregator")
 
+STOP_GRACE_S = 2.0  # seconds the workers' streams get to finish once the aggregator stops
+
 
 async def serve(agg: Aggregator, address: str) -> int:
-    """Join the master, listen for the block's workers, serve until SIGTERM/SIGINT (or the process is ended)."""
-    await agg.connect()
+    """Join the master, listen for the block's workers, serve until the run is over (the master's Stop has passed
+    through: exit 0, as the workers do) or SIGTERM/SIGINT."""
+    reply = await agg.connect()
+    if reply.ended:
+        # Started (or restarted by an orchestrator) after the end: nothing to relay, and nothing went wrong.
+        print(f"ef21 aggregator: the run at {agg.master} is over ({reply.ended}); nothing to relay", flush=True)
+        return 0
     server, port = build_server(agg.handler(), address, peers=len(agg.block))
     await server.start()
     host = address.rsplit(":", 1)[0]
@@ -26,11 +33,12 @@ async def serve(agg: Aggregator, address: str) -> int:
     print(f"ef21 aggregator: block {agg.block_index} (ranks {agg.block.start}..{agg.block.stop - 1}), listening on "
           f"{host}:{port}, master {agg.master}", flush=True)
     try:
-        await server.wait_for_termination()
+        await agg.over.wait()
     except asyncio.CancelledError:
         pass
     finally:
-        await server.stop(2.0)
+        # The grace lets the other workers' Stops, already on their way, reach them before their streams close.
+        await server.stop(STOP_GRACE_S)
         await agg.close()
     return 0
 

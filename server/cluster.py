@@ -84,10 +84,14 @@ async def start_aggregators(master: str, n: int, F: int, env: dict[str, str], ev
 
 
 async def _stop_aggregators(procs: list[asyncio.subprocess.Process]) -> None:
-    """Aggregators serve until told: once the workers have gone, end them."""
+    """Aggregators leave after the run's Stop; one still there once the workers have gone (a failed start, a
+    run that never began) is ended."""
     for p in procs:
         if p.returncode is None:
-            p.terminate()
+            try:
+                p.terminate()
+            except ProcessLookupError:  # it has just left by itself
+                pass
     for p in procs:
         try:
             await asyncio.wait_for(p.wait(), 5.0)

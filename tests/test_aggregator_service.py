@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,15 @@ async def start_aggregator(master: str, block: int, port: int = 0) -> tuple[asyn
     return proc, line.split(" listening on ", 1)[1].split(",", 1)[0]
 
 
+async def end_aggregator(proc: asyncio.subprocess.Process) -> None:
+    """An aggregator leaves by itself once the run's Stop passed through; one still serving is ended."""
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 async def until_start(c: RawClient) -> pb.Start:
     """Answer the master's set-up requests (Grams) until this stream's Start."""
     while True:
@@ -87,31 +97,55 @@ async def until_start(c: RawClient) -> pb.Start:
             return m.start
 
 
-def covers_update(round_: int, d: int, covers: list[int]) -> bytes:
-    """A well-formed sum of small messages, claiming ``covers``."""
+def covers_update(round_: int, d: int, covers: list[int], value: float = 0.5) -> bytes:
+    """A well-formed sum of small messages, claiming ``covers``: ``value`` at one coordinate."""
     up = pb.Update(round=round_)
     up.message.dim, up.message.indices = d, np.array([1], "<u4").tobytes()
-    up.message.values = np.array([0.5]).tobytes()
+    up.message.values = np.array([value]).tobytes()
     for r in covers:
         up.covers.add(rank=r, entries=1)
     return pb.WorkerMessage(update=up).SerializeToString()
 
 
-LIES = {  # (ranks the sum from rank 2 claims, what the refusal says), the same for rank 3's
-    "unrelayed-and-twice": (([2, 3], "claims rank 3, whose worker it does not relay"), ([3, 3], "covers rank 3 twice")),
-    "wrong-stream-and-order": (([3], "must come on the stream of its first rank"),
-                               ([3, 2], "covers rank 2 out of order")),
-    "outside-the-block": (([2, 5], "rank 5 is not in block 1"), ([3, 3], "covers rank 3 twice")),
+@dataclass(frozen=True)
+class Lie:
+    """Block 1's sums, sent in this order by the streams of its ranks 2 and 3, and the refusals they earn."""
+
+    sums: tuple[tuple[int, list[int]], ...]
+    """(the stream's rank, the ranks its sum covers)."""
+    refused: dict[int, tuple[grpc.StatusCode, str]]
+    """The stream's rank → the code that ends it and what the refusal says. A sum on another stream is taken: it
+    adds exact zeros, so ranks 2 and 3 count as left out of round 0 although no log line says so."""
+    one_connection: bool = False
+    """Both streams on one connection, as one aggregator relays them (else two: two aggregators' worth)."""
+
+
+INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+LIES = {
+    "unrelayed-and-twice": Lie(((2, [2, 3]), (3, [3, 3])), {2: (INVALID, "claims rank 3, whose worker it does not "
+                                                                         "relay"), 3: (INVALID, "covers rank 3 twice")}),
+    "wrong-stream-and-order": Lie(((2, [3]), (3, [3, 2])), {2: (INVALID, "must come on the stream of its first rank"),
+                                                            3: (INVALID, "covers rank 2 out of order")}),
+    "outside-the-block": Lie(((2, [2, 5]), (3, [3, 3])), {2: (INVALID, "rank 5 is not in block 1"),
+                                                          3: (INVALID, "covers rank 3 twice")}),
+    # One aggregator for both ranks: its first sum is taken, its second claims again what the first summed.
+    "rank-summed-twice": Lie(((2, [2, 3]), (3, [3])), {3: (PRECONDITION, "covers rank 3, which round 0 has summed "
+                                                                         "already")}, one_connection=True),
+    "block-summed-twice": Lie(((2, [2]), (3, [3])), {3: (PRECONDITION, "a second sum for block 1")},
+                              one_connection=True),
 }
 
 
 @pytest.mark.parametrize("lie", sorted(LIES))
 @pytest.mark.asyncio(loop_scope="function")
 async def test_lying_aggregators_are_refused_and_the_run_stays_exact(lie: str, tmp_path: Path, caplog) -> None:
-    """Block 0 is a real aggregator with two real workers; block 1's ranks 2 and 3 are held by two hand-written
-    "aggregators" on two connections. One sends a sum claiming rank 3, which it does not relay; the other a sum
-    covering rank 3 twice. Both are refused (INVALID_ARGUMENT), named in the log, and the run goes on without
-    them under the partial-round rules: equal, bit for bit, to the simulation that leaves ranks 2 and 3 out."""
+    """Block 0 is a real aggregator with two real workers; block 1's ranks 2 and 3 are held by hand-written
+    "aggregators": two on two connections, whose sums claim a rank the sender does not relay, cover a rank twice
+    or out of order, come on the wrong stream or reach outside the block; or one, whose second sum covers a rank
+    or block its first has summed this round. Each lie is refused with its code, named in the master's log, and
+    the run goes on without ranks 2 and 3 under the partial-round rules: equal, bit for bit, to the simulation
+    that leaves them out."""
+    spec = LIES[lie]
     cfg = RunConfig(data="mushrooms", problem="logreg", workers=4, aggregators=2, k=2, rounds=6)
     caplog.set_level(logging.WARNING, logger="ef21.master")
     opts = MasterOptions(cfg, out=tmp_path / "x.npy", log=tmp_path / "l.jsonl", round_timeout=5.0)
@@ -121,33 +155,44 @@ async def test_lying_aggregators_are_refused_and_the_run_stays_exact(lie: str, t
         workers = [await spawn_worker(address, "--rank", str(r)) for r in (0, 1)]
         # Two connections, as two aggregator processes have (gRPC would otherwise share one between channels).
         own = [("grpc.use_local_subchannel_pool", 1)]
-        ch_a, ch_b = grpc.aio.insecure_channel(target, options=own), grpc.aio.insecure_channel(target, options=own)
+        ch_a = grpc.aio.insecure_channel(target, options=own)
+        ch_b = ch_a if spec.one_connection else grpc.aio.insecure_channel(target, options=own)
         try:
-            liar, other = RawClient(ch_a, cfg), RawClient(ch_b, cfg)
-            for c, r in ((liar, 2), (other, 3)):
+            streams = {2: RawClient(ch_a, cfg), 3: RawClient(ch_b, cfg)}
+            for r, c in streams.items():
                 welcome = await c.hello(r)
                 assert isinstance(welcome, pb.MasterMessage) and welcome.welcome.rank == r
                 await c.setup()
-            await asyncio.gather(until_start(liar), until_start(other))
-            (claim2, said2), (claim3, said3) = LIES[lie]
-            await liar.write(covers_update(0, 112, claim2))
-            await other.write(covers_update(0, 112, claim3))
-            ends = [await c.recv(30) for c in (liar, other)]
-            assert [e.code for e in ends] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, ends  # type: ignore[union-attr]
-            assert said2 in ends[0].details and said3 in ends[1].details, ends  # type: ignore[union-attr]
+            await asyncio.gather(*(until_start(c) for c in streams.values()))
+            book = master.coord.book
+            for r, covers in spec.sums:
+                taken = r not in spec.refused
+                await streams[r].write(covers_update(0, 112, covers, 0.0 if taken else 0.5))
+                if taken:  # the next sum must find this one summed (the streams are not ordered between them)
+                    await eventually(lambda: all(c in book.sizes for c in covers), 30, f"rank {r}'s sum taken")
+            ends = {r: await streams[r].recv(30) for r in spec.refused}
+            assert {r: e.code for r, e in ends.items()} == {  # type: ignore[union-attr]
+                r: code for r, (code, _) in spec.refused.items()}, ends
+            assert all(said in ends[r].details for r, (_, said) in spec.refused.items()), ends  # type: ignore
+            await ch_a.close()  # ranks 2 and 3 are lost; the run goes on without them
             codes = await finish(workers, 120)
             assert [c for c, _ in codes] == [0, 0], codes
+            # The run's Stop went through the aggregator, which then left by itself (compose waits for that).
+            assert await asyncio.wait_for(agg.wait(), 10) == 0
         finally:
             await ch_a.close()
             await ch_b.close()
-            agg.terminate()
-            await agg.wait()
+            await end_aggregator(agg)
         await asyncio.wait_for(master.coord.done.wait(), 30)
     logged = caplog.text
-    assert said2 in logged and said3 in logged
+    assert all(said in logged for _, said in spec.refused.values()), logged[-3000:]
     log = read_log(tmp_path / "l.jsonl")
     missing = {r["round"]: r["missing"] for r in log if r.get("missing")}
+    # A rank a taken sum covered counts in round 0 (with its zeros); the simulation leaves it out all the same.
+    taken = {c for r, covers in spec.sums if r not in spec.refused for c in covers}
+    assert missing.pop(0, []) == sorted({2, 3} - taken), log[0]
     assert all(m == [2, 3] for m in missing.values()) and len(log) == cfg.rounds + 1
+    missing[0] = [2, 3]
     sim = simulate(cfg, missing=missing)
     assert np.array_equal(np.load(tmp_path / "x.npy"), sim.x), missing
 
@@ -185,9 +230,7 @@ async def test_an_aggregator_that_dies_is_its_workers_missing_and_its_replacemen
             assert [c for c, _ in codes] == [0] * 4, codes
         finally:
             for a in (agg0, agg1):
-                if a.returncode is None:
-                    a.terminate()
-                    await a.wait()
+                await end_aggregator(a)
         await asyncio.wait_for(master.coord.done.wait(), 30)
     log = read_log(tmp_path / "l.jsonl")
     missing = {r["round"]: r["missing"] for r in log if r.get("missing")}

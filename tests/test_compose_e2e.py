@@ -28,6 +28,7 @@ import tempfile
 import time
 import tomllib
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,8 @@ while time.monotonic() < deadline:
         with urllib.request.urlopen("http://127.0.0.1:%d/healthz", timeout=2) as r:
             health = r.status
         print(json.dumps({"state": doc["state"], "round": doc["round"], "connected": doc["workers_connected"],
-                          "detail": doc["detail"], "health": health}), flush=True)
+                          "detail": doc["detail"], "health": health, "refused": doc["refused_messages"],
+                          "peers": {w["rank"]: w["address"] for w in doc["workers"]}}), flush=True)
         if doc["state"] in ("done", "failed", "stopped"):
             break
     except Exception:
@@ -235,20 +237,32 @@ while time.monotonic() < deadline:
 """ % (STATUS_PORT, STATUS_PORT)
 
 
-def test_docker_compose_up_trains_to_the_tolerance(daemon, base_image, project):
-    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
-    master_cmd = compose["services"]["master"]["command"]
-    tol = float(next(a for a in master_cmd if a.startswith("--tol=")).split("=")[1])
-    n = compose["services"]["worker"]["deploy"]["replicas"]
+@dataclass(frozen=True)
+class ComposeRun:
+    up: subprocess.CompletedProcess
+    containers: list[dict]
+    logs: str
+    health: str
+    polled: list[dict]
 
-    r = daemon.docker("compose", "build", "--build-arg", f"BASE={base_image}", cwd=project, timeout=300)
+    @property
+    def context(self) -> str:
+        return f"\n--- compose up:\n{self.up.stdout[-3000:]}{self.up.stderr[-3000:]}\n--- logs:\n{self.logs[-4000:]}"
+
+
+def compose_up(daemon: Daemon, base_image: str, project: Path, *files: str) -> ComposeRun:
+    """Build the image on the local base, then `docker compose [-f FILE ...] up` to the end (every container has
+    exited), polling the master's /status meanwhile; the project is taken down again whatever happened."""
+    f = [a for name in files for a in ("-f", name)]
+    r = daemon.docker("compose", *f, "build", "--build-arg", f"BASE={base_image}", cwd=project, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     poller = subprocess.Popen(daemon.in_netns(sys.executable, "-c", POLLER, "150"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        up = daemon.docker("compose", "up", "--abort-on-container-failure", "--no-color", cwd=project, timeout=200)
-        ps = daemon.docker("compose", "ps", "--all", "--format", "json", cwd=project)
-        logs = daemon.docker("compose", "logs", "--no-color", cwd=project)
+        up = daemon.docker("compose", *f, "up", "--abort-on-container-failure", "--no-color", cwd=project,
+                           timeout=200)
+        ps = daemon.docker("compose", *f, "ps", "--all", "--format", "json", cwd=project)
+        logs = daemon.docker("compose", *f, "logs", "--no-color", cwd=project)
         health = daemon.docker("inspect", "--format", "{{json .State.Health}}", "ef21-master-1")
     finally:
         try:
@@ -256,23 +270,31 @@ def test_docker_compose_up_trains_to_the_tolerance(daemon, base_image, project):
         except subprocess.TimeoutExpired:
             poller.kill()
             polled, _ = poller.communicate()
-        daemon.docker("compose", "down", "--volumes", "--remove-orphans", cwd=project, timeout=120)
-    context = f"\n--- compose up:\n{up.stdout[-3000:]}{up.stderr[-3000:]}\n--- logs:\n{logs.stdout[-4000:]}"
-    assert up.returncode == 0, context
-    assert "pull access denied" not in up.stderr + up.stdout and "Pulling" not in up.stderr + up.stdout, context
-
-    # Every container ran to the end with status 0: the master and n workers (which read the 0600 token).
-    containers = [json.loads(line) for line in ps.stdout.splitlines() if line.strip()]
-    assert sorted(c["Service"] for c in containers) == ["master"] + ["worker"] * n, ps.stdout
-    assert all(c["ExitCode"] == 0 for c in containers), ps.stdout + context
-
+        daemon.docker("compose", *f, "down", "--volumes", "--remove-orphans", cwd=project, timeout=120)
+    run = ComposeRun(up, [json.loads(line) for line in ps.stdout.splitlines() if line.strip()], logs.stdout,
+                     health.stdout, [json.loads(line) for line in polled.splitlines()])
+    assert up.returncode == 0, run.context
+    out = up.stderr + up.stdout
+    assert "pull access denied" not in out and "Pulling" not in out, run.context
+    # Every container ran to the end with status 0 (the workers read the 0600 token), none was left running.
+    assert all(c["ExitCode"] == 0 and c["State"] == "exited" for c in run.containers), ps.stdout + run.context
     # The master's health check passed (the workers, which wait for it, ran anyway).
-    checks = json.loads(health.stdout)["Log"]
-    assert any(c["ExitCode"] == 0 for c in checks), health.stdout
+    assert any(c["ExitCode"] == 0 for c in json.loads(health.stdout)["Log"]), health.stdout
+    return run
+
+
+def test_docker_compose_up_trains_to_the_tolerance(daemon, base_image, project):
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
+    master_cmd = compose["services"]["master"]["command"]
+    tol = float(next(a for a in master_cmd if a.startswith("--tol=")).split("=")[1])
+    n = compose["services"]["worker"]["deploy"]["replicas"]
+
+    run = compose_up(daemon, base_image, project)
+    assert sorted(c["Service"] for c in run.containers) == ["master"] + ["worker"] * n, run.containers
 
     # /status answered before and during the run, with all workers joined; /healthz said healthy. (Once the run
     # is done the master writes its files and exits, often between two polls.)
-    seen = [json.loads(line) for line in polled.splitlines()]
+    seen = run.polled
     states = [s["state"] for s in seen]
     assert "waiting" in states and set(states) <= {"waiting", "running", "done"}, states
     running = [s for s in seen if s["state"] == "running" and s["round"] > 0]
@@ -290,3 +312,52 @@ def test_docker_compose_up_trains_to_the_tolerance(daemon, base_image, project):
     assert rows[-1]["grad_norm_sq"] < tol < rows[-2]["grad_norm_sq"]
     assert rows[-1]["round"] < 4000
     assert np.load(runs / "x.npy").shape == (112,)
+
+
+AGGREGATORS = "deploy/compose/aggregators.yml"
+
+
+def test_the_aggregator_override_runs_the_example_through_its_aggregators(daemon, base_image, project):
+    """docs/aggregators.md's command: the shipped example with deploy/compose/aggregators.yml on top. Every
+    container, the aggregators included, ends by itself; the master saw each block's workers over its
+    aggregator's one connection, refused nothing, and its x is `ef21 simulate --aggregators F`'s, bit for bit.
+    (The same daemon, base image and image layers as the flat run: ~30 s more.)"""
+    from ef21.__main__ import build_parser
+    from ef21.cli.args import config_from_args
+    from ef21.engine.simulate import simulate
+    from ef21.engine.tree import Tree
+
+    services = yaml.safe_load((project / AGGREGATORS).read_text())["services"]
+    master = build_parser().parse_args(services["master"]["command"][1:])
+    cfg = config_from_args(master)
+    tree = Tree(cfg.workers, cfg.aggregators)
+    workers = ["worker"] * len(tree.block(0)) + ["worker-block-1"] * len(tree.block(1))
+    assert cfg.aggregators == 2 and len(workers) == cfg.workers
+
+    run = compose_up(daemon, base_image, project, "docker-compose.yml", AGGREGATORS)
+    assert sorted(c["Service"] for c in run.containers) == sorted(
+        ["master", "aggregator-0", "aggregator-1", *workers]), run.containers
+    for j in range(cfg.aggregators):
+        block = tree.block(j)
+        assert f"block {j} (ranks {block.start}..{block.stop - 1}), listening on 0.0.0.0:50052" in run.logs, run.context
+
+    # Each block's ranks reached the master from one address, its aggregator's, and the two blocks from two: the
+    # master read F connections, not n. It refused no message (a worker's own Update is refused in a tree run:
+    # every round's sums carried `covers`).
+    seen = run.polled
+    full = [s for s in seen if s["state"] == "running" and len(s["peers"]) == cfg.workers]
+    assert full, [s["state"] for s in seen]
+    hosts = [{p["peers"][str(r)].rsplit(":", 1)[0] for p in full for r in tree.block(j)} for j in range(2)]
+    assert all(len(h) == 1 for h in hosts) and hosts[0] != hosts[1], hosts
+    assert all(not s["refused"] for s in seen), [s["refused"] for s in seen]
+    assert all(s["detail"] == "" for s in seen if s["state"] == "running" and s["round"] > 0)
+
+    # The run stopped on its --tol with nobody missing, and equals the simulation that sums in the tree's order.
+    runs = project / "runs"
+    rows = [json.loads(line) for line in (runs / "run.jsonl").read_text().splitlines()]
+    sim = simulate(cfg)
+    assert sim.stop_reason == "tol" and rows[-1]["round"] == sim.records[-1].round < cfg.rounds
+    assert not any(r.get("missing") for r in rows)
+    x = np.load(runs / "x.npy")
+    assert x.dtype == sim.x.dtype and np.array_equal(x, sim.x)
+    assert (runs / "x.npy").stat().st_uid == USER_UID
