@@ -67,10 +67,11 @@ def test_run_refuses_what_cannot_be_summed() -> None:
     assert "ef21plus cannot be summed before the master" in one_error_line(r)
 
 
-async def start_aggregator(master: str, block: int, port: int = 0) -> tuple[asyncio.subprocess.Process, str]:
+async def start_aggregator(master: str, block: int, port: int = 0, *,
+                           linger: bool = False) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ef21", "aggregator", "--master", master, "--block", str(block), "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *(["--linger"] if linger else []), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
     return proc, line.split(" listening on ", 1)[1].split(",", 1)[0]
@@ -239,3 +240,30 @@ async def test_an_aggregator_that_dies_is_its_workers_missing_and_its_replacemen
     assert len(log) == cfg.rounds + 1
     sim = simulate(cfg, missing=missing)
     assert np.array_equal(np.load(tmp_path / "x.npy"), sim.x), missing
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_an_aggregator_leaves_after_the_run_unless_it_lingers(tmp_path: Path) -> None:
+    """Compose waits for every container: an aggregator exits 0 once the master's Stop has passed through it, and
+    one started after the end exits 0 at once. Under --linger (a StatefulSet restarts a pod that exits) it stays."""
+    cfg = RunConfig(problem="quadratic", dim=20, workers=2, aggregators=2, k=2, rounds=3)
+    async with running_master(MasterOptions(cfg, out=tmp_path / "x.npy")) as master:
+        target = f"127.0.0.1:{master.port}"
+        leaves, address = await start_aggregator(target, 0)
+        lingers, address2 = await start_aggregator(target, 1, linger=True)
+        workers = [await spawn_worker(address), await spawn_worker(address2)]
+        try:
+            codes = await finish(workers, 60)
+            assert [c for c, _ in codes] == [0, 0], codes
+            assert await asyncio.wait_for(leaves.wait(), 10) == 0
+            await asyncio.sleep(1.0)
+            assert lingers.returncode is None
+            late = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ef21", "aggregator", "--master", target, "--block", "0", "--port", "0",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(late.communicate(), 30)
+            assert late.returncode == 0 and "is over" in out.decode() and not err, (out, err)
+        finally:
+            lingers.terminate()
+            for a in (leaves, lingers):
+                await end_aggregator(a)

@@ -167,6 +167,8 @@ def test_the_aggregator_tier_is_valid_and_consistent():
     for j, job in enumerate(jobs):
         a = parse(container(agg)["args"], {"POD_INDEX": str(j)})
         assert a.command == "aggregator" and a.block == j and a.master == "ef21-master:50051"
+        # A StatefulSet restarts a pod that exits: the aggregator stays after the run, as the master (--linger).
+        assert a.linger and m.linger
         w = parse(container(job)["args"])
         assert w.master == f"{agg['metadata']['name']}-{j}.{service['metadata']['name']}:{a.port}"
         assert job["spec"]["completions"] == job["spec"]["parallelism"] == len(tree.block(j))
