@@ -123,8 +123,8 @@ class Lie:
 
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 LIES = {
-    "unrelayed-and-twice": Lie(((2, [2, 3]), (3, [3, 3])), {2: (INVALID, "claims rank 3, whose worker it does not "
-                                                                         "relay"), 3: (INVALID, "covers rank 3 twice")}),
+    "unrelayed-and-twice": Lie(((2, [2, 3]), (3, [3, 3])), {2: (INVALID, "whose worker it does not relay"),
+                                                           3: (INVALID, "covers rank 3 twice")}),
     "wrong-stream-and-order": Lie(((2, [3]), (3, [3, 2])), {2: (INVALID, "must come on the stream of its first rank"),
                                                             3: (INVALID, "covers rank 2 out of order")}),
     "outside-the-block": Lie(((2, [2, 5]), (3, [3, 3])), {2: (INVALID, "rank 5 is not in block 1"),
