@@ -25,7 +25,7 @@ from ef21_server.coordinator import MasterOptions
 from ef21_wire.v1 import ef21_pb2 as pb
 
 from .helpers import ef21_cli, eventually, finish, one_error_line, running_master, spawn_worker
-from .rawclient import RawClient
+from .rawclient import Ended, RawClient
 
 SMALL = ["--problem", "quadratic", "--dim", "60", "--k", "3", "--rounds", "12", "-q"]
 
@@ -172,6 +172,7 @@ async def test_lying_aggregators_are_refused_and_the_run_stays_exact(lie: str, t
                 if taken:  # the next sum must find this one summed (the streams are not ordered between them)
                     await eventually(lambda: all(c in book.sizes for c in covers), 30, f"rank {r}'s sum taken")
             ends = {r: await streams[r].recv(30) for r in spec.refused}
+            assert all(isinstance(e, Ended) for e in ends.values()), ends  # refused: the stream ended
             assert {r: e.code for r, e in ends.items()} == {  # type: ignore[union-attr]
                 r: code for r, (code, _) in spec.refused.items()}, ends
             assert all(said in ends[r].details for r, (_, said) in spec.refused.items()), ends  # type: ignore
