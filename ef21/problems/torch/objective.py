@@ -137,7 +137,7 @@ class _Rows:
         if self.dataset is None:
             if idx is None:
                 return self.X, self.y
-            t = self.obj._torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            t = self.obj._torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.X.device)
             return self.X[t], self.y[t]
         rows = range(self.n) if idx is None else (int(i) for i in idx)
         items = []
@@ -199,6 +199,10 @@ class TorchObjective:
         self.train = bool(train)
         self.model = model.to(self._dtype)
         self.model.train(self.train)
+        # The model's device (CPU, or CUDA when the user moved it there): the data, the draws and the method's
+        # vectors (``array_ops``) follow it; numpy sees only what crosses to the host (x⁰, b, the codec's k entries).
+        first = next(iter(self.model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.loss = loss
         self.data = _Rows(self, X, y, collate_fn, "training data")
         self.chunk_size = chunk_size if chunk_size is not None else (DATASET_CHUNK if self.data.dataset is not None
@@ -225,7 +229,7 @@ class TorchObjective:
         for p in self.params:
             p.data = self._flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        self._x0 = self._flat.to(torch.float64).numpy().copy()
+        self._x0 = self._flat.to(torch.float64).cpu().numpy().copy()
         self._b0 = self._read_buffers()
         self._b = self._b0.copy()
         self._key = (0, 0, 0)
@@ -282,7 +286,7 @@ class TorchObjective:
     def _read_buffers(self) -> np.ndarray:
         if not self._buffers:
             return np.zeros(0)
-        return np.concatenate([t.detach().reshape(-1).to(self._torch.float64).numpy() for t in self._buffers])
+        return np.concatenate([t.detach().reshape(-1).to(self._torch.float64).cpu().numpy() for t in self._buffers])
 
     def _load_buffers(self) -> None:
         offset = 0
@@ -298,7 +302,7 @@ class TorchObjective:
     # -- data -------------------------------------------------------------------------------------------------------
 
     def _tensor(self, a: Any, *, integer_to_long: bool = False) -> torch.Tensor:
-        t = self._torch.as_tensor(a if self._torch.is_tensor(a) else np.asarray(a))
+        t = self._torch.as_tensor(a if self._torch.is_tensor(a) else np.asarray(a)).to(self.device)
         # Floating data follows the model's dtype; integers stay integers (class labels, token ids).
         if t.is_floating_point():
             return t.to(self._dtype)
@@ -319,7 +323,10 @@ class TorchObjective:
         of torch, numpy and Python as they were afterwards."""
         seed = int(np.random.SeedSequence([*self._key, _TORCH_STREAM, _KINDS[kind]]).generate_state(1, np.uint64)[0])
         np_state, py_state = np.random.get_state(), random.getstate()
-        with self._torch.random.fork_rng(devices=[]):
+        # manual_seed seeds every device's generator; fork_rng puts back the model's device's too (CUDA's dropout
+        # draws come from it), so the draws of a call never leak into the next.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self._torch.random.fork_rng(devices=devices):
             self._torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
             random.seed(seed)
