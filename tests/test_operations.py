@@ -39,21 +39,29 @@ def cli(*args: str) -> list[str]:
 
 
 def test_join_timeout_fails_the_run_with_its_own_exit_status(tmp_path):
-    # A timeout long enough for one worker process to start and join on a busy machine, short enough for a test.
-    master = subprocess.Popen(cli("master", "--port", "0", "--status-port", "-1", "--workers", "2", "--rounds", "5",
-                                  "--join-timeout", "6"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from .test_reliability import free_port
+
+    # The worker starts first and waits for its master (it retries until --connect-timeout), so that its own
+    # start-up, seconds on a busy machine, does not race the master's 6 s: it joins within about a second of the
+    # master's start, and the master then waits in vain for rank 1. (Started after the master, a worker that came
+    # just as the master gave up found no master any more and retried for its whole --connect-timeout.)
+    port = free_port()
+    worker = subprocess.Popen([PY, "-m", "ef21_worker", "--master", f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    master = None
     try:
-        line = master.stdout.readline()
-        target = line.split("listening on ")[1].split(";")[0]
-        worker = subprocess.Popen([PY, "-m", "ef21_worker", "--master", target], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().startswith("ef21 worker: configuration")  # imported and trying
+        master = subprocess.Popen(cli("master", "--port", str(port), "--status-port", "-1", "--workers", "2",
+                                      "--rounds", "5", "--join-timeout", "6"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         t0 = time.monotonic()
         out, err = master.communicate(timeout=60)
         worker.communicate(timeout=30)  # told the run is over: it leaves instead of waiting
     finally:
         for p in (master, worker):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
+    assert worker.returncode == 0
     assert master.returncode == 4, err
     assert time.monotonic() - t0 < 30
     assert err.splitlines()[-1].startswith("ef21 master: error: 1 of 2 workers came within --join-timeout 6 s "
