@@ -25,7 +25,7 @@ class HeapTrimmer:
             try:
                 self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
             except (OSError, AttributeError):  # not glibc: no malloc_trim, nothing to do
-                self._trim = None
+                pass
 
     @property
     def available(self) -> bool:

@@ -15,19 +15,21 @@ import grpc
 from ef21_wire.protocol import TRAIN_METHOD
 
 
-async def _silent(channel: grpc.aio.Channel) -> str:
+async def silent_stream(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """A Train stream that sends nothing: its status once the master ends it."""
     call = channel.stream_stream(TRAIN_METHOD)()
     try:
         await call.read()
     except grpc.aio.AioRpcError as exc:
-        return exc.code().name
-    return (await call.code()).name
+        return exc.code()
+    return await call.code()
 
 
 async def storm(address: str, streams: int, channels: int) -> collections.Counter:
     chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
     try:
-        return collections.Counter(await asyncio.gather(*(_silent(chans[i % channels]) for i in range(streams))))
+        codes = await asyncio.gather(*(silent_stream(chans[i % channels]) for i in range(streams)))
+        return collections.Counter(code.name for code in codes)
     finally:
         await asyncio.gather(*(ch.close() for ch in chans))
 

@@ -22,20 +22,11 @@ from ef21_server.service import stream_limit
 from ef21_wire.protocol import SERVICE, TRAIN_METHOD
 
 from .helpers import ef21_cli, eventually, finish, one_error_line, running_master, spawn_worker
+from .storm_client import silent_stream
 from .test_service import assert_same_as_simulation
 
 STORM = 100
 ROOT = Path(__file__).resolve().parents[1]
-
-
-async def _silent_stream(channel: grpc.aio.Channel) -> grpc.StatusCode:
-    """A Train stream that sends nothing: its status once the master ends it."""
-    call = channel.stream_stream(TRAIN_METHOD)()
-    try:
-        await call.read()
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return await call.code()
 
 
 async def test_a_storm_of_silent_streams_is_refused_and_the_honest_run_is_exact(tmp_path, caplog):
@@ -47,7 +38,7 @@ async def test_a_storm_of_silent_streams_is_refused_and_the_honest_run_is_exact(
     async with running_master(opts) as master:
         master.service.handshake_timeout = 3.0  # the storm's survivors are cut soon, so the test stays short
         async with grpc.aio.insecure_channel(master.address) as ch:
-            storm = [asyncio.create_task(_silent_stream(ch)) for _ in range(STORM)]
+            storm = [asyncio.create_task(silent_stream(ch)) for _ in range(STORM)]
             await eventually(lambda: master.service.over_limit == STORM - limit, 20, "the excess refused")
             codes = await asyncio.wait_for(asyncio.gather(*storm), 30)
         # The excess at once, the rest when the handshake timeout cut them: each stream ended with a code.
