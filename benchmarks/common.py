@@ -107,7 +107,7 @@ def thin(values: Sequence[Any], points: int = 200) -> list[int]:
 
 # -- process memory ----------------------------------------------------------------------------------------------------
 
-def _status_kib(pid: int, field: str) -> int | None:
+def status_kib(pid: int, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
@@ -159,7 +159,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             for pid in [self.pid, *children(self.pid)]:
-                kib = _status_kib(pid, "VmHWM")
+                kib = status_kib(pid, "VmHWM")
                 if kib is not None:
                     self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), kib)
                     # Read again each time: a child seen between fork and exec still shows its parent's argv.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,17 +26,17 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, load_average, print_table, write_json  # noqa: E402
+from common import base_parser, load_average, print_table, status_kib, write_json  # noqa: E402
 
 METHOD = "/residue.Sink/Send"
 LIMIT = 64 * 1024 * 1024
 
 
 def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    kib = status_kib(os.getpid(), "VmRSS")
+    if kib is None:
+        raise RuntimeError("no VmRSS in /proc/self/status")
+    return kib
 
 
 async def serve(port_file: Path, connections: int, total: int) -> None:
