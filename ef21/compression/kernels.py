@@ -81,3 +81,58 @@ def sub_scaled(x: np.ndarray, s: float, g: np.ndarray) -> bool:
         return False
     kernels[1](x, x.dtype.type(s), g)
     return True
+
+
+# --- Evaluation rounds: the candidates and the compression error in the same pass -------------------------------
+# A separate section (its own compiled function and entry point), so the steady round's kernel above stays as it is.
+
+_BLOCK = 1024
+"""The error's partial sums run over blocks of this many entries, then add up: a rounding error of about
+(1024 + d/1024)·ε instead of a plain running sum's d·ε (ε of float64, which the sum is kept in for either dtype)."""
+
+
+@functools.cache
+def _compile_with_error() -> Callable[..., tuple[int, float]] | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def candidates_and_rest(grad: Any, g_i: Any, t: Any, out: Any, block: int) -> tuple[int, float]:  # pragma: no cover
+        """``candidates`` above, and Σ (grad_j − g_i,j)² over the positions that are NOT candidates (each residual
+        rounded to the vectors' dtype as numpy's subtraction rounds it, then squared and summed in float64); the
+        count is −1 once ``out`` is full."""
+        cap = out.shape[0]
+        d = grad.shape[0]
+        m = 0
+        total = 0.0
+        for start in range(0, d, block):
+            part = 0.0
+            for j in range(start, min(start + block, d)):
+                r = grad[j] - g_i[j]
+                if abs(r) >= t:
+                    if m == cap:
+                        return -1, 0.0
+                    out[m] = j
+                    m += 1
+                else:
+                    w = np.float64(r)
+                    part += w * w
+            total += part
+        return m, total
+
+    return candidates_and_rest
+
+
+def residual_candidates_and_rest(grad: np.ndarray, g_i: np.ndarray, t: float, out: np.ndarray
+                                 ) -> tuple[np.ndarray, float] | None:
+    """``residual_candidates`` and, in the same pass over d, Σ (grad − g_i)² over the positions that are not
+    candidates (float64), which an evaluation round's ‖r − C(r)‖² needs; None as ``residual_candidates`` gives it
+    (no numba, a small d, a full ``out``). ``_compile`` is the switch for every compiled loop: where it gives None,
+    this does too."""
+    kernel = _compile_with_error() if grad.shape[0] >= MIN_D and _compile() is not None else None
+    if kernel is None:
+        return None
+    m, rest = kernel(grad, g_i, grad.dtype.type(t), out, _BLOCK)
+    return None if m < 0 else (out[:m], float(rest))

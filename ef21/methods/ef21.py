@@ -48,11 +48,20 @@ class EF21:
         if g_i is None:
             return initial_step(grad, ctx, replace=False, reference=reference)
         ops = ctx.ops
-        if ops is NUMPY:
-            fused = getattr(ctx.compressor, "compress_difference", None)
-            if ctx.scratch is not None and ctx.cand is not None and fused is not None and reference is not grad:
-                # One compiled pass over d instead of four: C(∇ − g_i) without the residual (None: not applicable).
-                c = fused(grad, g_i, ctx.cand)
+        if ops is NUMPY and ctx.scratch is not None and ctx.cand is not None:
+            # One compiled pass over d instead of four (five on an evaluation round): C(∇ − g_i) without the
+            # residual (None: not applicable, the numpy path below runs).
+            if reference is grad:
+                # An evaluation round with full gradients: G = ‖r − C(r)‖² comes out of the same pass, equal to the
+                # numpy path's to rounding (another summation order; G is only logged, nothing feeds it back).
+                fused_err = getattr(ctx.compressor, "compress_difference_with_error", None)
+                found = None if fused_err is None else fused_err(grad, g_i, ctx.cand)
+                if found is not None:
+                    message, pending, _ = self._commit(g_i, found[0], None)
+                    return message, pending, found[1]
+            else:
+                fused = getattr(ctx.compressor, "compress_difference", None)
+                c = None if fused is None else fused(grad, g_i, ctx.cand)
                 if c is not None:
                     return self._commit(g_i, c, reference)
         # The residual in the gradient's dtype and on its device (float64, or a --dtype float32 run's float32).
