@@ -236,3 +236,16 @@ def test_a_run_with_the_compiled_loops_equals_the_numpy_run(dtype, eval_every, m
         assert (a.G is None) == (b.G is None)
         if a.G is not None:
             assert a.G == pytest.approx(b.G, rel=G_RTOL[dtype], abs=0.0)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [pytest.param("float64", marks=pytest.mark.slow), "float32"])
+def test_run_with_the_fused_evaluation_rounds_equals_simulate(tmp_path, dtype):
+    """``ef21 run`` (a real master, real worker processes, each compiling or loading the fused loops) equals the
+    simulator bit for bit at a d on the compiled path, every round an evaluation round: G included, since both
+    sum it the same way in the same environment."""
+    from .test_dtype import run_and_compare
+
+    args = ["--problem", "quadratic", "--dim", str(D // 2), "--workers", "2", "--k", str(D // 200), "--rounds", "6",
+            "--x0", "normal:1"]
+    run_and_compare(tmp_path, args, dtype)
