@@ -130,6 +130,29 @@ def test_simulator_equals_an_independent_float32_loop(tmp_path):
     assert 1e-8 < np.linalg.norm(wide.x - sim.x) / np.linalg.norm(wide.x) < 1e-3
 
 
+def test_the_quadratic_takes_float32_x_with_the_bits_of_the_float64_boundary(monkeypatch):
+    """The separable quadratic computes a float32 run's gradient from the float32 x itself (``accepts_float32``):
+    the bits of widening x, computing in float64 and rounding once, without those two passes — checked against
+    that computation written out, and a whole run against the same run through the worker's widening boundary."""
+    from ef21.problems.objectives import SeparableQuadratic
+
+    rng = np.random.default_rng(4)
+    d = 5000
+    q = SeparableQuadratic(rng.uniform(0.5, 1.5, d), rng.standard_normal(d))
+    x = (rng.standard_normal(d) * 3).astype(np.float32)
+    want = (q.h * (x.astype(np.float64) - q.c)).astype(np.float32)
+    f, g = q.value_and_grad(x)
+    assert q.grad(x).dtype == g.dtype == np.float32
+    assert q.grad(x).tobytes() == g.tobytes() == want.tobytes()
+    assert f == q.value_and_grad(x.astype(np.float64))[0]
+    cfg = RunConfig(problem="quadratic", dim=1 << 16, workers=3, k=600, rounds=8, dtype="float32", x0="normal:1")
+    own = simulate(cfg, keep_iterates=True)
+    monkeypatch.setattr(SeparableQuadratic, "accepts_float32", False)  # the worker widens x and rounds ∇ itself
+    widened = simulate(cfg, keep_iterates=True)
+    assert np.array(own.xs).tobytes() == np.array(widened.xs).tobytes()
+    assert [(r.f, r.grad_norm_sq, r.G) for r in own.records] == [(r.f, r.grad_norm_sq, r.G) for r in widened.records]
+
+
 @pytest.mark.parametrize("args,match", [
     (["--dtype", "float16"], "invalid choice"),
     (["--dtype", "float32", "--method", "diana", "--compressor", "urandk"], "--method diana keeps float64 state"),

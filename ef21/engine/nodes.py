@@ -212,8 +212,9 @@ class WorkerNode:
         """x as the objective takes it. A float32 run casts at the boundary: the built-in and plugin objectives
         see x widened to float64 (exactly; into a kept buffer) and compute in float64, as their data are, and the
         gradient is rounded to float32 once (``_cast``), so none of their sums runs half in float32. An objective
-        with ``accepts_float32`` (a PyTorch model, float32 already) takes the float32 x itself and returns a
-        float32 gradient: no float64 round trip."""
+        with ``accepts_float32`` (a PyTorch model, float32 already; the separable quadratic, which widens and
+        rounds inside its own two operations with the same bits) takes the float32 x itself and returns a float32
+        gradient: no float64 round trip."""
         x = self.replica.x
         if self.ops is not NUMPY or x.dtype == np.float64 or getattr(self.objective, "accepts_float32", False):
             return x

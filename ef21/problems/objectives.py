@@ -246,6 +246,10 @@ class SeparableQuadratic:
 
     h: np.ndarray
     c: np.ndarray
+    accepts_float32 = True
+    """A ``--dtype float32`` run hands it x in float32 (``WorkerNode._point``) and takes a float32 gradient: computed
+    in float64 all the same (x − c widens x exactly, as the float64 copy the worker would make), rounded once — the
+    bits of the widen-compute-round boundary without its two passes over d."""
 
     @property
     def d(self) -> int:
@@ -256,12 +260,14 @@ class SeparableQuadratic:
         return 0.5 * float(np.dot(self.h * r, r))
 
     def grad(self, x: np.ndarray) -> np.ndarray:
-        return self.h * (x - self.c)
+        # float32 x: the float64 product rounded to float32 as the ufunc writes it (astype's rounding, one pass).
+        out = None if x.dtype == np.float64 else np.empty(x.shape[0], dtype=x.dtype)
+        return np.multiply(self.h, x - self.c, out=out, casting="same_kind")
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         r = x - self.c
         hr = self.h * r
-        return 0.5 * float(np.dot(hr, r)), hr
+        return 0.5 * float(np.dot(hr, r)), hr if x.dtype == np.float64 else hr.astype(x.dtype)
 
     def smoothness(self) -> float:
         return float(self.h.max())
