@@ -156,6 +156,25 @@ def test_the_fused_step_of_x_equals_numpys_two_operations(dtype):
     assert not kernels.sub_scaled(x[:100], 0.5, g[:100])  # a small d: numpy's path (numba's overhead would dominate)
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_quadratic_gradient_in_one_pass_equals_numpys(dtype):
+    """``kernels.scaled_difference`` (the separable quadratic's gradient) against numpy's h * (x − c) computed in
+    float64 from x widened, rounded once to x's dtype; the objective takes it from MIN_D on."""
+    from ef21.problems.objectives import SeparableQuadratic
+
+    rng = np.random.default_rng(8)
+    d = kernels.MIN_D + 3
+    h, c = rng.uniform(0.5, 1.5, d), rng.standard_normal(d)
+    x = (rng.standard_normal(d) * 7).astype(dtype)
+    want = (h * (x.astype(np.float64) - c)).astype(dtype)
+    out = np.empty(d, dtype)
+    assert kernels.scaled_difference(h, x, c, out)
+    assert out.tobytes() == want.tobytes()
+    assert SeparableQuadratic(h, c).grad(x).tobytes() == want.tobytes()
+    assert not kernels.scaled_difference(h[:100], x[:100], c[:100], out[:100])  # a small d: numpy's path
+
+
 G_RTOL = {"float64": 1e-12, "float32": 1e-6}
 """How close the fused pass's G is to the numpy path's: the same terms, summed in another order (float64 partial
 sums there, numpy's dot here — a float32 dot in float32, so its own rounding, about 1e-7, sets that tolerance)."""

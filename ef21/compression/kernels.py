@@ -136,3 +136,38 @@ def residual_candidates_and_rest(grad: np.ndarray, g_i: np.ndarray, t: float, ou
         return None
     m, rest = kernel(grad, g_i, grad.dtype.type(t), out, _BLOCK)
     return None if m < 0 else (out[:m], float(rest))
+
+
+# --- The separable quadratic's gradient in one pass ------------------------------------------------------------------
+# ``ef21.problems.objectives.SeparableQuadratic``, what the benchmarks' worker runs "so that they measure the system
+# rather than the gradient": numpy's h * (x − c) makes two passes with a temporary, and for a float32 x two more
+# (mixed-dtype ufuncs cast through buffers); one loop reads h, x, c and writes the gradient in x's dtype.
+
+@functools.cache
+def _compile_scaled_difference() -> Callable[..., None] | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def scaled_difference(h: Any, x: Any, c: Any, out: Any) -> None:  # pragma: no cover - compiled
+        for j in range(out.shape[0]):
+            out[j] = h[j] * (x[j] - c[j])
+
+    return scaled_difference
+
+
+def scaled_difference(h: np.ndarray, x: np.ndarray, c: np.ndarray, out: np.ndarray) -> bool:
+    """out ← h·(x − c) in one pass: h and c float64, x float64 or float32 (widened exactly, as numpy's mixed
+    subtraction widens it), the float64 product rounded once to out's dtype, as numpy writes it (a difference then a
+    product: nothing for a fused multiply-add to contract). False without numba or below ``MIN_D``: numpy then."""
+    if x.shape[0] < MIN_D or _compile() is None or h.dtype != np.float64 or c.dtype != np.float64:
+        return False
+    if out.dtype != x.dtype or x.dtype not in (np.float64, np.float32):
+        return False
+    kernel = _compile_scaled_difference()
+    if kernel is None:
+        return False
+    kernel(h, x, c, out)
+    return True

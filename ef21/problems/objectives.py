@@ -11,6 +11,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from ef21.compression import kernels
+
 # Above this dimension λ_max(AᵀA) is found by power iteration on A instead of an eigensolver on the d×d Gram,
 # and data files are held as sparse (CSR) matrices.
 GRAM_MAX_D = 2048
@@ -260,8 +262,10 @@ class SeparableQuadratic:
         return 0.5 * float(np.dot(self.h * r, r))
 
     def grad(self, x: np.ndarray) -> np.ndarray:
-        # float32 x: the float64 product rounded to float32 as the ufunc writes it (astype's rounding, one pass).
-        out = None if x.dtype == np.float64 else np.empty(x.shape[0], dtype=x.dtype)
+        out = np.empty(x.shape[0], dtype=x.dtype)
+        if kernels.scaled_difference(self.h, x, self.c, out):
+            return out  # one compiled pass (numba, d ≥ 2^15), numpy's bits
+        # float32 x: the float64 product rounded to float32 as the ufunc writes it (astype's rounding).
         return np.multiply(self.h, x - self.c, out=out, casting="same_kind")
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
