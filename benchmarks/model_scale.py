@@ -438,7 +438,7 @@ def run_sections(args: Any, private: bool, links: list[str], tmp: Path) -> list[
     if "fold" in args.sections:
         steps.append(("fold", lambda: fold_section([(10_000, 2, 100)] if s else
                                                    [(10**6, 4, 10**4), (10**6, 8, 10**4), (10**7, 4, 10**5),
-                                                    (10**7, 8, 10**5)])))
+                                                    (10**7, 8, 10**5), (10**7, 16, 10**4), (10**7, 64, 10**4)])))
     figs: list[Figure] = []
     for name, step in steps:
         t0 = time.perf_counter()
