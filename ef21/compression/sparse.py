@@ -63,13 +63,14 @@ class SparseVector:
         return out
 
     def add_to(self, target: np.ndarray, scale: float = 1.0) -> None:
-        """target += scale * self, in place. Indices are unique, so each entry is added once: into a float64 target by
-        ``np.add.at`` (one pass; ~2x faster than fancy indexing's gather, add and scatter, with the same bits: one
-        float64 addition an entry), into another dtype by fancy indexing, which adds in float64 and rounds once."""
+        """target += scale * self, in place. Indices are unique, so each entry is added once: into a float64 target,
+        or one of the values' own dtype (a float32 run's g_i and g), by ``np.add.at`` (one pass; ~2x faster than fancy
+        indexing's gather, add and scatter, with the same bits: one addition an entry in the target's dtype), into
+        float32 from float64 values by fancy indexing, which adds in float64 and rounds once."""
         values = self.values if scale == 1.0 else scale * self.values
         if self.indices is None:
             target += values
-        elif target.dtype == np.float64:
+        elif target.dtype == np.float64 or target.dtype == values.dtype:
             np.add.at(target, self.indices, values)
         else:
             target[self.indices] += values
