@@ -269,7 +269,8 @@ class SeparableQuadratic:
         return np.multiply(self.h, x - self.c, out=out, casting="same_kind")
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        r = x - self.c
+        # float32 x widened first (exactly): numpy's same-dtype loops beat its mixed-dtype ones, which cast in chunks.
+        r = x - self.c if x.dtype == np.float64 else np.subtract(wide := x.astype(np.float64), self.c, out=wide)
         hr = self.h * r
         return 0.5 * float(np.dot(hr, r)), hr if x.dtype == np.float64 else hr.astype(x.dtype)
 
