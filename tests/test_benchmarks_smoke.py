@@ -281,6 +281,9 @@ def check_model_scale(doc: dict) -> None:
     assert figs["worker/quadratic-10000/float64/step_ms"]["value"] > figs["worker/quadratic-10000/float64/gradient_ms"][
         "value"]
     assert figs["worker/quadratic-10000/float64/step_ms"]["detail"]["downlink_nnz"] <= 2 * 100
+    for dtype in ("float64", "float32"):  # an evaluation round beside the steady one, numba's against numpy's
+        ev = figs[f"worker/quadratic-10000/{dtype}/eval_compiled_vs_numpy"]
+        assert figs[f"worker/quadratic-10000/{dtype}/eval_step_ms"]["value"] > 0 and ev["detail"]["numpy_ms"] > 0
 
 
 @pytest.mark.slow
