@@ -113,6 +113,11 @@ EF21_CONTENDERS = (
                   "--method ef21 --k {k03} --downlink-k {k03} --encoding compact --init compressed"),
     Ef21Contender("EF21-SGDM Top-1 %, compressed g0",
                   "--method ef21 --k {k1} --estimator sgdm --batch-size {batch} --init compressed"),
+    # The compact wire (float32 values, Elias–Fano indices: ~5 B an entry against 12) for the contender whose time
+    # at 100 Mbit/s is its master's link (the n downlinks): `ef21 simulate` reaches the wide MLP's target at the
+    # same step as without it.
+    Ef21Contender("EF21-SGDM Top-1 %, compact",
+                  "--method ef21 --k {k1} --estimator sgdm --batch-size {batch} --encoding compact"),
 )
 # The recipe models: the recipe's optimizer on ef21's master (and torch's in DDP), on the common minibatch stream
 # (--estimator sgd: EF21-BC takes it with a master optimizer, unlike with the MLPs' plain SGD). The fractions are
