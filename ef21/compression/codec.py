@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .sparse import F32, INDEX_DTYPE, VALUE_DTYPE, SparseVector
 
 Buffer = bytes | memoryview
@@ -94,8 +95,9 @@ def pack_indices(idx: np.ndarray, dim: int) -> tuple[int, bytes]:
     return low + 1, b"".join(parts)
 
 
-def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.ndarray:
-    """Inverse of ``pack_indices`` for ``count`` indices, checked: strictly increasing and below dim."""
+def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int, *, checked: bool = True) -> np.ndarray:
+    """Inverse of ``pack_indices`` for ``count`` indices, checked (unless ``checked`` is False: ``decode`` checks them
+    with the values): strictly increasing and below dim."""
     low = index_bits - 1
     if not 0 <= low <= 31:
         raise CodecError(f"index_bits {index_bits} outside 1..32")
@@ -117,7 +119,8 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
         else:
             for j in range(low):
                 idx |= planes[j].astype(np.int64) << j
-    _check_increasing_below(idx, dim)
+    if checked:
+        _check_increasing_below(idx, dim)
     return idx
 
 
@@ -152,6 +155,21 @@ def _check_finite(vals: np.ndarray) -> None:
         raise CodecError("non-finite value (NaN or Inf)")
 
 
+def _check(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> None:
+    """The values finite and the indices (None: a dense vector's) strictly increasing and below dim, or CodecError:
+    one compiled pass over both (``kernels.vector_checks``) or, without numba and for small vectors, numpy's passes.
+    Both refuse the same vectors, for the first fault in the same order (values, order, range): numpy's passes then
+    word the refusal the compiled pass found (a refused message is rare; the accepted ones take one pass)."""
+    found = kernels.vector_checks(idx, vals, dim)
+    if found == kernels.CHECK_OK:
+        return
+    _check_finite(vals)
+    if idx is not None:
+        _check_increasing_below(idx, dim)
+    if found is not None:  # the compiled pass refused what numpy accepts: a bug, never an accepted vector
+        raise RuntimeError(f"the compiled check found fault {found} that numpy's did not")
+
+
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
            dtype: np.dtype | type = np.float64) -> SparseVector:
     """Buffers back to a SparseVector with values of ``dtype`` (float64: float32 values are widened, exactly;
@@ -161,7 +179,8 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
     ``max_nnz`` bounds the entries of any vector (a dense one carries ``expected_dim``): what the sender's
     compressor can produce.
 
-    Each check is one vectorised pass over the arrays: this runs on every message the master receives. Plain
+    This runs on every message the master receives: the sizes are checked first, then the values and indices in
+    one pass (``_check``; numpy's two below ``kernels.MIN_ENTRIES`` entries or without numba). Plain
     float64 values and uint32 indices are read-only views of the buffer (no copy) when they arrive aligned, as the
     hand-written writer sends them (ef21_wire/fastwire.py); the vector keeps the buffer alive.
     """
@@ -180,21 +199,21 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
         vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
     else:
         vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))
-    _check_finite(vals)
     n = vals.shape[0]
     if e.dense:
         if len(e.indices) or e.index_bits:
             raise CodecError("a dense vector carries no indices")
         if n != expected_dim:
             raise CodecError(f"dense vector has {n} values, expected {expected_dim}")
+        _check(None, vals, expected_dim)
         return SparseVector(expected_dim, None, vals)
     if e.index_bits:
-        return SparseVector(expected_dim, unpack_indices(e.indices, e.index_bits, n, expected_dim).astype(INDEX_DTYPE),
-                            vals)
-    if len(e.indices) % 4:
-        raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
-    idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
-    if idx.shape[0] != n:
-        raise CodecError(f"{idx.shape[0]} indices but {n} values")
-    _check_increasing_below(idx, expected_dim)
-    return SparseVector(expected_dim, idx, vals)
+        idx = unpack_indices(e.indices, e.index_bits, n, expected_dim, checked=False)
+    else:
+        if len(e.indices) % 4:
+            raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
+        idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
+        if idx.shape[0] != n:
+            raise CodecError(f"{idx.shape[0]} indices but {n} values")
+    _check(idx, vals, expected_dim)
+    return SparseVector(expected_dim, idx if idx.dtype == INDEX_DTYPE else idx.astype(INDEX_DTYPE), vals)
