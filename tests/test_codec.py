@@ -193,8 +193,8 @@ def test_the_compiled_check_refuses_what_numpy_refuses_with_the_same_message(fau
             vals[at] = what
         elif idx is not None:
             idx = idx.copy()
-            j = max(at, 1)
-            idx[j] = idx[j - 1] if what == "dup" else idx[j + 1] if what == "swap" and j + 1 < N else what
+            j = min(max(at, 1), N - 2 if what == "swap" else N - 1)
+            idx[j] = idx[j - 1] if what == "dup" else idx[j + 1] if what == "swap" else what
     with np.errstate(over="ignore"):  # 1e300 is Inf in float32
         vals = vals.astype(np.float32 if float32 or layout == "packed" else np.float64)
     if layout == "packed":  # Elias–Fano codes increasing indices only: its faults come from flipped bits instead

@@ -42,6 +42,14 @@ class EncodedVector:
     index_bits: int = 0
     """0: indices are uint32; b in 1..32: Elias–Fano with b − 1 low bits (``pack_indices``)."""
 
+    def __init__(self, dim: int, indices: Buffer, values: Buffer, dense: bool, float32: bool = False,
+                 index_bits: int = 0) -> None:
+        # The generated __init__ of a frozen dataclass sets each field through object.__setattr__ (~0.8 µs for these
+        # six); the master builds one for every vector it receives, so the fields go into the instance's dict at once
+        # (tests/test_fastwire.py checks that this signature lists the fields above).
+        self.__dict__.update(dim=dim, indices=indices, values=values, dense=dense, float32=float32,
+                             index_bits=index_bits)
+
     @property
     def size(self) -> int:
         return len(self.indices) + len(self.values)
@@ -191,7 +199,7 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
         raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
     if max_nnz is not None and len(e.values) // width > max_nnz:  # before any pass over the values
         raise CodecError(f"{len(e.values) // width} entries, at most {max_nnz} allowed")
-    if np.dtype(dtype) == F32:
+    if dtype is not np.float64 and np.dtype(dtype) == F32:  # `is`: the common case without np.dtype's call
         if not e.float32:
             raise CodecError("float64 values in a float32 run (--dtype float32 sends float32)")
         vals = _aligned(np.frombuffer(e.values, dtype=F32))
