@@ -80,21 +80,21 @@ def _compile() -> Callable[..., Any] | None:
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def read(b: Any) -> tuple[int, ...]:  # pragma: no cover - compiled
-        """(1, round, replace, dim, dense, float32, index_bits, indices start, stop, values start, stop), or a
-        tuple starting with 0: not answered here."""
-        no = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        end = b.shape[0]
+        """(True, round, replace, dim, dense, float32, index_bits, indices start, stop, values start, stop), or a
+        tuple starting with False: not answered here."""
+        no = (False, 0, False, 0, False, False, 0, 0, 0, 0, 0)
+        end = len(b)
         key, pos = varint(b, 0, end)
         if key != (3 << 3 | 2):  # WorkerMessage.update, length-delimited
             return no
         n, pos = varint(b, pos, end)
         if n < 0 or pos + n != end:
             return no
-        u, us = np.full(9, _UNSEEN, np.int64), np.zeros(9, np.int64)
+        seen = np.full((4, 9), _UNSEEN, np.int64)  # the Update's fields: value or start, stop; the vector's
+        u, us, v, vs = seen[0], seen[1], seen[2], seen[3]
         if not fields(b, pos, end, _UPDATE_LAYOUT, u, us) or u[2] == _UNSEEN or u[6] != _UNSEEN:
             return no  # no vector, or a model's buffers: read_update's
         replace = 0 if u[3] == _UNSEEN else u[3]
-        v, vs = np.full(9, _UNSEEN, np.int64), np.zeros(9, np.int64)
         if replace > 1 or not fields(b, u[2], us[2], _VECTOR_LAYOUT, v, vs):
             return no
         dense = 0 if v[4] == _UNSEEN else v[4]
@@ -103,8 +103,8 @@ def _compile() -> Callable[..., Any] | None:
             return no
         ia, ib = (0, 0) if v[2] == _UNSEEN else (v[2], vs[2])
         va, vb = (0, 0) if v[3] == _UNSEEN else (v[3], vs[3])
-        return (1, 0 if u[1] == _UNSEEN else u[1], replace, 0 if v[1] == _UNSEEN else v[1], dense, float32,
-                0 if v[6] == _UNSEEN else v[6], ia, ib, va, vb)
+        return (True, 0 if u[1] == _UNSEEN else u[1], replace == 1, 0 if v[1] == _UNSEEN else v[1], dense == 1,
+                float32 == 1, 0 if v[6] == _UNSEEN else v[6], ia, ib, va, vb)
 
     return read
 
@@ -115,9 +115,8 @@ def read_update(raw: bytes) -> UpdateIn | None:
     kernel = _compile() if len(raw) >= MIN_BYTES else None
     if kernel is None:
         return None
-    ok, round_, replace, dim, dense, float32, index_bits, ia, ib, va, vb = kernel(np.frombuffer(raw, np.uint8))
+    ok, round_, replace, dim, dense, float32, index_bits, ia, ib, va, vb = kernel(raw)  # numba reads the bytes as they are
     if not ok:
         return None
     view = memoryview(raw)
-    return UpdateIn(round_, EncodedVector(dim, view[ia:ib], view[va:vb], dense == 1, float32 == 1, index_bits),
-                    replace == 1)
+    return UpdateIn(round_, EncodedVector(dim, view[ia:ib], view[va:vb], dense, float32, index_bits), replace)

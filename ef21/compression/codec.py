@@ -194,19 +194,19 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
     """
     if e.dim != expected_dim:
         raise CodecError(f"dimension {e.dim} != {expected_dim}")
-    width = 4 if e.float32 else 8
-    if len(e.values) % width:
-        raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
-    if max_nnz is not None and len(e.values) // width > max_nnz:  # before any pass over the values
-        raise CodecError(f"{len(e.values) // width} entries, at most {max_nnz} allowed")
+    width, size = 4 if e.float32 else 8, len(e.values)
+    if size % width:
+        raise CodecError(f"values field has {size} bytes, not a multiple of {width}")
+    if max_nnz is not None and size // width > max_nnz:  # before any pass over the values
+        raise CodecError(f"{size // width} entries, at most {max_nnz} allowed")
     if dtype is not np.float64 and np.dtype(dtype) == F32:  # `is`: the common case without np.dtype's call
         if not e.float32:
             raise CodecError("float64 values in a float32 run (--dtype float32 sends float32)")
-        vals = _aligned(np.frombuffer(e.values, dtype=F32))
+        vals = _aligned(np.frombuffer(e.values, F32))
     elif e.float32:
-        vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
+        vals = np.frombuffer(e.values, F32).astype(np.float64)
     else:
-        vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))
+        vals = _aligned(np.frombuffer(e.values, VALUE_DTYPE))
     n = vals.shape[0]
     if e.dense:
         if len(e.indices) or e.index_bits:
@@ -216,12 +216,13 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
         _check(None, vals, expected_dim)
         return SparseVector(expected_dim, None, vals)
     if e.index_bits:
-        idx = unpack_indices(e.indices, e.index_bits, n, expected_dim, checked=False)
-    else:
-        if len(e.indices) % 4:
-            raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
-        idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
-        if idx.shape[0] != n:
-            raise CodecError(f"{idx.shape[0]} indices but {n} values")
+        wide = unpack_indices(e.indices, e.index_bits, n, expected_dim, checked=False)
+        _check(wide, vals, expected_dim)  # int64: checked before the cast, which could wrap an index past 2**32
+        return SparseVector(expected_dim, wide.astype(INDEX_DTYPE), vals)
+    if len(e.indices) % 4:
+        raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
+    idx = _aligned(np.frombuffer(e.indices, INDEX_DTYPE))
+    if idx.shape[0] != n:
+        raise CodecError(f"{idx.shape[0]} indices but {n} values")
     _check(idx, vals, expected_dim)
-    return SparseVector(expected_dim, idx if idx.dtype == INDEX_DTYPE else idx.astype(INDEX_DTYPE), vals)
+    return SparseVector(expected_dim, idx, vals)

@@ -147,4 +147,4 @@ def vector_checks(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> int | N
     kernel = _compile_checks() if vals.shape[0] >= MIN_ENTRIES else None
     if kernel is None:
         return None
-    return int(kernel(vals[:0] if idx is None else idx, vals, dim, idx is not None))
+    return kernel(vals[:0] if idx is None else idx, vals, dim, idx is not None)  # type: ignore[no-any-return]
