@@ -57,7 +57,9 @@ class UpdateIn:
                  covers: tuple[tuple[int, int, bool], ...] = ()) -> None:
         # One per Update the master receives: as EncodedVector's, the fields set at once (a frozen dataclass's own
         # __init__ sets each through object.__setattr__).
-        self.__dict__.update(round=round, vector=vector, replace=replace, buffers=buffers, covers=covers)
+        fields = self.__dict__
+        fields["round"], fields["vector"], fields["replace"] = round, vector, replace
+        fields["buffers"], fields["covers"] = buffers, covers
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,11 @@ class EncodedVector:
     def __init__(self, dim: int, indices: Buffer, values: Buffer, dense: bool, float32: bool = False,
                  index_bits: int = 0) -> None:
         # The generated __init__ of a frozen dataclass sets each field through object.__setattr__ (~0.8 µs for these
-        # six); the master builds one for every vector it receives, so the fields go into the instance's dict at once
+        # six); the master builds one for every vector it receives, so the fields go straight into the instance's dict
         # (tests/test_fastwire.py checks that this signature lists the fields above).
-        self.__dict__.update(dim=dim, indices=indices, values=values, dense=dense, float32=float32,
-                             index_bits=index_bits)
+        fields = self.__dict__
+        fields["dim"], fields["indices"], fields["values"] = dim, indices, values
+        fields["dense"], fields["float32"], fields["index_bits"] = dense, float32, index_bits
 
     @property
     def size(self) -> int:
