@@ -242,3 +242,9 @@ def test_the_compiled_check_reports_each_fault_and_small_vectors_stay_with_numpy
         assert kernels.vector_checks(idx, vals, int(idx[-1])) == kernels.CHECK_OUT_OF_RANGE
         assert kernels.vector_checks(idx, vals, int(idx[-1]) + 1) == kernels.CHECK_OK
     assert kernels.vector_checks(idx[:100], vals[:100], DIM) is None  # below MIN_ENTRIES: numpy's passes
+    with mock.patch.object(kernels, "MIN_ENTRIES", 0):  # at any size when asked (the protocol tests lower it)
+        for n in (0, 1, 2):
+            assert kernels.vector_checks(idx[:n], vals[:n], DIM) == kernels.CHECK_OK
+            assert kernels.vector_checks(None, vals[:n], DIM) == kernels.CHECK_OK
+        assert kernels.vector_checks(idx[:1], np.array([np.inf]), DIM) == kernels.CHECK_NON_FINITE
+        assert kernels.vector_checks(idx[:1], vals[:1], int(idx[0])) == kernels.CHECK_OUT_OF_RANGE

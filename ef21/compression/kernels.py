@@ -112,7 +112,7 @@ def _compile_checks() -> Callable[..., int] | None:
         """(some value non-finite, some index not above the one before it), reading each entry once; the loop
         has no exit, so that it vectorises."""
         n = bits.shape[0]
-        acc = (bits[0] & exp) + carry
+        acc = (bits[0] & exp) + carry if n else exp - exp
         order = False
         if sparse:
             for j in range(1, n):
@@ -125,14 +125,14 @@ def _compile_checks() -> Callable[..., int] | None:
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
     def checks(idx: Any, vals: Any, dim: Any, sparse: Any) -> int:  # pragma: no cover - compiled
-        """One pass over ``vals`` (float64 or float32, at least one) and, when ``sparse``, over ``idx`` (as many)."""
+        """One pass over ``vals`` (float64 or float32) and, when ``sparse``, over ``idx`` (as many)."""
         if vals.itemsize == 8:
             bad, order = scan(vals.view(np.uint64), np.uint64(0x7FF0000000000000), np.uint64(1 << 52), idx, sparse)
         else:
             bad, order = scan(vals.view(np.uint32), np.uint32(0x7F800000), np.uint32(1 << 23), idx, sparse)
         if bad:
             return 1
-        if not sparse:
+        if not sparse or idx.shape[0] == 0:
             return 0
         if order:
             return 2
