@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_parser, best_time, print_table, write_json  # noqa: E402
 
 from ef21.compression.compressors import TopK  # noqa: E402
-from ef21.compression.sparse import _masked_sum, sparse_sum  # noqa: E402
+from ef21.compression.sparse import _masked_sum, _merged_sum, sparse_sum  # noqa: E402
 from ef21.engine.config import RunConfig, make_x0  # noqa: E402
 from ef21.engine.nodes import MasterNode, WorkerNode  # noqa: E402
 from ef21.engine.records import mean_gradient  # noqa: E402
@@ -66,11 +66,15 @@ def fold_case(d: int, n: int, k: int, rng: np.random.Generator) -> tuple[list, d
     t_round = best_time(lambda: master.aggregate(msgs), number, repeat=3)
     vecs = [m.vector for m in msgs]
     t_fold = best_time(lambda: sparse_sum(vecs, d), number, repeat=3)
-    # The previous fold (before issue 22): a fresh d-long accumulator and mask for every round of ≥ d/64 entries,
-    # still the path sparse_sum takes when the union is a good part of d. Same bits as the merge (asserted).
-    merged, masked = sparse_sum(vecs, d), _masked_sum(vecs, d)
-    assert merged.indices.tobytes() == masked.indices.tobytes() and merged.values.tobytes() == masked.values.tobytes()
-    t_mask = best_time(lambda: _masked_sum(vecs, d), number, repeat=3)
+    # The earlier folds, each with the same bits (asserted): a fresh d-long accumulator and mask for every round
+    # (before issue 22; still the path sparse_sum takes when the union is a good part of d), and numpy's merge of
+    # the n ascending runs (O(m·log n); the path without numba).
+    cat = [np.concatenate([v.indices for v in vecs]), np.concatenate([v.values for v in vecs])]
+    fold, merged, masked = sparse_sum(vecs, d), _merged_sum(*cat, d), _masked_sum(*cat, d)
+    for other in (merged, masked):
+        assert fold.indices.tobytes() == other.indices.tobytes() and fold.values.tobytes() == other.values.tobytes()
+    t_mask = best_time(lambda: _masked_sum(*cat, d), number, repeat=3)
+    t_merge = best_time(lambda: _merged_sum(*cat, d), number, repeat=3)
     t_node_fold = best_time(lambda: master.fold(msgs), number, repeat=3)  # whatever MasterNode folds with
     all_idx = np.concatenate([m.vector.indices for m in msgs]).astype(np.intp)
     all_val = np.concatenate([m.vector.values for m in msgs])
@@ -83,6 +87,7 @@ def fold_case(d: int, n: int, k: int, rng: np.random.Generator) -> tuple[list, d
     target = (n + 3) * 8 * d
     return ([d, n, k, t_round * 1e3, t_fold * 1e3, t_mask * 1e3, t_scatter * 1e3, t_fold / t_scatter, held / target],
             {"d": d, "n": n, "k": k, "round_ms": t_round * 1e3, "fold_ms": t_fold * 1e3, "mask_fold_ms": t_mask * 1e3,
+             "merge_fold_ms": t_merge * 1e3,
              "node_fold_ms": t_node_fold * 1e3, "scatter_add_ms": t_scatter * 1e3, "held_bytes": held,
              "target_bytes": target})
 

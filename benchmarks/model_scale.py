@@ -376,6 +376,12 @@ def fold_section(cases: list[tuple[int, int, int]]) -> Iterator[Figure]:
                      r["mask_fold_ms"], "ms")
         yield figure(f"{base}/fold_vs_mask", "fold", f"{what}: fold / the previous fold",
                      r["fold_ms"] / r["mask_fold_ms"], "x")
+        yield figure(f"{base}/fold_ns_per_entry", "fold", f"{what}: fold per entry (flat in n and k: linear)",
+                     1e6 * r["fold_ms"] / (n * k), "ns")
+        yield figure(f"{base}/merge_fold_ms", "fold", f"{what}: numpy's merge of the runs (O(m log n), no numba)",
+                     r["merge_fold_ms"], "ms")
+        yield figure(f"{base}/fold_vs_merge", "fold", f"{what}: fold / numpy's merge", r["fold_ms"] / r["merge_fold_ms"],
+                     "x")
         yield figure(f"{base}/node_fold_ms", "fold", f"{what}: MasterNode.fold (the downlink, the rows)",
                      r["node_fold_ms"], "ms")
         yield figure(f"{base}/round_ms", "fold", f"{what}: fold + apply (the master's round)", r["round_ms"], "ms")
@@ -432,7 +438,7 @@ def run_sections(args: Any, private: bool, links: list[str], tmp: Path) -> list[
     if "fold" in args.sections:
         steps.append(("fold", lambda: fold_section([(10_000, 2, 100)] if s else
                                                    [(10**6, 4, 10**4), (10**6, 8, 10**4), (10**7, 4, 10**5),
-                                                    (10**7, 8, 10**5)])))
+                                                    (10**7, 8, 10**5), (10**7, 16, 10**4), (10**7, 64, 10**4)])))
     figs: list[Figure] = []
     for name, step in steps:
         t0 = time.perf_counter()

@@ -115,7 +115,8 @@ def read_update(raw: bytes) -> UpdateIn | None:
     kernel = _compile() if len(raw) >= MIN_BYTES else None
     if kernel is None:
         return None
-    ok, round_, replace, dim, dense, float32, index_bits, ia, ib, va, vb = kernel(raw)  # numba reads the bytes as they are
+    # numba reads the bytes as they are (no uint8 array in between)
+    ok, round_, replace, dim, dense, float32, index_bits, ia, ib, va, vb = kernel(raw)
     if not ok:
         return None
     view = memoryview(raw)

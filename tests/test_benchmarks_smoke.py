@@ -222,21 +222,26 @@ def check_torch_recipes(doc: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["vs_ddp.py", "torch_digits.py", "torch_dtype.py", "torch_recipes.py"])
+@pytest.mark.parametrize("script", ["vs_ddp.py", "torch_digits.py", "torch_dtype.py", "torch_recipes.py",
+                                    "race_drift.py"])
 def test_torch_benchmark_smoke(script, tmp_path):
     pytest.importorskip("torch", reason="PyTorch is not installed: the torch benchmarks are not run")
     out = tmp_path / "out.json"
-    extra = [] if script == "torch_dtype.py" else ["--work-dir", str(tmp_path / "runs"), "--plot",
-                                                   str(tmp_path / "fig.png")]
+    plots = script not in ("torch_dtype.py", "race_drift.py")
+    extra = ["--work-dir", str(tmp_path / "runs"), "--plot", str(tmp_path / "fig.png")] if plots else []
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],
                        capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert doc["results"] and doc["date"]
-    if script != "torch_dtype.py":
+    if plots:
         assert (tmp_path / "fig.png").stat().st_size > 0
     if script == "torch_recipes.py":
         check_torch_recipes(doc)
+    if script == "race_drift.py":  # the same initial weights and evaluation: step 0 agrees to the bit
+        drift = [r for r in doc["results"] if r["section"] == "drift"]
+        assert drift[0]["step"] == 0 and drift[0]["rel_diff"] == 0 and len(drift) >= 2
+        assert [r["seed"] for r in doc["results"] if r["section"] == "spread"] == [0]
 
 
 def check_vs_powersgd(doc: dict) -> None:

@@ -140,7 +140,8 @@ def test_max_entries_is_what_each_compressor_can_produce(rng):
 
 # -- the one compiled pass of decode's checks (kernels.vector_checks) against numpy's passes --------------------------
 
-needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed (pip install -e '.[fast]')")
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba is not installed (pip install -e '.[fast]')")
 N = kernels.MIN_ENTRIES + 5  # odd, and past the threshold, so the compiled pass runs
 DIM = 4 * N
 FAULTS = {  # what a fault writes at a position: into the values, or into the indices

@@ -314,9 +314,10 @@ def test_finite_check_catches_nan_and_inf_but_accepts_huge_finite_values():
     assert big.values.tolist() == [1e200, -1e300]
 
 
-# -- the compiled reader of a large Update (ef21_wire/compiled.py) -------------------------------------------------------
+# -- the compiled reader of a large Update (ef21_wire/compiled.py) ---------------------------------------------------
 
-needs_numba = pytest.mark.skipif(compiled._compile() is None, reason="numba is not installed (pip install -e '.[fast]')")
+needs_numba = pytest.mark.skipif(compiled._compile() is None,
+                                 reason="numba is not installed (pip install -e '.[fast]')")
 
 
 def envelope(update: bytes) -> bytes:
@@ -329,7 +330,8 @@ def update_variants() -> tuple[list[bytes], list[bytes]]:
     """Updates of every shape the reader meets: plain, compact, dense, float32, replace, round 0 and a large one,
     a model's buffers, a vector with no entries, written by the hand path and by the generated code; small ones, so
     that random edits land on keys and lengths; and edits made on purpose: a field twice, replace = 2, a vector's
-    length past the Update's end, values running into the next field, index_bits of 2**32 + 5, a round of 2**64 in ten bytes."""
+    length past the Update's end, values running into the next field, index_bits of 2**32 + 5, a round of 2**64 in
+    ten bytes."""
     rng = np.random.default_rng(8)
     out = []
     for k in (1, 3, 40):
@@ -424,8 +426,8 @@ def test_the_quick_init_of_the_received_messages_takes_their_fields(cls):
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     fields = dataclasses.fields(cls)
     assert [p.name for p in params] == [f.name for f in fields]
-    assert [p.default for p in params] == [f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
-                                           for f in fields]
+    defaults = [inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields]
+    assert [p.default for p in params] == defaults
     args = [object() for _ in params]
     built = cls(*args)
     assert [getattr(built, f.name) for f in fields] == args and built == cls(*args)

@@ -210,9 +210,28 @@ def test_mushrooms_ef21_reaches_tolerance_where_ef_stalls():
     assert min(rec.grad_norm_sq for rec in ef.records) > 1e-4
 
 
+def sum_paths(vecs: list, d: int, dtype: np.dtype = np.dtype(np.float64)) -> list:
+    """Every way ``sparse_sum`` can add sparse vectors up, each called directly: the function itself (whichever path
+    it picks), the numpy merge, the d-long mask and, with numba, the radix sort at any size."""
+    from ef21.compression import kernels
+    from ef21.compression.sparse import SparseVector, _masked_sum, _merged_sum, sparse_sum
+
+    out = [sparse_sum(vecs, d)]
+    if len(vecs) > 1 and sum(v.nnz for v in vecs):
+        def cat() -> tuple[np.ndarray, np.ndarray]:
+            return np.concatenate([v.indices for v in vecs]), np.concatenate([v.values for v in vecs])
+
+        out += [_merged_sum(*cat(), d, dtype), _masked_sum(*cat(), d, dtype)]
+        if kernels._compile_fold() is not None:
+            radix = kernels.radix_fold(*cat(), d, min_entries=0)
+            assert radix is not None
+            out.append(SparseVector(d, *radix))
+    return out
+
+
 def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
     from ef21.compression.compressors import TopK
-    from ef21.compression.sparse import INDEX_DTYPE, SparseVector, _masked_sum, _merged_sum, sparse_sum
+    from ef21.compression.sparse import INDEX_DTYPE, SparseVector, sparse_sum
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -223,7 +242,7 @@ def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
         for v in vecs:
             acc[v.indices] += v.values
         union = np.unique(np.concatenate([v.indices for v in vecs]))
-        for s in (sparse_sum(vecs, d), *((_merged_sum(vecs, d), _masked_sum(vecs, d)) if len(vecs) > 1 else ())):
+        for s in sum_paths(vecs, d):
             assert np.array_equal(s.indices, union) and s.indices.dtype == INDEX_DTYPE
             assert s.to_dense().tobytes() == acc.tobytes()
         # Empty messages among them (CLAG's skips), and none but empty ones.
@@ -236,6 +255,33 @@ def test_sparse_sum_has_the_bits_of_adding_in_rank_order():
         acc32 = np.zeros(d, dtype=np.float32)
         for v in v32:
             acc32[v.indices] += v.values
-        f32 = np.dtype(np.float32)
-        for s in (sparse_sum(v32, d), *((_merged_sum(v32, d, f32), _masked_sum(v32, d, f32)) if len(v32) > 1 else ())):
+        for s in sum_paths(v32, d, np.dtype(np.float32)):
             assert s.values.dtype == np.float32 and s.to_dense().tobytes() == acc32.tobytes()
+
+
+@pytest.mark.parametrize("d", [1 << 17, 1_000_003, (1 << 32) - 5])
+def test_the_radix_fold_sums_wide_indices_in_rank_order(d: int):
+    """The radix sort's digits split the index width into passes (two above 16 bits): sums of many messages that
+    share coordinates, with indices up to d − 1, against adding them one by one (a dict, no numpy scatter)."""
+    from ef21.compression import kernels
+    from ef21.compression.sparse import INDEX_DTYPE, SparseVector, sparse_sum
+
+    if kernels._compile_fold() is None:
+        pytest.skip("numba is not installed (ef21[fast]): sparse_sum takes its numpy merge, tested above")
+    rng = np.random.default_rng(d % 1000)
+    # Coordinates from a small pool (so ranks collide often) plus the two ends of the index range.
+    pool = np.unique(np.concatenate([rng.integers(0, d, 3000), [0, d - 1]])).astype(INDEX_DTYPE)
+    vecs = []
+    for _ in range(8):
+        idx = np.sort(rng.choice(pool, size=1500, replace=False))
+        vecs.append(SparseVector(d, idx, rng.standard_normal(1500) * 10.0 ** rng.integers(-8, 8, 1500)))
+    want: dict[int, float] = {}
+    for v in vecs:
+        for i, x in zip(v.indices.tolist(), v.values.tolist()):
+            want[i] = want.get(i, 0.0) + x
+    keys = sorted(want)
+    radix = kernels.radix_fold(np.concatenate([v.indices for v in vecs]), np.concatenate([v.values for v in vecs]), d)
+    assert radix is not None
+    for s in (sparse_sum(vecs, d), SparseVector(d, *radix)):  # no d-long path: d reaches 2^32 here
+        assert s.indices.dtype == INDEX_DTYPE and s.indices.tolist() == keys
+        assert s.values.tobytes() == np.array([want[i] for i in keys]).tobytes()

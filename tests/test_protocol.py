@@ -89,25 +89,25 @@ async def test_resync_sends_the_masters_dense_state():
 
 
 BAD_MESSAGES = [
-        (dict(update=pb.Update(round=3)), grpc.StatusCode.FAILED_PRECONDITION, "current round is 0"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=5, dense=True))), grpc.StatusCode.INVALID_ARGUMENT,
-         "dimension 5 != 112"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([3, 3], "<u4").tobytes(), values=np.zeros(2).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "strictly increasing"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([200], "<u4").tobytes(), values=np.zeros(1).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
-        # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
-        (dict(hello=pb.Hello()), grpc.StatusCode.FAILED_PRECONDITION, "hello is not allowed on a stream that is running"),
+    (dict(update=pb.Update(round=3)), grpc.StatusCode.FAILED_PRECONDITION, "current round is 0"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=5, dense=True))), grpc.StatusCode.INVALID_ARGUMENT,
+     "dimension 5 != 112"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([3, 3], "<u4").tobytes(), values=np.zeros(2).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "strictly increasing"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([200], "<u4").tobytes(), values=np.zeros(1).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
+    (dict(hello=pb.Hello()), grpc.StatusCode.FAILED_PRECONDITION, "hello is not allowed on a stream that is running"),
 ]
 
 
@@ -130,7 +130,7 @@ async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, 
 
 
 @pytest.mark.skipif(compiled._compile() is None, reason="numba is not installed (pip install -e '.[fast]')")
-@pytest.mark.parametrize("bad,code,match", [case for case in BAD_MESSAGES if case[0].get("update", pb.Update()).message.dim])
+@pytest.mark.parametrize("bad,code,match", [c for c in BAD_MESSAGES if c[0].get("update", pb.Update()).message.dim])
 async def test_bad_vectors_are_refused_the_same_by_the_compiled_reader_and_check(bad, code, match, monkeypatch):
     """The same malformed vectors, with the master reading every Update by the compiled reader and checking it by
     the compiled pass (their size thresholds lowered to 0: large messages take these paths): the same refusals,
@@ -139,7 +139,8 @@ async def test_bad_vectors_are_refused_the_same_by_the_compiled_reader_and_check
     monkeypatch.setattr(compiled, "MIN_BYTES", 0)
     monkeypatch.setattr(kernels, "MIN_ENTRIES", 0)
     taken = []
-    monkeypatch.setattr(compiled, "read_update", lambda raw, own=compiled.read_update: taken.append(own(raw)) or taken[-1])
+    own = compiled.read_update
+    monkeypatch.setattr(compiled, "read_update", lambda raw: taken.append(own(raw)) or taken[-1])
     await test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, match)
     assert taken and taken[-1] is not None  # the compiled reader read the bad Update
 

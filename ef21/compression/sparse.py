@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
+
 INDEX_DTYPE = np.dtype("<u4")
 VALUE_DTYPE = np.dtype("<f8")
 F32 = np.dtype("<f4")
@@ -81,9 +83,13 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     another in rank order starting from 0.0 (``np.bincount`` adds each bin's weights in input order, ``np.add.at``
     goes through its entries in order), so they all give exactly the bits of adding the vectors one by one.
 
-    Cost, for m = Σ nnz entries of n vectors: O(m·log n) by a merge of the n ascending runs (``_merged_sum``), no
-    term in d, while m·log2(n) ≤ d/4; past that the union is a good part of d and a d-long mask costs less
-    (``_masked_sum``, O(m + d)). docs/benchmarks/master.md has the measurements behind the switch.
+    Cost, for m = Σ nnz entries of n vectors, none of it a term in d while the union is small:
+    * with numba (``ef21[fast]``), O(m) by a stable radix sort of the entries (``kernels.radix_fold``) while
+      m ≤ d/4;
+    * without it, O(m·log n) by a merge of the n ascending runs (``_merged_sum``) while m·log2(n) ≤ d/4;
+    * past those, the union is a good part of d and a d-long mask costs less (``_masked_sum``, O(m + d), which is
+      O(m) there).
+    docs/benchmarks/master.md has the measurements behind the switches.
     float32 vectors (``--dtype float32``) are summed in float32 the same way (``np.add.at``: bincount would add in
     float64, which no float32 replica does).
     """
@@ -101,21 +107,30 @@ def sparse_sum(vectors: list[SparseVector], dim: int) -> SparseVector:
     total = sum(v.nnz for v in vectors)
     if not total:  # every vector empty (CLAG's skips, a round of zero messages): the merge needs one entry
         return SparseVector.zeros(dim, dtype)
+    idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
+    vals = np.concatenate([v.values for v in vectors])
+    if total * RADIX_PER_MASK <= dim:
+        fast = kernels.radix_fold(idx, vals, dim)  # None: no numba, or too few entries to be worth it
+        if fast is not None:
+            return SparseVector(dim, fast[0], fast[1])
     if total * max(1, (len(vectors) - 1).bit_length()) * MERGE_PER_MASK > dim:
-        return _masked_sum(vectors, dim, dtype)
-    return _merged_sum(vectors, dim, dtype)
+        return _masked_sum(idx, vals, dim, dtype)
+    return _merged_sum(idx, vals, dim, dtype)
 
 
+RADIX_PER_MASK = 4
+"""The radix sort's two scatter passes over an entry against the mask's coordinates: beyond m = d/4 the d-long mask
+costs less (measured, benchmarks/master_cost.py)."""
 MERGE_PER_MASK = 4
 """How many coordinates of the d-long mask (an O(d) pass, plus page faults of fresh memory) cost as much as one
 entry of the merge moves, per level of log2(n): measured, benchmarks/master_cost.py."""
 
 
-def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtype(np.float64)) -> SparseVector:
+def _merged_sum(idx: np.ndarray, vals: np.ndarray, dim: int, dtype: np.dtype = np.dtype(np.float64)
+                ) -> SparseVector:
     """The sum by merging the ascending index runs: a stable sort (timsort, which finds the n runs and merges them
     in O(m·log n)) keeps each coordinate's entries in rank order, so ``np.bincount`` over the merged order adds them
     as the rank-ordered sum does."""
-    idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
     order = np.argsort(idx, kind="stable")
     merged = idx[order]
     first = np.empty(merged.shape[0], dtype=bool)
@@ -123,7 +138,7 @@ def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtyp
     np.not_equal(merged[1:], merged[:-1], out=first[1:])
     support = merged[first]
     slot = np.cumsum(first) - 1  # each merged entry's place in the support
-    vals = np.concatenate([v.values for v in vectors])[order]
+    vals = vals[order]
     if dtype == F32:
         summed = np.zeros(support.shape[0], dtype=F32)
         np.add.at(summed, slot, vals)
@@ -132,13 +147,13 @@ def _merged_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtyp
     return SparseVector(dim, support.astype(INDEX_DTYPE, copy=False), summed)
 
 
-def _masked_sum(vectors: list[SparseVector], dim: int, dtype: np.dtype = np.dtype(np.float64)) -> SparseVector:
+def _masked_sum(idx: np.ndarray, vals: np.ndarray, dim: int, dtype: np.dtype = np.dtype(np.float64)
+                ) -> SparseVector:
     """The sum through d-long buffers: accumulate into a dense one (np.zeros is calloc, so untouched pages cost
     nothing) and find the support with a mask: O(m + d), no sort."""
-    idx = np.concatenate([v.indices for v in vectors])  # type: ignore[misc]
     acc = np.zeros(dim, dtype=dtype)
     # np.add.at is unbuffered and goes through the entries in order: rank order within every coordinate.
-    np.add.at(acc, idx, np.concatenate([v.values for v in vectors]))
+    np.add.at(acc, idx, vals)
     mark = np.zeros(dim, dtype=bool)
     mark[idx] = True
     support = np.flatnonzero(mark)
