@@ -171,7 +171,7 @@ def oracle(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> str:
 
 
 @needs_numba
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(faults=st.lists(st.tuples(st.sampled_from(sorted(FAULTS)), st.integers(0, N - 1)), max_size=3),
        float32=st.booleans(), layout=st.sampled_from(["plain", "packed", "dense"]), seed=st.integers(0, 2**16))
 @example(faults=[("dup", N - 1)], float32=False, layout="plain", seed=0)  # each fault at an end, for certain
