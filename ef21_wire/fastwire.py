@@ -31,6 +31,7 @@ from ef21.compression.codec import Buffer, EncodedVector
 
 _DOUBLE = struct.Struct("<d")
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+_U64 = (1 << 64) - 1
 
 # Field numbers, as in proto/ef21_wire/v1/ef21.proto.
 _WORKER_UPDATE = 3
@@ -51,6 +52,14 @@ class UpdateIn:
     """A model's change of buffers (absent for objectives without them)."""
     covers: tuple[tuple[int, int, bool], ...] = ()
     """An aggregator's sum: (rank, entries, dense) of every rank it covers (``Update.covers``); empty: one rank's."""
+
+    def __init__(self, round: int, vector: EncodedVector, replace: bool, buffers: EncodedVector | None = None,
+                 covers: tuple[tuple[int, int, bool], ...] = ()) -> None:
+        # One per Update the master receives: as EncodedVector's, the fields set at once (a frozen dataclass's own
+        # __init__ sets each through object.__setattr__).
+        fields = self.__dict__
+        fields["round"], fields["vector"], fields["replace"] = round, vector, replace
+        fields["buffers"], fields["covers"] = buffers, covers
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,7 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
-            return result, pos
+            return result & _U64, pos  # a tenth byte's bits past 64: dropped, as protobuf drops them
         shift += 7
 
 
@@ -305,8 +314,8 @@ def _vector(raw: bytes, view: memoryview, span: tuple[int, int] | None) -> Encod
         return EncodedVector(0, b"", b"", False)
     v = _fields(raw, span[0], span[1], _VECTOR)
     value_type = v.get(5, 0)
-    if value_type not in (0, 1) or v.get(4, 0) not in (0, 1):
-        raise _NotCanonical
+    if value_type not in (0, 1) or v.get(4, 0) not in (0, 1) or v.get(6, 0) >> 32:  # type: ignore[operator]
+        raise _NotCanonical  # (index_bits is a uint32, which protobuf reads modulo 2**32)
     return EncodedVector(int(v.get(1, 0)), _span(view, v, 2), _span(view, v, 3),  # type: ignore[arg-type]
                          v.get(4, 0) == 1, value_type == 1, int(v.get(6, 0)))  # type: ignore[arg-type]
 

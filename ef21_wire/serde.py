@@ -11,6 +11,7 @@ import numpy as np
 from ef21.compression.codec import CodecError, EncodedVector, decode, encode
 from ef21.compression.sparse import INDEX_DTYPE, SparseVector
 
+from . import compiled
 from .fastwire import RoundResultIn, UpdateIn, read_round_result, read_update, round_result_bytes, update_bytes
 from .protocol import PROTOCOL_VERSION  # noqa: F401  (re-exported for callers)
 from .v1 import ef21_pb2 as pb
@@ -50,8 +51,11 @@ def round_result_to_bytes(round_: int, agg: EncodedVector, replace: bool, scale:
 
 
 def read_update_fast(raw: bytes) -> UpdateIn | None:
-    """The Update in a large serialized WorkerMessage, read without copies; None: parse it with protobuf."""
-    return read_update(raw) if len(raw) >= HAND_PATH_MIN_BYTES else None
+    """The Update in a large serialized WorkerMessage, read without copies (by one compiled call where numba is
+    installed and the message is large, ``compiled.MIN_BYTES``); None: parse it with protobuf."""
+    if len(raw) < HAND_PATH_MIN_BYTES:
+        return None
+    return compiled.read_update(raw) or read_update(raw)
 
 
 def read_round_result_fast(raw: bytes) -> RoundResultIn | None:

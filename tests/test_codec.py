@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import ef21.compression.codec
+from ef21.compression import kernels
 from ef21.compression.codec import CodecError, EncodedVector, decode, encode, pack_indices
 from ef21.compression.compressors import (
     ContractiveUnbiased,
@@ -131,3 +136,116 @@ def test_max_entries_is_what_each_compressor_can_produce(rng):
         produced = max(comp(rng.standard_normal(d), np.random.default_rng(s)).nnz for s in range(20))
         assert max_entries(comp, d) == produced == expected.get(name, d), name
     assert max_entries(make_compressor("topk", 40, 40), 40) == 40
+
+
+# -- the one compiled pass of decode's checks (kernels.vector_checks) against numpy's passes --------------------------
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba is not installed (pip install -e '.[fast]')")
+N = kernels.MIN_ENTRIES + 5  # odd, and past the threshold, so the compiled pass runs
+DIM = 4 * N
+FAULTS = {  # what a fault writes at a position: into the values, or into the indices
+    "nan": ("v", np.nan), "inf": ("v", np.inf), "-inf": ("v", -np.inf), "huge": ("v", 1e300),
+    "max": ("v", np.finfo(np.float64).max), "tiny": ("v", 5e-324), "-0": ("v", -0.0),
+    "dup": ("i", "dup"), "swap": ("i", "swap"), "dim": ("i", DIM), "big": ("i", 2**32 - 1), "zero": ("i", 0),
+}
+
+
+def outcome(enc: EncodedVector, dim: int, dtype: type) -> str:
+    try:
+        v = decode(enc, expected_dim=dim, dtype=dtype)
+    except CodecError as exc:
+        return f"refused: {exc}"
+    return f"accepted {v.nnz}"
+
+
+def oracle(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> str:
+    """The rule stated plainly: the first fault among non-finite values, indices not increasing, one ≥ dim."""
+    if not np.isfinite(vals).all():
+        return "non-finite"
+    if idx is not None and (np.diff(idx.astype(np.int64)) <= 0).any():
+        return "not strictly increasing"
+    if idx is not None and idx.size and int(idx.max()) >= dim:
+        return "out of range"
+    return "accepted"
+
+
+@needs_numba
+@settings(max_examples=50, deadline=None)
+@given(faults=st.lists(st.tuples(st.sampled_from(sorted(FAULTS)), st.integers(0, N - 1)), max_size=3),
+       float32=st.booleans(), layout=st.sampled_from(["plain", "packed", "dense"]), seed=st.integers(0, 2**16))
+@example(faults=[("dup", N - 1)], float32=False, layout="plain", seed=0)  # each fault at an end, for certain
+@example(faults=[("nan", N - 1)], float32=True, layout="dense", seed=1)
+@example(faults=[("-inf", 0), ("swap", 3)], float32=True, layout="plain", seed=1)
+@example(faults=[("dim", N - 1)], float32=False, layout="plain", seed=0)
+@example(faults=[("big", 0)], float32=False, layout="packed", seed=0)
+def test_the_compiled_check_refuses_what_numpy_refuses_with_the_same_message(faults, float32, layout, seed):
+    """Vectors past ``MIN_ENTRIES`` with up to three faults anywhere (the first and last entries included): decode
+    with the compiled pass and with numpy's passes give the same outcome, word for word, and both agree with the
+    plain statement of the rule."""
+    rng = np.random.default_rng(seed)
+    dim = N if layout == "dense" else DIM
+    idx = None if layout == "dense" else np.sort(rng.choice(DIM, N, replace=False)).astype(np.int64)
+    honest = idx
+    vals = rng.standard_normal(N)
+    for name, at in faults:
+        where, what = FAULTS[name]
+        if where == "v":
+            vals[at] = what
+        elif idx is not None:
+            idx = idx.copy()
+            j = min(max(at, 1), N - 2 if what == "swap" else N - 1)
+            idx[j] = idx[j - 1] if what == "dup" else idx[j + 1] if what == "swap" else what
+    with np.errstate(over="ignore"):  # 1e300 is Inf in float32
+        vals = vals.astype(np.float32 if float32 or layout == "packed" else np.float64)
+    if layout == "packed":  # Elias–Fano codes increasing indices only: its faults come from flipped bits instead
+        bits, buf = pack_indices(honest, DIM)
+        raw = bytearray(buf)
+        for _, at in faults:
+            raw[at % len(raw)] ^= 1 << (at % 8)
+        enc = EncodedVector(dim, bytes(raw), vals.tobytes(), False, True, bits)
+        try:
+            idx = ef21.compression.codec.unpack_indices(bytes(raw), bits, N, DIM, checked=False)
+        except CodecError:
+            idx = None  # a flipped bit changed the count: the sizes refuse first, the same on both paths
+    else:
+        enc = EncodedVector(dim, b"" if idx is None else idx.astype(np.uint32).tobytes(), vals.tobytes(),
+                            idx is None, float32)
+    # the receiver's --dtype: float32 values checked as they are, or widened first (a float64 run's compact vectors)
+    dtype = np.float32 if float32 and layout != "packed" and seed % 2 else np.float64
+    compiled = outcome(enc, dim, dtype)
+    with mock.patch.object(kernels, "_compile_checks", lambda: None):
+        plain = outcome(enc, dim, dtype)
+    assert compiled == plain
+    if idx is not None or layout == "dense":
+        want = oracle(idx, vals, dim)
+        assert compiled.startswith("accepted") if want == "accepted" else want in compiled, (want, compiled)
+
+
+@needs_numba
+def test_the_compiled_check_reports_each_fault_and_small_vectors_stay_with_numpy():
+    rng = np.random.default_rng(5)
+    idx = np.sort(rng.choice(DIM, N, replace=False)).astype(np.uint32)
+    for dtype in (np.float64, np.float32):
+        vals = rng.standard_normal(N).astype(dtype)
+        assert kernels.vector_checks(idx, vals, DIM) == kernels.CHECK_OK
+        assert kernels.vector_checks(None, vals, DIM) == kernels.CHECK_OK
+        for bad in (np.nan, np.inf, -np.inf):
+            for at in (0, N // 2, N - 1):
+                v = vals.copy()
+                v[at] = bad
+                assert kernels.vector_checks(idx, v, DIM) == kernels.CHECK_NON_FINITE
+                assert kernels.vector_checks(None, v, DIM) == kernels.CHECK_NON_FINITE
+        for at in (1, N // 2, N - 1):
+            i = idx.copy()
+            i[at] = i[at - 1]
+            assert kernels.vector_checks(i, vals, DIM) == kernels.CHECK_NOT_INCREASING
+        assert kernels.vector_checks(idx, vals, int(idx[-1])) == kernels.CHECK_OUT_OF_RANGE
+        assert kernels.vector_checks(idx, vals, int(idx[-1]) + 1) == kernels.CHECK_OK
+    assert kernels.vector_checks(idx[:100], vals[:100], DIM) is None  # below MIN_ENTRIES: numpy's passes
+    with mock.patch.object(kernels, "MIN_ENTRIES", 0):  # at any size when asked (the protocol tests lower it)
+        for n in (0, 1, 2):
+            assert kernels.vector_checks(idx[:n], vals[:n], DIM) == kernels.CHECK_OK
+            assert kernels.vector_checks(None, vals[:n], DIM) == kernels.CHECK_OK
+        assert kernels.vector_checks(idx[:1], np.array([np.inf]), DIM) == kernels.CHECK_NON_FINITE
+        assert kernels.vector_checks(idx[:1], vals[:1], int(idx[0])) == kernels.CHECK_OUT_OF_RANGE

@@ -3,13 +3,21 @@ vector layout."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from unittest import mock
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ef21.compression.codec import CodecError, EncodedVector, decode, encode, fits_float32, pack_indices, unpack_indices
 from ef21.compression.compressors import TopK
 from ef21.compression.sparse import SparseVector
+from ef21_wire import compiled
 from ef21_wire.fastwire import (
+    UpdateIn,
     eval_bytes,
     gram_reply_bytes,
     power_reply_bytes,
@@ -20,6 +28,7 @@ from ef21_wire.fastwire import (
 )
 from ef21_wire.serde import (
     HAND_PATH_MIN_BYTES,
+    read_update_fast,
     round_result_from_proto,
     round_result_to_bytes,
     update_from_proto,
@@ -204,6 +213,12 @@ def test_other_encodings_fall_back_to_the_generated_parser():
     assert read_round_result(raw) is None
 
 
+def compiled_read(raw: bytes) -> UpdateIn | None:
+    """``compiled.read_update`` at any size (its threshold only keeps numba out of small runs)."""
+    with mock.patch.object(compiled, "MIN_BYTES", 0):
+        return compiled.read_update(raw)
+
+
 def test_mangled_bytes_never_raise_and_never_disagree_with_protobuf(rng):
     v = TopK(20)(rng.standard_normal(3000))
     good = update_bytes(9, encode(v), False)
@@ -220,6 +235,8 @@ def test_mangled_bytes_never_raise_and_never_disagree_with_protobuf(rng):
                 raw.insert(pos, int(rng.integers(256)))
         raw = bytes(raw)
         got = read_update(raw)  # must not raise
+        if compiled._compile() is not None:  # the compiled reader answers as read_update or leaves it to it
+            assert compiled_read(raw) in (None, got)
         if got is None:
             continue
         ref = pb.WorkerMessage.FromString(raw)  # what we read, protobuf reads the same way
@@ -295,3 +312,124 @@ def test_finite_check_catches_nan_and_inf_but_accepts_huge_finite_values():
             decode(EncodedVector(5, idx, np.array(bad).tobytes(), False), expected_dim=5)
     big = decode(EncodedVector(5, idx, np.array([1e200, -1e300]).tobytes(), False), expected_dim=5)  # v·v overflows
     assert big.values.tolist() == [1e200, -1e300]
+
+
+# -- the compiled reader of a large Update (ef21_wire/compiled.py) ---------------------------------------------------
+
+needs_numba = pytest.mark.skipif(compiled._compile() is None,
+                                 reason="numba is not installed (pip install -e '.[fast]')")
+
+
+def envelope(update: bytes) -> bytes:
+    """A WorkerMessage around an Update's serialized fields."""
+    n = len(update)
+    return b"\x1a" + (bytes([n]) if n < 128 else bytes([n & 0x7F | 0x80, n >> 7])) + update
+
+
+def update_variants() -> tuple[list[bytes], list[bytes]]:
+    """Updates of every shape the reader meets: plain, compact, dense, float32, replace, round 0 and a large one,
+    a model's buffers, a vector with no entries, written by the hand path and by the generated code; small ones, so
+    that random edits land on keys and lengths; and edits made on purpose: a field twice, replace = 2, a vector's
+    length past the Update's end, values running into the next field, index_bits of 2**32 + 5, a round of 2**64 in
+    ten bytes."""
+    rng = np.random.default_rng(8)
+    out = []
+    for k in (1, 3, 40):
+        v = TopK(k)(rng.standard_normal(3000))
+        v32 = SparseVector(3000, v.indices, v.values.astype(np.float32).astype(float))
+        out += [update_bytes(9, encode(v), False), update_bytes(0, encode(v), True),
+                update_bytes(3, encode(v32, float32=True, packed=True), False),
+                update_bytes(5, encode(v32, float32=True), False)]
+    dense = SparseVector.dense(rng.standard_normal(5))
+    out += [update_bytes(2**40, encode(dense), False), update_bytes(4, encode(v), False, encode(dense)),
+            update_bytes(6, encode(SparseVector.zeros(3000)), False),
+            pb.WorkerMessage(update=pb.Update(round=7, message=vector_to_proto(v))).SerializeToString()]
+    vec = pb.SparseVector(dim=10, indices=np.array([1, 4], "<u4").tobytes(), values=np.ones(2).tobytes())
+    upd = pb.Update(round=3, message=vec, replace=True).SerializeToString()
+    assert upd.endswith(b"\x18\x01")
+    inner = vector_to_proto(SparseVector(10, np.array([2], np.uint32), np.ones(1))).SerializeToString()
+    crafted = [envelope(upd + b"\x18\x01"), envelope(upd[:-1] + b"\x02"),
+               envelope(b"\x12" + bytes([len(inner) + 1]) + inner),
+               envelope(b"\x12" + bytes([len(inner)]) + inner[:-1] + b"\x12\x01"),
+               envelope(upd.replace(b"\x1a\x10", b"\x1a\x11")),  # the values run one byte into `replace`
+               envelope(upd[:2] + b"\x12" + bytes([len(inner) + 6]) + inner + b"\x30\x85\x80\x80\x80\x10" + upd[-2:]),
+               envelope(b"\x08" + b"\x80" * 9 + b"\x02" + upd[2:])]  # round 2**64 = 0: read by read_update alone
+    return out, crafted
+
+
+HONEST, CRAFTED = update_variants()
+VARIANTS = HONEST + CRAFTED
+
+
+@needs_numba
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, len(VARIANTS) - 1),
+       edits=st.lists(st.tuples(st.sampled_from(["set", "cut", "insert", "long"]), st.integers(0, 2**16),
+                                st.integers(0, 255)), max_size=3),
+       near=st.sampled_from(["head", "anywhere", "tail"]))
+def test_the_compiled_reader_answers_as_read_update_or_leaves_it_to_it(which, edits, near):
+    """Mangled Updates (a byte set, the message cut short, a byte inserted, a varint made longer than it need be),
+    mostly among the keys and lengths at the head and tail where the structure is: the compiled reader returns what
+    ``read_update`` returns, or None (it then decides; it agrees with protobuf, above)."""
+    raw = bytearray(VARIANTS[which])
+    for op, at, byte in edits:
+        pos = at % 48 if near == "head" else len(raw) - 1 - at % 48 if near == "tail" else at % (len(raw) + 1)
+        pos = min(max(pos, 0), len(raw))
+        if op == "set" and pos < len(raw):
+            raw[pos] = byte
+        elif op == "cut":
+            del raw[pos:]
+        elif op == "insert":
+            raw.insert(pos, byte)
+        elif op == "long" and pos < len(raw):  # a byte 0x80 | b before ... : the same number if a 0x00 follows
+            raw[pos:pos + 1] = bytes([raw[pos] | 0x80, 0])
+    raw = bytes(raw)
+    got = compiled_read(raw)
+    assert got is None or got == read_update(raw)
+
+
+@needs_numba
+def test_the_compiled_reader_takes_the_updates_it_should_and_leaves_the_rest():
+    for raw in HONEST:
+        ref = read_update(raw)
+        got = compiled_read(raw)
+        if ref.buffers is None:
+            assert got == ref  # every field, the arrays as the same bytes
+            assert got.vector.values.obj is raw  # views of the received bytes, not copies
+        else:
+            assert got is None
+    assert [read_update(raw) is None for raw in CRAFTED] == [True] * 6 + [False]
+    assert [compiled_read(raw) for raw in CRAFTED] == [None] * 7
+    for raw in CRAFTED:  # and read_update as protobuf reads them (index_bits 2**32 + 5 is 5 there, the round 0)
+        ours = read_update(raw)
+        assert ours is None or ours == update_from_proto(pb.WorkerMessage.FromString(raw).update)
+    assert compiled_read(b"") is None and compiled_read(b"\x1a\x00") is None  # an empty Update: no vector
+    assert compiled_read(pb.WorkerMessage(hello=pb.Hello(run_id="x")).SerializeToString()) is None
+    longest = b"\x1a" + b"\x80" * 9 + b"\x00"  # a length of 10 bytes: read_update's to judge
+    assert compiled_read(longest) is None and read_update(longest) is not None
+
+
+@needs_numba
+def test_a_large_update_goes_through_the_compiled_reader(rng):
+    v = TopK(compiled.MIN_BYTES // 12 + 1)(rng.standard_normal(10**5))
+    raw = update_bytes(12, encode(v), False)
+    assert compiled.read_update(raw) == read_update(raw) == read_update_fast(raw)
+    assert compiled.read_update(raw[:compiled.MIN_BYTES - 1]) is None  # below the threshold: not run
+    decoded = decode(read_update_fast(raw).vector, expected_dim=10**5)
+    assert decoded.indices.tobytes() == v.indices.tobytes() and decoded.values.tobytes() == v.values.tobytes()
+
+
+@pytest.mark.parametrize("cls", [EncodedVector, UpdateIn])
+def test_the_quick_init_of_the_received_messages_takes_their_fields(cls):
+    """EncodedVector and UpdateIn set their fields in one step (built for every vector received): the signature
+    lists the dataclass's fields in order with their defaults, and what it builds is what the fields say."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(cls)
+    assert [p.name for p in params] == [f.name for f in fields]
+    defaults = [inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fields]
+    assert [p.default for p in params] == defaults
+    args = [object() for _ in params]
+    built = cls(*args)
+    assert [getattr(built, f.name) for f in fields] == args and built == cls(*args)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.replace = True  # type: ignore[misc]

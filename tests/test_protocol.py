@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ef21.compression import kernels
 from ef21.compression.sparse import SparseVector
 from ef21.engine.config import RunConfig
 from ef21.problems.data import data_info, load_dataset
@@ -20,6 +21,7 @@ from ef21.problems.problem import (
     sum_in_rank_order,
 )
 from ef21_server.coordinator import MasterOptions
+from ef21_wire import compiled, serde
 from ef21_wire.protocol import PROTOCOL_VERSION, TRAIN_METHOD
 from ef21_wire.serde import dense_to_proto, lean_from_proto, state_checksum, vector_from_proto, vector_to_proto
 from ef21_wire.v1 import ef21_pb2 as pb
@@ -86,30 +88,30 @@ async def test_resync_sends_the_masters_dense_state():
             np.testing.assert_array_equal(vector_from_proto(rs.g, expected_dim=112).values, g0)
 
 
-@pytest.mark.parametrize(
-    "bad,code,match",
-    [
-        (dict(update=pb.Update(round=3)), grpc.StatusCode.FAILED_PRECONDITION, "current round is 0"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=5, dense=True))), grpc.StatusCode.INVALID_ARGUMENT,
-         "dimension 5 != 112"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([3, 3], "<u4").tobytes(), values=np.zeros(2).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "strictly increasing"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([200], "<u4").tobytes(), values=np.zeros(1).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
-        # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(
-            dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
-        (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
-         grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
-        (dict(hello=pb.Hello()), grpc.StatusCode.FAILED_PRECONDITION, "hello is not allowed on a stream that is running"),
-    ],
-)
+BAD_MESSAGES = [
+    (dict(update=pb.Update(round=3)), grpc.StatusCode.FAILED_PRECONDITION, "current round is 0"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=5, dense=True))), grpc.StatusCode.INVALID_ARGUMENT,
+     "dimension 5 != 112"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([3, 3], "<u4").tobytes(), values=np.zeros(2).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "strictly increasing"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([200], "<u4").tobytes(), values=np.zeros(1).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([1], "<u4").tobytes(), values=np.array([np.nan]).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    # One value for three indices would otherwise land on all three coordinates (numpy broadcasts).
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(
+        dim=112, indices=np.array([1, 4, 7], "<u4").tobytes(), values=np.ones(1).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "3 indices but 1 values"),
+    (dict(update=pb.Update(round=0, message=pb.SparseVector(dim=112, dense=True, values=np.ones(5).tobytes()))),
+     grpc.StatusCode.INVALID_ARGUMENT, "dense vector has 5 values, expected 112"),
+    (dict(hello=pb.Hello()), grpc.StatusCode.FAILED_PRECONDITION, "hello is not allowed on a stream that is running"),
+]
+
+
+@pytest.mark.parametrize("bad,code,match", BAD_MESSAGES)
 async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, match):
     cfg = RunConfig(workers=1, rounds=10, k=2)
     async with running_master(MasterOptions(cfg)) as master:
@@ -125,6 +127,22 @@ async def test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, 
         async with grpc.aio.insecure_channel(master.address) as ch:
             doc = json.loads((await MasterStub(ch).Status(pb.StatusRequest())).json)
         assert doc["state"] == "running" and doc["workers"][0]["state"] == "refused"
+
+
+@pytest.mark.skipif(compiled._compile() is None, reason="numba is not installed (pip install -e '.[fast]')")
+@pytest.mark.parametrize("bad,code,match", [c for c in BAD_MESSAGES if c[0].get("update", pb.Update()).message.dim])
+async def test_bad_vectors_are_refused_the_same_by_the_compiled_reader_and_check(bad, code, match, monkeypatch):
+    """The same malformed vectors, with the master reading every Update by the compiled reader and checking it by
+    the compiled pass (their size thresholds lowered to 0: large messages take these paths): the same refusals,
+    word for word, and the master keeps serving."""
+    monkeypatch.setattr(serde, "HAND_PATH_MIN_BYTES", 0)
+    monkeypatch.setattr(compiled, "MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "MIN_ENTRIES", 0)
+    taken = []
+    own = compiled.read_update
+    monkeypatch.setattr(compiled, "read_update", lambda raw: taken.append(own(raw)) or taken[-1])
+    await test_bad_messages_are_refused_and_the_master_keeps_serving(bad, code, match)
+    assert taken and taken[-1] is not None  # the compiled reader read the bad Update
 
 
 async def test_first_message_must_be_hello():

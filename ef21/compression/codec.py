@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .sparse import F32, INDEX_DTYPE, VALUE_DTYPE, SparseVector
 
 Buffer = bytes | memoryview
@@ -40,6 +41,15 @@ class EncodedVector:
     float32: bool = False
     index_bits: int = 0
     """0: indices are uint32; b in 1..32: Elias–Fano with b − 1 low bits (``pack_indices``)."""
+
+    def __init__(self, dim: int, indices: Buffer, values: Buffer, dense: bool, float32: bool = False,
+                 index_bits: int = 0) -> None:
+        # The generated __init__ of a frozen dataclass sets each field through object.__setattr__ (~0.8 µs for these
+        # six); the master builds one for every vector it receives, so the fields go straight into the instance's dict
+        # (tests/test_fastwire.py checks that this signature lists the fields above).
+        fields = self.__dict__
+        fields["dim"], fields["indices"], fields["values"] = dim, indices, values
+        fields["dense"], fields["float32"], fields["index_bits"] = dense, float32, index_bits
 
     @property
     def size(self) -> int:
@@ -94,8 +104,9 @@ def pack_indices(idx: np.ndarray, dim: int) -> tuple[int, bytes]:
     return low + 1, b"".join(parts)
 
 
-def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.ndarray:
-    """Inverse of ``pack_indices`` for ``count`` indices, checked: strictly increasing and below dim."""
+def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int, *, checked: bool = True) -> np.ndarray:
+    """Inverse of ``pack_indices`` for ``count`` indices, checked (unless ``checked`` is False: ``decode`` checks them
+    with the values): strictly increasing and below dim."""
     low = index_bits - 1
     if not 0 <= low <= 31:
         raise CodecError(f"index_bits {index_bits} outside 1..32")
@@ -117,7 +128,8 @@ def unpack_indices(buf: Buffer, index_bits: int, count: int, dim: int) -> np.nda
         else:
             for j in range(low):
                 idx |= planes[j].astype(np.int64) << j
-    _check_increasing_below(idx, dim)
+    if checked:
+        _check_increasing_below(idx, dim)
     return idx
 
 
@@ -152,6 +164,21 @@ def _check_finite(vals: np.ndarray) -> None:
         raise CodecError("non-finite value (NaN or Inf)")
 
 
+def _check(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> None:
+    """The values finite and the indices (None: a dense vector's) strictly increasing and below dim, or CodecError:
+    one compiled pass over both (``kernels.vector_checks``) or, without numba and for small vectors, numpy's passes.
+    Both refuse the same vectors, for the first fault in the same order (values, order, range): numpy's passes then
+    word the refusal the compiled pass found (a refused message is rare; the accepted ones take one pass)."""
+    found = kernels.vector_checks(idx, vals, dim)
+    if found == kernels.CHECK_OK:
+        return
+    _check_finite(vals)
+    if idx is not None:
+        _check_increasing_below(idx, dim)
+    if found is not None:  # the compiled pass refused what numpy accepts: a bug, never an accepted vector
+        raise RuntimeError(f"the compiled check found fault {found} that numpy's did not")
+
+
 def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
            dtype: np.dtype | type = np.float64) -> SparseVector:
     """Buffers back to a SparseVector with values of ``dtype`` (float64: float32 values are widened, exactly;
@@ -161,40 +188,42 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
     ``max_nnz`` bounds the entries of any vector (a dense one carries ``expected_dim``): what the sender's
     compressor can produce.
 
-    Each check is one vectorised pass over the arrays: this runs on every message the master receives. Plain
+    This runs on every message the master receives: the sizes are checked first, then the values and indices in
+    one pass (``_check``; numpy's two below ``kernels.MIN_ENTRIES`` entries or without numba). Plain
     float64 values and uint32 indices are read-only views of the buffer (no copy) when they arrive aligned, as the
     hand-written writer sends them (ef21_wire/fastwire.py); the vector keeps the buffer alive.
     """
     if e.dim != expected_dim:
         raise CodecError(f"dimension {e.dim} != {expected_dim}")
-    width = 4 if e.float32 else 8
-    if len(e.values) % width:
-        raise CodecError(f"values field has {len(e.values)} bytes, not a multiple of {width}")
-    if max_nnz is not None and len(e.values) // width > max_nnz:  # before any pass over the values
-        raise CodecError(f"{len(e.values) // width} entries, at most {max_nnz} allowed")
-    if np.dtype(dtype) == F32:
+    width, size = 4 if e.float32 else 8, len(e.values)
+    if size % width:
+        raise CodecError(f"values field has {size} bytes, not a multiple of {width}")
+    if max_nnz is not None and size // width > max_nnz:  # before any pass over the values
+        raise CodecError(f"{size // width} entries, at most {max_nnz} allowed")
+    if dtype is not np.float64 and np.dtype(dtype) == F32:  # `is`: the common case without np.dtype's call
         if not e.float32:
             raise CodecError("float64 values in a float32 run (--dtype float32 sends float32)")
-        vals = _aligned(np.frombuffer(e.values, dtype=F32))
+        vals = _aligned(np.frombuffer(e.values, F32))
     elif e.float32:
-        vals = np.frombuffer(e.values, dtype=F32).astype(np.float64)
+        vals = np.frombuffer(e.values, F32).astype(np.float64)
     else:
-        vals = _aligned(np.frombuffer(e.values, dtype=VALUE_DTYPE))
-    _check_finite(vals)
+        vals = _aligned(np.frombuffer(e.values, VALUE_DTYPE))
     n = vals.shape[0]
     if e.dense:
         if len(e.indices) or e.index_bits:
             raise CodecError("a dense vector carries no indices")
         if n != expected_dim:
             raise CodecError(f"dense vector has {n} values, expected {expected_dim}")
+        _check(None, vals, expected_dim)
         return SparseVector(expected_dim, None, vals)
     if e.index_bits:
-        return SparseVector(expected_dim, unpack_indices(e.indices, e.index_bits, n, expected_dim).astype(INDEX_DTYPE),
-                            vals)
+        wide = unpack_indices(e.indices, e.index_bits, n, expected_dim, checked=False)
+        _check(wide, vals, expected_dim)  # int64: checked before the cast, which could wrap an index past 2**32
+        return SparseVector(expected_dim, wide.astype(INDEX_DTYPE), vals)
     if len(e.indices) % 4:
         raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
-    idx = _aligned(np.frombuffer(e.indices, dtype=INDEX_DTYPE))
+    idx = _aligned(np.frombuffer(e.indices, INDEX_DTYPE))
     if idx.shape[0] != n:
         raise CodecError(f"{idx.shape[0]} indices but {n} values")
-    _check_increasing_below(idx, expected_dim)
+    _check(idx, vals, expected_dim)
     return SparseVector(expected_dim, idx, vals)

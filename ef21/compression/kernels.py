@@ -253,3 +253,70 @@ def scaled_difference(h: np.ndarray, x: np.ndarray, c: np.ndarray, out: np.ndarr
         return False
     kernel(h, x, c, out)
     return True
+
+
+# -- the decoder's checks: one pass over a received vector -------------------------------------------------------------
+#
+# Every vector the master receives is checked before it reaches any state (``ef21.compression.codec.decode``): its
+# values finite, its indices strictly increasing and below d. numpy does that in two passes with a temporary (a dot
+# product for the values, a comparison of each index with the next into k bytes and a scan of those); one compiled
+# loop reads each entry once and keeps nothing. Finiteness is read off the bits, so the loop is integer work that
+# vectorises without fast-math: an IEEE value is NaN or ±Inf iff its exponent bits are all ones, and adding one unit
+# of the exponent's lowest bit to the masked exponent then carries into the sign bit, which no finite value's does.
+
+MIN_ENTRIES = 1 << 13
+"""Below this many entries numpy's passes cost a few microseconds and numba's import (about 2 s on a loaded 2-core
+machine, once a process) is not worth it: small messages, and the tests' small runs, never import numba."""
+
+CHECK_OK, CHECK_NON_FINITE, CHECK_NOT_INCREASING, CHECK_OUT_OF_RANGE = 0, 1, 2, 3
+"""What ``vector_checks`` found, the first in this order (the order in which the numpy path raises)."""
+
+
+@functools.cache  # imported and compiled when the first large vector arrives, not at every ef21 start
+def _compile_checks() -> Callable[..., int] | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def scan(bits: Any, exp: Any, carry: Any, idx: Any, sparse: Any) -> tuple[bool, bool]:  # pragma: no cover
+        """(some value non-finite, some index not above the one before it), reading each entry once; the loop
+        has no exit, so that it vectorises."""
+        n = bits.shape[0]
+        acc = (bits[0] & exp) + carry if n else exp - exp
+        order = False
+        if sparse:
+            for j in range(1, n):
+                acc |= (bits[j] & exp) + carry
+                order |= idx[j] <= idx[j - 1]
+        else:
+            for j in range(1, n):
+                acc |= (bits[j] & exp) + carry
+        return (acc & (exp + carry)) != 0, order  # exp + carry: the sign bit alone
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def checks(idx: Any, vals: Any, dim: Any, sparse: Any) -> int:  # pragma: no cover - compiled
+        """One pass over ``vals`` (float64 or float32) and, when ``sparse``, over ``idx`` (as many)."""
+        if vals.itemsize == 8:
+            bad, order = scan(vals.view(np.uint64), np.uint64(0x7FF0000000000000), np.uint64(1 << 52), idx, sparse)
+        else:
+            bad, order = scan(vals.view(np.uint32), np.uint32(0x7F800000), np.uint32(1 << 23), idx, sparse)
+        if bad:
+            return 1
+        if not sparse or idx.shape[0] == 0:
+            return 0
+        if order:
+            return 2
+        return 3 if idx[idx.shape[0] - 1] >= dim else 0
+
+    return checks
+
+
+def vector_checks(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> int | None:
+    """One of the ``CHECK_*`` codes for a received vector (``idx`` None: a dense one; else as many indices as
+    values), in one pass; None without numba or below ``MIN_ENTRIES`` (the caller checks with numpy)."""
+    kernel = _compile_checks() if vals.shape[0] >= MIN_ENTRIES else None
+    if kernel is None:
+        return None
+    return kernel(vals[:0] if idx is None else idx, vals, dim, idx is not None)  # type: ignore[no-any-return]
