@@ -32,6 +32,13 @@ class SparseVector:
     indices: np.ndarray | None
     values: np.ndarray
 
+    def __init__(self, dim: int, indices: np.ndarray | None, values: np.ndarray) -> None:
+        # A frozen dataclass's generated __init__ sets each field through object.__setattr__ (~0.4 µs for these
+        # three); the master builds one for every vector it decodes, so the fields go straight into the instance's
+        # dict, as codec.EncodedVector does (tests/test_fastwire.py checks that this signature lists the fields).
+        fields = self.__dict__
+        fields["dim"], fields["indices"], fields["values"] = dim, indices, values
+
     @staticmethod
     def dense(values: np.ndarray) -> SparseVector:
         v = np.asarray(values)
