@@ -170,8 +170,12 @@ def _check(idx: np.ndarray | None, vals: np.ndarray, dim: int) -> None:
     Both refuse the same vectors, for the first fault in the same order (values, order, range): numpy's passes then
     word the refusal the compiled pass found (a refused message is rare; the accepted ones take one pass)."""
     found = kernels.vector_checks(idx, vals, dim)
-    if found == kernels.CHECK_OK:
-        return
+    if found != kernels.CHECK_OK:
+        _check_numpy(idx, vals, dim, found)
+
+
+def _check_numpy(idx: np.ndarray | None, vals: np.ndarray, dim: int, found: int | None) -> None:
+    """``_check``'s numpy passes, after the compiled pass found a fault (``found``) or could not run (None)."""
     _check_finite(vals)
     if idx is not None:
         _check_increasing_below(idx, dim)
@@ -207,7 +211,9 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
     elif e.float32:
         vals = np.frombuffer(e.values, F32).astype(np.float64)
     else:
-        vals = _aligned(np.frombuffer(e.values, VALUE_DTYPE))
+        vals = np.frombuffer(e.values, VALUE_DTYPE)
+        if not vals.flags.aligned:  # _aligned, written out (the common path)
+            vals = vals.copy()
     n = vals.shape[0]
     if e.dense:
         if len(e.indices) or e.index_bits:
@@ -222,8 +228,12 @@ def decode(e: EncodedVector, *, expected_dim: int, max_nnz: int | None = None,
         return SparseVector(expected_dim, wide.astype(INDEX_DTYPE), vals)
     if len(e.indices) % 4:
         raise CodecError(f"indices field has {len(e.indices)} bytes, not a multiple of 4")
-    idx = _aligned(np.frombuffer(e.indices, INDEX_DTYPE))
+    idx = np.frombuffer(e.indices, INDEX_DTYPE)
+    if not idx.flags.aligned:  # _aligned, written out: this path runs for every Top-k message the master receives
+        idx = idx.copy()
     if idx.shape[0] != n:
         raise CodecError(f"{idx.shape[0]} indices but {n} values")
-    _check(idx, vals, expected_dim)
+    found = kernels.vector_checks(idx, vals, expected_dim)  # _check, written out, for the same reason
+    if found != kernels.CHECK_OK:
+        _check_numpy(idx, vals, expected_dim, found)
     return SparseVector(expected_dim, idx, vals)
