@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ef21.compression.codec import EncodedVector
+from ef21.compression.kernels import numba_or_none
 
 from .fastwire import UpdateIn
 
@@ -35,9 +36,8 @@ _UNSEEN = -2
 
 @functools.cache  # imported and compiled on the first large Update, not at every ef21 start
 def _compile() -> Callable[..., Any] | None:
-    try:
-        import numba
-    except ImportError:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)

@@ -29,11 +29,20 @@ MIN_D = 1 << 15
 numpy path runs, and small runs (the tests' mushrooms, d = 112) never import numba."""
 
 
-@functools.cache  # imported and compiled on the first round that uses them, not at every ef21 start
-def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
+def numba_or_none() -> Any:
+    """numba where it is installed (``ef21[fast]``), else None: each compiled section imports it through this, when
+    it is first used."""
     try:
         import numba
     except ImportError:
+        return None
+    return numba
+
+
+@functools.cache  # imported and compiled on the first round that uses them, not at every ef21 start
+def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -100,9 +109,8 @@ numba for the fold."""
 
 @functools.cache
 def _compile_fold() -> Callable[..., int] | None:
-    try:
-        import numba
-    except ImportError:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -175,9 +183,8 @@ _BLOCK = 1024
 
 @functools.cache
 def _compile_with_error() -> Callable[..., tuple[int, float]] | None:
-    try:
-        import numba
-    except ImportError:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -227,9 +234,8 @@ def residual_candidates_and_rest(grad: np.ndarray, g_i: np.ndarray, t: float, ou
 
 @functools.cache
 def _compile_scaled_difference() -> Callable[..., None] | None:
-    try:
-        import numba
-    except ImportError:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -274,9 +280,8 @@ CHECK_OK, CHECK_NON_FINITE, CHECK_NOT_INCREASING, CHECK_OUT_OF_RANGE = 0, 1, 2, 
 
 @functools.cache  # imported and compiled when the first large vector arrives, not at every ef21 start
 def _compile_checks() -> Callable[..., int] | None:
-    try:
-        import numba
-    except ImportError:
+    numba = numba_or_none()
+    if numba is None:
         return None
 
     @numba.njit(cache=True, nogil=True, boundscheck=False)
