@@ -3,8 +3,11 @@
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
-# MPLCONFIGDIR: compose runs the containers as the invoking user's uid, which has no home in the image.
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MPLCONFIGDIR=/tmp/matplotlib
+# MPLCONFIGDIR, NUMBA_CACHE_DIR: compose runs the containers as the invoking user's uid, which has no home in the
+# image; matplotlib's settings and numba's compiled loops (ef21[fast]) are kept under /tmp instead (without a
+# writable cache numba would compile them afresh in every process; ef21.compression.kernels.njit).
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MPLCONFIGDIR=/tmp/matplotlib \
+    NUMBA_CACHE_DIR=/tmp/numba
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ef21 ./ef21

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ef21.compression.codec import EncodedVector
-from ef21.compression.kernels import numba_or_none
+from ef21.compression.kernels import njit, numba_or_none
 
 from .fastwire import UpdateIn
 
@@ -40,7 +40,7 @@ def _compile() -> Callable[..., Any] | None:
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def varint(b: Any, pos: int, end: int) -> tuple[int, int]:  # pragma: no cover - compiled
         """(value, position after it); value −1 past ``end`` or beyond 9 bytes (read_update then decides)."""
         result = 0
@@ -54,7 +54,7 @@ def _compile() -> Callable[..., Any] | None:
             shift += 7
         return -1, pos
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def fields(b: Any, pos: int, end: int, layout: Any, val: Any, stop: Any) -> bool:  # pragma: no cover
         """The fields between pos and end: val[f] the varint or where field f's bytes start, stop[f] where they
         end; False at anything ``fastwire._fields`` would not take (an unknown or repeated field, another wire
@@ -78,7 +78,7 @@ def _compile() -> Callable[..., Any] | None:
                 pos += n
         return True
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def read(b: Any) -> tuple[int, ...]:  # pragma: no cover - compiled
         """(True, round, replace, dim, dense, float32, index_bits, indices start, stop, values start, stop), or a
         tuple starting with False: not answered here."""

@@ -39,13 +39,27 @@ def numba_or_none() -> Any:
     return numba
 
 
+def njit(numba: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit`` as every compiled loop here takes it (nogil, no bounds checks), cached on disk where numba finds
+    a writable place for its cache — beside the source, or the user's cache directory (``NUMBA_CACHE_DIR``) — and
+    compiled in memory where it finds none. numba refuses ``cache=True`` outright there ("no locator available"):
+    an installed package in a container whose user has no writable home, which would otherwise turn the first large
+    message into an internal error."""
+    def decorate(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
+        except RuntimeError:  # no cache locator: compile in this process only (1-2 s once)
+            return numba.njit(nogil=True, boundscheck=False)(fn)
+    return decorate
+
+
 @functools.cache  # imported and compiled on the first round that uses them, not at every ef21 start
 def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
     numba = numba_or_none()
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def candidates(grad: Any, g_i: Any, t: Any, out: Any) -> int:  # pragma: no cover - compiled
         """Writes the positions with |grad − g_i| ≥ t into ``out`` in ascending order; returns their count, or
         −1 once ``out`` is full (the caller then takes the full selection)."""
@@ -59,7 +73,7 @@ def _compile() -> tuple[Callable[..., int], Callable[..., None]] | None:
                 m += 1
         return m
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def sub_scaled(x: Any, s: Any, g: Any) -> None:  # pragma: no cover - compiled
         for j in range(x.shape[0]):
             x[j] = x[j] - s * g[j]
@@ -113,7 +127,7 @@ def _compile_fold() -> Callable[..., int] | None:
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def radix_sum(idx: Any, vals: Any, bits: int, out_idx: Any, out_vals: Any,
                   tmp_idx: Any, tmp_vals: Any) -> int:  # pragma: no cover - compiled
         """Sorts the (idx, vals) pairs stably by idx (LSD radix, the ``bits`` of an index split into passes of
@@ -187,7 +201,7 @@ def _compile_with_error() -> Callable[..., tuple[int, float]] | None:
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def candidates_and_rest(grad: Any, g_i: Any, t: Any, out: Any, block: int) -> tuple[int, float]:  # pragma: no cover
         """``candidates`` above, and Σ (grad_j − g_i,j)² over the positions that are NOT candidates (each residual
         rounded to the vectors' dtype as numpy's subtraction rounds it, then squared and summed in float64); the
@@ -238,7 +252,7 @@ def _compile_scaled_difference() -> Callable[..., None] | None:
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def scaled_difference(h: Any, x: Any, c: Any, out: Any) -> None:  # pragma: no cover - compiled
         for j in range(out.shape[0]):
             out[j] = h[j] * (x[j] - c[j])
@@ -284,7 +298,7 @@ def _compile_checks() -> Callable[..., int] | None:
     if numba is None:
         return None
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def scan(bits: Any, exp: Any, carry: Any, idx: Any, sparse: Any) -> tuple[bool, bool]:  # pragma: no cover
         """(some value non-finite, some index not above the one before it), reading each entry once; the loop
         has no exit, so that it vectorises."""
@@ -300,7 +314,7 @@ def _compile_checks() -> Callable[..., int] | None:
                 acc |= (bits[j] & exp) + carry
         return (acc & (exp + carry)) != 0, order  # exp + carry: the sign bit alone
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @njit(numba)
     def checks(idx: Any, vals: Any, dim: Any, sparse: Any) -> int:  # pragma: no cover - compiled
         """One pass over ``vals`` (float64 or float32) and, when ``sparse``, over ``idx`` (as many)."""
         if vals.itemsize == 8:
