@@ -28,6 +28,12 @@ from .fastwire import UpdateIn
 MIN_BYTES = 1 << 16
 """A Top-k Update of about 5,000 entries."""
 
+UPDATE_KEY = 3 << 3 | 2
+"""The first byte of every message answered here: WorkerMessage field 3 (update), length-delimited. Other large
+messages — a d×d Gram reply at set-up — are left to the Python reader without importing numba: its import and first
+compile hold the master's event loop for seconds, which the set-up's own time-outs must not pay for nothing."""
+_UPDATE_PREFIX = bytes([UPDATE_KEY])
+
 # Wire type of each field by number (−1: none such), as fastwire's _UPDATE and _VECTOR (7, 8: pads).
 _UPDATE_LAYOUT = np.array([-1, 0, 2, 0, -1, -1, 2, -1, -1], dtype=np.int64)
 _VECTOR_LAYOUT = np.array([-1, 0, 2, 2, 0, 0, 0, 2, 2], dtype=np.int64)
@@ -112,7 +118,7 @@ def _compile() -> Callable[..., Any] | None:
 def read_update(raw: bytes) -> UpdateIn | None:
     """The Update in a serialized WorkerMessage, exactly as ``fastwire.read_update`` reads it (the arrays views of
     ``raw``), or None: too small, no numba, or not a message answered here (the caller asks ``fastwire``)."""
-    kernel = _compile() if len(raw) >= MIN_BYTES else None
+    kernel = _compile() if len(raw) >= MIN_BYTES and raw[:1] == _UPDATE_PREFIX else None
     if kernel is None:
         return None
     # numba reads the bytes as they are (no uint8 array in between)

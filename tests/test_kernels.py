@@ -63,3 +63,31 @@ def test_the_masters_compiled_paths_work_without_a_cache_locator(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled without a cache" in r.stdout
+
+
+def test_a_large_message_that_is_not_an_update_never_imports_numba():
+    """A d×d Gram reply at set-up (100 kB at mushrooms' d = 112) is past the compiled reader's size but is no Update:
+    the reader leaves it to Python without importing numba, whose import and first compile would hold the master's
+    event loop for seconds in the middle of the set-up. An Update of the same size does import it."""
+    if kernels.numba_or_none() is None:
+        pytest.skip("numba is not installed (ef21[fast]): nothing is compiled")
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from ef21_wire.serde import read_update_fast
+        from ef21_wire.v1 import ef21_pb2 as pb
+        from ef21.compression.compressors import TopK
+        from ef21.engine.nodes import WorkerReport
+        from ef21.methods import Message
+        from ef21_worker.client import update_message
+
+        gram = pb.WorkerMessage(gram_reply=pb.GramReply(gram=np.eye(112).tobytes(), attempt=1)).SerializeToString()
+        assert len(gram) > 1 << 16 and read_update_fast(gram) is None
+        assert "numba" not in sys.modules, "a Gram reply imported numba"
+        vec = TopK(10**4)(np.random.default_rng(0).standard_normal(10**6))
+        raw = update_message(WorkerReport(7, Message(vec), 0.5, np.zeros(0), 1e-3))
+        assert read_update_fast(raw) is not None and "numba" in sys.modules
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
