@@ -91,7 +91,7 @@ def _compile() -> Callable[..., Any] | None:
         no = (False, 0, False, 0, False, False, 0, 0, 0, 0, 0)
         end = len(b)
         key, pos = varint(b, 0, end)
-        if key != (3 << 3 | 2):  # WorkerMessage.update, length-delimited
+        if key != UPDATE_KEY:  # WorkerMessage.update, length-delimited
             return no
         n, pos = varint(b, pos, end)
         if n < 0 or pos + n != end:

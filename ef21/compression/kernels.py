@@ -322,12 +322,12 @@ def _compile_checks() -> Callable[..., int] | None:
         else:
             bad, order = scan(vals.view(np.uint32), np.uint32(0x7F800000), np.uint32(1 << 23), idx, sparse)
         if bad:
-            return 1
+            return CHECK_NON_FINITE
         if not sparse or idx.shape[0] == 0:
-            return 0
+            return CHECK_OK
         if order:
-            return 2
-        return 3 if idx[idx.shape[0] - 1] >= dim else 0
+            return CHECK_NOT_INCREASING
+        return CHECK_OUT_OF_RANGE if idx[idx.shape[0] - 1] >= dim else CHECK_OK
 
     return checks
 
